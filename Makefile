@@ -1,0 +1,30 @@
+# make demo: set up and run the default job (2 ranks, CPU/gloo, synthetic data, ~15 s)
+# make test: set up and run the test suite (the command CI runs)
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# torch 2.13.0: a CPU build on the project's machines; set TORCH=torch for the newest.
+TORCH ?= torch==2.13.0
+NPROC ?= 2
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	PYTHON=$(PY) SPLITGRAPH_RUN_DIR=outputs/demo launch/train.sh $(NPROC)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check splitgraph tests
+
+clean:
+	rm -rf outputs multirun .pytest_cache

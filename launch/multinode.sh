@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Several nodes: run the SAME command on every node (c10d rendezvous, elastic agent).
+#
+#   launch/multinode.sh NNODES NPROC_PER_NODE HOST:PORT JOB_ID [hydra overrides...]
+#   e.g. on each of 2 nodes:  launch/multinode.sh 2 4 node0.cluster:29500 exp42 schedule=1f1b
+#   = torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \
+#       --rdzv-endpoint node0.cluster:29500 --rdzv-id exp42 -m splitgraph.train schedule=1f1b
+#
+# The run directory is outputs/torchrun/JOB_ID (the rendezvous id, the same on every node);
+# only global rank 0 writes, so put the checkout on a shared filesystem or collect that node's.
+# The endpoint host must be reachable from every node: this is the one case where the
+# rendezvous listens beyond localhost.
+set -euo pipefail
+if [[ $# -lt 4 ]]; then
+  echo "usage: $0 NNODES NPROC_PER_NODE HOST:PORT JOB_ID [hydra overrides...]" >&2
+  exit 2
+fi
+nnodes=$1 nproc=$2 endpoint=$3 job=$4; shift 4
+py=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+"$py" -m splitgraph.cli --nproc "$((nnodes * nproc))" "$@" >/dev/null
+exec "$py" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" \
+  --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$job" -m splitgraph.train "$@"

@@ -1,0 +1,1 @@
+"""Benchmarks: measured ratios, printed and committed under results/."""

@@ -1,0 +1,415 @@
+"""Configuration: typed schemas for Hydra, and the cross-field rules of `validate`.
+
+Two layers of checking, so a bad run fails before any process group exists:
+
+1. The dataclasses below are registered in Hydra's ConfigStore as the schema of
+   `conf/config.yaml`. A typo (`pipeline.microbatch=4`) or a wrong type
+   (`train.batch_size=abc`) fails inside Hydra with its own message.
+2. `validate(cfg, world_size)` checks the rules that span fields (stages vs world size vs
+   layers, microbatches vs batch, ...) and raises one `ConfigError` listing every problem,
+   each naming the value and the fix. Every rank runs it before `init_process_group`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+from splitgraph.errors import ConfigError
+from splitgraph.units import parse_bytes
+
+
+class Activation(Enum):
+    relu = "relu"
+    tanh = "tanh"
+    sigmoid = "sigmoid"
+    gelu = "gelu"
+
+
+class Task(Enum):
+    classification = "classification"
+    regression = "regression"
+
+
+class DataName(Enum):
+    synthetic = "synthetic"
+    file = "file"
+    digits = "digits"
+
+
+class OptimName(Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+class Backend(Enum):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(Enum):
+    float32 = "float32"
+    float64 = "float64"
+    bfloat16 = "bfloat16"
+
+
+#: Schedule names are not Python identifiers ("1f1b"), so they are strings checked here.
+SCHEDULES = ("naive", "gpipe", "1f1b")
+PARTITIONS = ("uniform", "params", "manual")
+
+
+@dataclass
+class ModelConfig:
+    """The textbook MLP: Linear layers (no bias by default) with an elementwise activation."""
+
+    in_features: int = II("data.features")
+    hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+    out_features: int = II("data.outputs")
+    activation: Activation = Activation.relu
+    bias: bool = False
+    task: Task = Task.classification
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: DataName = DataName.synthetic
+    features: int = 64
+    outputs: int = 10  # classes for classification, targets for regression
+    samples: int = 8192  # synthetic only
+    test_fraction: float = 0.1
+    seed: int = 0
+    shuffle: bool = True
+    path: str | None = None  # file only: a .pt or .npz holding X and y
+    teacher_hidden: int = 64  # synthetic only: width of the fixed random teacher
+    noise: float = 0.0  # synthetic regression only: std of target noise
+
+
+@dataclass
+class PartitionConfig:
+    strategy: str = "uniform"
+    boundaries: list[int] | None = None  # manual: first layer of stages 1..S-1
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "1f1b"
+
+
+@dataclass
+class PipelineConfig:
+    stages: int | None = None  # None: one stage per rank
+    microbatches: int = 4
+    memory_cap: str | None = None  # per-device memory cap, e.g. "12GiB" (see splitgraph.units)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer. `weight_decay` is the objective's lambda, J = L + lambda/2 sum ||W||_F^2,
+    applied to weight matrices only (never biases), identical for every optimizer."""
+
+    name: OptimName = OptimName.sgd
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256
+    steps: int | None = 200
+    epochs: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    backend: Backend = Backend.auto
+    device: Device = Device.auto
+    dtype: DType = DType.float32
+    timeout: float = 120.0  # seconds: process-group timeout, the bound on any wait
+    track_memory: bool = True  # count bytes saved for backward (saved-tensor hooks)
+    verbose: bool = False  # print every p2p operation with rank and step
+    threads: int | None = None  # torch intra-op threads per rank; None: leave as is
+
+
+@dataclass
+class CheckpointConfig:
+    init_from: str | None = None  # a model.pt written by a run (any partition)
+    save: bool = True  # write the consolidated model.pt at the end
+
+
+@dataclass
+class DebugConfig:
+    fail_at_step: int | None = None  # fault injection: raise on `fail_rank` at this step
+    fail_rank: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    run_dir: str = MISSING
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/*.yaml` is checked against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def _run_dir() -> str:
+    """One run directory for every rank of a launch.
+
+    `SPLITGRAPH_RUN_DIR` wins (launch/train.sh sets it); under torchrun the rendezvous id,
+    which every rank shares, names the directory; alone, a timestamp does.
+    """
+    if os.environ.get("SPLITGRAPH_RUN_DIR"):
+        return os.environ["SPLITGRAPH_RUN_DIR"]
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return os.path.join("outputs", "torchrun", run_id)
+    import time
+
+    return os.path.join("outputs", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("splitgraph_run_dir"):
+        OmegaConf.register_new_resolver("splitgraph_run_dir", _run_dir, use_cache=True)
+
+
+def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose the config as `splitgraph.train` would, without running anything.
+
+    The one way tests, benchmarks and the harness build configs, so they meet the same
+    schema and defaults as users do on the command line.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="splitgraph.conf", version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-field validation
+# ---------------------------------------------------------------------------------------
+
+
+def num_layers(cfg: Any) -> int:
+    return len(cfg.model.hidden) + 1
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _suggest(value: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, options, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint} Choose one of: {', '.join(options)}."
+
+
+def num_stages(cfg: Any, world_size: int) -> int:
+    return world_size if cfg.pipeline.stages is None else int(cfg.pipeline.stages)
+
+
+def validate(cfg: Any, world_size: int | None = None) -> None:
+    """Check the rules that span fields; raise one ConfigError naming every problem.
+
+    Pure and cheap: no process group, no data loading (file shapes are checked by the
+    loader, which names the file). Every rank calls it before `init_process_group`.
+    """
+    ws = world_size_from_env() if world_size is None else world_size
+    errors: list[str] = []
+    m, t, p = cfg.model, cfg.train, cfg.pipeline
+    layers = num_layers(cfg)
+
+    # model
+    if m.in_features < 1 or m.out_features < 1:
+        errors.append(
+            f"model.in_features={m.in_features} and model.out_features={m.out_features} "
+            "must be >= 1 (they follow data.features and data.outputs)."
+        )
+    bad = [w for w in m.hidden if w < 1]
+    if bad:
+        errors.append(f"model.hidden={list(m.hidden)} has widths < 1: every layer needs >= 1 unit.")
+    if m.task == Task.classification and m.out_features < 2:
+        errors.append(
+            f"model.task=classification needs >= 2 classes; got data.outputs={m.out_features}."
+        )
+
+    # pipeline
+    stages = num_stages(cfg, ws)
+    if p.stages is not None and p.stages != ws:
+        errors.append(
+            f"pipeline.stages={p.stages} but the world size is {ws}: splitgraph runs one stage "
+            f"per rank. Launch with --nproc-per-node {p.stages} or set pipeline.stages={ws} "
+            "(or leave it unset)."
+        )
+    if stages < 1:
+        errors.append(f"pipeline.stages={stages} must be >= 1.")
+    if stages > layers:
+        errors.append(
+            f"{stages} stages but the model has only {layers} layers (model.hidden has "
+            f"{len(m.hidden)} entries + the output layer): every stage needs >= 1 layer. "
+            f"Use <= {layers} ranks or add layers to model.hidden."
+        )
+    if p.memory_cap is not None:
+        try:
+            parse_bytes(p.memory_cap)
+        except ValueError as e:
+            errors.append(f"pipeline.memory_cap={p.memory_cap!r}: {e}")
+    if p.microbatches < 1:
+        errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
+    elif p.microbatches > t.batch_size:
+        errors.append(
+            f"pipeline.microbatches={p.microbatches} exceeds train.batch_size={t.batch_size}: "
+            "a microbatch would be empty. Use at most one microbatch per sample."
+        )
+
+    # schedule
+    sched = str(cfg.schedule.name)
+    if sched not in SCHEDULES:
+        errors.append(f"schedule.name={sched!r} is not a schedule{_suggest(sched, SCHEDULES)}")
+    elif sched == "naive" and p.microbatches != 1:
+        errors.append(
+            f"schedule=naive runs the whole batch as one microbatch; got "
+            f"pipeline.microbatches={p.microbatches}. Set pipeline.microbatches=1 or use "
+            "schedule=gpipe / schedule=1f1b."
+        )
+
+    # partition
+    strat = str(cfg.partition.strategy)
+    if strat not in PARTITIONS:
+        errors.append(
+            f"partition.strategy={strat!r} is not a strategy{_suggest(strat, PARTITIONS)}"
+        )
+    bounds = cfg.partition.boundaries
+    if strat == "manual":
+        if bounds is None:
+            example = [round(i * layers / stages) for i in range(1, stages)]
+            errors.append(
+                "partition=manual needs partition.boundaries: the first layer of stages "
+                f"1..{stages - 1}, e.g. partition.boundaries={example} for {stages} stages."
+            )
+        else:
+            b = list(bounds)
+            if len(b) != stages - 1:
+                errors.append(
+                    f"partition.boundaries={b} has {len(b)} entries but {stages} stages need "
+                    f"{stages - 1}."
+                )
+            if b != sorted(set(b)) or any(x <= 0 or x >= layers for x in b):
+                errors.append(
+                    f"partition.boundaries={b} must be strictly increasing and inside "
+                    f"1..{layers - 1} (the model has {layers} layers)."
+                )
+    elif bounds is not None:
+        errors.append(
+            f"partition.boundaries={list(bounds)} is only read by partition=manual; "
+            f"partition.strategy is {strat!r}. Drop it or use partition=manual."
+        )
+
+    # train
+    if t.batch_size < 1:
+        errors.append(f"train.batch_size={t.batch_size} must be >= 1.")
+    if (t.steps is None) == (t.epochs is None):
+        errors.append(
+            f"set exactly one of train.steps={t.steps} and train.epochs={t.epochs}; the other "
+            "must be null (e.g. train.epochs=3 train.steps=null)."
+        )
+    for key in ("steps", "epochs"):
+        v = getattr(t, key)
+        if v is not None and v < 1:
+            errors.append(f"train.{key}={v} must be >= 1.")
+    if t.log_every < 1:
+        errors.append(f"train.log_every={t.log_every} must be >= 1.")
+
+    # data
+    d = cfg.data
+    if not 0.0 <= d.test_fraction < 1.0:
+        errors.append(f"data.test_fraction={d.test_fraction} must be in [0, 1).")
+    if d.name == DataName.synthetic:
+        n_train = d.samples - int(d.samples * d.test_fraction)
+        if n_train < t.batch_size:
+            errors.append(
+                f"train.batch_size={t.batch_size} exceeds the {n_train} training samples "
+                f"(data.samples={d.samples}, data.test_fraction={d.test_fraction}). "
+                "Lower the batch or raise data.samples."
+            )
+    if d.name == DataName.file and not d.path:
+        errors.append("data=file needs data.path=/path/to/data.pt (or .npz) holding X and y.")
+    if d.name == DataName.digits and (d.features != 64 or d.outputs != 10):
+        errors.append(
+            f"data=digits has 64 features and 10 classes; got data.features={d.features}, "
+            f"data.outputs={d.outputs}. Leave them at the data=digits defaults."
+        )
+
+    # optimizer
+    o = cfg.optim
+    if o.lr <= 0:
+        errors.append(f"optim.lr={o.lr} must be > 0.")
+    if not 0.0 <= o.momentum < 1.0:
+        errors.append(f"optim.momentum={o.momentum} must be in [0, 1).")
+    if o.nesterov and o.momentum == 0:
+        errors.append("optim.nesterov=true needs optim.momentum > 0.")
+    if o.weight_decay < 0:
+        errors.append(f"optim.weight_decay={o.weight_decay} must be >= 0.")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        errors.append(f"optim.betas={list(o.betas)} must be two numbers in [0, 1).")
+
+    # runtime
+    r = cfg.runtime
+    if r.timeout <= 0:
+        errors.append(f"runtime.timeout={r.timeout} must be > 0 seconds.")
+    if r.backend == Backend.nccl and r.device == Device.cpu:
+        errors.append(
+            "runtime.backend=nccl needs CUDA tensors but runtime.device=cpu. Use "
+            "runtime.backend=gloo on CPU, or runtime.device=cuda."
+        )
+    if r.backend == Backend.gloo and r.device == Device.cuda and ws > 1:
+        errors.append(
+            "runtime.backend=gloo cannot send CUDA tensors between ranks "
+            "(runtime.device=cuda). Use runtime.backend=nccl (one GPU per rank)."
+        )
+    if r.threads is not None and r.threads < 1:
+        errors.append(f"runtime.threads={r.threads} must be >= 1 (or null).")
+    if cfg.debug.fail_at_step is not None and not 0 <= cfg.debug.fail_rank < ws:
+        errors.append(f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this {ws}-rank run.")
+
+    if errors:
+        raise ConfigError(errors)

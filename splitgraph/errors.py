@@ -1,0 +1,38 @@
+"""Errors that say the numbers and the fix (torchgpipe's BalanceError is the model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class SplitgraphError(Exception):
+    """Base class: every error splitgraph raises on purpose."""
+
+
+class ConfigError(SplitgraphError, ValueError):
+    """One or more configuration values break a rule; each line names the value and the fix."""
+
+    def __init__(self, problems: Sequence[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration:\n{lines}")
+
+
+class PartitionError(SplitgraphError, ValueError):
+    """No split of the layers satisfies the request."""
+
+
+class ScheduleError(SplitgraphError, ValueError):
+    """A schedule breaks a rule; the message carries the step-by-rank grid."""
+
+
+class DataError(SplitgraphError, ValueError):
+    """A dataset or data file that cannot be trained on as configured."""
+
+
+class CheckpointError(SplitgraphError, ValueError):
+    """A checkpoint that does not fit the model."""
+
+
+class RankFailure(SplitgraphError, RuntimeError):
+    """A rank raised or died; the message names the rank."""

@@ -1,0 +1,179 @@
+"""The textbook MLP, built so that any contiguous slice of it is a pipeline stage.
+
+The chapter's network, generalised to any depth::
+
+    x -> [W0] -> z0 -> phi -> h0 -> [W1] -> z1 -> phi -> ... -> [W_{L-1}] -> o -> loss -> L
+                                                                                    |
+    s = lambda/2 * sum_l ||W_l||_F^2  (weights only, never biases) ----------------> J = L + s
+
+Layer `i` is `z = W_i x (+ b_i)` followed by `phi` unless it is the output layer. Parameters are
+named `layers.<i>.weight` / `layers.<i>.bias` with the *global* index `i`, whichever stage holds
+them, so a state dict from any partition loads into the single-device model.
+
+Initialisation is seeded per layer (`model.init_seed`, layer index), so every partition, every
+rank and the single-device reference start from the same weights without building the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splitgraph.config import Activation, Task
+
+_ACTIVATIONS = {
+    Activation.relu: torch.relu,
+    Activation.tanh: torch.tanh,
+    Activation.sigmoid: torch.sigmoid,
+    Activation.gelu: F.gelu,
+}
+
+
+def _model_cfg(cfg: Any) -> Any:
+    return cfg.model if hasattr(cfg, "model") else cfg
+
+
+def layer_dims(cfg: Any) -> list[int]:
+    """Widths of every variable in the chain: [in_features, *hidden, out_features]."""
+    m = _model_cfg(cfg)
+    return [int(m.in_features), *(int(h) for h in m.hidden), int(m.out_features)]
+
+
+class Layer(nn.Module):
+    """One layer of the chapter's graph: `z = W x (+ b)`, then `h = phi(z)` unless it is last."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, activation: Activation | None
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features))
+        else:
+            self.register_parameter("bias", None)
+        self.activation = activation
+        self._phi = _ACTIVATIONS[activation] if activation is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.linear(x, self.weight, self.bias)
+        return self._phi(z) if self._phi is not None else z
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        act = self.activation.value if self.activation else "none (output layer)"
+        return f"{inp} -> {out}, bias={self.bias is not None}, phi={act}"
+
+
+class StageModule(nn.Module):
+    """Layers `[start, stop)` of the MLP under their global names (`layers.<i>.*`)."""
+
+    def __init__(self, cfg: Any, start: int = 0, stop: int | None = None) -> None:
+        super().__init__()
+        m = _model_cfg(cfg)
+        dims = layer_dims(m)
+        n = len(dims) - 1
+        stop = n if stop is None else stop
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"layer range [{start}, {stop}) is not inside the {n} layers")
+        self.start, self.stop, self.num_layers = start, stop, n
+        act = Activation(m.activation) if not isinstance(m.activation, Activation) else m.activation
+        self.layers = nn.ModuleDict(
+            {
+                str(i): Layer(dims[i], dims[i + 1], bool(m.bias), act if i < n - 1 else None)
+                for i in range(start, stop)
+            }
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[str(self.start)].weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[str(self.stop - 1)].weight.shape[0]
+
+    @property
+    def is_last(self) -> bool:
+        return self.stop == self.num_layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+    def weights(self) -> Iterable[Tensor]:
+        """The weight matrices: the only parameters the L2 term `s` touches."""
+        return (layer.weight for layer in self.layers.values())
+
+
+def init_layer_(layer: Layer, index: int, seed: int) -> None:
+    """nn.Linear's default init (U(-1/sqrt(fan_in), +)), drawn from a generator seeded by
+    (seed, layer index) in float32 on the CPU, so it is the same on every rank and device."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    out_f, in_f = layer.weight.shape
+    bound = 1.0 / math.sqrt(in_f)
+    with torch.no_grad():
+        w = torch.empty(out_f, in_f).uniform_(-bound, bound, generator=g)
+        layer.weight.copy_(w)
+        if layer.bias is not None:
+            layer.bias.copy_(torch.empty(out_f).uniform_(-bound, bound, generator=g))
+
+
+def build_mlp(
+    cfg: Any,
+    start: int = 0,
+    stop: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> StageModule:
+    """Build layers `[start, stop)` (default: the whole model) with the seeded initial weights."""
+    module = StageModule(cfg, start, stop)
+    seed = int(_model_cfg(cfg).init_seed)
+    for name, layer in module.layers.items():
+        init_layer_(layer, int(name), seed)
+    return module.to(dtype=dtype, device=device)
+
+
+def l2_term(module: StageModule, weight_decay: float) -> Tensor:
+    """`s` restricted to this module: lambda/2 * sum ||W||_F^2 over its weight matrices."""
+    total = sum(w.detach().double().pow(2).sum() for w in module.weights())
+    return 0.5 * weight_decay * torch.as_tensor(total, dtype=torch.float64)
+
+
+def add_l2_grad_(module: StageModule, weight_decay: float) -> None:
+    """Add ds/dW = lambda W to each weight's gradient: local to the stage, no communication."""
+    if weight_decay == 0.0:
+        return
+    with torch.no_grad():
+        for w in module.weights():
+            if w.grad is None:
+                w.grad = weight_decay * w.detach().clone()
+            else:
+                w.grad.add_(w, alpha=weight_decay)
+
+
+def loss_sum(output: Tensor, target: Tensor, task: Task) -> Tensor:
+    """Sum over the samples of the per-sample loss (cross-entropy, or MSE averaged over outputs).
+
+    A microbatch contributes `loss_sum / batch_size` to L, so L is the mean over the whole
+    minibatch however it is cut into microbatches, even unevenly.
+    """
+    if Task(task) == Task.classification:
+        return F.cross_entropy(output, target, reduction="sum")
+    return F.mse_loss(output, target, reduction="sum") / output.shape[-1]
+
+
+def objective(
+    module: StageModule, x: Tensor, y: Tensor, task: Task, weight_decay: float
+) -> tuple[Tensor, Tensor]:
+    """(L, J) of the whole model on a full minibatch: the single-device reference, with autograd
+    through both terms."""
+    out = module(x)
+    loss = loss_sum(out, y, task) / x.shape[0]
+    s = sum(w.pow(2).sum() for w in module.weights()) * (0.5 * weight_decay)
+    return loss, loss + s

@@ -1,0 +1,152 @@
+"""`PipelineEngine`: one rank's share of the pipeline, from config to an optimizer step.
+
+    config -> Plan -> Schedule (validated) -> this rank's StageModules + optimizer -> Executor
+
+The engine is what `train.py`, the tests and the benchmarks drive; it never creates a
+process group (it is handed one) and never reads files. A step is:
+
+    zero grads -> executor runs the action list (every microbatch, F and B, transfers)
+               -> each stage adds lambda*W to its weights' gradients (the L2 term s; local)
+               -> optimizer.step()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from splitgraph.config import Task
+from splitgraph.data import microbatch_sizes
+from splitgraph.errors import CheckpointError
+from splitgraph.model import StageModule, add_l2_grad_, build_mlp, l2_term
+from splitgraph.optim import make_optimizer
+from splitgraph.partition import Plan, make_plan
+from splitgraph.runtime.comm import P2P
+from splitgraph.runtime.dist import torch_dtype
+from splitgraph.runtime.executor import Executor
+from splitgraph.runtime.memory import SavedTensorMeter
+from splitgraph.schedule import Schedule, build_schedule
+
+
+@dataclass
+class StepStats:
+    """This rank's share of the objective: L on the last stage's rank (else 0), and s."""
+
+    loss: float
+    l2: float
+
+
+class PipelineEngine:
+    def __init__(
+        self,
+        cfg: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        group: Any = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(cfg.runtime.dtype)
+        self.task = Task(cfg.model.task)
+        self.batch_size = int(cfg.train.batch_size)
+        self.weight_decay = float(cfg.optim.weight_decay)
+        self.plan: Plan = make_plan(cfg, world_size)
+        self.sizes = microbatch_sizes(self.batch_size, int(cfg.pipeline.microbatches))
+        self.schedule: Schedule = build_schedule(
+            str(cfg.schedule.name), self.plan.num_stages, len(self.sizes)
+        )
+        self.stages: dict[int, StageModule] = {}
+        for s in self.plan.stages_of(rank):
+            r = self.plan.stage_range(s)
+            self.stages[s] = build_mlp(cfg, r.start, r.stop, self.dtype, self.device)
+        self.optimizer = make_optimizer(cfg.optim, self.parameters())
+        self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
+        batched = world_size > 1 and dist.is_initialized() and dist.get_backend(group) == "nccl"
+        self.p2p = P2P(rank, group, batched=batched, verbose=bool(cfg.runtime.verbose))
+        self.executor = Executor(
+            self.schedule,
+            rank,
+            self.stages,
+            self.p2p,
+            self.task,
+            self.device,
+            self.dtype,
+            self.meter,
+        )
+
+    # -- what this rank holds ---------------------------------------------------------
+
+    @property
+    def holds_first(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def holds_last(self) -> bool:
+        return self.plan.num_stages - 1 in self.stages
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for st in self.stages.values() for p in st.parameters()]
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Global names (`layers.<i>.weight`), as in the single-device model."""
+        return {n: p for st in self.stages.values() for n, p in st.named_parameters()}
+
+    # -- a training step --------------------------------------------------------------
+
+    def forward_backward(
+        self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None
+    ) -> StepStats:
+        """Gradients of J for one minibatch, left in `.grad`; no update."""
+        for p in self.parameters():
+            p.grad = None
+        loss = self.executor.run(
+            x if self.holds_first else None,
+            y if self.holds_last else None,
+            self.sizes,
+            fail_at=fail_at,
+        )
+        l2 = 0.0
+        for st in self.stages.values():
+            l2 += float(l2_term(st, self.weight_decay))
+            add_l2_grad_(st, self.weight_decay)
+        return StepStats(loss=float(loss) if loss is not None else 0.0, l2=l2)
+
+    def step(self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None) -> StepStats:
+        stats = self.forward_backward(x, y, fail_at=fail_at)
+        self.optimizer.step()
+        self.p2p.step += 1
+        return stats
+
+    # -- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """This rank's parameters under global names, on the CPU."""
+        out: dict[str, Tensor] = {}
+        for st in self.stages.values():
+            out.update({k: v.detach().cpu().clone() for k, v in st.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+        """Take this rank's layers from a full (single-device) state dict; refuse mismatches."""
+        problems = []
+        for name, p in self.named_parameters().items():
+            if name not in state:
+                problems.append(f"{name} is missing")
+            elif tuple(state[name].shape) != tuple(p.shape):
+                problems.append(
+                    f"{name} has shape {tuple(state[name].shape)}, the model {tuple(p.shape)}"
+                )
+        if problems:
+            raise CheckpointError(
+                f"{source} does not fit this model: "
+                + "; ".join(problems[:6])
+                + (" ..." if len(problems) > 6 else "")
+            )
+        with torch.no_grad():
+            for name, p in self.named_parameters().items():
+                p.copy_(state[name].to(dtype=p.dtype, device=p.device))

@@ -1,0 +1,169 @@
+"""Check a schedule before anything runs; on failure show the grid with the bad action marked.
+
+The rules, in the order they are checked:
+
+1. every action sits on the rank that owns its stage;
+2. every (stage, microbatch) has exactly one F and either one B or one I and one W;
+3. on its rank, a microbatch's F precedes its B/I, and I precedes W; a stage whose
+   neighbour is on the same rank runs after it (forward) or before it (backward);
+4. every transfer a stage needs is present exactly once, receives before the compute that
+   reads them and sends after the compute that writes them, and nothing is sent between
+   stages of the same rank;
+5. between each pair of ranks, sends and receives are posted in the same order (first in,
+   first out: what NCCL requires and what lets the runtime go without tags);
+6. a dry run under the strict transfer rules (see simulate) terminates: no deadlock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from splitgraph.errors import ScheduleError
+from splitgraph.schedule.ir import (
+    RECV_B,
+    RECV_F,
+    SEND_B,
+    SEND_F,
+    Action,
+    B,
+    F,
+    I,
+    Schedule,
+    W,
+    message,
+)
+from splitgraph.schedule.simulate import Deadlock, simulate
+
+
+def _fail(sched: Schedule, rule: str, marks: dict[tuple[int, int], str]) -> ScheduleError:
+    return ScheduleError(f"schedule {sched.name!r} is invalid: {rule}\n{sched.grid(marks)}")
+
+
+def validate(sched: Schedule) -> None:
+    """Raise ScheduleError (with the marked grid) unless the schedule is safe to run."""
+    S, M = sched.num_stages, sched.num_microbatches
+    where: dict[Action, tuple[int, int]] = {}
+
+    # 1. ownership, and no action twice
+    for r, row in enumerate(sched.actions):
+        for i, a in enumerate(row):
+            if not (0 <= a.stage < S and 0 <= a.mb < M):
+                raise _fail(sched, f"{a} is outside {S} stages x {M} microbatches", {(r, i): "?"})
+            if sched.rank_of(a.stage) != r:
+                owner = sched.rank_of(a.stage)
+                raise _fail(
+                    sched,
+                    f"{a} is on rank {r} but stage {a.stage} lives on rank {owner}",
+                    {(r, i): f"stage {a.stage} is on rank {owner}"},
+                )
+            if a in where:
+                r0, i0 = where[a]
+                raise _fail(sched, f"{a} appears twice", {(r0, i0): "first", (r, i): "again"})
+            where[a] = (r, i)
+
+    # 2. every microbatch's compute, exactly once
+    missing = []
+    for s in range(S):
+        for mb in range(M):
+            has = {op for op in (F, B, I, W) if Action(s, op, mb) in where}
+            if F not in has:
+                missing.append(f"{s}F{mb}")
+            if B in has and has & {I, W}:
+                missing.append(f"{s}B{mb} together with {s}I{mb}/{s}W{mb}")
+            elif B not in has and has & {I, W} != {I, W}:
+                missing.append(f"{s}B{mb} (or {s}I{mb} + {s}W{mb})")
+    if missing:
+        head = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise _fail(sched, f"missing or conflicting compute: {head}", {})
+
+    def pos(a: Action) -> tuple[int, int]:
+        return where[a]
+
+    def back(s: int, mb: int) -> Action:
+        return Action(s, B, mb) if Action(s, B, mb) in where else Action(s, I, mb)
+
+    # 3. order on each rank
+    for s in range(S):
+        for mb in range(M):
+            f, b = Action(s, F, mb), back(s, mb)
+            if pos(b) < pos(f):
+                raise _fail(
+                    sched,
+                    f"{b} runs before its forward {f}",
+                    {pos(b): f"before {f}", pos(f): "forward here"},
+                )
+            wa = Action(s, W, mb)
+            if wa in where and pos(wa) < pos(b):
+                raise _fail(sched, f"{wa} runs before {b}", {pos(wa): f"before {b}"})
+            if s > 0 and sched.rank_of(s - 1) == sched.rank_of(s):
+                prev = Action(s - 1, F, mb)
+                if pos(prev) > pos(f):
+                    raise _fail(
+                        sched,
+                        f"{f} reads {prev}'s output before it exists",
+                        {pos(f): f"needs {prev} first"},
+                    )
+            if s < S - 1 and sched.rank_of(s + 1) == sched.rank_of(s):
+                nxt = back(s + 1, mb)
+                if pos(nxt) > pos(b):
+                    raise _fail(
+                        sched,
+                        f"{b} reads the gradient of {nxt} before it exists",
+                        {pos(b): f"needs {nxt} first"},
+                    )
+
+    # 4. transfers present, placed, and only across ranks
+    for s in range(S):
+        prev_remote = s > 0 and sched.rank_of(s - 1) != sched.rank_of(s)
+        next_remote = s < S - 1 and sched.rank_of(s + 1) != sched.rank_of(s)
+        for mb in range(M):
+            f, b = Action(s, F, mb), back(s, mb)
+            for op, needed, anchor, before in (
+                (RECV_F, prev_remote, f, True),
+                (SEND_F, next_remote, f, False),
+                (RECV_B, next_remote, b, True),
+                (SEND_B, prev_remote, b, False),
+            ):
+                t = Action(s, op, mb)
+                if t in where and not needed:
+                    raise _fail(sched, f"{t} crosses no rank boundary", {pos(t): "not needed"})
+                if needed and t not in where:
+                    raise _fail(sched, f"{t} is missing", {pos(anchor): f"needs {t}"})
+                if needed and (pos(t) < pos(anchor)) != before:
+                    side = "before" if before else "after"
+                    raise _fail(
+                        sched,
+                        f"{t} must come {side} {anchor}",
+                        {pos(t): f"must be {side} {anchor}"},
+                    )
+
+    # 5. the same order on both ends of each pair of ranks
+    sends: dict[tuple[int, int], list[Action]] = defaultdict(list)
+    recvs: dict[tuple[int, int], list[Action]] = defaultdict(list)
+    for row in sched.actions:
+        for a in row:
+            if a.op.is_comm:
+                kind, boundary, _ = message(a)
+                lo, hi = sched.rank_of(boundary), sched.rank_of(boundary + 1)
+                src, dst = (lo, hi) if kind == "act" else (hi, lo)
+                (sends if a.op.is_send else recvs)[(src, dst)].append(a)
+    for pair in sorted(set(sends) | set(recvs)):
+        s_list, r_list = sends.get(pair, []), recvs.get(pair, [])
+        for k, (sa, ra) in enumerate(zip(s_list, r_list)):
+            if message(sa) != message(ra):
+                raise _fail(
+                    sched,
+                    f"rank {pair[0]} sends {sa} as its message #{k} to rank {pair[1]}, which "
+                    f"receives {ra} at that point (transfers must be in the same order on "
+                    "both ends)",
+                    {pos(sa): f"send #{k}", pos(ra): f"receive #{k}"},
+                )
+        if Counter(map(message, s_list)) != Counter(map(message, r_list)):
+            raise _fail(sched, f"unmatched transfers between ranks {pair}", {})
+
+    # 6. a dry run terminates
+    try:
+        simulate(sched, strict=True)
+    except Deadlock as e:
+        marks = {(r, i): e.reasons[r] for r, i in e.stuck.items()}
+        raise _fail(sched, "deadlock: no rank can make progress", marks) from None

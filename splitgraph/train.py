@@ -1,0 +1,283 @@
+"""Train the MLP split by layer into pipeline stages: the torchrun entry point.
+
+    torchrun --standalone --nproc-per-node 4 -m splitgraph.train schedule=1f1b \
+        pipeline.microbatches=8
+    torchrun --standalone --nproc-per-node 2 -m splitgraph.train partition=params \
+        model.hidden=[512,512,256] runtime.dtype=float64
+    python -m splitgraph.train                  # one process: plain single-device training
+
+Several nodes (run the same line on each; c10d rendezvous):
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        --rdzv-id myjob -m splitgraph.train
+
+What happens, top to bottom:
+  1. every rank composes the config and runs `validate` (and loads its data, if it holds the
+     first or last stage) *before* the process group exists, so a bad run exits at once with
+     one clear message instead of hanging;
+  2. the process group starts with `runtime.timeout` bounding every wait;
+  3. every rank builds the same plan and schedule (rank 0 prints them), then its own stages;
+  4. each step runs the schedule; L and s are summed across ranks for the log;
+  5. rank 0 writes metrics.jsonl, summary.json and a consolidated model.pt in the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from splitgraph.config import register_configs, register_resolvers, validate
+from splitgraph.data import BatchOrder, Dataset, load_dataset
+from splitgraph.errors import SplitgraphError
+from splitgraph.evaluate import evaluate
+from splitgraph.partition import make_plan
+from splitgraph.runtime.dist import (
+    DistEnv,
+    init_process_group,
+    resolve_backend,
+    resolve_device,
+)
+from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.runtime.memory import cuda_memory, peak_rss_bytes
+
+log = logging.getLogger("splitgraph")
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Train as configured on this process's rank; rank 0 returns the summary."""
+    env = DistEnv.from_environ()
+    validate(cfg, env.world_size)
+    device = resolve_device(cfg.runtime, env.local_rank)
+    backend = resolve_backend(cfg.runtime, device)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(int(cfg.runtime.threads))
+
+    # Data and the initial checkpoint are read before the process group exists: a bad
+    # file stops this rank at once, and torchrun then stops the others.
+    plan = make_plan(cfg, env.world_size)
+    needs_data = env.rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
+    dataset = load_dataset(cfg) if needs_data else None
+    init_state = None
+    if cfg.checkpoint.init_from:
+        init_state = torch.load(cfg.checkpoint.init_from, map_location="cpu", weights_only=True)
+
+    if env.world_size > 1:
+        init_process_group(backend, float(cfg.runtime.timeout), device)
+    try:
+        summary = _train(cfg, env, device, backend, dataset, init_state)
+        if dist.is_initialized():
+            dist.barrier()  # nobody tears down its connections while a peer still reads
+        return summary
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(
+    cfg: DictConfig,
+    env: DistEnv,
+    device: torch.device,
+    backend: str,
+    dataset: Dataset | None,
+    init_state: dict[str, torch.Tensor] | None,
+) -> dict[str, Any] | None:
+    is_main = env.rank == 0
+    distributed = env.world_size > 1
+    torch.manual_seed(int(cfg.train.seed))
+    engine = PipelineEngine(cfg, env.rank, env.world_size, device=device)
+    if init_state is not None:
+        engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
+    run_dir = Path(cfg.run_dir)
+    batch = int(cfg.train.batch_size)
+
+    if dataset is not None:
+        dataset = dataset.to(engine.dtype, device)
+        order = BatchOrder(dataset.num_train, batch, bool(cfg.data.shuffle), int(cfg.train.seed))
+        steps = int(cfg.train.steps or cfg.train.epochs * order.steps_per_epoch)
+    else:
+        order, steps = None, 0
+    if distributed:  # the rank holding stage 0 knows the dataset size; it tells the others
+        box = [steps]
+        dist.broadcast_object_list(box, src=engine.plan.rank_of(0))
+        steps = int(box[0])
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s", engine.plan.table(engine.sizes[0]))
+        log.info(
+            "schedule %s: %d microbatches of %s samples on %d rank(s), %s on %s; %d steps",
+            engine.schedule.name,
+            len(engine.sizes),
+            _sizes_text(engine.sizes),
+            env.world_size,
+            backend if distributed else "no process group",
+            device,
+            steps,
+        )
+    metrics_file = open(run_dir / "metrics.jsonl", "w") if is_main else None  # noqa: SIM115
+    bar = _progress(cfg, steps) if is_main else None
+    step_times: list[float] = []
+    fail_step = cfg.debug.fail_at_step
+    try:
+        for step in range(steps):
+            x = y = None
+            if order is not None and dataset is not None:
+                idx = order.indices(step)
+                x = dataset.X[idx] if engine.holds_first else None
+                y = dataset.y[idx] if engine.holds_last else None
+            fail_at = 1 if (fail_step == step and env.rank == cfg.debug.fail_rank) else None
+            t0 = time.perf_counter()
+            stats = engine.step(x, y, fail_at=fail_at)
+            parts = torch.tensor([stats.loss, stats.l2], dtype=torch.float64)
+            if distributed:
+                parts = parts.to(device)
+                dist.all_reduce(parts)  # ends when every rank has finished the step
+                parts = parts.cpu()
+            dt = time.perf_counter() - t0
+            L, s = float(parts[0]), float(parts[1])
+            if not (L == L and abs(L) != float("inf")):
+                raise FloatingPointError(f"the loss is {L} at step {step}")
+            step_times.append(dt)
+            if metrics_file is not None:
+                rec = {
+                    "step": step,
+                    "L": L,
+                    "J": L + s,
+                    "s": s,
+                    "step_time": dt,
+                    "samples_per_s": batch / dt,
+                }
+                metrics_file.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(1)
+                if step % int(cfg.train.log_every) == 0 or step == steps - 1:
+                    bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    # Per-rank memory, then the consolidated checkpoint, gathered to rank 0.
+    memory = {
+        "rank": env.rank,
+        "stages": sorted(engine.stages),
+        "saved_activation_peak_bytes": engine.meter.peak if engine.meter else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+        **cuda_memory(device),
+    }
+    state = engine.state_dict()
+    if distributed:
+        memories: list[Any] = [None] * env.world_size
+        states: list[Any] = [None] * env.world_size
+        dist.gather_object(memory, memories if is_main else None, dst=0)
+        dist.gather_object(state, states if is_main else None, dst=0)
+    else:
+        memories, states = [memory], [state]
+    if not is_main:
+        return None
+    pairs = sorted(
+        ((k, v) for st in states for k, v in st.items()), key=lambda kv: _layer_key(kv[0])
+    )
+    merged = dict(pairs)
+    if cfg.checkpoint.save:
+        torch.save(merged, run_dir / "model.pt")
+    final = _final_metrics(run_dir)
+    if dataset is not None:  # rank 0 holds stage 0, so it has the held-out split
+        final["test"] = evaluate(cfg, merged, dataset.X_test, dataset.y_test, engine.dtype)
+    steady = step_times[1:] if len(step_times) > 1 else step_times
+    median = statistics.median(steady) if steady else float("nan")
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "world_size": env.world_size,
+        "backend": backend if distributed else None,
+        "device": str(device),
+        "plan": engine.plan.to_dict(),
+        "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
+        "steps": steps,
+        "step_time_median_s": median,
+        "samples_per_s_median": batch / median if median == median and median > 0 else None,
+        "final": final,
+        "memory_per_rank": memories,
+        "torch": torch.__version__,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    test = "".join(
+        f", test {k} {v:.4f}" for k, v in final.get("test", {}).items() if k != "samples"
+    )
+    log.info(
+        "done: %d steps, median step %.4fs (%.0f samples/s)%s; outputs in %s",
+        steps,
+        median,
+        summary["samples_per_s_median"] or 0.0,
+        test,
+        run_dir,
+    )
+    return summary
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (1 << 30, name)
+
+
+def _sizes_text(sizes: list[int]) -> str:
+    return str(sizes[0]) if len(set(sizes)) == 1 else "/".join(map(str, sorted(set(sizes))))
+
+
+def _final_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    if not lines:
+        return {}
+    last = json.loads(lines[-1])
+    return {"step": last["step"], "L": last["L"], "J": last["J"]}
+
+
+def _progress(cfg: DictConfig, steps: int) -> Any:
+    if not cfg.train.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _rank_overrides() -> list[str]:
+    """Ranks other than 0 write nothing: no .hydra/ copy, no log file of their own."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none"]
+
+
+def main() -> None:
+    """Console script and `python -m splitgraph.train`."""
+    import hydra
+
+    register_configs()
+    register_resolvers()
+    sys.argv.extend(_rank_overrides())
+
+    @hydra.main(version_base="1.3", config_path="pkg://splitgraph.conf", config_name="config")
+    def _main(cfg: DictConfig) -> None:
+        try:
+            run(cfg)
+        except SplitgraphError as e:
+            rank = os.environ.get("RANK", "0")
+            print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Partition strategies and the Plan they produce."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from splitgraph.config import load_config
+from splitgraph.errors import PartitionError
+from splitgraph.partition import balanced, make_plan, manual, uniform
+
+
+def brute_force_minmax(costs: list[float], k: int) -> float:
+    n = len(costs)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        b = (0, *cuts, n)
+        best = min(best, max(sum(costs[b[i] : b[i + 1]]) for i in range(k)))
+    return best
+
+
+def test_uniform_gives_remainder_to_early_stages() -> None:
+    assert uniform(6, 4) == (0, 2, 4, 5, 6)
+    assert uniform(4, 4) == (0, 1, 2, 3, 4)
+    assert uniform(5, 1) == (0, 5)
+
+
+def test_balanced_is_optimal_against_brute_force() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 9)
+        k = rng.randint(1, n)
+        costs = [rng.choice([1, 2, 3, 5, 8, 13, 100]) * rng.random() for _ in range(n)]
+        bounds = balanced(costs, k)
+        assert bounds[0] == 0 and bounds[-1] == n and len(bounds) == k + 1
+        got = max(sum(costs[bounds[i] : bounds[i + 1]]) for i in range(k))
+        assert got == pytest.approx(brute_force_minmax(costs, k))
+
+
+def test_too_many_stages_is_a_clear_error() -> None:
+    with pytest.raises(PartitionError, match="cannot cut 3 layers into 4"):
+        uniform(3, 4)
+    with pytest.raises(PartitionError, match="strictly increasing"):
+        manual([3, 2], 6, 3)
+    with pytest.raises(PartitionError, match="has 1 cut points; 3 stages need 2"):
+        manual([3], 6, 3)
+
+
+def test_plan_from_config_params_strategy_balances_parameters() -> None:
+    cfg = load_config(["model.hidden=[512,32,32,32]", "partition=params"])
+    plan = make_plan(cfg, 2)
+    per_stage = [plan.stage_params(s) for s in range(2)]
+    uni = make_plan(load_config(["model.hidden=[512,32,32,32]"]), 2)
+    assert max(per_stage) <= max(uni.stage_params(s) for s in range(2))
+    assert plan.bounds == (0, 1, 5)
+
+
+def test_plan_table_names_layers_params_and_boundary_shape() -> None:
+    cfg = load_config(["model.hidden=[8,8,8]", "data.features=4", "data.outputs=3"])
+    plan = make_plan(cfg, 2)
+    table = plan.table(16)
+    assert "stage" in table and "[16, 8]" in table and "(loss)" in table
+    assert "0-1" in table and "2-3" in table
+    d = plan.to_dict()
+    assert [s["layers"] for s in d["stages"]] == [[0, 1], [2, 3]]
+    assert sum(s["params"] for s in d["stages"]) == 4 * 8 + 8 * 8 + 8 * 8 + 8 * 3
+
+
+def test_manual_plan() -> None:
+    cfg = load_config(["partition=manual", "partition.boundaries=[1,3]"])
+    assert make_plan(cfg, 3).bounds == (0, 1, 3, 4)

@@ -1,0 +1,130 @@
+"""Functions that run inside each rank of `run_ranks` (importable, so spawn can find them).
+
+One launch per world size runs a whole list of cases against the already-initialised process
+group: starting processes costs seconds on two cores, a case costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from splitgraph.config import load_config
+from splitgraph.data import BatchOrder, load_dataset
+from splitgraph.runtime.dist import torch_dtype
+from splitgraph.runtime.engine import PipelineEngine
+from tests.reference import global_names, max_rel_err, objective, plain_mlp, reference_grads
+
+#: A 6-layer MLP small enough for hundreds of cases; batch 12 cuts unevenly into 8.
+TINY = [
+    "model.hidden=[5,9,4,8,3]",
+    "data.features=6",
+    "data.outputs=3",
+    "data.samples=96",
+    "data.test_fraction=0",
+    "train.batch_size=12",
+]
+
+
+def make_cfg(base: Any, overrides: list[str]) -> Any:
+    cfg = copy.deepcopy(base)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+
+
+def grid_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str, float]:
+    """For each case: one pipeline step (or several) vs plain single-device PyTorch."""
+    base = load_config(TINY)
+    errors: dict[str, float] = {}
+    for case in cases:
+        cfg = make_cfg(base, case["overrides"])
+        if case.get("steps", 0):
+            errors[case["id"]] = _steps_error(cfg, rank, world, case["steps"])
+        else:
+            errors[case["id"]] = _grad_error(cfg, rank, world)
+    return errors
+
+
+def _batch(cfg: Any, dtype: torch.dtype, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = load_dataset(cfg).to(dtype, "cpu")
+    idx = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, int(cfg.train.seed)).indices(
+        step
+    )
+    return ds.X[idx], ds.y[idx]
+
+
+def _grad_error(cfg: Any, rank: int, world: int) -> float:
+    dtype = torch_dtype(cfg.runtime.dtype)
+    engine = PipelineEngine(cfg, rank, world)
+    x, y = _batch(cfg, dtype)
+    engine.forward_backward(x, y)
+    got = {k: p.grad for k, p in engine.named_parameters().items()}
+    return max_rel_err(got, reference_grads(cfg, x, y, dtype))
+
+
+def _steps_error(cfg: Any, rank: int, world: int, steps: int) -> float:
+    """Weights after `steps` optimizer steps on successive minibatches."""
+    dtype = torch_dtype(cfg.runtime.dtype)
+    engine = PipelineEngine(cfg, rank, world)
+    seq = plain_mlp(cfg, dtype)
+    params = global_names(seq)
+    opt_name = str(cfg.optim.name.value)
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(
+            params.values(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+        )
+    else:
+        opt = torch.optim.Adam(
+            params.values(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+        )
+    task = str(cfg.model.task.value)
+    for step in range(steps):
+        x, y = _batch(cfg, dtype, step)
+        engine.step(x, y)
+        opt.zero_grad()
+        objective(seq, x, y, task, float(cfg.optim.weight_decay)).backward()
+        opt.step()
+    got = {k: p.detach() for k, p in engine.named_parameters().items()}
+    return max_rel_err(got, {k: p.detach() for k, p in params.items()})
+
+
+def failing_worker(rank: int, world: int, fail_rank: int, steps: int) -> str:
+    """Train `steps` steps; `fail_rank` raises inside the schedule of step 1."""
+    cfg = load_config(TINY + ["pipeline.microbatches=4"])
+    engine = PipelineEngine(cfg, rank, world)
+    x, y = _batch(cfg, torch.float32)
+    for step in range(steps):
+        engine.step(x, y, fail_at=3 if (rank == fail_rank and step == 1) else None)
+    return "finished"
+
+
+def stalled_worker(rank: int, world: int, stall_rank: int) -> str:
+    """`stall_rank` never starts its step; the others must give up at the group timeout."""
+    import time
+
+    cfg = load_config(TINY + ["pipeline.microbatches=2"])
+    engine = PipelineEngine(cfg, rank, world)
+    x, y = _batch(cfg, torch.float32)
+    if rank == stall_rank:
+        time.sleep(3600)
+    engine.step(x, y)
+    return "finished"
+
+
+def memory_worker(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
+    """Peak saved-activation bytes measured on this rank for one step."""
+    cfg = load_config(TINY + overrides)
+    engine = PipelineEngine(cfg, rank, world)
+    x, y = _batch(cfg, torch_dtype(cfg.runtime.dtype))
+    engine.forward_backward(x, y)
+    assert engine.meter is not None
+    return {
+        "peak": engine.meter.peak,
+        "current": engine.meter.current,
+        "stages": sorted(engine.stages),
+    }
