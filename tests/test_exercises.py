@@ -241,3 +241,10 @@ def test_cli_prints_writes_json_and_refuses_bad_input(
     assert COMPARE_COMMAND in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["6"])
+
+
+def test_the_docs_show_the_committed_outputs_verbatim() -> None:
+    docs = (RESULTS.parents[1] / "docs" / "exercises.md").read_text()
+    for txt in sorted(RESULTS.glob("ex[1-4]*.txt")):
+        assert txt.read_text().strip() in docs, f"docs/exercises.md does not show {txt.name}"
+    assert "results/too_large/report.md" in docs and COMPARE_COMMAND in docs
