@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from splitgraph.config import load_config
-from splitgraph.exercises import bias, hessian, memory, shapes
+from splitgraph.exercises import bias, first_batch, hessian, memory, shapes
 from splitgraph.exercises.cli import COMPARE_COMMAND, main
+from splitgraph.model import build_mlp
 from splitgraph.partition import Plan
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.schedule import Schedule
@@ -158,7 +159,7 @@ def _hand_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: list[int]) -> list
 
 @cache
 def _memory_fresh() -> memory.MemoryResult:
-    return memory.run(_command("ex3"), 2, predict_saved=_hand_saved)
+    return memory.run(_command("ex3"), 2, predict_saved=_hand_saved, timeout=180)
 
 
 @pytest.mark.timeout(240)
@@ -205,7 +206,7 @@ def test_exercise4_weight_decay_adds_lambda_v() -> None:
     """H(J) = H(L) + lambda I: the L2 term shifts every HVP by exactly lambda v."""
     cfg0 = load_config([*TINY, "optim.weight_decay=0"])
     cfg1 = load_config([*TINY, "optim.weight_decay=0.5"])
-    model = hessian.build_mlp(cfg0, dtype=torch.float64)
+    model = build_mlp(cfg0, dtype=torch.float64)
     x, y = _batch(cfg0, torch.float64)
     v = hessian.random_direction(model, 3)
     h0 = hessian.hvp(model, x, y, cfg0, v)
@@ -217,8 +218,8 @@ def test_exercise4_weight_decay_adds_lambda_v() -> None:
 @pytest.mark.parametrize("name", ["ex4", "ex4_tanh"])
 def test_exercise4_memory_matches_its_committed_output(name: str) -> None:
     cfg = load_config(_command(name))
-    model = hessian.build_mlp(cfg, dtype=torch.float64)
-    x, y = hessian.first_batch(cfg, torch.float64)
+    model = build_mlp(cfg, dtype=torch.float64)
+    x, y = first_batch(cfg, torch.float64)
     committed = _committed(name)
     assert hessian.saved_bytes(model, x, y, cfg, False) == committed["gradient_saved"]
     assert hessian.saved_bytes(model, x, y, cfg, True) == committed["hvp_saved"]

@@ -1,7 +1,7 @@
 """`splitgraph-exercise N [options] [overrides...]`: the chapter's exercise N, answered.
 
 Overrides are Hydra overrides, composed exactly as for training (`model.hidden=[32]`,
-`model.activation=tanh`, `optim=adam`, ...). Options:
+`model.activation=tanh`, `optim=adam`, ...); exercise 2 starts from `model.bias=true`. Options:
 
     --nproc P      exercise 3: pipeline stages (one rank each), default 2
     --repeats R    exercise 4: timed repeats (median), default 20

@@ -16,8 +16,8 @@ u . H v = v . H u (the Hessian is symmetric). Costs, measured in the same proces
   saved activations) and for the HVP (those plus what the create_graph backward saves for the
   second backward).
 
-All in float64 on the CPU (or the configured device), whatever `runtime.dtype` says: finite
-differences need the precision.
+All in float64 on the CPU, whatever `runtime.dtype` says: finite differences need the
+precision.
 """
 
 from __future__ import annotations
