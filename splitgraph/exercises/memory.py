@@ -31,16 +31,19 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import SCHEDULES, OptimName, load_config, validate
+from splitgraph.config import OptimName, load_config, validate
 from splitgraph.data import microbatch_sizes
 from splitgraph.exercises import first_batch, table
 from splitgraph.model import build_mlp
 from splitgraph.partition import Plan, make_plan
 from splitgraph.runtime.dist import torch_dtype
 from splitgraph.runtime.memory import SavedTensorMeter
-from splitgraph.schedule import Schedule, build_schedule
+from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
 from splitgraph.schedule.simulate import peak_inflight
 from splitgraph.units import format_bytes
+
+#: The schedules compared: those with one stage per rank (a stage's memory is a rank's).
+ONE_STAGE_PER_RANK = tuple(name for name, spec in SCHEDULES.items() if not spec.virtual)
 
 #: (cfg, plan, schedule, microbatch sizes) -> predicted peak saved-activation bytes per stage.
 SavedPredictor = Callable[[Any, Plan, Schedule, Sequence[int]], Sequence[int]]
@@ -185,7 +188,7 @@ def measure_inference(cfg: Any, plan: Plan) -> list[int]:
 def run(
     overrides: Sequence[str],
     nproc: int,
-    schedules: Sequence[str] = SCHEDULES,
+    schedules: Sequence[str] = ONE_STAGE_PER_RANK,
     predict_saved: SavedPredictor | None = None,
     timeout: float = 300.0,
 ) -> MemoryResult:
@@ -200,7 +203,7 @@ def run(
         validate(cfg, nproc)
         plans[name] = make_plan(cfg, nproc)
         sizes_of[name] = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
-        scheds[name] = build_schedule(name, plans[name].num_stages, len(sizes_of[name]))
+        scheds[name] = build_schedule(name, nproc, len(sizes_of[name]))
         runs.append(ov)
     per_rank = run_ranks(measure_rank, nproc, runs, timeout=timeout)
     inference = measure_inference(base, make_plan(base, nproc))
