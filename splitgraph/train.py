@@ -49,6 +49,7 @@ from splitgraph.runtime.dist import (
 )
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.memory import cuda_memory, peak_rss_bytes
+from splitgraph.runtime.trace import TraceWindow, make_tracer
 
 log = logging.getLogger("splitgraph")
 
@@ -128,8 +129,12 @@ def _train(
     bar = _progress(cfg, steps) if is_main else None
     step_times: list[float] = []
     fail_step = cfg.debug.fail_at_step
+    tracer = make_tracer(device) if cfg.trace.enabled else None
+    engine.executor.tracer = tracer
+    window = TraceWindow(cfg.trace, tracer, steps)
     try:
         for step in range(steps):
+            window.before_step(step)
             x = y = None
             if order is not None and dataset is not None:
                 idx = order.indices(step)
@@ -167,6 +172,8 @@ def _train(
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+
+    timeline = window.finish(run_dir, is_main, engine.schedule, engine.sizes, step_times)
 
     # Per-rank memory, then the consolidated checkpoint, gathered to rank 0.
     memory = {
@@ -209,6 +216,7 @@ def _train(
         "samples_per_s_median": batch / median if median == median and median > 0 else None,
         "final": final,
         "memory_per_rank": memories,
+        "timeline": timeline,
         "torch": torch.__version__,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
