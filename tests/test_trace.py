@@ -104,3 +104,27 @@ def test_schedule_command_refuses_bad_input(capsys: pytest.CaptureFixture[str]) 
     assert (
         schedule_main(["schedule=1f1b", "pipeline.stages=2", "--costs", "1", "--no-picture"]) == 2
     )
+
+
+def test_w_actions_are_not_charged_for_their_is_wait() -> None:
+    """A W never waits; the receive its I blocked on must not be subtracted from it."""
+    ms = 1e-3
+    trace = [
+        [
+            (0, "0F0", "F", 0.0, 1 * ms),
+            (0, "0SEND_F0", "comm", 1 * ms, 1 * ms),
+            (0, "0RECV_B0", "wait", 2 * ms, 5 * ms),
+            (0, "0I0", "I", 2 * ms, 6 * ms),
+            (0, "0W0", "W", 6 * ms, 7 * ms),
+        ],
+        [
+            (0, "1RECV_F0", "wait", 1 * ms, 1 * ms),
+            (0, "1F0", "F", 1 * ms, 2 * ms),
+            (0, "1I0", "I", 2 * ms, 3 * ms),
+            (0, "1SEND_B0", "comm", 3 * ms, 3 * ms),
+            (0, "1W0", "W", 3 * ms, 4 * ms),
+        ],
+    ]
+    meas = measure(trace, build_schedule("zb1", 2, 1), [4])
+    assert meas.weight == pytest.approx([1 * ms, 1 * ms])
+    assert meas.backward_input == pytest.approx([1 * ms, 1 * ms])

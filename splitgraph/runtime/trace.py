@@ -228,7 +228,7 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
             if kind in COMPUTE_KINDS:
                 a = Action.parse(label)
                 recv = f"{a.stage}RECV_{'F' if kind == 'F' else 'B'}{a.mb}"
-                blocked = waits.get((step, rank, recv), 0.0)
+                blocked = waits.get((step, rank, recv), 0.0) if kind != "W" else 0.0
                 durations[(kind, a.stage)].append((end - start - blocked) / (sizes[a.mb] / mean))
 
     def per_stage(kind: str) -> list[float]:
