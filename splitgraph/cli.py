@@ -29,19 +29,26 @@ def check_main(argv: list[str] | None = None) -> int:
     from splitgraph.config import load_config, validate
     from splitgraph.data import microbatch_sizes
     from splitgraph.partition import make_plan
+    from splitgraph.runtime.mesh import layout_of
     from splitgraph.schedule import build_schedule
 
     try:
         cfg = load_config(args)
         validate(cfg, nproc)
-        plan = make_plan(cfg, nproc)
-        sizes = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
-        sched = build_schedule(str(cfg.schedule.name), plan.num_stages, len(sizes))
+        layout = layout_of(cfg, nproc)
+        plan = make_plan(cfg, layout.pp)
+        rows = int(cfg.train.batch_size) // layout.dp
+        sizes = microbatch_sizes(rows, int(cfg.pipeline.microbatches))
+        sched = build_schedule(
+            str(cfg.schedule.name), layout.pp, len(sizes), int(cfg.schedule.virtual_stages)
+        )
     except (SplitgraphError, HydraException) as e:
         cause = f"\n  ({e.__cause__})" if e.__cause__ else ""
         print(f"splitgraph-check: {e}{cause}", file=sys.stderr)
         return 2
     print(plan.table(sizes[0]))
+    if layout.dp > 1:
+        print(layout.describe() + f"\n  each replica runs {rows} rows of every minibatch")
     print(f"schedule {sched.name}: {len(sizes)} microbatches {sizes}, valid")
     return 0
 

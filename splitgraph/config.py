@@ -120,6 +120,20 @@ class PipelineConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism: `dp` replicas of the pipeline; world size = dp x pipeline.stages.
+
+    Replica d takes rows [d*B/dp, (d+1)*B/dp) of every minibatch (B = train.batch_size, the
+    global batch) and cuts them into pipeline.microbatches microbatches; each stage's
+    gradients are summed over its dp peers once per step (runtime/gradsync.py).
+    """
+
+    dp: int = 1
+    overlap: bool = True  # start a stage's all-reduce right after its last backward of the step
+    bucket_mb: float = 25.0  # gradients are flattened into buckets of at most this many MiB
+
+
+@dataclass
 class OptimConfig:
     """Optimizer. `weight_decay` is the objective's lambda, J = L + lambda/2 sum ||W||_F^2,
     applied to weight matrices only (never biases), identical for every optimizer."""
@@ -182,6 +196,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -257,7 +272,10 @@ def _suggest(value: str, options: Sequence[str]) -> str:
 
 
 def num_stages(cfg: Any, world_size: int) -> int:
-    return world_size if cfg.pipeline.stages is None else int(cfg.pipeline.stages)
+    """Pipeline ranks per replica: pipeline.stages, else world size / parallel.dp."""
+    if cfg.pipeline.stages is not None:
+        return int(cfg.pipeline.stages)
+    return max(world_size // max(int(cfg.parallel.dp), 1), 1)
 
 
 def validate(cfg: Any, world_size: int | None = None) -> None:
@@ -289,11 +307,24 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     v = int(cfg.schedule.virtual_stages)
     stages = num_stages(cfg, ws)
     chunks = stages * max(v, 1)
-    if p.stages is not None and p.stages != ws:
+    dp = int(cfg.parallel.dp)
+    if dp < 1:
+        errors.append(f"parallel.dp={dp} must be >= 1 (1: a single pipeline, no replicas).")
+    elif p.stages is not None and p.stages * dp != ws:
+        fix = f"set pipeline.stages={ws // dp} (or leave it unset)" if ws % dp == 0 else ""
+        if not fix:
+            fix = f"set parallel.dp to a divisor of {ws}"
         errors.append(
-            f"pipeline.stages={p.stages} but the world size is {ws}: splitgraph runs one stage "
-            f"per rank. Launch with --nproc-per-node {p.stages} or set pipeline.stages={ws} "
-            "(or leave it unset)."
+            f"pipeline.stages={p.stages} x parallel.dp={dp} = {p.stages * dp} ranks but the "
+            f"world size is {ws}: splitgraph runs one stage per rank, once per data-parallel "
+            f"replica. Launch with --nproc-per-node {p.stages * dp} or {fix}."
+        )
+    elif ws % dp:
+        divisors = [d for d in range(1, ws + 1) if ws % d == 0]
+        errors.append(
+            f"parallel.dp={dp} does not divide the world size {ws}: world size = parallel.dp "
+            f"x pipeline.stages. Use parallel.dp in {divisors}, or launch a multiple of {dp} "
+            "processes."
         )
     if stages < 1:
         errors.append(f"pipeline.stages={stages} must be >= 1.")
@@ -309,13 +340,28 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             parse_bytes(p.memory_cap)
         except ValueError as e:
             errors.append(f"pipeline.memory_cap={p.memory_cap!r}: {e}")
+    if dp > 1 and t.batch_size % dp:
+        lo = max(t.batch_size // dp * dp, dp)
+        errors.append(
+            f"train.batch_size={t.batch_size} is not divisible by parallel.dp={dp}: each "
+            f"replica takes an equal share of every minibatch. Use a multiple of {dp} (e.g. "
+            f"train.batch_size={lo})."
+        )
     if p.microbatches < 1:
         errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
-    elif p.microbatches > t.batch_size:
+    elif dp <= 1 and p.microbatches > t.batch_size:
         errors.append(
             f"pipeline.microbatches={p.microbatches} exceeds train.batch_size={t.batch_size}: "
             "a microbatch would be empty. Use at most one microbatch per sample."
         )
+    elif dp > 1 and p.microbatches > t.batch_size // dp:
+        errors.append(
+            f"pipeline.microbatches={p.microbatches} exceeds the per-replica batch "
+            f"train.batch_size/parallel.dp = {t.batch_size}/{dp} = {t.batch_size // dp}: a "
+            "microbatch would be empty. Use fewer microbatches or a larger batch."
+        )
+    if cfg.parallel.bucket_mb <= 0:
+        errors.append(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0 (MiB).")
 
     # schedule
     from splitgraph.schedule import SCHEDULES

@@ -205,3 +205,19 @@ def microbatch_sizes(batch_size: int, microbatches: int) -> list[int]:
         raise ValueError(f"cannot cut a batch of {batch_size} into {microbatches} microbatches")
     q, r = divmod(batch_size, microbatches)
     return [q + 1 if i < r else q for i in range(microbatches)]
+
+
+def replica_rows(indices: Tensor, replica: int, replicas: int) -> Tensor:
+    """Data-parallel replica `replica`'s share of a minibatch: rows [d*B/dp, (d+1)*B/dp).
+
+    Contiguous slices of the same `BatchOrder` indices, so the replicas together cover the
+    minibatch exactly once and the sharding depends only on (step, dp), never on the ranks.
+    """
+    n = int(indices.shape[0])
+    if replicas < 1 or not 0 <= replica < replicas or n % replicas:
+        raise ValueError(
+            f"cannot give replica {replica} of {replicas} an equal share of {n} rows: the batch "
+            "must be divisible by parallel.dp"
+        )
+    share = n // replicas
+    return indices[replica * share : (replica + 1) * share]

@@ -99,6 +99,9 @@ def draw(panels: Sequence[Panel], path: str | Path, suptitle: str = "") -> Path:
             elif b.kind == "comm":
                 ax.barh(y + 0.47, w, left=x, height=0.1, color="#888888")
                 kinds_seen.add("comm")
+            elif b.kind == "DP":  # a stage's gradient all-reduce (data parallel)
+                ax.barh(y + 0.3, w, left=x, height=0.16, color="#8172B3")
+                kinds_seen.add("DP")
             elif b.kind == "OPT":
                 ax.barh(y, w, left=x, height=0.5, color="#BBBBBB", edgecolor="black", linewidth=0.3)
                 kinds_seen.add("OPT")
@@ -116,6 +119,8 @@ def draw(panels: Sequence[Panel], path: str | Path, suptitle: str = "") -> Path:
         handles.append(Patch(color="#C44E52", label="waiting for data"))
     if "comm" in kinds_seen:
         handles.append(Patch(color="#888888", label="posting transfers"))
+    if "DP" in kinds_seen:
+        handles.append(Patch(color="#8172B3", label="gradient all-reduce"))
     if "OPT" in kinds_seen:
         handles.append(Patch(color="#BBBBBB", label="optimizer step"))
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)

@@ -11,14 +11,22 @@ Several nodes (run the same line on each; c10d rendezvous):
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
         --rdzv-id myjob -m splitgraph.train
 
+Data x pipeline parallel (world size = parallel.dp x pipeline.stages; a ("dp", "pp")
+DeviceMesh, each replica a pipeline of consecutive ranks fed B/dp rows of every minibatch):
+
+    torchrun --standalone --nproc-per-node 4 -m splitgraph.train parallel.dp=2   # 2 x 2
+
 What happens, top to bottom:
   1. every rank composes the config and runs `validate` (and loads its data, if it holds the
      first or last stage) *before* the process group exists, so a bad run exits at once with
      one clear message instead of hanging;
   2. the process group starts with `runtime.timeout` bounding every wait;
-  3. every rank builds the same plan and schedule (rank 0 prints them), then its own stages;
-  4. each step runs the schedule; L and s are summed across ranks for the log;
-  5. rank 0 writes metrics.jsonl, summary.json and a consolidated model.pt in the run dir.
+  3. every rank builds the mesh, the same plan and schedule (rank 0 prints them), then its
+     own stages;
+  4. each step runs the schedule on this replica's rows (gradients summed over replicas);
+     L and s are summed across ranks for the log;
+  5. rank 0 writes metrics.jsonl, summary.json and a consolidated model.pt in the run dir
+     (weights gathered from replica 0: the replicas hold the same).
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from splitgraph.config import register_configs, register_resolvers, validate
-from splitgraph.data import BatchOrder, Dataset, load_dataset
+from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.partition import make_plan
@@ -49,6 +57,7 @@ from splitgraph.runtime.dist import (
 )
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.memory import cuda_memory, peak_rss_bytes
+from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
 from splitgraph.runtime.trace import TraceWindow, make_tracer
 
 log = logging.getLogger("splitgraph")
@@ -65,8 +74,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     # Data and the initial checkpoint are read before the process group exists: a bad
     # file stops this rank at once, and torchrun then stops the others.
-    plan = make_plan(cfg, env.world_size)
-    needs_data = env.rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
+    layout = layout_of(cfg, env.world_size)
+    plan = make_plan(cfg, layout.pp)
+    _, pp_rank = layout.coords(env.rank)
+    needs_data = pp_rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
     dataset = load_dataset(cfg) if needs_data else None
     init_state = None
     if cfg.checkpoint.init_from:
@@ -75,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if env.world_size > 1:
         init_process_group(backend, float(cfg.runtime.timeout), device)
     try:
-        summary = _train(cfg, env, device, backend, dataset, init_state)
+        summary = _train(cfg, env, layout, device, backend, dataset, init_state)
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
@@ -87,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 def _train(
     cfg: DictConfig,
     env: DistEnv,
+    layout: Layout,
     device: torch.device,
     backend: str,
     dataset: Dataset | None,
@@ -95,7 +107,10 @@ def _train(
     is_main = env.rank == 0
     distributed = env.world_size > 1
     torch.manual_seed(int(cfg.train.seed))
-    engine = PipelineEngine(cfg, env.rank, env.world_size, device=device)
+    if distributed:
+        engine = PipelineEngine.from_mesh(cfg, build_mesh(layout, device.type), device)
+    else:
+        engine = PipelineEngine(cfg, device=device)
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
     run_dir = Path(cfg.run_dir)
@@ -109,18 +124,21 @@ def _train(
         order, steps = None, 0
     if distributed:  # the rank holding stage 0 knows the dataset size; it tells the others
         box = [steps]
-        dist.broadcast_object_list(box, src=engine.plan.rank_of(0))
+        dist.broadcast_object_list(box, src=layout.rank_at(0, engine.plan.rank_of(0)))
         steps = int(box[0])
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s", engine.plan.table(engine.sizes[0]))
+        if layout.dp > 1:
+            log.info("%s", layout.describe())
         log.info(
-            "schedule %s: %d microbatches of %s samples on %d rank(s), %s on %s; %d steps",
+            "schedule %s: %d microbatches of %s samples on %d rank(s)%s, %s on %s; %d steps",
             engine.schedule.name,
             len(engine.sizes),
             _sizes_text(engine.sizes),
-            env.world_size,
+            layout.pp,
+            f" x {layout.dp} replicas" if layout.dp > 1 else "",
             backend if distributed else "no process group",
             device,
             steps,
@@ -128,6 +146,7 @@ def _train(
     metrics_file = open(run_dir / "metrics.jsonl", "w") if is_main else None  # noqa: SIM115
     bar = _progress(cfg, steps) if is_main else None
     step_times: list[float] = []
+    dp_waits: list[float] = []
     fail_step = cfg.debug.fail_at_step
     tracer = make_tracer(device) if cfg.trace.enabled else None
     engine.executor.tracer = tracer
@@ -137,7 +156,7 @@ def _train(
             window.before_step(step)
             x = y = None
             if order is not None and dataset is not None:
-                idx = order.indices(step)
+                idx = replica_rows(order.indices(step), engine.dp_rank, engine.dp)
                 x = dataset.X[idx] if engine.holds_first else None
                 y = dataset.y[idx] if engine.holds_last else None
             fail_at = 1 if (fail_step == step and env.rank == cfg.debug.fail_rank) else None
@@ -149,6 +168,8 @@ def _train(
                 dist.all_reduce(parts)  # ends when every rank has finished the step
                 parts = parts.cpu()
             dt = time.perf_counter() - t0
+            if engine.gradsync is not None:
+                dp_waits.append(engine.gradsync.wait_s)
             L, s = float(parts[0]), float(parts[1])
             if not (L == L and abs(L) != float("inf")):
                 raise FloatingPointError(f"the loss is {L} at step {step}")
@@ -173,17 +194,22 @@ def _train(
         if metrics_file is not None:
             metrics_file.close()
 
-    timeline = window.finish(run_dir, is_main, engine.schedule, engine.sizes, step_times)
+    timeline = window.finish(
+        run_dir, is_main, engine.schedule, engine.sizes, step_times, ranks=layout.pipeline(0)
+    )
 
-    # Per-rank memory, then the consolidated checkpoint, gathered to rank 0.
+    # Per-rank memory, then the consolidated checkpoint, gathered to rank 0 from replica 0.
     memory = {
         "rank": env.rank,
+        "replica": engine.dp_rank,
         "stages": sorted(engine.stages),
         "saved_activation_peak_bytes": engine.meter.peak if engine.meter else None,
         "peak_rss_bytes": peak_rss_bytes(),
         **cuda_memory(device),
     }
-    state = engine.state_dict()
+    if dp_waits:  # seconds per step blocked on the gradient all-reduce (not hidden by overlap)
+        memory["allreduce_wait_median_s"] = statistics.median(dp_waits[1:] or dp_waits)
+    state = engine.state_dict() if engine.dp_rank == 0 else None
     if distributed:
         memories: list[Any] = [None] * env.world_size
         states: list[Any] = [None] * env.world_size
@@ -194,7 +220,8 @@ def _train(
     if not is_main:
         return None
     pairs = sorted(
-        ((k, v) for st in states for k, v in st.items()), key=lambda kv: _layer_key(kv[0])
+        ((k, v) for st in states if st is not None for k, v in st.items()),
+        key=lambda kv: _layer_key(kv[0]),
     )
     merged = dict(pairs)
     if cfg.checkpoint.save:
@@ -207,6 +234,13 @@ def _train(
     summary = {
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "world_size": env.world_size,
+        "parallel": {
+            "dp": layout.dp,
+            "pp": layout.pp,
+            "replicas": [list(layout.pipeline(d)) for d in range(layout.dp)],
+            "rows_per_replica": engine.local_batch,
+            "overlap": bool(cfg.parallel.overlap),
+        },
         "backend": backend if distributed else None,
         "device": str(device),
         "plan": engine.plan.to_dict(),

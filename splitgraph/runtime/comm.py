@@ -10,6 +10,11 @@ behind another, which together rule out deadlock (see schedule/simulate.py, stri
   channels sharing a communicator could block each other (a pending send to a peer holding
   up a receive from it). Each (kind, direction) gets its own process group instead: four,
   created once, so a communicator only ever carries one channel per pair of ranks.
+  With data parallelism there is one pipeline per replica, hence four groups per replica;
+  `dist.new_group` must be entered by every rank of the default group for every group
+  (members or not) in one order, so every rank creates every replica's groups, the same way
+  (`channel_groups`). `P2P(channels=True)` uses this structure on gloo too, so the CPU tests
+  exercise the creation order the NCCL path depends on.
 
 The vocabulary is one call, `post`, taking the transfers a schedule groups between two
 compute actions; every work handle goes back to the caller, who waits on it (receives before
@@ -28,7 +33,7 @@ from torch import Tensor
 
 TAGS = {"act": 1, "grad": 2}
 
-_CHANNEL_GROUPS: dict[tuple[int, ...], dict[tuple[str, bool], Any]] = {}
+_CHANNEL_GROUPS: dict[tuple[tuple[int, ...], ...], dict[tuple[str, bool], Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -40,22 +45,44 @@ class Transfer:
     label: str  # the action, for messages
 
 
-def channel_groups(members: tuple[int, ...]) -> dict[tuple[str, bool], Any]:
-    """(kind, sending to a higher rank) -> its own NCCL process group over `members`.
+def channel_groups(
+    replicas: tuple[tuple[int, ...], ...], backend: str | None = "nccl"
+) -> dict[tuple[str, bool], Any]:
+    """(kind, sending to a higher rank) -> its own process group over this rank's pipeline.
 
-    Collective: every rank of the default group must call it with the same members, once.
+    `replicas` lists every pipeline's global ranks (one tuple per data-parallel replica;
+    one tuple without data parallelism). Collective over the default group: every rank must
+    call it with the same `replicas`, so each of the four channels is made for all replicas
+    at once with `new_subgroups_by_enumeration` (every rank enters every `new_group` in the
+    same order) and this rank keeps its own pipeline's. Cached per `replicas`.
     """
-    if members not in _CHANNEL_GROUPS:
-        _CHANNEL_GROUPS[members] = {
-            (kind, up): dist.new_group(ranks=list(members), backend="nccl")
-            for kind in ("act", "grad")
-            for up in (True, False)
-        }
-    return _CHANNEL_GROUPS[members]
+    if replicas not in _CHANNEL_GROUPS:
+        mine: dict[tuple[str, bool], Any] = {}
+        for kind in ("act", "grad"):
+            for up in (True, False):
+                group, _ = dist.new_subgroups_by_enumeration(
+                    [list(r) for r in replicas], backend=backend
+                )
+                mine[(kind, up)] = group
+        _CHANNEL_GROUPS[replicas] = mine
+    return _CHANNEL_GROUPS[replicas]
 
 
 class P2P:
-    def __init__(self, rank: int, group: Any = None, verbose: bool = False) -> None:
+    """`rank` and every `Transfer.peer` are ranks inside `group` (the pipeline group).
+
+    `replicas`: every pipeline's global ranks when there are several (data parallelism).
+    `channels`: one process group per channel (None: on NCCL only; True: on gloo too).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        group: Any = None,
+        verbose: bool = False,
+        replicas: tuple[tuple[int, ...], ...] | None = None,
+        channels: bool | None = None,
+    ) -> None:
         self.rank, self.group, self.verbose = rank, group, verbose
         self.step = 0
         self.bytes_sent = 0
@@ -67,8 +94,13 @@ class P2P:
             dist.get_global_rank(group, r) if group is not None else r for r in range(world)
         ]
         self._channels = None
-        if initialized and world > 1 and dist.get_backend(group) == "nccl":
-            self._channels = channel_groups(tuple(self._global))
+        if initialized and world > 1:
+            backend = dist.get_backend(group)
+            if channels or (channels is None and backend == "nccl"):
+                replicas = replicas or (tuple(self._global),)
+                if tuple(self._global) not in replicas:
+                    raise ValueError(f"ranks {self._global} are not one of replicas {replicas}")
+                self._channels = channel_groups(replicas, backend)
 
     def post(self, transfers: list[Transfer]) -> list[Any]:
         """Start the transfers; returns one work handle per transfer, in order."""

@@ -3,9 +3,13 @@
     config -> Plan -> Schedule (validated) -> this rank's StageModules + optimizer -> Executor
 
 The engine is what `train.py`, the tests and the benchmarks drive; it never creates a
-process group (it is handed one) and never reads files. A step is:
+process group (it is handed one, or a DeviceMesh: `from_mesh`) and never reads files.
+`rank` and `world_size` are this rank's place in its pipeline (the mesh's "pp" coordinate
+and size), never the global rank. A step is:
 
     zero grads -> executor runs the action list (every microbatch, F and B, transfers)
+               -> with data parallelism: each stage's gradients summed over its replicas
+                  (started as soon as the stage's last backward is done; runtime/gradsync.py)
                -> each stage adds lambda*W to its weights' gradients (the L2 term s; local)
                -> optimizer.step()
 """
@@ -27,6 +31,7 @@ from splitgraph.partition import Plan, make_plan
 from splitgraph.runtime.comm import P2P
 from splitgraph.runtime.dist import torch_dtype
 from splitgraph.runtime.executor import Executor
+from splitgraph.runtime.gradsync import GradSync
 from splitgraph.runtime.memory import SavedTensorMeter
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
 
@@ -41,7 +46,9 @@ def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
 
 @dataclass
 class StepStats:
-    """This rank's share of the objective: L on the last stage's rank (else 0), and s."""
+    """This rank's share of the objective, so that summing over all ranks gives J = L + s:
+    `loss` is its replica's share of L on the last stage's rank (else 0); `l2` is s of its
+    stages, on data-parallel replica 0 only (the replicas hold the same weights)."""
 
     loss: float
     l2: float
@@ -55,15 +62,29 @@ class PipelineEngine:
         world_size: int = 1,
         group: Any = None,
         device: torch.device | str = "cpu",
+        *,
+        dp_group: Any = None,
+        replicas: tuple[tuple[int, ...], ...] | None = None,
+        channels: bool | None = None,
     ) -> None:
+        """`dp_group`: this rank's data-parallel peers (None: one replica); `replicas`: every
+        pipeline's global ranks; `channels`: see runtime/comm.P2P. Prefer `from_mesh`."""
+        import torch.distributed as dist
+
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.dtype = torch_dtype(cfg.runtime.dtype)
         self.task = Task(cfg.model.task)
-        self.batch_size = int(cfg.train.batch_size)
+        self.batch_size = int(cfg.train.batch_size)  # the global minibatch B
         self.weight_decay = float(cfg.optim.weight_decay)
+        self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
+        if self.batch_size % self.dp:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by dp={self.dp}")
+        #: rows of each minibatch this replica runs: [dp_rank * local, (dp_rank + 1) * local)
+        self.local_batch = self.batch_size // self.dp
         self.plan: Plan = make_plan(cfg, world_size)
-        self.sizes = microbatch_sizes(self.batch_size, int(cfg.pipeline.microbatches))
+        self.sizes = microbatch_sizes(self.local_batch, int(cfg.pipeline.microbatches))
         name = str(cfg.schedule.name)
         self.schedule: Schedule = build_schedule(
             name, world_size, len(self.sizes), int(cfg.schedule.virtual_stages)
@@ -78,7 +99,9 @@ class PipelineEngine:
         self.recompute = recompute_stages(cfg, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(cfg.optim, self.parameters())
         self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
-        self.p2p = P2P(rank, group, verbose=bool(cfg.runtime.verbose))
+        self.p2p = P2P(
+            rank, group, verbose=bool(cfg.runtime.verbose), replicas=replicas, channels=channels
+        )
         self.executor = Executor(
             self.schedule,
             rank,
@@ -89,6 +112,34 @@ class PipelineEngine:
             self.dtype,
             self.meter,
             recompute=self.recompute,
+        )
+        self.gradsync: GradSync | None = None
+        if self.dp > 1:
+            self.gradsync = GradSync(
+                {s: list(st.parameters()) for s, st in self.stages.items()},
+                dp_group,
+                int(float(cfg.parallel.bucket_mb) * 2**20),
+                overlap=bool(cfg.parallel.overlap),
+            )
+            self.executor.on_grads_final = self.gradsync.stage_done
+
+    @classmethod
+    def from_mesh(
+        cls, cfg: Any, mesh: Any, device: torch.device | str = "cpu", channels: bool | None = None
+    ) -> PipelineEngine:
+        """The engine of this rank in a ("dp", "pp") DeviceMesh (runtime/mesh.py)."""
+        from splitgraph.runtime.mesh import MeshGroups
+
+        g = MeshGroups.from_mesh(mesh)
+        return cls(
+            cfg,
+            g.pp_rank,
+            g.pp_size,
+            g.pp_group,
+            device,
+            dp_group=g.dp_group if g.dp_size > 1 else None,
+            replicas=g.replicas,
+            channels=channels,
         )
 
     # -- what this rank holds ---------------------------------------------------------
@@ -113,20 +164,35 @@ class PipelineEngine:
     def forward_backward(
         self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None
     ) -> StepStats:
-        """Gradients of J for one minibatch, left in `.grad`; no update."""
+        """Gradients of J for one minibatch, left in `.grad`; no update.
+
+        `x`, `y`: this replica's rows of the minibatch (`local_batch` of them; all B rows
+        without data parallelism). After the all-reduce every replica holds the gradient of
+        the whole minibatch."""
         for p in self.parameters():
             p.grad = None
+        if self.gradsync is not None:
+            self.gradsync.begin_step()
         loss = self.executor.run(
             x if self.holds_first else None,
             y if self.holds_last else None,
             self.sizes,
             fail_at=fail_at,
+            batch=self.batch_size,
         )
+        if self.gradsync is not None:
+            tr = self.executor.tracer
+            t0 = tr.begin() if tr is not None and tr.active else None
+            self.gradsync.finish()
+            if t0 is not None and tr is not None:
+                tr.end(t0, "DP", "DP")  # blocked on the gradient all-reduce
         l2 = 0.0
         for st in self.stages.values():
             l2 += float(l2_term(st, self.weight_decay))
-            add_l2_grad_(st, self.weight_decay)
-        return StepStats(loss=float(loss) if loss is not None else 0.0, l2=l2)
+            add_l2_grad_(st, self.weight_decay)  # after the sum: lambda*W once, not dp times
+        return StepStats(
+            loss=float(loss) if loss is not None else 0.0, l2=l2 if self.dp_rank == 0 else 0.0
+        )
 
     def step(self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None) -> StepStats:
         tr = self.executor.tracer

@@ -23,7 +23,7 @@ rank (interleaved schedules) hand tensors over without the network.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -89,10 +89,13 @@ class Executor:
         self.recompute = frozenset(recompute)
         self._tr: Tracer | None = None
         self.program = _compile(schedule.actions[rank])
+        self._grads_final = _last_weight_grad(self.program)
         self.last = schedule.num_stages - 1
         self._rank_of = schedule.stage_to_rank
         #: records each action's start and end while `tracer.active` (runtime/trace.py)
         self.tracer: Tracer | None = None
+        #: called with a stage once its weight gradients of the step are final (data parallel)
+        self.on_grads_final: Callable[[int], None] | None = None
 
     def run(
         self,
@@ -100,13 +103,17 @@ class Executor:
         y: Tensor | None,
         sizes: Sequence[int],
         fail_at: int | None = None,
+        batch: int | None = None,
     ) -> Tensor | None:
         """One forward+backward over all microbatches; returns the summed loss on the rank
-        that holds the last stage (float64), else None. Gradients accumulate in `.grad`."""
+        that holds the last stage (float64), else None. Gradients accumulate in `.grad`.
+
+        Each microbatch's loss is weighted by 1/`batch` (default: the rows given here); a
+        data-parallel replica passes the global batch, so replicas' gradients sum to L's."""
         st = _Step(
             x.split(list(sizes)) if x is not None else None,
             y.split(list(sizes)) if y is not None else None,
-            sum(sizes),
+            sum(sizes) if batch is None else batch,
         )
         loss_total = (
             torch.zeros((), dtype=torch.float64, device=self.device)
@@ -141,6 +148,8 @@ class Executor:
                             tr.end(t0, " ".join(map(str, item)), "comm")
                         else:
                             tr.end(t0, str(item), item.op.value)
+                    if self.on_grads_final is not None and index in self._grads_final:
+                        self.on_grads_final(self._grads_final[index])
             current = "the step's pending sends"
             for work, _ in st.sends:
                 work.wait()
@@ -276,6 +285,16 @@ class Executor:
         if isinstance(item, Action):
             return f"action {item}"
         return str(item)
+
+
+def _last_weight_grad(program: Sequence[Action | tuple[Action, ...]]) -> dict[int, int]:
+    """Program index -> the stage whose weight gradients are final after that action: the
+    stage's last B, or last W where the backward is split (zero-bubble)."""
+    last: dict[int, int] = {}
+    for index, item in enumerate(program):
+        if isinstance(item, Action) and item.op in (B, W):
+            last[item.stage] = index
+    return {index: stage for stage, index in last.items()}
 
 
 class _NullContext:

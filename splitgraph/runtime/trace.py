@@ -247,7 +247,10 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
     spans, busy = [], [[] for _ in per_rank]
     for step in steps:
         sched_evs = [
-            (r, e) for r, evs in enumerate(per_rank) for e in evs if e[0] == step and e[2] != "OPT"
+            (r, e)
+            for r, evs in enumerate(per_rank)
+            for e in evs
+            if e[0] == step and e[2] not in ("OPT", "DP")
         ]
         if not sched_evs:
             continue
@@ -319,7 +322,10 @@ class TraceWindow:
         sched: Schedule,
         sizes: Sequence[int],
         step_times: Sequence[float],
+        ranks: Sequence[int] | None = None,
     ) -> dict[str, Any] | None:
+        """`ranks`: the global ranks of the pipeline to report, in pipeline order (with data
+        parallelism, replica 0's; default: every rank)."""
         import json
 
         import torch.distributed as dist
@@ -333,6 +339,8 @@ class TraceWindow:
             dist.gather_object(events, gathered if is_main else None, dst=0)
         else:
             gathered = [events]
+        if is_main and ranks is not None:
+            gathered = [gathered[r] for r in ranks]
         if not is_main or not any(gathered):
             return None
         from pathlib import Path
@@ -391,7 +399,7 @@ def _draw(
     steps = sorted({e[0] for evs in gathered for e in evs})
     spans = []
     for step in steps:
-        evs = [e for row in gathered for e in row if e[0] == step and e[2] != "OPT"]
+        evs = [e for row in gathered for e in row if e[0] == step and e[2] not in ("OPT", "DP")]
         if evs:
             spans.append((max(e[4] for e in evs) - min(e[3] for e in evs), step))
     spans.sort()

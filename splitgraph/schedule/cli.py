@@ -4,12 +4,19 @@
     splitgraph-schedule schedule=zb1 pipeline.stages=4 pipeline.microbatches=8 --costs 1,2,1
     splitgraph-schedule schedule=interleaved pipeline.stages=4 pipeline.microbatches=8 --out i.png
     splitgraph-schedule schedule=zb1 pipeline.stages=2 --from-run outputs/demo   # measured costs
+    splitgraph-schedule schedule=interleaved pipeline.stages=2 --dp 4 --allreduce 3
+    splitgraph-schedule schedule=1f1b pipeline.stages=2 --from-run RUN --dp 4 --dp-bandwidth 40
 
 Hydra overrides choose the schedule exactly as for training (`pipeline.stages` is the number
 of ranks; `schedule.virtual_stages` the chunks per rank). Costs are unit costs per stage,
 `--costs F,B[,W]` (default 1,2,1: a backward is twice a forward, W half of it), plus `--comm`
 per transfer; or the costs a run measured (`--from-run RUN_DIR`, its summary.json). Prints the
 picture in text, step time, bubble and peak in-flight microbatches per stage, and writes a PNG.
+
+`--dp D` adds the data-parallel gradient all-reduce of D replicas (schedule/allreduce.py):
+either `--allreduce T`, each stage's all-reduce in the costs' own unit, or, with costs in
+seconds (`--from-run`), `--dp-bandwidth GB/s [--dp-latency-us]`, from which each stage's
+all-reduce is the ring time of its gradient bytes (the plan's parameters x runtime.dtype).
 Also runnable as `python -m splitgraph.schedule.cli`.
 """
 
@@ -19,8 +26,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from splitgraph.schedule import SCHEDULES, Costs, Schedule, build_schedule, render_ascii, simulate
+from splitgraph.schedule.allreduce import (
+    DataParallelStep,
+    Link,
+    stage_allreduce_times,
+    with_allreduce,
+)
 from splitgraph.schedule.simulate import SimResult
 
 
@@ -46,7 +60,7 @@ def _costs_from_run(run_dir: Path, num_stages: int) -> tuple[Costs, str]:
     return costs, f"measured in {run_dir}"
 
 
-def describe(sched: Schedule, sim: SimResult, unit: str) -> str:
+def describe(sched: Schedule, sim: SimResult, unit: str, dp: DataParallelStep | None = None) -> str:
     lines = [
         f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
         f"{sched.num_microbatches} microbatches",
@@ -55,10 +69,24 @@ def describe(sched: Schedule, sim: SimResult, unit: str) -> str:
         "bubble per rank  " + " ".join(f"{b:.1%}" for b in sim.bubble),
         "peak in flight   " + " ".join(map(str, sim.peak_inflight)) + " microbatches per stage",
     ]
+    if dp is not None:
+        windows = " ".join(f"{a:.4g}-{b:.4g}" for _, (a, b) in sorted(dp.windows.items()))
+        lines += [
+            f"with all-reduce  {dp.step_time:.6g} {unit} ({dp.exposed:.6g} exposed, "
+            f"{'overlapped' if dp.overlap else 'after the schedule'})",
+            f"all-reduce       per stage {windows}",
+        ]
     return "\n".join(lines)
 
 
-def draw_schedule(sched: Schedule, sim: SimResult, path: Path, costs_text: str, unit: str) -> Path:
+def draw_schedule(
+    sched: Schedule,
+    sim: SimResult,
+    path: Path,
+    costs_text: str,
+    unit: str,
+    dp: DataParallelStep | None = None,
+) -> Path:
     from splitgraph.timeline import Box, Panel, draw
 
     boxes = [
@@ -66,9 +94,13 @@ def draw_schedule(sched: Schedule, sim: SimResult, path: Path, costs_text: str, 
         for row in sim.events
         for e in row
     ]
+    step = sim.step_time
+    if dp is not None:
+        boxes += [Box(sched.rank_of(s), f"{s}DP", "DP", a, b) for s, (a, b) in dp.windows.items()]
+        step = dp.step_time
     title = (
         f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
-        f"{sched.num_microbatches} microbatches ({costs_text}); step {sim.step_time:.4g}"
+        f"{sched.num_microbatches} microbatches ({costs_text}); step {step:.4g}"
         f"{' ' + unit if unit else ''}, bubble {sim.bubble_fraction:.0%}, peak in flight "
         f"{max(sim.peak_inflight)}"
     )
@@ -86,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-run", type=Path, help="use the costs a run measured")
     parser.add_argument("--out", type=Path, help="PNG path (default: <schedule>.png)")
     parser.add_argument("--no-picture", action="store_true")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    parser.add_argument("--allreduce", type=float, help="each stage's all-reduce (cost units)")
+    parser.add_argument("--dp-bandwidth", type=float, help="GB/s per rank (with --from-run)")
+    parser.add_argument("--dp-latency-us", type=float, default=0.0, help="per ring step")
+    parser.add_argument("--no-overlap", action="store_true", help="all-reduce after the step")
     args = parser.parse_args(argv)
 
     from hydra.errors import HydraException
@@ -117,17 +154,49 @@ def main(argv: list[str] | None = None) -> int:
             )
             unit = ""
         sim = simulate(sched, costs)
+        dp = _data_parallel(args, cfg, sched, sim) if args.dp != 1 else None
+        if dp is not None:
+            costs_text += f", dp={args.dp}"
     except (ValueError, HydraException) as e:
         print(f"splitgraph-schedule: {e}", file=sys.stderr)
         return 2
-    print(describe(sched, sim, unit or "units"))
+    print(describe(sched, sim, unit or "units", dp))
     if not args.from_run and all(float(x).is_integer() for x in args.costs.split(",")):
         print(render_ascii(sim))
     if not args.no_picture:
         out = args.out or Path(f"{name}.png")
-        draw_schedule(sched, sim, out, costs_text, unit)
+        draw_schedule(sched, sim, out, costs_text, unit, dp)
         print(f"picture: {out}")
     return 0
+
+
+def _data_parallel(
+    args: argparse.Namespace, cfg: Any, sched: Schedule, sim: SimResult
+) -> DataParallelStep:
+    """The step with `--dp` replicas' gradient all-reduce added."""
+    if args.dp < 1:
+        raise ValueError(f"--dp {args.dp}: the number of replicas must be >= 1")
+    if args.allreduce is not None:
+        if args.dp_bandwidth is not None:
+            raise ValueError("give --allreduce (cost units) or --dp-bandwidth (GB/s), not both")
+        times = [args.allreduce] * sched.num_stages
+    elif args.dp_bandwidth is not None:
+        if args.from_run is None:
+            raise ValueError(
+                "--dp-bandwidth gives seconds, but --costs are unit costs: add --from-run RUN_DIR "
+                "(measured seconds), or give each stage's all-reduce as --allreduce T in units"
+            )
+        from splitgraph.partition import make_plan
+        from splitgraph.runtime.dist import torch_dtype
+
+        plan = make_plan(cfg, sched.num_ranks)
+        size = torch_dtype(cfg.runtime.dtype).itemsize
+        link = Link("given", args.dp_bandwidth * 1e9, args.dp_latency_us * 1e-6)
+        nbytes = [plan.stage_params(s) * size for s in range(sched.num_stages)]
+        times = stage_allreduce_times(nbytes, args.dp, link, float(cfg.parallel.bucket_mb) * 2**20)
+    else:
+        raise ValueError("--dp needs --allreduce T (cost units) or --dp-bandwidth GB/s")
+    return with_allreduce(sim, sched, times, overlap=not args.no_overlap)
 
 
 if __name__ == "__main__":
