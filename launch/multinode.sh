@@ -6,6 +6,14 @@
 #   = torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \
 #       --rdzv-endpoint node0.cluster:29500 --rdzv-id exp42 -m splitgraph.train schedule=1f1b
 #
+# Data x pipeline parallel across nodes: the same line with parallel.dp and pipeline.stages,
+# e.g. 2 nodes x 8 GPUs as 4 replicas of a 4-stage pipeline (each pipeline inside a node,
+# each stage's gradient all-reduce across the nodes; see runtime/mesh.py):
+#   launch/multinode.sh 2 8 node0.cluster:29500 exp43 parallel.dp=4 pipeline.stages=4
+#   = torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
+#       --rdzv-endpoint node0.cluster:29500 --rdzv-id exp43 -m splitgraph.train \
+#       parallel.dp=4 pipeline.stages=4
+#
 # The run directory is outputs/torchrun/JOB_ID (the rendezvous id, the same on every node);
 # only global rank 0 writes, so put the checkout on a shared filesystem or collect that node's.
 # The endpoint host must be reachable from every node: this is the one case where the

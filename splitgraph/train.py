@@ -131,7 +131,8 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s", engine.plan.table(engine.sizes[0]))
         if layout.dp > 1:
-            log.info("%s", layout.describe())
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+            log.info("%s", layout.describe(per_node))
         log.info(
             "schedule %s: %d microbatches of %s samples on %d rank(s)%s, %s on %s; %d steps",
             engine.schedule.name,

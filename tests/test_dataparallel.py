@@ -42,6 +42,9 @@ def test_layout_is_devicemesh_row_major() -> None:
     assert lay.pipeline(1) == (3, 4, 5)
     with pytest.raises(ValueError, match="rank 6 is outside"):
         lay.coords(6)
+    text = Layout(dp=2, pp=4).describe(ranks_per_node=6)
+    assert "replica 0: ranks [0, 1, 2, 3] on node 0\n" in text + "\n"
+    assert "replica 1: ranks [4, 5, 6, 7] on nodes [0, 1] (its activations cross" in text
 
 
 def test_replicas_cover_the_minibatch_once_in_order() -> None:

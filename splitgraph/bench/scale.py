@@ -119,6 +119,103 @@ def measured_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# -- paired, in one launch -------------------------------------------------------------------
+
+
+def paired_worker(
+    rank: int, world: int, configs: list[tuple[str, list[str]]], rounds: int, steps: int
+) -> dict[str, list[float]]:
+    """Every configuration's engine in one process group, run in turns of `steps` steps, so
+    that the machine's drift (other jobs) lands on all of them alike. Step time ends when
+    every rank has finished (a barrier, as train.py's all-reduce of the loss)."""
+    import torch.distributed as dist
+
+    from splitgraph.config import load_config, validate
+    from splitgraph.data import BatchOrder, load_dataset, replica_rows
+    from splitgraph.runtime.engine import PipelineEngine
+    from splitgraph.runtime.mesh import build_mesh, layout_of
+
+    meshes: dict[tuple[int, int], Any] = {}
+    runs = []
+    for _, ov in configs:
+        cfg = load_config(ov)
+        validate(cfg, world)
+        layout = layout_of(cfg, world)
+        if (layout.dp, layout.pp) not in meshes:
+            meshes[(layout.dp, layout.pp)] = build_mesh(layout, "cpu")
+        engine = PipelineEngine.from_mesh(cfg, meshes[(layout.dp, layout.pp)])
+        ds = load_dataset(cfg).to(engine.dtype, "cpu")
+        order = BatchOrder(ds.num_train, engine.batch_size, True, int(cfg.train.seed))
+        runs.append((engine, ds, order))
+    times: dict[str, list[float]] = {label: [] for label, _ in configs}
+    step = 0
+    for rnd in range(rounds):
+        turn = list(range(len(configs)))
+        turn = turn[rnd % len(turn) :] + turn[: rnd % len(turn)]
+        for i in turn:
+            engine, ds, order = runs[i]
+            dist.barrier()
+            for k in range(steps + 1):  # the first step of a turn warms up, unrecorded
+                idx = replica_rows(order.indices(step), engine.dp_rank, engine.dp)
+                t0 = time.perf_counter()
+                engine.step(ds.X[idx], ds.y[idx])
+                dist.barrier()
+                if k:
+                    times[configs[i][0]].append(time.perf_counter() - t0)
+                step += 1
+    return times
+
+
+def paired(
+    nproc: int, rounds: int, steps: int, extra: list[str], timeout: float
+) -> list[dict[str, Any]]:
+    import os
+
+    from splitgraph.runtime.spawn import run_ranks
+
+    os.environ.update(ALLOCATOR)  # read by glibc in the spawned ranks
+    configs = [(label, [*extra, *ov]) for label, ov in configurations(nproc)]
+    times = run_ranks(paired_worker, nproc, configs, rounds, steps, timeout=timeout)[0]
+    base = configs[0][0]
+    rows = []
+    for label, ov in configs:
+        t = times[label]
+        # paired per turn: the ratio to the first configuration's turn of the same round
+        per_turn = [
+            statistics.median(times[base][r * steps : (r + 1) * steps])
+            / statistics.median(t[r * steps : (r + 1) * steps])
+            for r in range(rounds)
+        ]
+        med = statistics.median(t)
+        rows.append(
+            {
+                "layout": label,
+                "overrides": ov[len(extra) :],
+                "step_ms": 1e3 * med,
+                "samples_per_s": None,
+                "speed_vs_first": statistics.median(per_turn),
+                "speed_vs_first_range": [min(per_turn), max(per_turn)],
+                "steps": len(t),
+            }
+        )
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| layout | step ms (median of all steps) | speed vs first row: median over rounds "
+        "(min-max) |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["speed_vs_first_range"]
+        lines.append(
+            f"| {r['layout']} | {r['step_ms']:.2f} | {r['speed_vs_first']:.2f}x "
+            f"({lo:.2f}-{hi:.2f}) |"
+        )
+    return "\n".join(lines)
+
+
 # -- projected -------------------------------------------------------------------------------
 
 
@@ -277,6 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--steps", type=int, default=60)
     m.add_argument("--out", type=Path)
     m.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    q = sub.add_parser("paired", help="every layout in one launch, in turns (less noise)")
+    q.add_argument("--nproc", type=int, default=4)
+    q.add_argument("--rounds", type=int, default=12)
+    q.add_argument("--steps", type=int, default=20, help="steps per turn")
+    q.add_argument("--timeout", type=float, default=1800.0)
+    q.add_argument("--out", type=Path)
+    q.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     p = sub.add_parser("project", help="the simulator's projection for 8..64 GPUs")
     for field, value in asdict(Assumptions()).items():
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
@@ -297,6 +401,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.repeats} launches per row, rows alternating in rotated order.\n\n"
         )
         result: dict[str, Any] = {"rows": rows}
+    elif args.what == "paired":
+        rows = paired(args.nproc, args.rounds, args.steps, args.overrides, args.timeout)
+        text = paired_table(rows)
+        header = (
+            f"Machine: {machine()}; gloo, OMP_NUM_THREADS=1, {time.strftime('%Y-%m-%d')}. One "
+            f"launch of {args.nproc} ranks holding every configuration's engine; {args.rounds} "
+            f"rounds, each running every configuration for {args.steps} steps in a rotated "
+            "order; a step ends when all ranks are done.\n\n"
+        )
+        result = {"rows": rows}
     else:
         a = Assumptions(**{k: getattr(args, k) for k in asdict(Assumptions())})
         gpus = [int(x) for x in args.gpus.split(",")]
@@ -309,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(f"<!-- {cmd} -->\n\n" + header + text + "\n")
         payload = {"command": cmd, **result}
-        if args.what == "measure":
+        if args.what != "project":
             payload["machine"] = machine()
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     return 0

@@ -49,9 +49,21 @@ class Layout:
         """The global ranks of one replica, in pipeline order."""
         return tuple(self.rank_at(replica, p) for p in range(self.pp))
 
-    def describe(self) -> str:
+    def describe(self, ranks_per_node: int | None = None) -> str:
+        """The replicas and their ranks; with `ranks_per_node` (torchrun's LOCAL_WORLD_SIZE,
+        ranks numbered node by node) also the nodes each pipeline spans."""
         rows = [f"layout: dp={self.dp} x pp={self.pp} = {self.world_size} ranks"]
-        rows += [f"  replica {d}: ranks {list(self.pipeline(d))}" for d in range(self.dp)]
+        for d in range(self.dp):
+            ranks = self.pipeline(d)
+            line = f"  replica {d}: ranks {list(ranks)}"
+            if ranks_per_node:
+                nodes = sorted({r // ranks_per_node for r in ranks})
+                where = f"node {nodes[0]}" if len(nodes) == 1 else f"nodes {nodes}"
+                line += f" on {where}"
+                if len(nodes) > 1:
+                    line += " (its activations cross nodes: prefer pipeline.stages dividing"
+                    line += f" the {ranks_per_node} ranks per node)"
+            rows.append(line)
         return "\n".join(rows)
 
 
