@@ -239,9 +239,17 @@ def build_mlp(
 
 
 def l2_term(module: StageModule, weight_decay: float) -> Tensor:
-    """`s` restricted to this module: lambda/2 * sum ||W||_F^2 over its weight matrices."""
-    total = sum(w.detach().double().pow(2).sum() for w in module.weights())
-    return 0.5 * weight_decay * torch.as_tensor(total, dtype=torch.float64)
+    """`s` restricted to this module: lambda/2 * sum ||W||_F^2 over its weight matrices.
+
+    One fused dot product per matrix in its own dtype (no float64 copy of the weights);
+    the sum over matrices is float64. Nothing at all when lambda is 0.
+    """
+    weights = list(module.weights())
+    if weight_decay == 0.0 or not weights:
+        return torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():  # on the weights' device: one sync when the caller reads it
+        squares = [torch.dot(w.reshape(-1), w.reshape(-1)).double() for w in weights]
+        return 0.5 * weight_decay * torch.stack(squares).sum()
 
 
 def add_l2_grad_(module: StageModule, weight_decay: float) -> None:

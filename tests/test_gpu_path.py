@@ -199,3 +199,62 @@ def test_cuda_tracer_times_actions() -> None:
     tr.flush()
     ((_, label, _kind, start, end),) = tr.events
     assert label == "0F0" and end > start >= 0
+
+
+def test_stage_throughput_check_runs_on_cpu(tmp_path: Path) -> None:
+    from splitgraph.bench.stage import main
+
+    out = tmp_path / "stage.json"
+    assert (
+        main(
+            [
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--out",
+                str(out),
+                "model.hidden=[16,16]",
+                "data.features=16",
+                "train.batch_size=32",
+            ]
+        )
+        == 0
+    )
+    import json
+
+    result = json.loads(out.read_text())
+    assert set(result["ratio"]) == {"splitgraph", "splitgraph, meter off"}
+    assert all(v > 0 for v in result["median_s"].values())
+
+
+def test_gpu_check_script_is_valid_bash() -> None:
+    import subprocess
+
+    for script in ("launch/gpu_check.sh", "launch/gpu_wheels.sh"):
+        assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The whole GPU check on the CPU with tiny sizes: its plumbing up to the device boundary."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ, GPU_CHECK_DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1"
+    )
+    res = subprocess.run(
+        ["bash", "launch/gpu_check.sh"], env=env, capture_output=True, text=True, timeout=580
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    import json
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"stage_bf16", "stage_fp32", "pp2_1f1b", "pp2_zb1", "pp4_1f1b", "pp4_zb1"} <= set(
+        results
+    )
+    assert results["pp2_1f1b"]["transport"] == "staged"
+    assert (tmp_path / "runs.tar.gz").stat().st_size > 0
