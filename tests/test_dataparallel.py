@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from splitgraph.schedule.allreduce import (
     with_allreduce,
 )
 from tests.dp_workers import dp_grid_worker
-from tests.test_e2e import SMALL, single, torchrun
+from tests.test_e2e import REPO, SMALL, _env, single, torchrun
 
 # -- layout, sharding, buckets ---------------------------------------------------------------
 
@@ -353,3 +355,19 @@ def test_torchrun_dp2_pp2_matches_single_process_training(tmp_path: Path) -> Non
     for k in want:
         err = (state[k] - want[k]).abs().max() / want[k].abs().max()
         assert err < 1e-10, (k, float(err))
+
+
+@pytest.mark.timeout(60)
+def test_train2d_script_checks_the_layout_before_spawning(tmp_path: Path) -> None:
+    env = dict(_env(), PYTHON=sys.executable, SPLITGRAPH_RUN_DIR=str(tmp_path / "run"))
+    res = subprocess.run(
+        [str(REPO / "launch" / "train2d.sh"), "2", "2", "train.batch_size=255"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert "train.batch_size=255 is not divisible by parallel.dp=2" in res.stderr
+    assert not (tmp_path / "run").exists()
