@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ import torch
 
 from splitgraph.config import load_config, num_stages, validate
 from splitgraph.data import replica_rows
-from splitgraph.errors import ConfigError
 from splitgraph.runtime.executor import _compile, _last_weight_grad
 from splitgraph.runtime.gradsync import buckets
 from splitgraph.runtime.mesh import Layout
@@ -32,7 +29,8 @@ from splitgraph.schedule.allreduce import (
     with_allreduce,
 )
 from tests.dp_workers import dp_grid_worker
-from tests.test_e2e import REPO, SMALL, _env, single, torchrun
+from tests.test_config import problems
+from tests.test_e2e import SMALL, launch_script, single, torchrun
 
 # -- layout, sharding, buckets ---------------------------------------------------------------
 
@@ -81,12 +79,6 @@ def test_grads_are_final_after_each_stages_last_b_or_w() -> None:
 # -- configuration ------------------------------------------------------------------------
 
 
-def _problems(overrides: list[str], world: int) -> str:
-    with pytest.raises(ConfigError) as info:
-        validate(load_config(overrides), world)
-    return str(info.value)
-
-
 @pytest.mark.parametrize(
     ("overrides", "world", "needles"),
     [
@@ -108,7 +100,7 @@ def _problems(overrides: list[str], world: int) -> str:
     ],
 )
 def test_validate_names_the_numbers(overrides: list[str], world: int, needles: list[str]) -> None:
-    text = _problems(overrides, world)
+    text = problems(overrides, world)
     for needle in needles:
         assert needle in text, f"{needle!r} not in:\n{text}"
 
@@ -359,15 +351,7 @@ def test_torchrun_dp2_pp2_matches_single_process_training(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(60)
 def test_train2d_script_checks_the_layout_before_spawning(tmp_path: Path) -> None:
-    env = dict(_env(), PYTHON=sys.executable, SPLITGRAPH_RUN_DIR=str(tmp_path / "run"))
-    res = subprocess.run(
-        [str(REPO / "launch" / "train2d.sh"), "2", "2", "train.batch_size=255"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = launch_script(tmp_path / "run", "train2d.sh", "2", "2", "train.batch_size=255")
     assert res.returncode == 2
     assert "train.batch_size=255 is not divisible by parallel.dp=2" in res.stderr
     assert not (tmp_path / "run").exists()

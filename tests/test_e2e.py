@@ -141,16 +141,21 @@ def test_bad_config_exits_nonzero_with_the_message_before_training(tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
-def test_launch_script_refuses_before_spawning(tmp_path: Path) -> None:
-    env = dict(_env(), PYTHON=sys.executable, SPLITGRAPH_RUN_DIR=str(tmp_path / "run"))
-    res = subprocess.run(
-        [str(REPO / "launch" / "train.sh"), "4", "pipeline.microbatches=0"],
+def launch_script(run_dir: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `launch/<script> args...` with the run directory pinned to `run_dir`."""
+    env = dict(_env(), PYTHON=sys.executable, SPLITGRAPH_RUN_DIR=str(run_dir))
+    return subprocess.run(
+        [str(REPO / "launch" / script), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_launch_script_refuses_before_spawning(tmp_path: Path) -> None:
+    res = launch_script(tmp_path / "run", "train.sh", "4", "pipeline.microbatches=0")
     assert res.returncode == 2
     assert "pipeline.microbatches=0 must be >= 1" in res.stderr
     assert "torch.distributed" not in res.stderr and not (tmp_path / "run").exists()
