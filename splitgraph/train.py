@@ -41,6 +41,7 @@ from splitgraph.data import BatchOrder, Dataset, load_dataset
 from splitgraph.errors import SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.partition import make_plan
+from splitgraph.prediction_check import PredictionProbe, shared_plan
 from splitgraph.runtime.dist import (
     DistEnv,
     init_process_group,
@@ -94,9 +95,11 @@ def _train(
     is_main = env.rank == 0
     distributed = env.world_size > 1
     torch.manual_seed(int(cfg.train.seed))
-    engine = PipelineEngine(cfg, env.rank, env.world_size, device=device)
+    plan = shared_plan(cfg, env.world_size)  # issue 4: rank 0's plan on every rank
+    engine = PipelineEngine(cfg, env.rank, env.world_size, device=device, plan=plan)
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
+    probe = PredictionProbe(cfg, engine)  # issue 4: predicted vs measured, per stage
     run_dir = Path(cfg.run_dir)
     batch = int(cfg.train.batch_size)
 
@@ -168,6 +171,8 @@ def _train(
         if metrics_file is not None:
             metrics_file.close()
 
+    prediction = probe.finish(step_times)  # issue 4: every rank takes part; rank 0 gets it
+
     # Per-rank memory, then the consolidated checkpoint, gathered to rank 0.
     memory = {
         "rank": env.rank,
@@ -209,6 +214,7 @@ def _train(
         "samples_per_s_median": batch / median if median == median and median > 0 else None,
         "final": final,
         "memory_per_rank": memories,
+        "prediction": prediction,  # issue 4: splitgraph/prediction_check.py
         "torch": torch.__version__,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -48,6 +48,7 @@ class PipelineEngine:
         world_size: int = 1,
         group: Any = None,
         device: torch.device | str = "cpu",
+        plan: Plan | None = None,  # issue 4: a plan agreed by all ranks (cost-based strategies)
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
@@ -55,7 +56,7 @@ class PipelineEngine:
         self.task = Task(cfg.model.task)
         self.batch_size = int(cfg.train.batch_size)
         self.weight_decay = float(cfg.optim.weight_decay)
-        self.plan: Plan = make_plan(cfg, world_size)
+        self.plan: Plan = plan if plan is not None else make_plan(cfg, world_size)
         self.sizes = microbatch_sizes(self.batch_size, int(cfg.pipeline.microbatches))
         self.schedule: Schedule = build_schedule(
             str(cfg.schedule.name), self.plan.num_stages, len(self.sizes)
