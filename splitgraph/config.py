@@ -174,7 +174,8 @@ class CostsConfig:
     times: TimeSource = TimeSource.measured
     flops_per_s: float = 1e10  # times=flops only
     warmup: int = 3  # measured: untimed runs per layer before timing
-    repeats: int = 9  # measured: timed runs per layer; the median is kept
+    repeats: int = 9  # measured: timed runs per layer
+    statistic: str = "median"  # of the repeats: "median", or "min" on a machine shared with others
     cache_dir: str | None = None  # null: $SPLITGRAPH_CACHE, else ~/.cache/splitgraph
     report: bool = True  # training: predicted vs measured per stage in summary.json
 
@@ -474,6 +475,8 @@ def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
         errors.append(f"pipeline.latency={p.latency} must be >= 0 seconds.")
     if c.repeats < 1 or c.warmup < 0:
         errors.append(f"costs.repeats={c.repeats} must be >= 1 and costs.warmup={c.warmup} >= 0.")
+    if c.statistic not in ("median", "min"):
+        errors.append(f"costs.statistic={c.statistic!r} must be 'median' or 'min'.")
     if not c.flops_per_s > 0:
         errors.append(f"costs.flops_per_s={c.flops_per_s} must be > 0.")
     return errors

@@ -3,9 +3,11 @@
 A layer is timed alone, as a stage runs it: forward with autograd recording (the last
 layer includes its loss), then backward from a gradient of its output (the input gradient
 too, except for layer 0, whose input never needs one). `costs.warmup` untimed runs, then
-the median of `costs.repeats`. Results are cached on disk per (device, threads, torch,
-dtype, microbatch rows, layer shape), so the planner, every rank of a run and the training
-report read the same numbers; a file lock makes concurrent processes measure once.
+`costs.repeats` timed ones, of which the median is used (`costs.statistic=min`: the
+fastest, steadier when other jobs share the machine). Both are cached on disk per (device,
+threads, torch, dtype, microbatch rows, layer shape), so the planner, every rank of a run
+and the training report read the same numbers; a file lock makes concurrent processes
+measure once.
 
 The link is measured with a ping-pong between two gloo processes (one-way time = half the
 round trip, at a small and a large message): latency and bandwidth of this host's loopback.
@@ -88,7 +90,7 @@ def _sync(device: torch.device) -> None:
 def time_layer(
     cfg: Any, index: int, n: int, dtype: torch.dtype, device: torch.device
 ) -> dict[str, float]:
-    """Median forward and backward seconds of layer `index` for `n` rows."""
+    """Median and fastest forward and backward seconds of layer `index` for `n` rows."""
     module = build_mlp(cfg, index, index + 1, dtype, device)
     last = module.is_last
     task = Task(cfg.model.task)
@@ -126,6 +128,8 @@ def time_layer(
     return {
         "forward": statistics.median(fwd),
         "backward": statistics.median(bwd),
+        "forward_min": min(fwd),
+        "backward_min": min(bwd),
         "repeats": repeats,
     }
 
@@ -144,14 +148,18 @@ def _layer_key(cfg: Any, index: int, n: int, dtype: torch.dtype, device: torch.d
 def profile_layers(
     cfg: Any, n: int, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[float, float]]:
-    """(forward, backward) seconds per layer for microbatches of `n` rows; cached."""
+    """(forward, backward) seconds per layer for microbatches of `n` rows (costs.statistic
+    of the repeats); cached."""
     dims = [int(cfg.model.in_features), *cfg.model.hidden, int(cfg.model.out_features)]
     keys = [_layer_key(cfg, i, n, dtype, device) for i in range(len(dims) - 1)]
+    suffix = "_min" if str(cfg.costs.statistic) == "min" else ""
     with _Cache(cache_dir(cfg)).locked() as data:
         for i, key in enumerate(keys):
-            if key not in data:
+            if key not in data or f"forward{suffix}" not in data[key]:
                 data[key] = time_layer(cfg, i, n, dtype, device)
-        return [(float(data[k]["forward"]), float(data[k]["backward"])) for k in keys]
+        return [
+            (float(data[k][f"forward{suffix}"]), float(data[k][f"backward{suffix}"])) for k in keys
+        ]
 
 
 # -- the link ------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ def test_layer_profile_is_cached_per_size_and_reused(
     assert profiler.profile_layers(cfg, 16, torch.float32, torch.device("cpu")) == first
     with pytest.raises(AssertionError, match="measured again"):
         profiler.profile_layers(cfg, 32, torch.float32, torch.device("cpu"))
+    fastest = load_config([*SMALL, f"costs.cache_dir={tmp_path}", "costs.statistic=min"])
+    mins = profiler.profile_layers(fastest, 16, torch.float32, torch.device("cpu"))
+    assert all(m <= f for pair_m, pair_f in zip(mins, first) for m, f in zip(pair_m, pair_f))
 
 
 def test_measured_costs_feed_the_cost_model(tmp_path: Path) -> None:
