@@ -32,7 +32,6 @@ from splitgraph.memory_model import (
     predict_for_plan,
     predict_saved_peak,
     stage_saved,
-    stage_saved_bytes,
 )
 from splitgraph.partition.plan import LayerSpec, layer_specs
 from splitgraph.runtime.dist import torch_dtype
@@ -172,9 +171,6 @@ class ModelCosts:
 
     def cap(self, stage: int) -> int | None:
         return self.devices[stage].memory
-
-    def saved_bytes_per_microbatch(self, start: int, stop: int) -> int:
-        return stage_saved_bytes(self.shape, start, stop, self.n)
 
 
 def devices_from_config(cfg: Any, stages: int) -> tuple[Device, ...]:

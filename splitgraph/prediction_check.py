@@ -177,6 +177,7 @@ def _compare(
             {
                 "stage": sp.stage,
                 "rank": sp.rank,
+                "static_bytes": sp.static_bytes,  # parameters + gradients + optimizer state
                 "saved_peak_bytes": {
                     "predicted": sp.saved_peak_bytes,
                     "measured": got["saved_peak"],

@@ -17,7 +17,12 @@ from omegaconf import OmegaConf
 
 from splitgraph.config import Activation, Task, load_config
 from splitgraph.data import microbatch_sizes
-from splitgraph.memory_model import ModelShape, predict_for_plan, stage_saved
+from splitgraph.memory_model import (
+    ModelShape,
+    predict_for_plan,
+    stage_saved,
+    stage_saved_bytes,
+)
 from splitgraph.partition import make_plan
 from splitgraph.runtime.dist import torch_dtype
 from splitgraph.runtime.spawn import run_ranks
@@ -132,6 +137,7 @@ def test_hand_counts_per_op() -> None:
     }
     # stage 1 alone: its received input is saved by its linear
     assert stage_saved(relu, 1, 2, 0, 1)[("a1", 0)] == 5 * 8
+    assert stage_saved_bytes(gelu, 0, 2, 2) == 2 * (6 + 5 + 5 + 4 + 4) * 4
 
 
 def test_a_tensor_shared_by_two_stages_on_one_rank_counts_once() -> None:

@@ -38,7 +38,17 @@ from splitgraph.schedule.ir import B
 from splitgraph.units import format_bytes
 
 
+def _check_stages(costs: ModelCosts, stages: int) -> None:
+    if stages != costs.num_stages:
+        raise ValueError(
+            f"the cost model describes {costs.num_stages} devices, not {stages} stages: build it "
+            "with model_costs(cfg, stages)"
+        )
+
+
 def time_bounds(costs: ModelCosts, stages: int) -> tuple[int, ...]:
+    _check_stages(costs, stages)
+
     def cost(s: int, i: int, j: int) -> float:
         f, b = costs.stage_time(s, i, j)
         return f + b
@@ -55,6 +65,7 @@ def _memory_load(costs: ModelCosts, s: int, i: int, j: int) -> float:
 
 
 def memory_bounds(costs: ModelCosts, stages: int) -> tuple[int, ...]:
+    _check_stages(costs, stages)
     return minmax_split(lambda s, i, j: _memory_load(costs, s, i, j), costs.num_layers, stages)
 
 
@@ -94,6 +105,7 @@ def _feasible_table(costs: ModelCosts, stages: int) -> list[list[bool]]:
 
 def optimal_bounds(costs: ModelCosts, stages: int) -> tuple[int, ...]:
     """The split minimising the simulated step time subject to every stage's memory cap."""
+    _check_stages(costs, stages)
     n, k = costs.num_layers, stages
     ok = _feasible_table(costs, k)
     if not ok[0][0]:
@@ -176,6 +188,7 @@ def _price(costs: ModelCosts, timer: StepTimer, bounds: Sequence[int]) -> float:
 
 def smallest_cap(costs: ModelCosts, stages: int) -> tuple[int, tuple[int, ...]]:
     """The smallest memory cap, equal on every device, that some split fits; and that split."""
+    _check_stages(costs, stages)
     bounds = minmax_split(
         lambda s, i, j: float(costs.stage_memory(s, i, j)), costs.num_layers, stages
     )
