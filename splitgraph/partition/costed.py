@@ -103,8 +103,12 @@ def _feasible_table(costs: ModelCosts, stages: int) -> list[list[bool]]:
     return ok
 
 
-def optimal_bounds(costs: ModelCosts, stages: int) -> tuple[int, ...]:
-    """The split minimising the simulated step time subject to every stage's memory cap."""
+def optimal_bounds(
+    costs: ModelCosts, stages: int, stats: dict[str, int] | None = None
+) -> tuple[int, ...]:
+    """The split minimising the simulated step time subject to every stage's memory cap.
+
+    `stats`, if given, receives how many (partial) splits were evaluated."""
     _check_stages(costs, stages)
     n, k = costs.num_layers, stages
     ok = _feasible_table(costs, k)
@@ -117,7 +121,11 @@ def optimal_bounds(costs: ModelCosts, stages: int) -> tuple[int, ...]:
     scale = [size / costs.n for size in costs.sizes]
     speeds = [d.speed for d in costs.devices]
 
+    evaluated = 0
+
     def evaluate() -> float:
+        nonlocal evaluated
+        evaluated += 1
         return timer(Costs(forward=fwd, backward=bwd, comm=comm, mb_scale=scale))
 
     best_t, best = math.inf, None
@@ -175,6 +183,8 @@ def optimal_bounds(costs: ModelCosts, stages: int) -> tuple[int, ...]:
             comm[s - 1] = 0.0
 
     place(0, 0)
+    if stats is not None:
+        stats["evaluated"] = evaluated
     assert best is not None
     return best
 
