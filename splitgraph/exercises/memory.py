@@ -12,9 +12,9 @@ Prediction (inference) keeps the parameters and nothing for a backward pass: run
                           times the microbatches in flight at the peak, which the schedule sets
                           (GPipe: all m; 1F1B: min(p - i, m) on stage i)
 
-The first three are exact formulas (`predict_state`). The prediction of saved activations is the
-cost model's job (splitgraph.costs, issue 4); `run` takes it as `predict_saved`, a function
-`(cfg, plan, schedule, sizes) -> bytes per stage`, and prints `n/a` without one.
+The first three are exact formulas (`predict_state`). Saved activations are predicted by the
+memory model (`predict_saved`, from splitgraph/memory_model.py); `run` takes any function
+`(cfg, plan, schedule, sizes) -> bytes per stage` as `predict_saved`, and prints `n/a` without.
 
 Measured: for each schedule, one launch of `nproc` ranks (`run_ranks`, gloo) runs one training
 step through `PipelineEngine`, whose `SavedTensorMeter` counts the peak saved-for-backward bytes
