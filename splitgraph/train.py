@@ -17,8 +17,15 @@ What happens, top to bottom:
      one clear message instead of hanging;
   2. the process group starts with `runtime.timeout` bounding every wait;
   3. every rank builds the same plan and schedule (rank 0 prints them), then its own stages;
-  4. each step runs the schedule; L and s are summed across ranks for the log;
-  5. rank 0 writes metrics.jsonl, summary.json and a consolidated model.pt in the run dir.
+  4. each step runs the schedule; L, s and the numerical guard's count of non-finite values are
+     summed across ranks; a non-finite value stops every rank before the optimizer step;
+  5. every `checkpoint.every` steps and at the end, all ranks write a checkpoint (DCP, atomic);
+     `checkpoint.resume=auto` starts from the newest one (step, weights, optimizer, RNG), read
+     before the process group starts, on whatever layout this launch has;
+  6. rank 0 writes metrics.jsonl, summary.json and a consolidated model.pt in the run dir.
+
+A hang watchdog (runtime.hang_timeout) stops the job with the schedule grid of where each rank
+waits (exit code 3); `torchrun --max-restarts=N` then restarts it from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,50 +43,68 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from splitgraph.config import register_configs, register_resolvers, validate
+from splitgraph import checkpoint
+from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset
-from splitgraph.errors import SplitgraphError
+from splitgraph.errors import CheckpointError, SplitgraphError
 from splitgraph.evaluate import evaluate
+from splitgraph.faults import Fault, restart_attempt
 from splitgraph.partition import make_plan
 from splitgraph.runtime.dist import (
     DistEnv,
     init_process_group,
+    pin_loopback,
     resolve_backend,
     resolve_device,
 )
 from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.runtime.executor import InjectedFault
+from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.memory import cuda_memory, peak_rss_bytes
+from splitgraph.runtime.watchdog import Watchdog, default_store
 
 log = logging.getLogger("splitgraph")
 
 
-def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train as configured on this process's rank; rank 0 returns the summary."""
-    env = DistEnv.from_environ()
+def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
+    """Train as configured on this process's rank; rank 0 returns the summary.
+
+    Creates the process group from torchrun's environment unless one exists already
+    (`run_ranks` in tests makes one with a FileStore and passes `env`).
+    """
+    env = env or DistEnv.from_environ()
     validate(cfg, env.world_size)
     device = resolve_device(cfg.runtime, env.local_rank)
     backend = resolve_backend(cfg.runtime, device)
     if cfg.runtime.threads is not None:
         torch.set_num_threads(int(cfg.runtime.threads))
 
-    # Data and the initial checkpoint are read before the process group exists: a bad
-    # file stops this rank at once, and torchrun then stops the others.
+    # Data and checkpoints are read before the process group exists: a bad file stops this
+    # rank at once, and torchrun then stops the others.
     plan = make_plan(cfg, env.world_size)
     needs_data = env.rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
     dataset = load_dataset(cfg) if needs_data else None
     init_state = None
     if cfg.checkpoint.init_from:
-        init_state = torch.load(cfg.checkpoint.init_from, map_location="cpu", weights_only=True)
+        init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg)
+    resume = None
+    found = checkpoint.find_resume(cfg)
+    if found is not None:
+        ck, meta = found
+        names = checkpoint.names_held(cfg, plan, env.rank)
+        resume = checkpoint.read_rank_state(ck, meta, names, env.rank)
 
-    if env.world_size > 1:
+    own_group = env.world_size > 1 and not dist.is_initialized()
+    if own_group:
+        pin_loopback()  # a one-node launch keeps gloo/NCCL sockets on the loopback interface
         init_process_group(backend, float(cfg.runtime.timeout), device)
     try:
-        summary = _train(cfg, env, device, backend, dataset, init_state)
+        summary = _train(cfg, env, device, backend, dataset, init_state, resume)
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
     finally:
-        if dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -90,6 +115,7 @@ def _train(
     backend: str,
     dataset: Dataset | None,
     init_state: dict[str, torch.Tensor] | None,
+    resume: checkpoint.RankState | None = None,
 ) -> dict[str, Any] | None:
     is_main = env.rank == 0
     distributed = env.world_size > 1
@@ -97,6 +123,11 @@ def _train(
     engine = PipelineEngine(cfg, env.rank, env.world_size, device=device)
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
+    start = 0
+    if resume is not None:  # weights, optimizer state and RNG as saved; the data order follows
+        checkpoint.apply_state(engine, resume, cfg)
+        start = resume.checkpoint.step
+        engine.p2p.step = start
     run_dir = Path(cfg.run_dir)
     batch = int(cfg.train.batch_size)
 
@@ -110,6 +141,11 @@ def _train(
         box = [steps]
         dist.broadcast_object_list(box, src=engine.plan.rank_of(0))
         steps = int(box[0])
+    if start > steps:
+        raise CheckpointError(
+            f"checkpoint {resume.checkpoint.path if resume else ''} is at step {start}, beyond "
+            f"this run's {steps} steps. Raise train.steps or use checkpoint.resume=never."
+        )
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,29 +160,65 @@ def _train(
             device,
             steps,
         )
-    metrics_file = open(run_dir / "metrics.jsonl", "w") if is_main else None  # noqa: SIM115
-    bar = _progress(cfg, steps) if is_main else None
+        if resume is not None:
+            saved = resume.checkpoint.meta.get("plan", {}).get("stages", [])
+            log.info(
+                "resumed from %s at step %d (saved on %d stages, now %d)",
+                resume.checkpoint.path,
+                start,
+                len(saved),
+                engine.plan.num_stages,
+            )
+    fault = Fault.from_cfg(cfg)
+    guard = FiniteGuard(
+        engine.stages, env.rank, NanCheck(cfg.runtime.nan_check) == NanCheck.microbatch
+    )
+    engine.executor.guard = guard
+    every = cfg.checkpoint.every
+    last_saved = str(resume.checkpoint.path) if resume is not None else None
+    hang = cfg.runtime.hang_timeout or float(cfg.runtime.timeout) / 2
+    watchdog = Watchdog(
+        engine.schedule,
+        env.rank,
+        env.world_size,
+        float(hang),
+        engine.executor,
+        store=default_store(str(restart_attempt())),
+        report_path=run_dir / "hang_report.txt",
+    ).start()
+    metrics_file = _open_metrics(run_dir, start) if is_main else None
+    bar = _progress(cfg, steps, start) if is_main else None
     step_times: list[float] = []
-    fail_step = cfg.debug.fail_at_step
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             x = y = None
             if order is not None and dataset is not None:
                 idx = order.indices(step)
-                x = dataset.X[idx] if engine.holds_first else None
+                x = fault.poison(step, dataset.X[idx]) if engine.holds_first else None
                 y = dataset.y[idx] if engine.holds_last else None
-            fail_at = 1 if (fail_step == step and env.rank == cfg.debug.fail_rank) else None
+            watchdog.beat(step, "the schedule")
+            guard.begin()
             t0 = time.perf_counter()
-            stats = engine.step(x, y, fail_at=fail_at)
-            parts = torch.tensor([stats.loss, stats.l2], dtype=torch.float64)
+            try:
+                stats = engine.forward_backward(x, y, fail_at=fault.program_index(step, env.rank))
+            except InjectedFault as e:
+                fault.surface(e)
+            bad = guard.finish()
+            watchdog.beat(step, "the all-reduce of the step's loss")
+            parts = torch.tensor([stats.loss, stats.l2, bad], dtype=torch.float64)
             if distributed:
                 parts = parts.to(device)
                 dist.all_reduce(parts)  # ends when every rank has finished the step
                 parts = parts.cpu()
+            if parts[2] > 0:  # before the optimizer step: the weights stay finite
+                events = [guard.events]
+                if distributed:
+                    events = [None] * env.world_size
+                    dist.all_gather_object(events, guard.events)
+                raise_if_any(step, [e for evs in events for e in evs], last_saved)
+            engine.update()
             dt = time.perf_counter() - t0
             L, s = float(parts[0]), float(parts[1])
-            if not (L == L and abs(L) != float("inf")):
-                raise FloatingPointError(f"the loss is {L} at step {step}")
             step_times.append(dt)
             if metrics_file is not None:
                 rec = {
@@ -158,11 +230,31 @@ def _train(
                     "samples_per_s": batch / dt,
                 }
                 metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
             if bar is not None:
                 bar.update(1)
                 if step % int(cfg.train.log_every) == 0 or step == steps - 1:
                     bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
+            done = step + 1
+            if every is not None and (done % int(every) == 0 or done == steps):
+                with watchdog.paused("saving a checkpoint"):
+                    meta = None
+                    if is_main:
+                        spe = order.steps_per_epoch if order is not None else 0
+                        meta = checkpoint.marker(cfg, engine, done, spe, env.world_size)
+                    path = checkpoint.save(
+                        engine,
+                        cfg.checkpoint.dir,
+                        done,
+                        meta,
+                        int(cfg.checkpoint.keep),
+                        env.rank,
+                        env.world_size,
+                        writer=fault.save_writer(done, env.rank),
+                    )
+                    last_saved = str(path)
     finally:
+        watchdog.stop()
         if bar is not None:
             bar.close()
         if metrics_file is not None:
@@ -244,12 +336,30 @@ def _final_metrics(run_dir: Path) -> dict[str, Any]:
     return {"step": last["step"], "L": last["L"], "J": last["J"]}
 
 
-def _progress(cfg: DictConfig, steps: int) -> Any:
+def _open_metrics(run_dir: Path, start: int) -> Any:
+    """metrics.jsonl; on a resume, the lines of the steps before `start` are kept."""
+    path = run_dir / "metrics.jsonl"
+    kept = []
+    if start > 0 and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < start:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    f = open(path, "w")  # noqa: SIM115 - closed by _train
+    f.writelines(kept)
+    return f
+
+
+def _progress(cfg: DictConfig, steps: int, start: int = 0) -> Any:
     if not cfg.train.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def _rank_overrides() -> list[str]:

@@ -73,3 +73,37 @@ def init_process_group(backend: str, timeout_s: float, device: torch.device) -> 
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
+
+
+def pin_loopback(environ: Any = None) -> dict[str, str]:
+    """Keep a one-node launch's sockets on the loopback interface; return what was set.
+
+    gloo listens on the address the host name resolves to, NCCL's bootstrap on the first
+    non-loopback interface: on a cluster node, both reachable from the network. When every
+    rank is on this host (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE) nothing needs to be, so
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME are set to the loopback interface unless the
+    user set them. (torchrun's own TCPStore listens on every interface whatever its
+    --rdzv-endpoint says: torch offers no bind address; see README, "Hostile inputs".)
+    """
+    env = os.environ if environ is None else environ
+    world = env.get("WORLD_SIZE")
+    if not world or env.get("LOCAL_WORLD_SIZE") != world:
+        return {}
+    lo = loopback_interface()
+    if lo is None:
+        return {}
+    changed = {}
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if not env.get(var):
+            env[var] = changed[var] = lo
+    return changed
+
+
+def loopback_interface() -> str | None:
+    import socket
+
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:  # pragma: no cover - no interface list on this platform
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)

@@ -118,9 +118,13 @@ class PipelineEngine:
 
     def step(self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None) -> StepStats:
         stats = self.forward_backward(x, y, fail_at=fail_at)
+        self.update()
+        return stats
+
+    def update(self) -> None:
+        """The optimizer step after `forward_backward` (train.py checks gradients in between)."""
         self.optimizer.step()
         self.p2p.step += 1
-        return stats
 
     # -- state --------------------------------------------------------------------------
 

@@ -72,6 +72,11 @@ class Executor:
         self._rank_of = schedule.stage_to_rank
         #: when a list, each step appends (action, start, end) in perf_counter seconds
         self.trace: list[tuple[str, float, float]] | None = None
+        # -- issue 8 hooks (runtime/watchdog.py, runtime/guard.py) --
+        #: (index into `program` in progress, time.monotonic() when it started); None between steps
+        self.position: tuple[int, float] | None = None
+        #: the numerical guard: `guard.after(action, outputs, grads)` after each compute action
+        self.guard: Any = None
 
     def run(
         self,
@@ -102,6 +107,7 @@ class Executor:
             with meter:
                 for index, item in enumerate(self.program):
                     current = item
+                    self.position = (index, time.monotonic())  # issue 8: watchdog
                     if fail_at is not None and index == fail_at:
                         raise InjectedFault(
                             f"injected failure (debug.fail_at_step) on rank {self.rank}"
@@ -118,12 +124,16 @@ class Executor:
                             self._backward(a, inputs, outputs, grads, received)
                         else:
                             raise NotImplementedError(f"{a}: op {a.op.value} is not executable")
+                        if self.guard is not None:  # issue 8: numerical guard
+                            self.guard.after(a, outputs, grads)
                         label = str(a)
                     if trace is not None:
                         trace.append((label, t0, clock()))
             current = "the step's pending sends"
+            self.position = (len(self.program), time.monotonic())  # issue 8: watchdog
             for work, _ in sends:
                 work.wait()
+            self.position = None  # issue 8: watchdog
         except InjectedFault:
             raise
         except Exception as e:
