@@ -8,8 +8,9 @@ A pickle can run any code while it is read. splitgraph reads two kinds of checkp
   `weights_only=True`, but DCP reads its `.metadata` file with plain `pickle.load` (torch 2.13,
   `FileSystemReader.read_metadata`), and would unpickle "bytes" entries with
   `weights_only=False`. `SafeReader` replaces the first with an unpickler that admits only
-  DCP's own metadata classes, torch.Size and dtypes, and refuses metadata that declares bytes
-  entries, stream transforms, or data files outside the checkpoint directory.
+  DCP's metadata classes for tensors (not `BytesStorageMetadata`: so no bytes entry can be
+  declared), torch.Size and dtypes, and refuses stream transforms and data files outside the
+  checkpoint directory.
 
 Every refusal is a `CheckpointError` naming the file and what was refused.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 
 from splitgraph.errors import CheckpointError
 
@@ -71,12 +72,6 @@ def read_metadata(path: str | Path) -> Metadata:
         ) from e
     if not isinstance(meta, Metadata):
         raise CheckpointError(f"{file} holds a {type(meta).__name__}, not checkpoint metadata.")
-    for key, entry in meta.state_dict_metadata.items():
-        if not isinstance(entry, TensorStorageMetadata):
-            raise CheckpointError(
-                f"{file}: entry {key!r} is not a tensor ({type(entry).__name__}); splitgraph "
-                "checkpoints hold tensors only and never unpickle other objects."
-            )
     for info in (meta.storage_data or {}).values():
         rel = str(getattr(info, "relative_path", ""))
         if not rel or "/" in rel or "\\" in rel or rel.startswith("."):
@@ -106,10 +101,9 @@ def load_tensor_dict(path: str | Path, what: str = "checkpoint") -> dict[str, to
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{what} {str(p)!r} was refused: it holds objects other than tensors, and "
-            f"splitgraph never unpickles those ({first})."
+            f"{what} {str(p)!r} was refused: it is damaged or holds objects other than "
+            f"tensors, which splitgraph never unpickles ({_reason(e)})."
         ) from e
     except Exception as e:
         raise CheckpointError(f"{what} {str(p)!r} is not a readable torch file: {e}") from e
@@ -122,3 +116,11 @@ def load_tensor_dict(path: str | Path, what: str = "checkpoint") -> dict[str, to
             f"model.pt; found {kind}."
         )
     return obj
+
+
+def _reason(e: Exception) -> str:
+    """The one line of torch's long weights_only message that says what was refused."""
+    text = str(e)
+    tail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [x.strip() for x in tail.splitlines() if x.strip()]
+    return lines[0].split(". Please use")[0] if lines else type(e).__name__

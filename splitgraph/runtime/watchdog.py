@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TextIO
 
-from splitgraph.schedule.ir import Action, Schedule, peer_stage
+from splitgraph.schedule.ir import RECV_B, RECV_F, Action, B, F, I, Schedule, peer_stage
 
 #: the exit status of a rank stopped by the watchdog
 EXIT_CODE = 3
@@ -133,8 +133,15 @@ class Watchdog:
         }
 
     def _label(self, item: Action | tuple[Action, ...]) -> str:
-        if not isinstance(item, tuple):
-            return f"action {item}"
+        if not isinstance(item, tuple):  # a compute action waits on its posted receive, if any
+            s, rank_of = item.stage, self.schedule.rank_of
+            wait = None
+            if item.op == F and s > 0 and rank_of(s - 1) != self.rank:
+                wait = (Action(s, RECV_F, item.mb), rank_of(s - 1))
+            last = self.schedule.num_stages - 1
+            if item.op in (B, I) and s < last and rank_of(s + 1) != self.rank:
+                wait = (Action(s, RECV_B, item.mb), rank_of(s + 1))
+            return f"action {item}" + (f" (input: {wait[0]} from rank {wait[1]})" if wait else "")
         parts = []
         for a in item:
             peer = self.schedule.rank_of(peer_stage(a))
