@@ -401,7 +401,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     d = cfg.data
     if not 0.0 <= d.test_fraction < 1.0:
         errors.append(f"data.test_fraction={d.test_fraction} must be in [0, 1).")
-    if d.name == DataName.synthetic:
+    if d.name == DataName.synthetic and 0.0 <= d.test_fraction < 1.0:
         n_train = d.samples - int(d.samples * d.test_fraction)
         if n_train < t.batch_size:
             errors.append(
