@@ -70,8 +70,8 @@ class DType(Enum):
 class NanCheck(Enum):
     """Where the numerical guard looks for non-finite values (runtime/guard.py)."""
 
-    microbatch = "microbatch"  # every microbatch's activations, loss and gradients
-    step = "step"  # the losses and each stage's parameter gradients, once per step
+    step = "step"  # losses and parameter gradients each step; a failure replays the step
+    microbatch = "microbatch"  # every activation, loss and gradient of every microbatch
 
 
 #: Schedule names are not Python identifiers ("1f1b"), so they are strings checked here.
@@ -160,7 +160,7 @@ class RuntimeConfig:
     verbose: bool = False  # print every p2p operation with rank and step
     threads: int | None = None  # torch intra-op threads per rank; None: leave as is
     hang_timeout: float | None = None  # seconds without a finished action; None: timeout / 2
-    nan_check: NanCheck = NanCheck.microbatch  # numerical guard granularity (runtime/guard.py)
+    nan_check: NanCheck = NanCheck.step  # numerical guard granularity (runtime/guard.py)
 
 
 @dataclass

@@ -170,9 +170,8 @@ def _train(
                 engine.plan.num_stages,
             )
     fault = Fault.from_cfg(cfg)
-    guard = FiniteGuard(
-        engine.stages, env.rank, NanCheck(cfg.runtime.nan_check) == NanCheck.microbatch
-    )
+    full_checks = NanCheck(cfg.runtime.nan_check) == NanCheck.microbatch
+    guard = FiniteGuard(engine.stages, env.rank, full_checks)
     engine.executor.guard = guard
     every = cfg.checkpoint.every
     last_saved = str(resume.checkpoint.path) if resume is not None else None
@@ -211,11 +210,18 @@ def _train(
                 dist.all_reduce(parts)  # ends when every rank has finished the step
                 parts = parts.cpu()
             if parts[2] > 0:  # before the optimizer step: the weights stay finite
-                events = [guard.events]
-                if distributed:
-                    events = [None] * env.world_size
-                    dist.all_gather_object(events, guard.events)
-                raise_if_any(step, [e for evs in events for e in evs], last_saved)
+                events, replay = _all_events(guard.events, env.world_size), None
+                if not guard.full:  # replay the step with every check on, to locate it
+                    guard.full = True
+                    guard.begin()
+                    engine.forward_backward(x, y)
+                    guard.finish()
+                    found = _all_events(guard.events, env.world_size)
+                    replay = f"located by replaying step {step} with runtime.nan_check=microbatch"
+                    if not found:
+                        replay = f"a replay of step {step} with every check on did not reproduce it"
+                    events = found or events
+                raise_if_any(step, events, last_saved, replay)
             engine.update()
             dt = time.perf_counter() - t0
             L, s = float(parts[0]), float(parts[1])
@@ -316,6 +322,15 @@ def _train(
         run_dir,
     )
     return summary
+
+
+def _all_events(mine: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """The numerical guard's events of every rank, on every rank."""
+    if world_size == 1:
+        return list(mine)
+    every: list[Any] = [None] * world_size
+    dist.all_gather_object(every, mine)
+    return [e for evs in every for e in evs]
 
 
 def _layer_key(name: str) -> tuple[int, str]:

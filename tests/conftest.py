@@ -64,8 +64,8 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ("train", [*nan, f"run_dir={tmp / 'nan'}"], str(tmp / "nan" / "outcome")),
         (
             "train",
-            [*nan, "runtime.nan_check=step", f"run_dir={tmp / 'nan-step'}"],
-            str(tmp / "nan-step" / "outcome"),
+            [*nan, "runtime.nan_check=microbatch", f"run_dir={tmp / 'nan-full'}"],
+            str(tmp / "nan-full" / "outcome"),
         ),
         ("nan_grad", [], str(tmp / "nan-grad" / "outcome")),
         (  # last, it ends the launch: rank 1 is SIGKILLed while writing the step-4 checkpoint

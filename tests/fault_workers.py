@@ -105,7 +105,7 @@ def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
 
     if 1 in engine.stages:
         engine.stages[1].register_full_backward_hook(poison)
-    guard = FiniteGuard(engine.stages, rank, per_microbatch=True)
+    guard = FiniteGuard(engine.stages, rank, full=True)
     engine.executor.guard = guard
     ds = load_dataset(cfg).to(torch.float64, "cpu")
     idx = BatchOrder(ds.num_train, 12, True, 0).indices(0)

@@ -29,6 +29,7 @@ def test_a_nan_in_the_data_names_step_stage_and_microbatch(fault_launches: dict[
         "NonFiniteError: non-finite values at step 3: first in stage 0's forward of "
         "microbatch 3 (rank 0): its output."
     ), text
+    assert "(located by replaying step 3 with runtime.nan_check=microbatch)" in text
     assert "stage 1's forward of microbatch 3 (rank 1): loss" in text  # where it spread
     last = tmp / "nan" / "checkpoints" / checkpoint.step_dir_name(2)
     assert f"the last checkpoint, {last}, is untouched" in text
@@ -46,14 +47,15 @@ def test_a_nan_in_the_data_names_step_stage_and_microbatch(fault_launches: dict[
 
 
 @pytest.mark.timeout(420)
-def test_step_level_checking_still_names_the_microbatch_of_a_loss(
+def test_every_check_on_every_step_finds_the_same_origin_without_a_replay(
     fault_launches: dict[str, Any],
 ) -> None:
-    text = _outcome(fault_launches["tmp"], "nan-step", 0)
+    text = _outcome(fault_launches["tmp"], "nan-full", 0)
     assert text.startswith(
-        "NonFiniteError: non-finite values at step 3: first in stage 1's forward of "
-        "microbatch 3 (rank 1): its loss."
+        "NonFiniteError: non-finite values at step 3: first in stage 0's forward of "
+        "microbatch 3 (rank 0): its output."
     ), text
+    assert "replay" not in text
 
 
 @pytest.mark.timeout(420)
@@ -75,6 +77,12 @@ def test_single_device_nan_stops_before_the_update(tmp_path: Path) -> None:
         single_run(
             ["train.steps=4", "debug.fail_at_step=1", "debug.fail_mode=nan", f"run_dir={tmp_path}"]
         )
+
+
+def test_a_step_level_event_without_a_microbatch_says_so() -> None:
+    text = describe(7, [_ev(0, 0, "B", None, "parameter gradients")], None, "a replay ...")
+    assert "first in stage 0's backward (rank 0): its parameter gradients (the microbatch" in text
+    assert "  (a replay ...)" in text and "no checkpoint was written" in text
 
 
 def _ev(rank: int, stage: int, op: str, mb: int | None, *what: str) -> dict[str, Any]:
@@ -106,6 +114,3 @@ def test_the_origin_is_chosen_by_causality_not_by_rank_or_clock() -> None:
     assert first_event(spread_backward) is spread_backward[1]
     step_level = [_ev(0, 0, "B", None, "parameter gradients"), _ev(1, 1, "F", 0, "loss")]
     assert first_event(step_level) is step_level[1]
-    text = describe(7, step_level[:1], None)
-    assert "microbatch is not known with runtime.nan_check=step" in text
-    assert "no checkpoint was written" in text

@@ -84,10 +84,10 @@ def restart_safe_store(timeout_s: float, environ: Any = None) -> Any:
 
     torchrun (torch 2.13) keeps its agent's TCPStore across `--max-restarts` restarts without
     a per-attempt prefix (pytorch/pytorch#135712), so a restarted rank can read a peer's
-    gloo/NCCL address from the failed attempt and fail to connect ("Connection refused",
-    in 3 of 6 restarts here; 0 of 4 with this namespace). On one node every rank restarts together and shares the
-    restart count, so the count makes a safe namespace. Across nodes the counts may differ
-    (pytorch/pytorch#108158): there, launch/multinode.sh exports
+    gloo/NCCL address from the failed attempt and fail to connect ("Connection refused": 3 of
+    6 restarts here; 0 of 4 with this namespace). On one node every rank restarts together
+    and shares the restart count, so the count makes a safe namespace. Across nodes the
+    counts may differ (pytorch/pytorch#108158): there, launch/multinode.sh exports
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead (a fresh store per attempt).
     """
     env = os.environ if environ is None else environ

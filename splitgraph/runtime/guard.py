@@ -2,19 +2,28 @@
 the step, stage and microbatch where it first appeared.
 
 The executor calls `after(action, outputs, grads)` after every compute action. The guard only
-*records* `isfinite(...).all()` as a device tensor, so a check costs a reduction and no device
-synchronisation; `finish()` reads all of the step's flags at once (one sync, at the step's end,
-where the loss is read anyway). train.py then sums the counts over the ranks with the loss, and
-if any rank saw a non-finite value every rank raises the same `NonFiniteError` *before* the
-optimizer step: the weights keep their last finite values and no checkpoint is written.
+*records* each tensor's minimum and maximum (`torch.aminmax`: one reduction, no allocation,
+NaN propagates), so a check costs no device synchronisation; `finish()` tests all of the
+step's extremes at once (one sync, at the step's end, where the loss is read anyway). A tensor
+is finite exactly when its minimum and maximum are (`isfinite(t).all()` allocates a mask and
+measured 5 to 20 times slower here).
 
-What is checked (`runtime.nan_check`):
+Two levels (`runtime.nan_check`):
 
-    microbatch  F: each stage's output (the loss on the last stage), per microbatch
-                B: the gradient sent back to the previous stage, and the stage's parameter
-                   gradients after this microbatch's backward (they accumulate, so the first
-                   microbatch whose backward turned them non-finite is the culprit)
-    step        the per-microbatch losses, and each stage's parameter gradients once
+    step        every step: each microbatch's loss, and each stage's parameter gradients once.
+                If anything is non-finite, train.py replays the step (the weights are still
+                those of the last good step, the minibatch is a function of the step) with
+                every check on, to name where it started. Free until something goes wrong.
+    microbatch  every step, every check: each stage's output per microbatch (the loss on the
+                last), the gradient it sends back, and its parameter gradients after each
+                microbatch's backward (they accumulate, so the first microbatch that turned
+                them non-finite is the culprit). For runs whose kernels are not deterministic
+                enough for a replay to reproduce the failure. Costs up to a third of a step at
+                small microbatches on CPU (results/reliability.md).
+
+train.py sums the counts over the ranks with the loss; if any rank saw a non-finite value,
+every rank raises the same `NonFiniteError` *before* the optimizer step: the weights keep
+their last finite values and no checkpoint is written.
 
 A NaN spreads: from stage 1's forward to every later stage and back through every backward.
 `first_event` picks the origin by causality, not by clock: within a microbatch, forwards come
@@ -37,9 +46,13 @@ Event = dict[str, Any]
 
 
 class FiniteGuard:
-    def __init__(self, stages: dict[int, StageModule], rank: int, per_microbatch: bool) -> None:
-        self.stages, self.rank, self.per_microbatch = stages, rank, per_microbatch
-        self._flags: list[tuple[int, str, int | None, str, Tensor]] = []
+    def __init__(self, stages: dict[int, StageModule], rank: int, full: bool) -> None:
+        #: every check on every microbatch (runtime.nan_check=microbatch, or a replay)
+        self.stages, self.rank, self.full = stages, rank, full
+        self._params = {s: list(st.parameters()) for s, st in stages.items()}
+        #: (stage, op, microbatch, what, first and past-the-end index into _values)
+        self._flags: list[tuple[int, str, int | None, str, int, int]] = []
+        self._values: list[Tensor] = []  # 0-d extremes, on the device
         self.events: list[Event] = []
 
     def _is_last(self, stage: int) -> bool:
@@ -47,11 +60,15 @@ class FiniteGuard:
 
     def begin(self) -> None:
         self._flags.clear()
+        self._values.clear()
         self.events = []
 
     def _flag(self, stage: int, op: str, mb: int | None, what: str, ts: list[Tensor]) -> None:
-        flag = torch.stack([torch.isfinite(t.detach()).all() for t in ts]).all()
-        self._flags.append((stage, op, mb, what, flag))
+        start = len(self._values)
+        for t in ts:
+            t = t.detach()
+            self._values.extend((t,) if t.dim() == 0 else torch.aminmax(t))
+        self._flags.append((stage, op, mb, what, start, len(self._values)))
 
     def after(
         self,
@@ -59,35 +76,47 @@ class FiniteGuard:
         outputs: dict[tuple[int, int], Tensor],
         grads: dict[tuple[int, int], Tensor],
     ) -> None:
-        """Record the finiteness of what compute action `a` produced (no device sync)."""
+        """Record the extremes of what compute action `a` produced (no device sync)."""
         s, mb = a.stage, a.mb
         if a.op == F:
             out = outputs.get((s, mb))
-            if out is not None and (self.per_microbatch or self._is_last(s)):
+            if out is not None and (self.full or self._is_last(s)):
                 self._flag(s, "F", mb, "loss" if self._is_last(s) else "output", [out])
             return
-        if not self.per_microbatch:
+        if not self.full:
             return
         if a.op in (B, I) and s > 0 and (s, mb) in grads:
             self._flag(s, a.op.value, mb, "input gradient", [grads[(s, mb)]])
         if a.op in (B, W):
-            gs = [p.grad for p in self.stages[s].parameters() if p.grad is not None]
+            gs = [p.grad for p in self._params[s] if p.grad is not None]
             if gs:
                 self._flag(s, a.op.value, mb, "parameter gradients", gs)
 
+    def _finite_values(self) -> list[bool]:
+        """isfinite of every recorded extreme: one stack and one sync per dtype."""
+        ok = [True] * len(self._values)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, v in enumerate(self._values):
+            by_dtype.setdefault(v.dtype, []).append(i)
+        for idx in by_dtype.values():
+            flags = torch.isfinite(torch.stack([self._values[i] for i in idx])).cpu().tolist()
+            for i, f in zip(idx, flags):
+                ok[i] = f
+        return ok
+
     def finish(self) -> int:
-        """Read the step's flags (one sync); return how many non-finite values this rank saw."""
-        if not self.per_microbatch:  # parameter gradients once, at the end of the step
-            for s, st in self.stages.items():
-                gs = [p.grad for p in st.parameters() if p.grad is not None]
+        """Test the step's records (one sync); return how many non-finite values this rank saw."""
+        if not self.full:  # parameter gradients once, at the end of the step
+            for s, params in self._params.items():
+                gs = [p.grad for p in params if p.grad is not None]
                 if gs:
                     self._flag(s, "B", None, "parameter gradients", gs)
         if not self._flags:
             return 0
-        ok = torch.stack([f[-1] for f in self._flags]).cpu().tolist()
+        ok = self._finite_values()
         merged: dict[tuple[int, str, int | None], Event] = {}
-        for (s, op, mb, what, _), fine in zip(self._flags, ok):
-            if fine:
+        for s, op, mb, what, start, stop in self._flags:
+            if all(ok[start:stop]):
                 continue
             ev = merged.setdefault(
                 (s, op, mb), {"rank": self.rank, "stage": s, "op": op, "mb": mb, "what": []}
@@ -125,16 +154,20 @@ def _where(ev: Event) -> str:
     return f"stage {ev['stage']}'s {phase}{mb} (rank {ev['rank']})"
 
 
-def describe(step: int, events: list[Event], last_checkpoint: str | None) -> str:
+def describe(
+    step: int, events: list[Event], last_checkpoint: str | None, replay: str | None = None
+) -> str:
     """One message, the same on every rank, for the events of all ranks."""
     first = first_event(events)
-    unknown = " (the microbatch is not known with runtime.nan_check=step)"
+    unknown = " (the microbatch is not known)"
     lines = [
         f"non-finite values at step {step}: first in {_where(first)}: its "
         + " and ".join(first["what"])
         + (unknown if first["mb"] is None else "")
         + "."
     ]
+    if replay:
+        lines.append(f"  ({replay})")
     if first["bad_weights"]:
         lines.append(f"  the stage's weights are themselves non-finite: {first['bad_weights']}")
     elif first["bad_grads"]:
@@ -147,7 +180,7 @@ def describe(step: int, events: list[Event], last_checkpoint: str | None) -> str
     kept = (
         f"the last checkpoint, {last_checkpoint}, is untouched"
         if last_checkpoint
-        else ("no checkpoint was written")
+        else "no checkpoint was written"
     )
     lines.append(
         f"  The weights were not updated at step {step} and {kept}. Lower optim.lr, check "
@@ -156,6 +189,8 @@ def describe(step: int, events: list[Event], last_checkpoint: str | None) -> str
     return "\n".join(lines)
 
 
-def raise_if_any(step: int, events: list[Event], last_checkpoint: str | None) -> None:
+def raise_if_any(
+    step: int, events: list[Event], last_checkpoint: str | None, replay: str | None = None
+) -> None:
     if events:
-        raise NonFiniteError(describe(step, events, last_checkpoint))
+        raise NonFiniteError(describe(step, events, last_checkpoint, replay))
