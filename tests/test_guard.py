@@ -83,6 +83,12 @@ def test_a_step_level_event_without_a_microbatch_says_so() -> None:
     text = describe(7, [_ev(0, 0, "B", None, "parameter gradients")], None, "a replay ...")
     assert "first in stage 0's backward (rank 0): its parameter gradients (the microbatch" in text
     assert "  (a replay ...)" in text and "no checkpoint was written" in text
+    backward = {**_ev(1, 1, "B", 2, "parameter gradients"), "bad_grads": ["layers.3.weight"]}
+    assert "non-finite parameter gradients: ['layers.3.weight']" in describe(1, [backward], None)
+    forward = {**_ev(0, 0, "F", 2, "output"), "bad_grads": ["layers.0.weight"]}
+    assert "parameter gradients" not in describe(1, [forward], None)  # not yet computed then
+    weights = {**forward, "bad_weights": ["layers.0.weight"]}
+    assert "weights are themselves non-finite: ['layers.0.weight']" in describe(1, [weights], None)
 
 
 def _ev(rank: int, stage: int, op: str, mb: int | None, *what: str) -> dict[str, Any]:

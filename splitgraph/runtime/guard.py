@@ -170,7 +170,7 @@ def describe(
         lines.append(f"  ({replay})")
     if first["bad_weights"]:
         lines.append(f"  the stage's weights are themselves non-finite: {first['bad_weights']}")
-    elif first["bad_grads"]:
+    elif first["bad_grads"] and first["op"] != "F":
         lines.append(f"  non-finite parameter gradients: {first['bad_grads']}")
     rest = [ev for ev in events if ev is not first]
     if rest:
