@@ -13,19 +13,25 @@ from splitgraph.errors import SplitgraphError
 from splitgraph.partition import make_plan
 from splitgraph.runtime.dist import DistEnv
 from splitgraph.runtime.engine import PipelineEngine
+from tests import workers
 
 #: the 6-layer model of tests/workers.py, in float64, quiet, with checkpoints every 3 steps
 TINY = [
-    "model.hidden=[5,9,4,8,3]",
-    "data.features=6",
-    "data.outputs=3",
-    "data.samples=96",
-    "data.test_fraction=0",
-    "train.batch_size=12",
+    *workers.TINY,
     "runtime.dtype=float64",
     "train.progress=false",
     "checkpoint.every=3",
     "checkpoint.keep=4",
+]
+
+#: rank 1 of 2 stalls inside its schedule at step 1; the watchdog gives it 2 s
+STALL = [
+    "train.steps=4",
+    "debug.fail_at_step=1",
+    "debug.fail_rank=1",
+    "debug.fail_mode=stall",
+    "runtime.hang_timeout=2",
+    "runtime.timeout=60",
 ]
 
 

@@ -18,30 +18,32 @@ import torch.distributed as dist
 
 from splitgraph.runtime.dist import restart_safe_store
 from tests.conftest import single_run
-from tests.fault_workers import TINY
+from tests.fault_workers import STALL, TINY
+from tests.test_e2e import REPO, _env
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _torchrun(nproc: int, *args: str, timeout: float = 150) -> subprocess.Popen:
+def _torchrun(nproc: int, *args: str) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        *args,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = _env()
     for var in (
-        "SPLITGRAPH_RUN_DIR",
         "GLOO_SOCKET_IFNAME",
         "NCCL_SOCKET_IFNAME",
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",  # the restart must work with torchrun's default
     ):
         env.pop(var, None)
     return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*cmd, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -143,12 +145,7 @@ def test_torchrun_hang_report_and_loopback_only_ranks(tmp_path: Path) -> None:
         "-m",
         "splitgraph.train",
         *TINY,
-        "train.steps=4",
-        "debug.fail_at_step=1",
-        "debug.fail_rank=1",
-        "debug.fail_mode=stall",
-        "runtime.hang_timeout=2",
-        "runtime.timeout=60",
+        *STALL,
         f"run_dir={tmp_path}",
     )
     workers: dict[int, set[str]] = {}

@@ -15,7 +15,7 @@ from splitgraph.runtime.executor import _compile
 from splitgraph.runtime.spawn import run_ranks
 from splitgraph.runtime.watchdog import Watchdog
 from splitgraph.schedule import build_schedule
-from tests.fault_workers import train_runs
+from tests.fault_workers import STALL, train_runs
 
 
 def _watchdog(rank: int, position: tuple[int, float] | None) -> Watchdog:
@@ -65,15 +65,7 @@ def test_pausing_hides_a_long_checkpoint_save() -> None:
 def test_a_stalled_rank_stops_every_rank_with_the_grid(tmp_path: Path) -> None:
     """Rank 1 of 2 stalls inside its schedule at step 1; with runtime.hang_timeout=2 both
     ranks exit with code 3 (not the 60 s group timeout), and rank 0 writes the grid."""
-    run = [
-        "train.steps=4",
-        "debug.fail_at_step=1",
-        "debug.fail_rank=1",
-        "debug.fail_mode=stall",
-        "runtime.hang_timeout=2",
-        "runtime.timeout=60",
-        f"run_dir={tmp_path}",
-    ]
+    run = [*STALL, f"run_dir={tmp_path}"]
     with pytest.raises(RankFailure) as info:
         run_ranks(train_runs, 2, [run], timeout=100, pg_timeout=60, stop_on_failure=False)
     text = str(info.value)
