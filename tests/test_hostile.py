@@ -185,11 +185,11 @@ def _corrupt(kind: str, x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarra
     if x.size == 0 or y.size == 0:
         return x, y  # emptied already: nothing left to corrupt
     if kind == "x_1d":
-        x = x[:, 0]
+        x = x.reshape(-1)
     elif kind == "x_3d":
-        x = x[:, :, None]
+        x = x.reshape(*x.shape, 1)
     elif kind == "x_features":
-        x = np.concatenate([x, x], axis=1)
+        x = np.concatenate([x, x], axis=-1)
     elif kind in ("x_nan", "x_inf", "x_huge"):
         x = x.real.astype(np.float64)
         x.flat[0] = {"x_nan": np.nan, "x_inf": np.inf, "x_huge": 1e39}[kind]
@@ -205,7 +205,7 @@ def _corrupt(kind: str, x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarra
         y = y.real.astype(np.float64)
         y.flat[0] = {"y_label_high": 7, "y_label_negative": -1, "y_nan": np.nan}.get(kind, 0.5)
     elif kind == "y_2d":
-        y = y.reshape(len(y), -1)[:, :1].repeat(2, axis=1)
+        y = y.reshape(len(y), -1)[:, :1].repeat(2, axis=1) if y.ndim else y
     elif kind == "y_complex":
         y = y.astype(np.complex64)
     elif kind == "y_int8":
