@@ -41,7 +41,3 @@ class RankFailure(SplitgraphError, RuntimeError):
 class NonFiniteError(SplitgraphError, FloatingPointError):
     """A NaN or infinity in a loss, an activation or a gradient; the message names the step,
     stage and microbatch where it first appeared (runtime/guard.py)."""
-
-
-class HangError(SplitgraphError, RuntimeError):
-    """No action finished on a rank for runtime.hang_timeout seconds (runtime/watchdog.py)."""

@@ -3,7 +3,8 @@
     python -m splitgraph.bench.reliability [--repeats 7] [--steps 20] [overrides...]
 
 One process, one device (the guard's checks are local to each rank, so its cost relative to
-the step carries over to several ranks). For each microbatch count it times training steps
+the step carries over to several ranks). For each microbatch count it times (process CPU
+time, which a loaded machine disturbs far less than wall time) training steps
 with the guard off, at `runtime.nan_check=step` and at `microbatch`, interleaved repeat by
 repeat so drift hits all three alike, and prints medians and ratios. Then it times a
 checkpoint save (DCP, fsync, rename) and a load of this rank's share.
@@ -29,18 +30,19 @@ from splitgraph.runtime.guard import FiniteGuard
 
 
 def _step_time(engine: PipelineEngine, guard: FiniteGuard | None, batches: list[Any]) -> float:
-    """Median seconds per step over `batches` with this guard setting."""
+    """Median CPU seconds per step over `batches` with this guard setting (process time, not
+    wall time: on a shared machine other processes' load barely moves it)."""
     engine.executor.guard = guard
     times = []
     for x, y in batches:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         if guard is not None:
             guard.begin()
         engine.forward_backward(x, y)
         if guard is not None:
             guard.finish()
         engine.update()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times)
 
 
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, {threads} thread(s), OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS')}, overrides {args.overrides or '(defaults)'}"
     )
-    print(f"step time, median of {args.repeats} repeats x median of {args.steps} steps:")
+    print(f"CPU time per step, median of {args.repeats} repeats x median of {args.steps} steps:")
     print("microbatches   guard off   nan_check=step   nan_check=microbatch")
     for m in args.microbatches:
         r = guard_cost(args.overrides, m, args.steps, args.repeats)
