@@ -8,6 +8,7 @@ Layout of `checkpoint.dir` (default `<run dir>/checkpoints`, the same across tor
         .metadata           DCP's index (read by safeload.read_metadata, never plain pickle)
         splitgraph.json     written last, by rank 0: step, data position, config hash, plan
     .step_00000200.tmp/     a save in progress, or one a crash cut short: never read
+    .step_00000200.old/     a replaced checkpoint of the same step, for a moment: never read
 
 The tensors, named the same whichever rank held them:
 
@@ -371,7 +372,7 @@ def save(
     tmp = d / f".{final.name}.tmp"
     if rank == 0:
         d.mkdir(parents=True, exist_ok=True)
-        for stale in d.glob(".step_*.tmp"):  # saves a crash cut short
+        for stale in [*d.glob(".step_*.tmp"), *d.glob(".step_*.old")]:  # cut short by a crash
             shutil.rmtree(stale, ignore_errors=True)
     if distributed:
         dist.barrier()
@@ -379,12 +380,14 @@ def save(
     with _single_process_ok():
         dcp.save(rank_tensors(engine, rank), storage_writer=writer(tmp), no_dist=not distributed)
     if rank == 0:
-        if final.exists():  # committed by an earlier attempt of this job: keep that one
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            _write_synced(tmp / MARKER, json.dumps(meta, indent=2) + "\n")
-            os.rename(tmp, final)
-            _fsync_dir(d)
+        _write_synced(tmp / MARKER, json.dumps(meta, indent=2) + "\n")
+        old = d / f".{final.name}.old"
+        if final.exists():  # an earlier run's (checkpoint.resume=never): this one replaces it
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(d)
+        shutil.rmtree(old, ignore_errors=True)
         for old in list_checkpoints(d)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
     if distributed:

@@ -147,6 +147,7 @@ def _train(
             f"this run's {steps} steps. Raise train.steps or use checkpoint.resume=never."
         )
 
+    every = cfg.checkpoint.every
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s", engine.plan.table(engine.sizes[0]))
@@ -160,20 +161,31 @@ def _train(
             device,
             steps,
         )
+        if str(cfg.checkpoint.resume).strip() == "never" and every is not None:
+            earlier = checkpoint.list_checkpoints(cfg.checkpoint.dir)
+            if earlier:
+                log.warning(
+                    "checkpoint.resume=never: ignoring the checkpoints in %s (newest: step %d); "
+                    "this run's saves replace those of the same step",
+                    cfg.checkpoint.dir,
+                    earlier[-1].step,
+                )
         if resume is not None:
             saved = resume.checkpoint.meta.get("plan", {}).get("stages", [])
             log.info(
-                "resumed from %s at step %d (saved on %d stages, now %d)",
+                "resumed from %s at step %d (saved on %d stages, now %d)%s",
                 resume.checkpoint.path,
                 start,
                 len(saved),
                 engine.plan.num_stages,
+                ": already trained to train.steps; checkpoint.resume=never trains afresh"
+                if start == steps
+                else "",
             )
     fault = Fault.from_cfg(cfg)
     full_checks = NanCheck(cfg.runtime.nan_check) == NanCheck.microbatch
     guard = FiniteGuard(engine.stages, env.rank, full_checks)
     engine.executor.guard = guard
-    every = cfg.checkpoint.every
     last_saved = str(resume.checkpoint.path) if resume is not None else None
     hang = cfg.runtime.hang_timeout or float(cfg.runtime.timeout) / 2
     watchdog = Watchdog(

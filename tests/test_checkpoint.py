@@ -186,3 +186,35 @@ def test_validate_checks_the_reliability_settings(overrides: list[str], needle: 
     with pytest.raises(ConfigError) as info:
         validate(load_config(overrides), 2)
     assert needle in str(info.value), str(info.value)
+
+
+def test_resume_never_trains_afresh_and_replaces_same_step_checkpoints(
+    trained: Path, tmp_path: Path
+) -> None:
+    run = _copy(trained, tmp_path)
+    before = checkpoint.list_checkpoints(run / "checkpoints")[-1].meta
+    single_run(
+        [
+            "optim.lr=0.01",
+            "train.steps=6",
+            "checkpoint.every=2",
+            "checkpoint.keep=2",
+            "checkpoint.resume=never",
+            f"run_dir={run}",
+        ]
+    )
+    after = checkpoint.list_checkpoints(run / "checkpoints")
+    assert [c.step for c in after] == [4, 6]
+    assert after[-1].meta["identity"]["optim.lr"] == 0.01 != before["identity"]["optim.lr"]
+    assert not list((run / "checkpoints").glob(".step_*"))  # no .tmp or .old left behind
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_weights(
+    trained: Path, tmp_path: Path
+) -> None:
+    run = _copy(trained, tmp_path)
+    single_run(["train.steps=6", f"run_dir={run}"])
+    assert (run / "metrics.jsonl").read_text().count("\n") == 6  # the first run's, kept
+    a = torch.load(trained / "model.pt", weights_only=True)
+    b = torch.load(run / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
