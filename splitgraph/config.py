@@ -13,6 +13,7 @@ Two layers of checking, so a bad run fails before any process group exists:
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,7 +73,21 @@ class Transport(Enum):
     staged = "staged"  # ranks sharing one GPU: device tensors staged through host memory
 
 
-PARTITIONS = ("uniform", "params", "manual")
+class TimeSource(Enum):
+    measured = "measured"  # profile each layer on this device (cached)
+    flops = "flops"  # analytic: FLOPs / costs.flops_per_s (deterministic)
+
+
+class NanCheck(Enum):
+    """Where the numerical guard looks for non-finite values (runtime/guard.py)."""
+
+    step = "step"  # losses and parameter gradients each step; a failure replays the step
+    microbatch = "microbatch"  # every activation, loss and gradient of every microbatch
+
+
+#: debug.fail_mode: how the injected fault of debug.fail_at_step shows itself (splitgraph/faults.py)
+FAIL_MODES = ("raise", "kill", "stall", "nan", "kill_in_save")
+PARTITIONS = ("uniform", "params", "manual", "time", "memory", "optimal")
 
 
 @dataclass
@@ -120,10 +135,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class DeviceSpec:
+    """One rank's device, for the planner: relative compute speed and its own memory cap."""
+
+    speed: float = 1.0  # stage times are divided by it (2.0: twice as fast as measured here)
+    memory: str | None = None  # e.g. "8GiB"; null: pipeline.memory_cap
+
+
+@dataclass
 class PipelineConfig:
     stages: int | None = None  # None: one stage per rank
     microbatches: int = 4
     memory_cap: str | None = None  # per-device memory cap, e.g. "12GiB" (see splitgraph.units)
+    devices: list[DeviceSpec] | None = None  # one per rank (heterogeneous); null: all alike
+    bandwidth: str | None = None  # between adjacent stages, bytes/s ("10GB"); null: measure
+    latency: float | None = None  # seconds per message; null: measured (0 if bandwidth is set)
 
 
 @dataclass
@@ -176,6 +202,8 @@ class RuntimeConfig:
     transport: Transport = Transport.auto  # auto: staged when ranks must share a GPU
     tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs (float32 runs)
     nvml_interval: float = 0.2  # seconds between NVML samples on GPU (0: off)
+    hang_timeout: float | None = None  # seconds without a finished action; None: timeout / 2
+    nan_check: NanCheck = NanCheck.step  # numerical guard granularity (runtime/guard.py)
 
 
 @dataclass
@@ -188,15 +216,36 @@ class TraceConfig:
 
 
 @dataclass
+class CostsConfig:
+    """Where the planner's per-layer times come from (splitgraph/costs.py, profiler.py)."""
+
+    times: TimeSource = TimeSource.measured
+    flops_per_s: float = 1e10  # times=flops only
+    warmup: int = 3  # measured: untimed runs per layer before timing
+    repeats: int = 9  # measured: timed runs per layer
+    statistic: str = "median"  # of the repeats: "median", or "min" on a machine shared with others
+    cache_dir: str | None = None  # null: $SPLITGRAPH_CACHE, else ~/.cache/splitgraph
+    report: bool = True  # training: predicted vs measured per stage in summary.json
+
+
+@dataclass
 class CheckpointConfig:
     init_from: str | None = None  # a model.pt written by a run (any partition)
     save: bool = True  # write the consolidated model.pt at the end
+    # Training checkpoints (splitgraph/checkpoint.py): torch.distributed.checkpoint, global names.
+    dir: str = "${run_dir}/checkpoints"  # stable across torchrun restarts (same run dir)
+    every: int | None = 100  # steps between checkpoints (and one at the end); null: none
+    keep: int = 2  # newest checkpoints kept; older ones are deleted after a save commits
+    resume: str = "auto"  # auto: latest valid one in checkpoint.dir; never; or a path
+    strict: bool = True  # refuse to resume when the model/data/optimizer config changed
 
 
 @dataclass
 class DebugConfig:
     fail_at_step: int | None = None  # fault injection: raise on `fail_rank` at this step
     fail_rank: int = 0
+    fail_mode: str = "raise"  # raise, kill, stall, nan, kill_in_save (see FAIL_MODES)
+    fail_attempt: int = 0  # fire only on this torchrun attempt (TORCHELASTIC_RESTART_COUNT)
 
 
 @dataclass
@@ -211,6 +260,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
+    costs: CostsConfig = field(default_factory=CostsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     run_dir: str = MISSING
@@ -281,11 +331,37 @@ def _suggest(value: str, options: Sequence[str]) -> str:
     return f"{hint} Choose one of: {', '.join(options)}."
 
 
+def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
+    """The stages that recompute their forward in backward (`schedule.recompute*`)."""
+    if not cfg.schedule.recompute:
+        return set()
+    chosen = cfg.schedule.recompute_stages
+    return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
+
+
 def num_stages(cfg: Any, world_size: int) -> int:
     """Pipeline ranks per replica: pipeline.stages, else world size / parallel.dp."""
     if cfg.pipeline.stages is not None:
         return int(cfg.pipeline.stages)
     return max(world_size // max(int(cfg.parallel.dp), 1), 1)
+
+
+def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
+    """NaN and infinity pass every `x <= 0` test, so each float is checked on its own
+    (lists such as optim.betas have range rules of their own, which NaN fails)."""
+    out = []
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    for key in node:
+        try:
+            value = node[key]
+        except Exception:  # an unresolved interpolation: not a number to check
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            out += _non_finite_floats(value, path + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{path}={value} must be a finite number.")
+    return out
 
 
 def validate(cfg: Any, world_size: int | None = None) -> None:
@@ -356,6 +432,13 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"train.batch_size={t.batch_size} is not divisible by parallel.dp={dp}: each "
             f"replica takes an equal share of every minibatch. Use a multiple of {dp} (e.g. "
             f"train.batch_size={lo})."
+        )
+    errors += _pipeline_cost_problems(cfg, stages)
+    costed = str(cfg.partition.strategy)
+    if costed in ("time", "memory", "optimal") and v > 1:
+        errors.append(
+            f"partition={costed} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
+            "on each. Use partition=uniform, params or manual with virtual stages."
         )
     if p.microbatches < 1:
         errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
@@ -451,7 +534,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     d = cfg.data
     if not 0.0 <= d.test_fraction < 1.0:
         errors.append(f"data.test_fraction={d.test_fraction} must be in [0, 1).")
-    if d.name == DataName.synthetic:
+    if d.name == DataName.synthetic and 0.0 <= d.test_fraction < 1.0:
         n_train = d.samples - int(d.samples * d.test_fraction)
         if n_train < t.batch_size:
             errors.append(
@@ -509,8 +592,78 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         errors.append(f"runtime.nvml_interval={r.nvml_interval} must be >= 0 (0 turns it off).")
     if r.threads is not None and r.threads < 1:
         errors.append(f"runtime.threads={r.threads} must be >= 1 (or null).")
-    if cfg.debug.fail_at_step is not None and not 0 <= cfg.debug.fail_rank < ws:
-        errors.append(f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this {ws}-rank run.")
+    if r.hang_timeout is not None and not 0 < r.hang_timeout < r.timeout:
+        errors.append(
+            f"runtime.hang_timeout={r.hang_timeout} must be > 0 and below "
+            f"runtime.timeout={r.timeout}, so the watchdog reports a hang before the process "
+            "group times out (null: half of runtime.timeout)."
+        )
+
+    # checkpoints
+    c = cfg.checkpoint
+    if c.every is not None and c.every < 1:
+        errors.append(f"checkpoint.every={c.every} must be >= 1 (or null: no checkpoints).")
+    if c.keep < 1:
+        errors.append(f"checkpoint.keep={c.keep} must be >= 1.")
+    if not str(c.resume).strip():
+        errors.append("checkpoint.resume is empty: use auto, never, or a checkpoint path.")
+
+    # fault injection
+    dbg = cfg.debug
+    if dbg.fail_at_step is not None:
+        if not 0 <= dbg.fail_rank < ws:
+            errors.append(f"debug.fail_rank={dbg.fail_rank} is not a rank of this {ws}-rank run.")
+        if dbg.fail_at_step < 0:
+            errors.append(f"debug.fail_at_step={dbg.fail_at_step} must be >= 0.")
+    if dbg.fail_mode not in FAIL_MODES:
+        errors.append(
+            f"debug.fail_mode={dbg.fail_mode!r} is not a fault{_suggest(dbg.fail_mode, FAIL_MODES)}"
+        )
+    elif dbg.fail_mode == "kill_in_save" and c.every is None:
+        errors.append(
+            "debug.fail_mode=kill_in_save kills a rank while it writes a checkpoint, but "
+            "checkpoint.every=null writes none. Set checkpoint.every."
+        )
+    if dbg.fail_attempt < 0:
+        errors.append(f"debug.fail_attempt={dbg.fail_attempt} must be >= 0.")
+
+    errors += _non_finite_floats(cfg)
 
     if errors:
         raise ConfigError(errors)
+
+
+def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
+    """The planner's inputs: devices, link and profiling settings (splitgraph/costs.py)."""
+    errors: list[str] = []
+    p, c = cfg.pipeline, cfg.costs
+    if p.devices is not None:
+        devices = list(p.devices)
+        if len(devices) != stages:
+            errors.append(
+                f"pipeline.devices has {len(devices)} entries but there are {stages} ranks: "
+                "give one {speed: ..., memory: ...} per rank."
+            )
+        for r, d in enumerate(devices):
+            if not d.speed > 0:
+                errors.append(f"pipeline.devices[{r}].speed={d.speed} must be > 0.")
+            if d.memory is not None:
+                try:
+                    parse_bytes(d.memory)
+                except ValueError as e:
+                    errors.append(f"pipeline.devices[{r}].memory={d.memory!r}: {e}")
+    if p.bandwidth is not None:
+        try:
+            if parse_bytes(p.bandwidth) <= 0:
+                errors.append(f"pipeline.bandwidth={p.bandwidth!r} must be > 0 bytes/s.")
+        except ValueError as e:
+            errors.append(f"pipeline.bandwidth={p.bandwidth!r}: {e}")
+    if p.latency is not None and p.latency < 0:
+        errors.append(f"pipeline.latency={p.latency} must be >= 0 seconds.")
+    if c.repeats < 1 or c.warmup < 0:
+        errors.append(f"costs.repeats={c.repeats} must be >= 1 and costs.warmup={c.warmup} >= 0.")
+    if c.statistic not in ("median", "min"):
+        errors.append(f"costs.statistic={c.statistic!r} must be 'median' or 'min'.")
+    if not c.flops_per_s > 0:
+        errors.append(f"costs.flops_per_s={c.flops_per_s} must be > 0.")
+    return errors

@@ -36,3 +36,8 @@ class CheckpointError(SplitgraphError, ValueError):
 
 class RankFailure(SplitgraphError, RuntimeError):
     """A rank raised or died; the message names the rank."""
+
+
+class NonFiniteError(SplitgraphError, FloatingPointError):
+    """A NaN or infinity in a loss, an activation or a gradient; the message names the step,
+    stage and microbatch where it first appeared (runtime/guard.py)."""

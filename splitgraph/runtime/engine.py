@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splitgraph.config import Task, Transport
+from splitgraph.config import Task, Transport, recompute_stages
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import CheckpointError
 from splitgraph.model import StageModule, add_l2_grad_, build_mlp, l2_term
@@ -35,14 +35,6 @@ from splitgraph.runtime.gradsync import GradSync
 from splitgraph.runtime.memory import SavedTensorMeter
 from splitgraph.runtime.staged import StagedP2P
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
-
-
-def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
-    """The stages that recompute their forward in backward (`schedule.recompute*`)."""
-    if not cfg.schedule.recompute:
-        return set()
-    chosen = cfg.schedule.recompute_stages
-    return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
 
 
 @dataclass
@@ -65,6 +57,7 @@ class PipelineEngine:
         device: torch.device | str = "cpu",
         transport: str | None = None,
         *,
+        plan: Plan | None = None,  # agreed by all ranks (cost-based strategies)
         dp_group: Any = None,
         replicas: tuple[tuple[int, ...], ...] | None = None,
         channels: bool | None = None,
@@ -89,7 +82,7 @@ class PipelineEngine:
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by dp={self.dp}")
         #: rows of each minibatch this replica runs: [dp_rank * local, (dp_rank + 1) * local)
         self.local_batch = self.batch_size // self.dp
-        self.plan: Plan = make_plan(cfg, world_size)
+        self.plan: Plan = plan if plan is not None else make_plan(cfg, world_size)
         self.sizes = microbatch_sizes(self.local_batch, int(cfg.pipeline.microbatches))
         name = str(cfg.schedule.name)
         self.schedule: Schedule = build_schedule(
@@ -139,6 +132,7 @@ class PipelineEngine:
         device: torch.device | str = "cpu",
         transport: str | None = None,
         channels: bool | None = None,
+        plan: Plan | None = None,
     ) -> PipelineEngine:
         """The engine of this rank in a ("dp", "pp") DeviceMesh (runtime/mesh.py)."""
         from splitgraph.runtime.mesh import MeshGroups
@@ -151,6 +145,7 @@ class PipelineEngine:
             g.pp_group,
             device,
             transport,
+            plan=plan,
             dp_group=g.dp_group if g.dp_size > 1 else None,
             replicas=g.replicas,
             channels=channels,
@@ -183,6 +178,8 @@ class PipelineEngine:
         `x`, `y`: this replica's rows of the minibatch (`local_batch` of them; all B rows
         without data parallelism). After the all-reduce every replica holds the gradient of
         the whole minibatch."""
+        if self.executor.tracer is not None:
+            self.executor.tracer.step = self.p2p.step
         for p in self.parameters():
             p.grad = None
         if self.gradsync is not None:
@@ -209,17 +206,19 @@ class PipelineEngine:
         )
 
     def step(self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None) -> StepStats:
-        tr = self.executor.tracer
-        if tr is not None:
-            tr.step = self.p2p.step
         stats = self.forward_backward(x, y, fail_at=fail_at)
+        self.update()
+        return stats
+
+    def update(self) -> None:
+        """The optimizer step after `forward_backward` (train.py checks gradients in between)."""
+        tr = self.executor.tracer
         t0 = tr.begin() if tr is not None and tr.active else None
         self.optimizer.step()
         if t0 is not None and tr is not None:
             tr.end(t0, "OPT", "OPT")
             tr.flush()
         self.p2p.step += 1
-        return stats
 
     # -- state --------------------------------------------------------------------------
 

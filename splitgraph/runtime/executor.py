@@ -24,6 +24,7 @@ rank (interleaved schedules) hand tensors over without the network.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -100,6 +101,12 @@ class Executor:
         self.tracer: Tracer | None = None
         #: called with a stage once its weight gradients of the step are final (data parallel)
         self.on_grads_final: Callable[[int], None] | None = None
+        #: the watchdog's view (runtime/watchdog.py): (index into `program` in progress,
+        #: time.monotonic() when it started); None between steps
+        self.position: tuple[int, float] | None = None
+        #: the numerical guard (runtime/guard.py): `guard.after(action, outputs, grads)`
+        #: after each compute action
+        self.guard: Any = None
 
     def run(
         self,
@@ -129,9 +136,13 @@ class Executor:
         current: object = None
         meter = self.meter if self.meter is not None else _NullContext()
         try:
-            with meter:
+            # One autocast region for the whole step (bf16): autocast caches each weight's
+            # bf16 copy for the region, so the microbatches share one copy instead of each
+            # keeping its own for backward. Backwards run with autocast off (see _backward).
+            with meter, self._precision():
                 for index, item in enumerate(self.program):
                     current = item
+                    self.position = (index, time.monotonic())
                     if fail_at is not None and index == fail_at:
                         raise InjectedFault(
                             f"injected failure (debug.fail_at_step) on rank {self.rank}"
@@ -144,9 +155,12 @@ class Executor:
                     elif item.op in (B, I):
                         self._backward(item, st)
                     elif item.op == W:
-                        st.deferred.pop((item.stage, item.mb)).run()
+                        with self._no_autocast():
+                            st.deferred.pop((item.stage, item.mb)).run()
                     else:
                         raise AssertionError(f"{item} is not executable")
+                    if self.guard is not None and not isinstance(item, tuple):
+                        self.guard.after(item, st.outputs, st.grads)
                     if tr is not None:
                         if isinstance(item, tuple):
                             tr.end(t0, " ".join(map(str, item)), "comm")
@@ -155,8 +169,10 @@ class Executor:
                     if self.on_grads_final is not None and index in self._grads_final:
                         self.on_grads_final(self._grads_final[index])
             current = "the step's pending sends"
+            self.position = (len(self.program), time.monotonic())
             for work, _ in st.sends:
                 work.wait()
+            self.position = None
         except InjectedFault:
             raise
         except Exception as e:
@@ -191,6 +207,13 @@ class Executor:
     def _precision(self) -> Any:
         if self.autocast:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _no_autocast(self) -> Any:
+        """Backward passes run outside autocast (PyTorch's advice); the step's region stays
+        open around them, so its cache of bf16 weight copies survives until the step ends."""
+        if self.autocast:
+            return torch.autocast(self.device.type, enabled=False)
         return contextlib.nullcontext()
 
     def _empty(self, rows: int, cols: int) -> Tensor:
@@ -237,23 +260,21 @@ class Executor:
         x = self._stage_input(st, s, mb)
         stage = self.stages[s]
         if s in self.recompute:  # keep only the input; the graph is rebuilt in backward
-            with torch.no_grad(), self._precision():
+            with torch.no_grad():
                 out = stage(x)
                 loss = self._loss(st, out, mb) if s == self.last else None
             if self.meter is not None:
                 self.meter.hold(x)
             st.inputs[(s, mb)] = x
         else:
-            with self._precision():
-                out = stage(x)
-                loss = self._loss(st, out, mb) if s == self.last else None
+            out = stage(x)
+            loss = self._loss(st, out, mb) if s == self.last else None
             if s > 0:
                 st.inputs[(s, mb)] = x
         if loss is not None:
             assert loss_total is not None
             loss_total += loss.detach().to(torch.float64)
-            if s not in self.recompute:
-                st.outputs[(s, mb)] = loss
+            st.outputs[(s, mb)] = loss  # recomputed: a value for the guard, no graph
         else:
             st.outputs[(s, mb)] = out
 
@@ -265,22 +286,24 @@ class Executor:
                 grad = st.grads.pop((s + 1, mb))
             else:
                 grad = self._take(st, Action(s, RECV_B, mb))
-        if s in self.recompute:
+        if s in self.recompute:  # a forward: under the step's autocast, if any
             x = st.inputs[(s, mb)]
-            with self._precision():
-                out = self.stages[s](x)
-                target = self._loss(st, out, mb) if s == self.last else out
+            out = self.stages[s](x)
+            target = self._loss(st, out, mb) if s == self.last else out
+            if s == self.last:
+                st.outputs.pop((s, mb))  # the forward's value; the graph is `target`'s
             if self.meter is not None:
                 self.meter.drop(x)  # autograd holds it now (saved by the first layer)
         else:
             target = st.outputs.pop((s, mb))
-        if a.op == I:
-            store = WeightGradStore(self.meter)
-            with deferring(store):
+        with self._no_autocast():
+            if a.op == I:
+                store = WeightGradStore(self.meter)
+                with deferring(store):
+                    torch.autograd.backward(target, grad)
+                st.deferred[(s, mb)] = store
+            else:
                 torch.autograd.backward(target, grad)
-            st.deferred[(s, mb)] = store
-        else:
-            torch.autograd.backward(target, grad)
         x = st.inputs.pop((s, mb), None)
         if s > 0:
             assert x is not None and x.grad is not None
