@@ -36,8 +36,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   dev=cpu; card=dry-run-cpu; W=64; B=64; S=3; R=3; staged=runtime.transport=staged
+  pipes="2:1f1b 4:zb1"  # the rehearsal: each rank count and each kind of backward once
 else
   dev=cuda; W=8192; B=8192; S=60; R=20; staged=
+  pipes="2:1f1b 2:zb1 4:1f1b 4:zb1"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 fi
@@ -55,14 +57,14 @@ run 60 $PY -m splitgraph.bench.stage --device $dev --dtype float32 --repeats $R 
   --out "$OUT/stage_fp32.json" model.hidden=[$((W / 2)),$((W / 2)),$((W / 2)),$((W / 2))] \
   data.features=$((W / 2)) train.batch_size=$((B / 2)) optim.momentum=0 optim.weight_decay=0
 
-for n in 2 4; do
-  step "pipeline: $n ranks sharing the GPU (staged transport), 1f1b and zb1"
-  for s in 1f1b zb1; do
-    run 120 $PY -m torch.distributed.run --standalone --nproc-per-node $n -m splitgraph.train \
-      runtime.device=$dev $staged schedule=$s pipeline.microbatches=8 \
-      model.hidden=[$((W / 4)),$((W / 4)),$((W / 4)),$((W / 4))] train.batch_size=$((B / 8 > 8 ? B / 8 : 8)) \
-      train.steps=$S train.progress=false data.samples=16384 run_dir="$OUT/runs/pp${n}_$s"
-  done
+for pipe in $pipes; do
+  n=${pipe%%:*} s=${pipe#*:}
+  step "pipeline: $n ranks sharing the GPU (staged transport), $s"
+  run 120 $PY -m torch.distributed.run --standalone --nproc-per-node $n -m splitgraph.train \
+    runtime.device=$dev $staged schedule=$s pipeline.microbatches=8 \
+    model.hidden=[$((W / 4)),$((W / 4)),$((W / 4)),$((W / 4))] \
+    train.batch_size=$((B / 8 > 8 ? B / 8 : 8)) train.steps=$S train.progress=false \
+    data.samples=16384 checkpoint.resume=never run_dir="$OUT/runs/pp${n}_$s"
 done
 
 if $PY -c "import splitgraph.compare" 2>/dev/null; then
