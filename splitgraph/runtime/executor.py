@@ -19,6 +19,17 @@ B (or I) runs the forward again, with the graph, right before the backward.
 
 Transfers between two compute actions go out together (`P2P.post`). Stages that share a
 rank (interleaved schedules) hand tensors over without the network.
+
+Every receive of the step is posted when the step starts, in the schedule's order, and waited
+where the schedule puts it (`prepost_receives`, on by default: `program` starts with them). A
+send that finds its receive already posted goes out at once; one that does not costs a round
+trip between the two ranks' transport threads first (gloo's unbound buffers: "send ready",
+"receive ready", then the data), right on the critical path. Posting early never reorders a
+channel (each channel's receives keep their order) and never blocks on gloo; on NCCL each
+channel has its own communicator (comm.py), so early receives hold up nothing but later
+receives of the same channel. The cost is memory: the step's receive buffers exist from its
+start (one boundary-sized tensor per microbatch and direction, as torch.distributed.pipelining
+keeps).
 """
 
 from __future__ import annotations
@@ -43,11 +54,18 @@ class InjectedFault(RuntimeError):
     """Raised by `debug.fail_at_step`: a deliberate failure to test how the others react."""
 
 
-def _compile(actions: Sequence[Action]) -> list[Action | tuple[Action, ...]]:
-    """Compute actions stay single; runs of consecutive transfers become one tuple."""
-    program: list[Action | tuple[Action, ...]] = []
+def _compile(
+    actions: Sequence[Action], prepost_receives: bool = False
+) -> list[Action | tuple[Action, ...]]:
+    """Compute actions stay single; runs of consecutive transfers become one tuple. With
+    `prepost_receives`, every receive moves into one group at the start, in order."""
+    receive = (RECV_F, RECV_B)
+    receives = tuple(a for a in actions if a.op in receive) if prepost_receives else ()
+    program: list[Action | tuple[Action, ...]] = [receives] if receives else []
     group: list[Action] = []
     for a in actions:
+        if receives and a.op in receive:
+            continue
         if a.op.is_comm:
             group.append(a)
             continue
@@ -86,6 +104,7 @@ class Executor:
         meter: SavedTensorMeter | None = None,
         recompute: Collection[int] = (),
         autocast: bool = False,
+        prepost_receives: bool = True,
     ) -> None:
         self.schedule, self.rank, self.stages, self.p2p = schedule, rank, stages, p2p
         self.task, self.device, self.dtype, self.meter = Task(task), device, dtype, meter
@@ -93,7 +112,10 @@ class Executor:
         #: bf16 autocast around every forward (dtype is then bf16: what travels between stages)
         self.autocast = autocast
         self._tr: Tracer | None = None
-        self.program = _compile(schedule.actions[rank])
+        actions = schedule.actions[rank]
+        self.program = _compile(actions, prepost_receives)
+        #: program index -> index in the schedule's action list of the item's first action
+        self.action_index = [actions.index(_first(item)) for item in self.program]
         self._grads_final = _last_weight_grad(self.program)
         self.last = schedule.num_stages - 1
         self._rank_of = schedule.stage_to_rank
@@ -319,6 +341,10 @@ class Executor:
         if isinstance(item, Action):
             return f"action {item}"
         return str(item)
+
+
+def _first(item: Action | tuple[Action, ...]) -> Action:
+    return item[0] if isinstance(item, tuple) else item
 
 
 def _last_weight_grad(program: Sequence[Action | tuple[Action, ...]]) -> dict[int, int]:

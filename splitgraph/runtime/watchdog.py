@@ -72,12 +72,14 @@ class Watchdog:
         self.stream = stream
         self.poll = min(1.0, self.timeout / 4)
         self.grace = max(2.0, 3 * self.poll)  # how long rank 0 waits for the others' answers
-        # program index (the executor runs transfers in groups) -> index in the action list
-        self._offsets: list[int] = []
-        n = 0
-        for item in executor.program:
-            self._offsets.append(n)
-            n += len(item) if isinstance(item, tuple) else 1
+        # program index (the executor runs transfers in groups, receives first) -> index in
+        # the action list; counted from the program where the executor does not say
+        self._offsets: list[int] = list(getattr(executor, "action_index", []))
+        if not self._offsets:
+            n = 0
+            for item in executor.program:
+                self._offsets.append(n)
+                n += len(item) if isinstance(item, tuple) else 1
         self._beat: tuple[int, str, float] = (-1, "starting", time.monotonic())
         self._paused = 0
         self._stop = threading.Event()
