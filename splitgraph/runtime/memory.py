@@ -48,13 +48,15 @@ class SavedTensorMeter:
 
     @staticmethod
     def _key(t: Tensor) -> tuple[Any, ...]:
-        return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+        # Every saved tensor passes here, so the key is as cheap as exactness allows: no
+        # device (CPU and CUDA pointers share one address space), torch.Size as it comes.
+        return (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
     def _add(self, t: Tensor) -> tuple[Any, ...]:
         key = self._key(t)
         entry = self._live.get(key)
         if entry is None:
-            nbytes = t.numel() * t.element_size()
+            nbytes = t.nbytes
             self._live[key] = [1, nbytes]
             self.current += nbytes
             self.peak = max(self.peak, self.current)
