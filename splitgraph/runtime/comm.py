@@ -5,7 +5,6 @@ activations ("act") or gradients ("grad"). The validator guarantees that each ch
 receives are posted in the order of its sends; the runtime guarantees that no channel waits
 behind another, which together rule out deadlock (see schedule/simulate.py, strict mode):
 
-* gloo matches messages by (peer, tag) in order, and `isend` never blocks: one tag per kind.
 * NCCL ignores tags and runs a communicator's operations in order on one stream, so two
   channels sharing a communicator could block each other (a pending send to a peer holding
   up a receive from it). Each (kind, direction) gets its own process group instead: four,
@@ -13,8 +12,16 @@ behind another, which together rule out deadlock (see schedule/simulate.py, stri
   With data parallelism there is one pipeline per replica, hence four groups per replica;
   `dist.new_group` must be entered by every rank of the default group for every group
   (members or not) in one order, so every rank creates every replica's groups, the same way
-  (`channel_groups`). `P2P(channels=True)` uses this structure on gloo too, so the CPU tests
-  exercise the creation order the NCCL path depends on.
+  (`channel_groups`).
+* gloo matches messages by (peer, tag) in order and `isend` never blocks, so one group with a
+  tag per kind would be correct (`P2P(channels=False)`); the channel groups serve gloo too, by
+  default, for speed. A gloo group talks to each peer over one socket guarded by one mutex,
+  which its transport thread holds while it reads an incoming message and a sender holds
+  while it writes; when activations go one way and gradients the other at once (1F1B's steady
+  state, interleaving), each side's sends queue behind its own reads, and the transport
+  thread, finding the mutex taken, spins on the ready socket (measured: 3-8 ms of extra CPU
+  per step on a 2-rank 1F1B). With a group per (kind, direction) every socket carries one
+  direction of one kind. The CPU tests so exercise the creation order NCCL depends on.
 
 The vocabulary is one call, `post`, taking the transfers a schedule groups between two
 compute actions; every work handle goes back to the caller, who waits on it (receives before
@@ -26,8 +33,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -46,7 +55,9 @@ class Transfer:
 
 
 def channel_groups(
-    replicas: tuple[tuple[int, ...], ...], backend: str | None = "nccl"
+    replicas: tuple[tuple[int, ...], ...],
+    backend: str | None = "nccl",
+    timeout: timedelta | None = None,
 ) -> dict[tuple[str, bool], Any]:
     """(kind, sending to a higher rank) -> its own process group over this rank's pipeline.
 
@@ -61,18 +72,31 @@ def channel_groups(
         for kind in ("act", "grad"):
             for up in (True, False):
                 group, _ = dist.new_subgroups_by_enumeration(
-                    [list(r) for r in replicas], backend=backend
+                    [list(r) for r in replicas], timeout=timeout, backend=backend
                 )
                 mine[(kind, up)] = group
         _CHANNEL_GROUPS[replicas] = mine
     return _CHANNEL_GROUPS[replicas]
 
 
+def group_timeout(group: Any) -> timedelta | None:
+    """The timeout `group` was made with, so its channel groups bound every wait alike
+    (`new_group` would default to 30 minutes). torch has no public getter: None if absent."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError, ValueError):
+            continue
+    return None
+
+
 class P2P:
     """`rank` and every `Transfer.peer` are ranks inside `group` (the pipeline group).
 
     `replicas`: every pipeline's global ranks when there are several (data parallelism).
-    `channels`: one process group per channel (None: on NCCL only; True: on gloo too).
+    `channels`: one process group per channel (None: on every backend; False: gloo shares
+    one group, a tag per kind; NCCL always has them).
     """
 
     def __init__(
@@ -96,11 +120,11 @@ class P2P:
         self._channels = None
         if initialized and world > 1:
             backend = dist.get_backend(group)
-            if channels or (channels is None and backend == "nccl"):
+            if channels is not False or backend == "nccl":
                 replicas = replicas or (tuple(self._global),)
                 if tuple(self._global) not in replicas:
                     raise ValueError(f"ranks {self._global} are not one of replicas {replicas}")
-                self._channels = channel_groups(replicas, backend)
+                self._channels = channel_groups(replicas, backend, group_timeout(group))
 
     def post(self, transfers: list[Transfer]) -> list[Any]:
         """Start the transfers; returns one work handle per transfer, in order."""
