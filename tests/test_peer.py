@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitgraph.bench.peer import Case, Spec, main, run, table
+from splitgraph.bench.peer import Case, Spec, load_note, main, run, table
 from splitgraph.bench.torchpp import peer_problem
 from splitgraph.config import load_config
 
@@ -47,6 +47,7 @@ def test_both_systems_run_one_step_each_with_equal_gradients_and_memory() -> Non
     text = table(rows, cores=2)
     assert "| 2 | 1f1b | 1 | not compared: peer: Schedule1F1B needs" in text
     assert text.count("**") == 2 * 3  # a bold ratio per compared row
+    assert load_note(rows).startswith("Load average (1 min) over the timed rounds")
 
 
 def test_each_system_says_where_it_is_undefined() -> None:

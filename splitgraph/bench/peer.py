@@ -13,10 +13,11 @@ ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B. Per world size one set o
    single-device full-batch training (max over parameters of max|g - g_ref| / max|g_ref|);
 2. memory: one step of each under the same `SavedTensorMeter` (exact saved-for-backward
    bytes), peak per rank;
-3. time: blocks of steps rotating between splitgraph without instrumentation, splitgraph as
-   `splitgraph.train` runs by default (counting saved bytes, `runtime.track_memory=true`),
-   and the peer, so drift on the machine lands on all three. Every step starts after a
-   barrier; its time is the slowest rank's. The table gives medians over all timed steps.
+3. time: rounds of short blocks of steps going over every configuration and, within each,
+   over splitgraph without instrumentation, splitgraph counting saved bytes as
+   `splitgraph.train` does by default (`runtime.track_memory=true`) and the peer (who goes
+   first rotates), so drift on the machine lands on every cell alike. Every step starts
+   after a barrier; its time is the slowest rank's. The table gives medians over all steps.
 """
 
 from __future__ import annotations
@@ -156,7 +157,11 @@ def _timed(step: Callable[[], Any], n: int) -> list[float]:
     return out
 
 
-def run_case(spec: Spec, case: Case, base: Any, data: Any, rank: int, world: int) -> dict:
+def prepare(
+    spec: Spec, case: Case, base: Any, data: Any, rank: int, world: int
+) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
+    """Check gradients, build both systems, warm them up and count memory; returns the row
+    so far and one step function per timed system."""
     cfg = _with(base, case.overrides())
     order = BatchOrder(data.num_train, int(cfg.train.batch_size), True, int(cfg.train.seed))
     batches = [(data.X[order.indices(s)], data.y[order.indices(s)]) for s in range(4)]
@@ -194,26 +199,38 @@ def run_case(spec: Spec, case: Case, base: Any, data: Any, rank: int, world: int
     with peer_meter:
         steps["peer"]()
     row["saved_bytes"] = {"splitgraph": meter.peak, "peer": peer_meter.peak}
-    if spec.timed:
-        row["times"] = {name: [] for name in SYSTEMS}
-        row["load"] = [os.getloadavg()[0]]
-        for rnd in range(spec.rounds):
-            k = rnd % len(SYSTEMS)
-            for name in SYSTEMS[k:] + SYSTEMS[:k]:  # rotate who goes first
-                steps[name]()  # one untimed step after switching
-                row["times"][name] += _timed(steps[name], spec.steps)
-        row["load"].append(os.getloadavg()[0])
-    return row
+    return row, steps
 
 
 def worker(rank: int, world: int, spec: Spec) -> list[dict[str, Any]]:
+    """Every case of `spec` on this rank. Timing goes round by round over all cases and, in
+    each case, all systems (the first rotating), so drift lands on every cell alike."""
     base = load_config(spec.overrides)
     data = load_dataset(base)
-    out = []
+    rows: list[dict[str, Any]] = []
+    timed: list[tuple[dict[str, Any], dict[str, Callable[[], Any]]]] = []
     for case in spec.cases:
         why = case.problems(world, base)
-        out.append({"undefined": why} if why else run_case(spec, case, base, data, rank, world))
-    return out
+        if why:
+            rows.append({"undefined": why})
+            continue
+        row, steps = prepare(spec, case, base, data, rank, world)
+        rows.append(row)
+        timed.append((row, steps))
+    if spec.timed and timed:
+        load = [os.getloadavg()[0]]
+        for row, _ in timed:
+            row["times"] = {name: [] for name in SYSTEMS}
+        for rnd in range(spec.rounds):
+            k = rnd % len(SYSTEMS)
+            for row, steps in timed:
+                for name in SYSTEMS[k:] + SYSTEMS[:k]:  # rotate who goes first
+                    steps[name]()  # one untimed step after switching
+                    row["times"][name] += _timed(steps[name], spec.steps)
+        load.append(os.getloadavg()[0])
+        for row, _ in timed:
+            row["load"] = load
+    return rows
 
 
 # -- the launch, the rows, the table ----------------------------------------------------------
@@ -271,15 +288,15 @@ def table(rows: list[dict[str, Any]], cores: int | None = None) -> str:
     head = (
         "| p | schedule | m | splitgraph ms | peer ms | ratio | ratio, tracking memory "
         "| samples/s splitgraph / peer | saved KiB per rank, splitgraph | peer "
-        "| grad rel. err splitgraph / peer | load |"
+        "| grad rel. err splitgraph / peer |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         p = f"{r['p']}" + (" (oversubscribed)" if cores and r["p"] > cores else "")
         lead = f"| {p} | {r['schedule']} | {r['m']} |"
         if "undefined" in r:
             why = "; ".join(f"{k}: {v}" for k, v in r["undefined"].items())
-            lines.append(f"{lead} not compared: {why} |" + " |" * 8)
+            lines.append(f"{lead} not compared: {why} |" + " |" * 7)
             continue
         ge = r.get("grad_error")
         cells = [
@@ -297,10 +314,21 @@ def table(rows: list[dict[str, Any]], cores: int | None = None) -> str:
             _kib(r["saved_bytes_per_rank"]["splitgraph"]),
             _kib(r["saved_bytes_per_rank"]["peer"]),
             f"{ge['splitgraph_vs_reference']:.1e} / {ge['peer_vs_reference']:.1e}" if ge else "",
-            " - ".join(f"{x:.1f}" for x in r.get("load", [])),
         ]
         lines.append(lead + " " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def load_note(rows: list[dict[str, Any]]) -> str:
+    """The machine's 1-minute load average when timing started and ended, per world size."""
+    seen: dict[int, list[float]] = {}
+    for r in rows:
+        if "load" in r:
+            seen.setdefault(r["p"], r["load"])
+    parts = [f"p={p}: {lo:.1f} -> {hi:.1f}" for p, (lo, hi) in seen.items()]
+    return f"Load average (1 min) over the timed rounds, {os.cpu_count()} cores: " + "; ".join(
+        parts
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         rows += run(p, spec, args.timeout)
         print(f"p={p}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
-    text = table(rows, os.cpu_count())
+    text = table(rows, os.cpu_count()) + "\n\n" + load_note(rows)
     print(text)
     if args.out is not None:
         write(args.out, rows, text, argv if argv is not None else sys.argv[1:])
