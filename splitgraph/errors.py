@@ -36,3 +36,31 @@ class CheckpointError(SplitgraphError, ValueError):
 
 class RankFailure(SplitgraphError, RuntimeError):
     """A rank raised or died; the message names the rank."""
+
+
+class OutOfMemory(SplitgraphError, MemoryError):
+    """A rank needs more than `pipeline.memory_cap`: the bytes needed, the cap, and where."""
+
+    def __init__(
+        self,
+        message: str,
+        needed: int,
+        cap: int | None,
+        rank: int,
+        phase: str,
+        records: list[dict] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.needed, self.cap, self.rank, self.phase = needed, cap, rank, phase
+        self.records = list(records or [])
+
+    def to_dict(self) -> dict:
+        return {
+            "status": "oom",
+            "message": str(self),
+            "needed_bytes": self.needed,
+            "cap_bytes": self.cap,
+            "rank": self.rank,
+            "phase": self.phase,
+            "accounted_per_rank": self.records,
+        }

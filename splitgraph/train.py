@@ -38,9 +38,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from splitgraph.config import register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset
-from splitgraph.errors import SplitgraphError
+from splitgraph.errors import OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.partition import make_plan
+from splitgraph.runtime import memcap
 from splitgraph.runtime.dist import (
     DistEnv,
     init_process_group,
@@ -61,6 +62,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     backend = resolve_backend(cfg.runtime, device)
     if cfg.runtime.threads is not None:
         torch.set_num_threads(int(cfg.runtime.threads))
+    memcap.apply_cuda_cap(memcap.cap_bytes(cfg), device)  # GPU: the allocator enforces it
 
     # Data and the initial checkpoint are read before the process group exists: a bad
     # file stops this rank at once, and torchrun then stops the others.
@@ -128,7 +130,10 @@ def _train(
     bar = _progress(cfg, steps) if is_main else None
     step_times: list[float] = []
     fail_step = cfg.debug.fail_at_step
+    cap, budget = memcap.cap_bytes(cfg), cfg.train.time_budget
+    elapsed, stopped_by, step = 0.0, None, -1
     try:
+        accounted = memcap.check_all_ranks(engine, cap, False, "before the first step")
         for step in range(steps):
             x = y = None
             if order is not None and dataset is not None:
@@ -138,7 +143,9 @@ def _train(
             fail_at = 1 if (fail_step == step and env.rank == cfg.debug.fail_rank) else None
             t0 = time.perf_counter()
             stats = engine.step(x, y, fail_at=fail_at)
-            parts = torch.tensor([stats.loss, stats.l2], dtype=torch.float64)
+            # rank 0 alone decides the time budget; the all_reduce tells every rank
+            over = budget is not None and is_main and elapsed + time.perf_counter() - t0 >= budget
+            parts = torch.tensor([stats.loss, stats.l2, float(over)], dtype=torch.float64)
             if distributed:
                 parts = parts.to(device)
                 dist.all_reduce(parts)  # ends when every rank has finished the step
@@ -148,6 +155,11 @@ def _train(
             if not (L == L and abs(L) != float("inf")):
                 raise FloatingPointError(f"the loss is {L} at step {step}")
             step_times.append(dt)
+            elapsed += dt
+            if step == 0:  # the saved-activation peak is now exact
+                accounted = memcap.check_all_ranks(engine, cap, True, "after the first step")
+            stopped_by = "time_budget" if parts[2] > 0 else None
+            evals = _maybe_evaluate(cfg, engine, dataset, step, steps, stopped_by, is_main)
             if metrics_file is not None:
                 rec = {
                     "step": step,
@@ -156,12 +168,19 @@ def _train(
                     "s": s,
                     "step_time": dt,
                     "samples_per_s": batch / dt,
+                    "samples": (step + 1) * batch,
+                    "elapsed": elapsed,
+                    **evals,
                 }
                 metrics_file.write(json.dumps(rec) + "\n")
             if bar is not None:
                 bar.update(1)
                 if step % int(cfg.train.log_every) == 0 or step == steps - 1:
                     bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
+            if stopped_by:
+                break
+    except (OutOfMemory, torch.cuda.OutOfMemoryError) as e:
+        raise _out_of_memory(e, cfg, env, device, step) from e
     finally:
         if bar is not None:
             bar.close()
@@ -175,40 +194,42 @@ def _train(
         "saved_activation_peak_bytes": engine.meter.peak if engine.meter else None,
         "peak_rss_bytes": peak_rss_bytes(),
         **cuda_memory(device),
+        "accounted": accounted[env.rank],
+        "comm": _comm(engine, len(step_times)),
     }
-    state = engine.state_dict()
     if distributed:
         memories: list[Any] = [None] * env.world_size
-        states: list[Any] = [None] * env.world_size
         dist.gather_object(memory, memories if is_main else None, dst=0)
-        dist.gather_object(state, states if is_main else None, dst=0)
     else:
-        memories, states = [memory], [state]
-    if not is_main:
+        memories = [memory]
+    merged = _gather_state(engine, distributed, is_main)
+    if merged is None:
         return None
-    pairs = sorted(
-        ((k, v) for st in states for k, v in st.items()), key=lambda kv: _layer_key(kv[0])
-    )
-    merged = dict(pairs)
     if cfg.checkpoint.save:
         torch.save(merged, run_dir / "model.pt")
     final = _final_metrics(run_dir)
     if dataset is not None:  # rank 0 holds stage 0, so it has the held-out split
         final["test"] = evaluate(cfg, merged, dataset.X_test, dataset.y_test, engine.dtype)
+        final["train"] = evaluate(cfg, merged, dataset.X, dataset.y, engine.dtype)
     steady = step_times[1:] if len(step_times) > 1 else step_times
     median = statistics.median(steady) if steady else float("nan")
     summary = {
+        "status": "ok",
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "world_size": env.world_size,
         "backend": backend if distributed else None,
         "device": str(device),
         "plan": engine.plan.to_dict(),
         "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
-        "steps": steps,
+        "steps": len(step_times),
+        "steps_per_epoch": order.steps_per_epoch if order is not None else None,
+        "stopped_by": stopped_by or "steps",
+        "train_time_s": elapsed,
         "step_time_median_s": median,
         "samples_per_s_median": batch / median if median == median and median > 0 else None,
         "final": final,
-        "memory_per_rank": memories,
+        "memory_per_rank": [{k: v for k, v in m.items() if k != "comm"} for m in memories],
+        "comm_per_rank": [{"rank": m["rank"], **m["comm"]} for m in memories],
         "torch": torch.__version__,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -224,6 +245,86 @@ def _train(
         run_dir,
     )
     return summary
+
+
+# -- memory cap, held-out evaluation, communication (issue 5) ------------------------------
+
+
+def _out_of_memory(
+    e: BaseException, cfg: DictConfig, env: DistEnv, device: torch.device, step: int
+) -> OutOfMemory:
+    """Record an out-of-memory stop where the harness reads it, and return the error to raise.
+
+    CPU: every rank raised the same error together, so rank 0 writes summary.json with status
+    "oom". GPU: only the rank whose allocator refused knows; it writes oom_rank<r>.json.
+    """
+    if not isinstance(e, OutOfMemory):
+        allocated = int(torch.cuda.memory_allocated(device))
+        e = memcap.from_cuda_oom(e, allocated, memcap.cap_bytes(cfg), env.rank, step)
+    run_dir = Path(cfg.run_dir)
+    if device.type == "cuda":
+        memcap.write_oom(run_dir, e)
+    if env.rank == 0:
+        summary = {
+            **e.to_dict(),
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        }
+        summary["world_size"] = env.world_size
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return e
+
+
+def _maybe_evaluate(
+    cfg: DictConfig,
+    engine: PipelineEngine,
+    dataset: Dataset | None,
+    step: int,
+    steps: int,
+    stopped_by: str | None,
+    is_main: bool,
+) -> dict[str, Any]:
+    """Held-out metrics every `train.eval_every` steps and at the last step (rank 0 gets the
+    consolidated weights; every rank must call this at the same steps). Not timed as training."""
+    every = cfg.train.eval_every
+    if every is None or not ((step + 1) % int(every) == 0 or step == steps - 1 or stopped_by):
+        return {}
+    t0 = time.perf_counter()
+    state = _gather_state(engine, engine.world_size > 1, is_main)
+    if state is None or dataset is None:
+        return {}
+    test = evaluate(cfg, state, dataset.X_test, dataset.y_test, engine.dtype)
+    out = {f"test_{k}": v for k, v in test.items() if k != "samples"}
+    return {**out, "eval_time": time.perf_counter() - t0}
+
+
+def _gather_state(
+    engine: PipelineEngine, distributed: bool, is_main: bool
+) -> dict[str, torch.Tensor] | None:
+    """The consolidated weights under global names on rank 0 (None elsewhere)."""
+    state = engine.state_dict()
+    if distributed:
+        states: list[Any] = [None] * engine.world_size
+        dist.gather_object(state, states if is_main else None, dst=0)
+    else:
+        states = [state]
+    if not is_main:
+        return None
+    pairs = sorted(
+        ((k, v) for st in states for k, v in st.items()), key=lambda kv: _layer_key(kv[0])
+    )
+    return dict(pairs)
+
+
+def _comm(engine: PipelineEngine, steps: int) -> dict[str, float]:
+    """Point-to-point traffic this rank sent (activations and gradients), total and per step."""
+    b, n = engine.p2p.bytes_sent, engine.p2p.messages_sent
+    per = max(steps, 1)
+    return {
+        "bytes_sent": b,
+        "messages_sent": n,
+        "bytes_sent_per_step": b / per,
+        "messages_sent_per_step": n / per,
+    }
 
 
 def _layer_key(name: str) -> tuple[int, str]:
@@ -271,6 +372,10 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         try:
             run(cfg)
+        except OutOfMemory as e:
+            rank = os.environ.get("RANK", "0")
+            print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
+            sys.exit(memcap.EXIT_OOM)
         except SplitgraphError as e:
             rank = os.environ.get("RANK", "0")
             print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)

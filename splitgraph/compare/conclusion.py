@@ -1,0 +1,214 @@
+"""The report's conclusion, computed from the rows: who fits, who wins on time to the target,
+on device-seconds and on accuracy, and why, each reason an arithmetic fact of the same rows
+(time to target = epochs needed x seconds per epoch; device-seconds = devices x seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitgraph.compare.analysis import CONTENDERS
+from splitgraph.units import format_bytes
+
+
+def _s(x: float | None) -> str:
+    return "n/a" if x is None else (f"{x:.2f} s" if x < 100 else f"{x:.0f} s")
+
+
+def _ranked(rows: list[dict[str, Any]], key: str, high: bool = False) -> list[dict[str, Any]]:
+    return sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=high)
+
+
+def _then(others: list[dict[str, Any]], key: str, fmt: str) -> str:
+    if not others:
+        return ""
+    return " (then " + ", ".join(f"{r['label']} {fmt.format(r[key])}" for r in others) + ")"
+
+
+def seconds_per_epoch(r: dict[str, Any]) -> float | None:
+    dse = r.get("device_seconds_per_epoch")
+    return dse / r["devices"] if dse is not None else None
+
+
+def fitting(rows: list[dict[str, Any]], cap: int | None) -> list[dict[str, Any]]:
+    """The contenders that ran to the end within the cap (all that ran, without a cap)."""
+    ok = [r for r in rows if r["kind"] in CONTENDERS and r["status"] == "ok"]
+    return ok if cap is None else [r for r in ok if r["fits"]]
+
+
+def conclude(
+    rows: list[dict[str, Any]], cap: int | None, target: float | None, k: int
+) -> list[str]:
+    main = [r for r in rows if r["phase"] == "epochs"]
+    out = _fit_lines(main, cap)
+    fit = fitting(main, cap)
+    if not fit:
+        return [*out, "No variant fits the cap, so there is nothing to compare."]
+    if target is not None:
+        out += _time_lines(fit, target, k)
+    out += _accuracy_lines(fit, [r for r in rows if r["phase"] == "time" and r["status"] == "ok"])
+    out += _pipeline_lines(main, fit)
+    out += _exactness_lines(main, k)
+    return out
+
+
+def _fit_lines(main: list[dict[str, Any]], cap: int | None) -> list[str]:
+    out = []
+    full = next((r for r in main if r["kind"] == "full"), None)
+    if cap is not None and full is not None and full["peak_bytes"] is not None:
+        verdict = "does not fit" if full["status"] == "oom" else "fits"
+        out.append(
+            f"**The question.** One device with the whole minibatch (`full`) needs "
+            f"{format_bytes(full['peak_bytes'])} by the accounting; the cap is "
+            f"{format_bytes(cap)} per device, so it {verdict}."
+        )
+    fit = fitting(main, cap)
+    if fit:
+        parts = [f"{r['label']} ({format_bytes(r['peak_bytes'])})" for r in fit if r["peak_bytes"]]
+        out.append("**What fits** (largest device): " + "; ".join(parts) + ".")
+    oom = [r for r in main if r["status"] == "oom"]
+    if oom:
+        out.append(
+            "**Out of memory:** "
+            + "; ".join(f"{r['label']} needs {format_bytes(r['peak_bytes'] or 0)}" for r in oom)
+            + "."
+        )
+    failed = [r for r in main if r["status"] == "failed"]
+    if failed:
+        reasons = [
+            f"{r['label']}: {(r['error'] or '?').splitlines()[0][:160].rstrip('.')}" for r in failed
+        ]
+        out.append("**Did not run:** " + "; ".join(reasons) + ".")
+    return out
+
+
+def _time_lines(fit: list[dict[str, Any]], target: float, k: int) -> list[str]:
+    out = []
+    fast = _ranked(fit, "time_to_target_s")
+    if fast:
+        w = fast[0]
+        rest = ", ".join(
+            f"{r['label']} {_s(r['time_to_target_s'])} "
+            f"({r['time_to_target_s'] / max(w['time_to_target_s'], 1e-12):.1f}x)"
+            for r in fast[1:]
+        )
+        line = (
+            f"**Fastest to the target** (held-out loss {target:.4f}): {w['label']}, "
+            f"{_s(w['time_to_target_s'])} of training" + (f"; then {rest}." if rest else ".")
+        )
+        if len(fast) > 1:
+            line += " " + _why_time(w, fast[1], k)
+        out.append(line)
+    cheap = _ranked(fit, "device_seconds_to_target")
+    if cheap:
+        w = cheap[0]
+        out.append(
+            f"**Cheapest to the target** in device-seconds (devices x seconds): {w['label']}, "
+            f"{w['device_seconds_to_target']:.2f} device-s on {w['devices']} device(s)"
+            + _then(cheap[1:], "device_seconds_to_target", "{:.2f}")
+            + ". A p-device run must be p times faster than a one-device run to cost the same."
+        )
+    return out
+
+
+def _why_time(w: dict[str, Any], r: dict[str, Any], k: int) -> str:
+    """Time to target = epochs needed x seconds per epoch: which factor made the difference."""
+    ew, er = w["epochs_to_target"], r["epochs_to_target"]
+    sw, sr = seconds_per_epoch(w), seconds_per_epoch(r)
+    if None in (ew, er, sw, sr):
+        return ""
+    text = (
+        f"Why: time to target = epochs needed x seconds per epoch; {w['label']} needs "
+        f"{ew:.2f} epochs x {sw:.3f} s, {r['label']} {er:.2f} x {sr:.3f} s"
+    )
+    fewer, faster = ew < er * 0.98, sw < sr * 0.98
+    if fewer and faster:
+        text += ": it wins on both."
+    elif fewer:
+        text += ": it needs fewer epochs"
+        if w["kind"] == "small":
+            text += f" (k={k} times more updates per epoch)"
+        text += "."
+    elif faster:
+        text += f": its epochs are {sr / sw:.2f}x faster."
+    else:
+        text += ": they are within 2% on both factors (noise)."
+    return text
+
+
+def _accuracy_lines(fit: list[dict[str, Any]], timed: list[dict[str, Any]]) -> list[str]:
+    out = []
+    acc = _ranked(fit, "final_test_accuracy", high=True)
+    if acc:
+        w = acc[0]
+        out.append(
+            f"**Most accurate after the epoch budget** ({w['epochs'] or 0:.0f} epochs): "
+            f"{w['label']}, held-out accuracy {w['final_test_accuracy']:.4f} (loss "
+            f"{w['final_test_loss']:.4f})" + _then(acc[1:], "final_test_accuracy", "{:.4f}") + "."
+        )
+    tacc = _ranked(timed, "final_test_accuracy", high=True)
+    if tacc:
+        w = tacc[0]
+        out.append(
+            f"**Most accurate after the wall-clock budget**: {w['label']}, held-out accuracy "
+            f"{w['final_test_accuracy']:.4f} after {w['epochs'] or 0:.2f} epochs"
+            + _then(tacc[1:], "final_test_accuracy", "{:.4f}")
+            + "."
+        )
+    return out
+
+
+def _pipeline_lines(main: list[dict[str, Any]], fit: list[dict[str, Any]]) -> list[str]:
+    """Each pipeline's measured speed-up over one device doing the same work, against the ideal
+    p*m/(m+p-1) that the bubble allows."""
+    one = next(
+        (r for r in main if r["kind"] in ("reference", "full") and r["step_time_median_s"]), None
+    )
+    one = one or next(
+        (r for r in main if r["kind"] == "accumulate" and r["step_time_median_s"]), None
+    )
+    if one is None:
+        return []
+    out = []
+    for r in fit:
+        if r["kind"] != "pipeline" or not r["step_time_median_s"]:
+            continue
+        p, m = r["devices"], r["microbatches"] or 1
+        ideal = p * m / (m + p - 1)
+        got = one["step_time_median_s"] / r["step_time_median_s"]
+        out.append(
+            f"**{r['label']}** steps {got:.2f}x as fast as {one['label']} (median "
+            f"{r['step_time_median_s'] * 1e3:.1f} ms vs {one['step_time_median_s'] * 1e3:.1f} ms); "
+            f"the bubble allows at most p*m/(m+p-1) = {ideal:.2f}x, before the "
+            f"{format_bytes(r['comm_bytes_per_step'] or 0)} of activations and gradients it "
+            "sends per step and the processes' share of the cores."
+        )
+    return out
+
+
+def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
+    out = []
+    ref = next((r for r in main if r["kind"] == "reference" and r["status"] == "ok"), None)
+    same = [
+        r
+        for r in main
+        if r["kind"] in ("accumulate", "pipeline") and r.get("weights_rel_diff") is not None
+    ]
+    if same:
+        worst = max(r["weights_rel_diff"] for r in same)
+        loss = max((r["loss_max_abs_diff"] or 0.0) for r in same)
+        basis = "the uncapped `full` (reference)" if ref is not None else "`full`"
+        out.append(
+            f"**Same mathematics.** accumulate and the pipelines compute full's update: after "
+            f"the same steps their weights differ from {basis} by at most {worst:.1e} "
+            f"(relative) and their training loss by at most {loss:.1e} at any step: "
+            "floating-point rounding (the same sums in another order), not another algorithm."
+        )
+    for r in main:
+        if r["kind"] == "small" and r.get("test_loss_gap") is not None:
+            out.append(
+                f"**A different trajectory.** {r['label']} takes {k}x more, smaller steps: its "
+                f"held-out loss differs from full's by up to {r['test_loss_gap']:.4f} at equal "
+                f"samples seen, and its final weights by {r['weights_rel_diff']:.2f} (relative)."
+            )
+    return out

@@ -1,0 +1,382 @@
+"""`splitgraph-compare`: run every option under one memory cap and write the report.
+
+    splitgraph-compare experiment=too_large
+    splitgraph-compare experiment=too_large pipeline.stages=2 compare.memory_cap=64MiB data=digits
+    splitgraph-compare -m experiment=too_large compare.variants=[pipeline] \
+        pipeline.stages=2,4 pipeline.microbatches=2,4,8 schedule=gpipe,1f1b
+
+A single run writes into its Hydra run dir (`results/<compare.name>/` by default). A multirun
+(`-m`) makes each sweep point its own comparison in `<sweep dir>/<job>/`, each launching its own
+processes (torchrun for pipelines; no Hydra launcher plugin involved), and after every point
+rewrites `<sweep dir>/sweep.md` and `sweep.csv`, one table of every point's variants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from splitgraph.compare import analysis, conclusion, report, runner, variants
+from splitgraph.compare.analysis import Result
+from splitgraph.compare.config import register, validate_compare
+from splitgraph.config import validate
+from splitgraph.errors import ConfigError, SplitgraphError
+from splitgraph.units import format_bytes, parse_bytes
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """`splitgraph.train`'s config for these overrides. Inside the harness's Hydra app the
+    global Hydra is already set up on the same config module, so compose uses it as is."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    from splitgraph.config import load_config
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    return load_config(overrides)
+
+
+def check_variant(v: variants.Variant, base: dict[str, Any], run_dir: str) -> str | None:
+    """None if the variant's training config composes and validates, else the reason."""
+    from hydra.errors import HydraException
+
+    try:
+        cfg = compose_train(variants.overrides(base | v.settings | {"run_dir": run_dir}))
+        validate(cfg, v.nproc)
+    except (SplitgraphError, HydraException) as e:
+        cause = f"\n{e.__cause__}" if e.__cause__ else ""
+        return f"configuration refused before launch: {e}{cause}"
+    return None
+
+
+def _bar(total: int | None, desc: str, position: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        position=position,
+        leave=position == 0,
+        unit="step" if position else "run",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not enabled,
+    )
+
+
+def run_all(
+    todo: list[variants.Variant],
+    base: dict[str, Any],
+    runs_dir: Path,
+    timeout: float,
+    num_train: int,
+    progress: bool,
+) -> list[Result]:
+    """Each variant in its own process, one after another; a failure stops only itself."""
+    out: list[Result] = []
+    outer = _bar(len(todo), "compare", 0, progress)
+    try:
+        for v in todo:
+            run_dir = runs_dir / v.name
+            cmd = variants.command(v, base, str(run_dir))
+            refused = check_variant(v, base, str(run_dir))
+            outer.set_postfix_str(v.name)
+            if refused is not None:
+                outcome = runner.Outcome("failed", error=refused)
+            else:
+                epochs = int(v.settings["train.epochs"])
+                total = epochs * (num_train // v.batch) if v.phase == "epochs" else None
+                inner = _bar(total, v.name, 1, progress)
+
+                def tick(n: int, bar: Any = inner) -> None:
+                    bar.update(n - bar.n)
+
+                try:
+                    outcome = runner.run(cmd, run_dir, timeout, tick)
+                finally:
+                    inner.close()
+            outcome.command = variants.printable(cmd)
+            out.append(Result(v, outcome, run_dir))
+            outer.update(1)
+            _say(f"{v.name}: {outcome.status}" + _short(outcome), progress)
+    finally:
+        outer.close()
+    return out
+
+
+def _short(o: runner.Outcome) -> str:
+    if o.status == "oom":
+        return f", needed {format_bytes(o.needed_bytes or 0)}"
+    if o.status == "failed":
+        return f": {(o.error or '').splitlines()[0][:200]}"
+    return f" ({o.wall_s:.1f} s)"
+
+
+def _say(text: str, progress: bool) -> None:
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
+    """Validate, run every variant (and the wall-clock runs), analyse, write the report."""
+    from splitgraph.data import load_dataset
+
+    validate_compare(cfg)
+    c = cfg.compare
+    data = load_dataset(cfg)  # a bad data file stops the harness before anything runs
+    num_train = data.num_train
+    base = variants.base_settings(cfg, compose_train([]))
+    todo = variants.build(cfg, num_train)
+    runs_dir = Path(c.runs_dir) if c.runs_dir else out_dir / "runs"
+    load_start = os.getloadavg()[0]
+
+    results = run_all(todo, base, runs_dir, float(c.timeout), num_train, bool(c.progress))
+    if all(r.outcome.error and "refused before launch" in r.outcome.error for r in results):
+        raise ConfigError([f"{r.variant.name}: {r.outcome.error}" for r in results])
+    if c.time_budget is not None:
+        timed = [
+            variants.for_time_budget(r.variant, float(c.time_budget), int(c.time_budget_max_epochs))
+            for r in results
+            if r.variant.kind in analysis.CONTENDERS and r.outcome.status == "ok"
+        ]
+        results += run_all(timed, base, runs_dir, float(c.timeout), num_train, bool(c.progress))
+
+    cap = parse_bytes(c.memory_cap) if c.memory_cap is not None else None
+    lr = float(cfg.optim.lr)
+    rows = [analysis.row(r, num_train, cap, lr) for r in results]
+    target = analysis.derive(rows, results, c.target_loss)
+    sentences = conclusion.conclude(rows, cap, target, int(c.k))
+    meta = _meta(cfg, command, cap, target, load_start, rows, num_train)
+    path = report.write(out_dir, rows, meta, sentences)
+    _say(f"report: {path}", bool(c.progress))
+    return {"meta": meta, "rows": rows, "conclusion": sentences, "report": path}
+
+
+def _meta(
+    cfg: DictConfig,
+    command: str,
+    cap: int | None,
+    target: float | None,
+    load_start: float,
+    rows: list[dict[str, Any]],
+    num_train: int,
+) -> dict[str, Any]:
+    c = cfg.compare
+    o = cfg.optim
+    name = _text(o.name)
+    optim = f"{name} lr={o.lr}" + (f" momentum={o.momentum}" if name == "sgd" else "")
+    dims = [cfg.model.in_features, *cfg.model.hidden, cfg.model.out_features]
+    load_end = os.getloadavg()[0]
+    return {
+        "name": str(c.name),
+        "command": command,
+        "cap_bytes": cap,
+        "target_loss": target,
+        "target_source": "compare.target_loss"
+        if c.target_loss is not None
+        else "the highest final held-out loss among the variants that fit, so every one reaches it",
+        "epochs": int(c.epochs),
+        "time_budget": c.time_budget,
+        "batch": int(cfg.train.batch_size),
+        "k": int(c.k),
+        "model": f"MLP {'-'.join(map(str, dims))} ({_text(cfg.model.activation)}, "
+        f"bias={cfg.model.bias})",
+        "data": f"{_text(cfg.data.name)} ({num_train} training samples, "
+        f"{cfg.data.test_fraction:g} held out)",
+        "optim": optim,
+        "dtype": _text(cfg.runtime.dtype),
+        "machine": _machine(),
+        "noise": (
+            f"Load average {load_start:.2f} when the harness started and {load_end:.2f} when "
+            "it finished: other processes shared the cores, so times are noisy (per-launch "
+            "medians vary by about 10% on these machines even when idle); memory figures are "
+            "exact and do not vary."
+        ),
+        "notes": _notes(cfg, rows),
+        "overrides": _task_overrides(),
+    }
+
+
+def _text(v: Any) -> str:
+    """An enum's value, anything else as text."""
+    return str(getattr(v, "value", v))
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, OMP_NUM_THREADS=1 per process"
+    )
+
+
+def _notes(cfg: DictConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """How each variant is made, with the memory facts that explain it, from the numbers."""
+    k = int(cfg.compare.k)
+    by = {r["variant"]: r for r in rows if r["phase"] == "epochs"}
+
+    def saved(name: str) -> int | None:
+        r = by.get(name)
+        if not r or not r["accounted_per_rank"]:
+            return None
+        return max((a.get("saved_peak") or 0) for a in r["accounted_per_rank"]) or None
+
+    full_saved = saved("reference") or saved("full")
+    acc = saved("accumulate")
+    acc_fact = ""
+    if full_saved and acc:
+        acc_fact = (
+            f" Measured: its saved-activation peak is {format_bytes(acc)}, "
+            f"{acc / full_saved:.3f} of full's {format_bytes(full_saved)} (1/k = {1 / k:.3f})."
+        )
+    return [
+        "`full`: one process, the whole minibatch B as one microbatch (`schedule=naive`).",
+        f"`small`: one process, minibatch B/k = B/{k}, so {k}x more updates per epoch; learning "
+        "rate `same` as full's, or `linear` (scaled by 1/k with the batch).",
+        f"`accumulate`: one process, `schedule=1f1b pipeline.microbatches={k}`. On a single "
+        "rank 1F1B runs F0 B0 F1 B1 ...: each microbatch's backward runs before the next "
+        "forward, so at most one microbatch's activations are saved at a time, while the "
+        "gradients of all k add up in `.grad` before one optimizer step (each microbatch's "
+        "loss is weighted by its share of B, so the update is full's)." + acc_fact,
+        "`recompute`: one process, minibatch B, `schedule.recompute=true` (activations "
+        "rematerialised in the backward).",
+        "`pipeline`: p processes under `torchrun --standalone`, one stage each, for each "
+        "schedule and microbatch count m; parameters, gradients, optimizer state and "
+        "activations are split across the p devices.",
+        "`reference`: `full` without the cap, so the others' weights can be compared with "
+        "full-batch training after the same steps; it is not a contender.",
+        "Every variant trains the same epochs from the same initial weights and data order, "
+        "and is evaluated on the same held-out split at the same numbers of samples seen.",
+    ]
+
+
+def _task_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
+# -- sweeps --------------------------------------------------------------------------------
+
+
+def collect_sweep(sweep_dir: Path) -> Path | None:
+    """One table of every finished sweep point's variants (rewritten after each point)."""
+    points = []
+    for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: _job_key(p.parent.name)):
+        data = json.loads(path.read_text())
+        points.append((path.parent.name, data["meta"], data["rows"]))
+    if not points:
+        return None
+    rows_out, lines = [], []
+    cols = [
+        "job",
+        "overrides",
+        "variant",
+        "status",
+        "devices",
+        "peak",
+        "median step",
+        "samples/s",
+        "time to target",
+        "test acc",
+    ]
+    lines += [
+        f"# Sweep: {len(points)} point(s)",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for job, meta, rows in points:
+        over = " ".join(meta.get("overrides", []))
+        for r in rows:
+            rows_out.append({"job": job, "overrides": over, **r})
+            cells = [
+                job,
+                f"`{over}`",
+                r["label"],
+                r["status"],
+                r["devices"],
+                format_bytes(r["peak_bytes"]) if r["peak_bytes"] else "",
+                _opt(r["step_time_median_s"], ".4f"),
+                _opt(r["samples_per_s"], ".0f"),
+                _opt(r.get("time_to_target_s"), ".2f"),
+                _opt(r["final_test_accuracy"], ".4f"),
+            ]
+            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+    (sweep_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    with open(sweep_dir / "sweep.csv", "w", newline="") as f:
+        import csv
+
+        w = csv.DictWriter(
+            f, fieldnames=["job", "overrides", *report.CSV_COLUMNS], extrasaction="ignore"
+        )
+        w.writeheader()
+        for r in rows_out:
+            w.writerow(r)
+    return sweep_dir / "sweep.md"
+
+
+def _job_key(name: str) -> tuple[int, str]:
+    return (int(name), name) if name.isdigit() else (1 << 30, name)
+
+
+def _opt(x: Any, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Console script `splitgraph-compare` and `python -m splitgraph.compare`."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    register()
+
+    @hydra.main(version_base="1.3", config_path="pkg://splitgraph.conf", config_name="compare")
+    def _main(cfg: DictConfig) -> None:
+        hc = HydraConfig.get()
+        out_dir = Path(hc.runtime.output_dir)
+        command = shlex.join(["splitgraph-compare", *hc.overrides.task])
+        try:
+            compare(cfg, out_dir, command)
+        except SplitgraphError as e:
+            print(f"splitgraph-compare: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        if hc.mode == RunMode.MULTIRUN:
+            table = collect_sweep(Path(hc.sweep.dir))
+            print(f"sweep table: {table}", file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    _main()
+    print(f"splitgraph-compare: done in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
