@@ -113,7 +113,9 @@ def row(res: Result, num_train: int, cap: int | None, base_lr: float) -> dict[st
     return out
 
 
-def derive(rows: list[dict[str, Any]], results: list[Result], target: float | None) -> float | None:
+def derive(
+    rows: list[dict[str, Any]], run_dirs: dict[str, Path], target: float | None
+) -> float | None:
     """Fill in the cross-variant figures: the target loss (if not given), time and epochs to
     reach it, and each variant's distance from the reference's weights and trajectory."""
     main = [r for r in rows if r["phase"] == "epochs"]
@@ -130,23 +132,40 @@ def derive(rows: list[dict[str, Any]], results: list[Result], target: float | No
         r["epochs_to_target"] = hit["samples"] / r["_num_train"] if hit else None
         r["device_seconds_to_target"] = r["devices"] * hit["elapsed"] if hit else None
     ref = _reference(main)
-    dirs = {res.variant.name: res.run_dir for res in results}
     for r in main:
-        r["weights_rel_diff"] = r["loss_max_abs_diff"] = r["test_loss_gap"] = None
+        for key in ("weights_rel_diff", "loss_max_abs_diff", "test_loss_gap"):
+            r[key] = None
+        r["loss_early_diff"] = r["loss_same_until"] = None
         if ref is None or r is ref or r["status"] != "ok":
             continue
         r["weights_rel_diff"] = weights_rel_diff(
-            dirs[r["variant"]] / "model.pt", dirs[ref["variant"]] / "model.pt"
+            run_dirs[r["variant"]] / "model.pt", run_dirs[ref["variant"]] / "model.pt"
         )
         if r["batch"] == ref["batch"]:  # the same steps: compare the training loss step by step
-            mine, theirs = dict(r["_steps"]), dict(ref["_steps"])
-            common = sorted(set(mine) & set(theirs))
-            r["loss_max_abs_diff"] = max((abs(mine[i] - theirs[i]) for i in common), default=None)
+            r.update(loss_agreement(r["_steps"], ref["_steps"]))
         mine_t = {p["samples"]: p["test_loss"] for p in r["_points"]}
         theirs_t = {p["samples"]: p["test_loss"] for p in ref["_points"]}
         common = sorted(set(mine_t) & set(theirs_t))
         r["test_loss_gap"] = max((abs(mine_t[s] - theirs_t[s]) for s in common), default=None)
     return target
+
+
+def loss_agreement(
+    mine: list[tuple[int, float]],
+    theirs: list[tuple[int, float]],
+    early: int = 10,
+    tol: float = 1e-4,
+) -> dict[str, Any]:
+    """How two runs of the same steps agree in training loss: the largest gap over the first
+    `early` steps and over all, and the first step whose gap exceeds `tol` (None: never)."""
+    a, b = dict(mine), dict(theirs)
+    common = sorted(set(a) & set(b))
+    gaps = [(i, abs(a[i] - b[i])) for i in common]
+    return {
+        "loss_early_diff": max((g for i, g in gaps if i < early), default=None),
+        "loss_max_abs_diff": max((g for _, g in gaps), default=None),
+        "loss_same_until": next((i for i, g in gaps if g > tol), None),
+    }
 
 
 def _reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -59,6 +59,14 @@ def register() -> None:
     ConfigStore.instance().store(name="base_compare", node=CompareRunConfig)
 
 
+def load(overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The harness's config composed as `splitgraph-compare` would (for tests and tools)."""
+    from splitgraph.config import load_config
+
+    register()
+    return load_config(list(overrides), config_name="compare")
+
+
 def pipeline_grid(cfg: Any) -> tuple[list[int], list[str], list[int]]:
     """The pipeline variants' (stages, schedules, microbatches), defaults filled in."""
     c = cfg.compare

@@ -157,7 +157,8 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
     cap = parse_bytes(c.memory_cap) if c.memory_cap is not None else None
     lr = float(cfg.optim.lr)
     rows = [analysis.row(r, num_train, cap, lr) for r in results]
-    target = analysis.derive(rows, results, c.target_loss)
+    run_dirs = {r.variant.name: r.run_dir for r in results}
+    target = analysis.derive(rows, run_dirs, c.target_loss)
     sentences = conclusion.conclude(rows, cap, target, int(c.k))
     meta = _meta(cfg, command, cap, target, load_start, rows, num_train)
     path = report.write(out_dir, rows, meta, sentences)

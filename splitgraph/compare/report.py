@@ -42,6 +42,8 @@ CSV_COLUMNS = [
     "final_test_loss",
     "final_test_accuracy",
     "weights_rel_diff",
+    "loss_early_diff",
+    "loss_same_until",
     "loss_max_abs_diff",
     "test_loss_gap",
     "error",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -140,11 +141,12 @@ def error_text(log_path: Path, returncode: int | None, tail: int = 12) -> str:
     return f"exit status {returncode}" + (f":\n{text}" if text else "")
 
 
+_EXCEPTION = re.compile(r"^(?:[a-z_]\w*\.)*[A-Z]\w*: \S")
+
+
 def _is_exception_line(line: str) -> bool:
-    head = line.split(":", 1)[0]
-    return (head.endswith(("Error", "Exception")) or head == "KeyboardInterrupt") and (
-        " " not in head
-    )
+    """A traceback's last line: `ValueError: ...`, `splitgraph.x.InjectedFault: ...`."""
+    return bool(_EXCEPTION.match(line))
 
 
 def _load_json(path: Path) -> dict[str, Any] | None:
