@@ -17,7 +17,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from splitgraph.compare import analysis, conclusion, report, runner, variants
-from splitgraph.compare.config import load, validate_compare
+from splitgraph.compare.config import load, output_dir, validate_compare
 from splitgraph.config import load_config
 from splitgraph.errors import ConfigError
 
@@ -37,6 +37,11 @@ def _recompute_available() -> bool:
 
 
 # -- configuration ---------------------------------------------------------------------------
+
+
+def test_single_runs_write_to_results_only_as_committed() -> None:
+    assert output_dir("too_large") == "results/too_large"
+    assert output_dir("too_large", "data=digits") == "outputs/compare/too_large/data=digits"
 
 
 def test_compare_config_composes_with_the_training_groups() -> None:
@@ -307,6 +312,10 @@ def test_derived_figures_and_a_conclusion_computed_from_them(tmp_path: Path) -> 
     assert "recompute: configuration refused: no" in joined  # the first line of its error
     assert "steps 0.80x as fast as reference" in joined and "1.60x" in joined
     assert "From step 12 the gap exceeds 1e-4" in joined
+    assert "Timing noise" not in joined  # no two variants do the same arithmetic here
+    twin = _row("small2", "small", batch=32, step_time_median_s=0.3)
+    noise = conclusion.conclude([*rows, twin], 100, target, 4)[-1]
+    assert "small and small2 do identical arithmetic" in noise and "(1.50x)" in noise
 
     meta = {
         "name": "made-up",

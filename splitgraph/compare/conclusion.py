@@ -49,6 +49,31 @@ def conclude(
     out += _accuracy_lines(fit, [r for r in rows if r["phase"] == "time" and r["status"] == "ok"])
     out += _pipeline_lines(main, fit)
     out += _exactness_lines(main, k)
+    out += _noise_lines(main)
+    return out
+
+
+def _noise_lines(main: list[dict[str, Any]]) -> list[str]:
+    """Variants that do identical arithmetic per step (same devices, batch, schedule and m;
+    only the learning rate differs) measure this run's timing noise."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in main:
+        if r["status"] == "ok" and r["step_time_median_s"] and r["kind"] in CONTENDERS:
+            key = (r["kind"], r["devices"], r["batch"], r["schedule"], r["microbatches"])
+            groups.setdefault(key, []).append(r)
+    out = []
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        ts = sorted(same, key=lambda r: r["step_time_median_s"])
+        lo, hi = ts[0], ts[-1]
+        out.append(
+            f"**Timing noise in this run.** {' and '.join(r['label'] for r in ts)} do identical "
+            "arithmetic per step (only the learning rate differs), yet their median steps are "
+            + " and ".join(f"{r['step_time_median_s'] * 1e3:.1f} ms" for r in ts)
+            + f" ({hi['step_time_median_s'] / lo['step_time_median_s']:.2f}x): time "
+            "differences smaller than that are not evidence here; memory figures are exact."
+        )
     return out
 
 
@@ -192,7 +217,7 @@ def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
         if r["kind"] in ("accumulate", "pipeline") and r.get("loss_early_diff") is not None
     ]
     if same:
-        basis = "the uncapped `full` (reference)" if ref is not None else "`full`"
+        basis = "the reference's (`full` without the cap)" if ref is not None else "`full`'s"
         early = max(r["loss_early_diff"] for r in same)
         worst_l = max(r["loss_max_abs_diff"] for r in same)
         worst_w = max((r["weights_rel_diff"] or 0.0) for r in same)
@@ -204,7 +229,7 @@ def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
         if early <= 1e-5:
             text = (
                 f"**Same mathematics.** {names} train on full's update: over the first 10 steps "
-                f"their training loss matches {basis}'s to {early:.1e}, float32 rounding (the "
+                f"their training loss matches {basis} to {early:.1e}, float32 rounding (the "
                 "same sums taken in another order)."
             )
             if steps is not None:
@@ -219,8 +244,8 @@ def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
                 text += f" The final weights are {worst_w:.1e} apart (relative)."
         else:
             text = (
-                f"**Not the same numbers.** {names} differ from {basis} by {early:.1e} in "
-                "training loss within the first 10 steps: more than float32 rounding."
+                f"**Not the same numbers.** {names}: training loss differs from {basis} by "
+                f"{early:.1e} within the first 10 steps, more than float32 rounding."
             )
         out.append(text)
     for r in main:

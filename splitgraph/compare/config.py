@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import II
+from omegaconf import II, OmegaConf
 
 from splitgraph.config import SCHEDULES, Config
 from splitgraph.errors import ConfigError
@@ -57,6 +57,14 @@ def register() -> None:
     register_configs()
     register_resolvers()
     ConfigStore.instance().store(name="base_compare", node=CompareRunConfig)
+    if not OmegaConf.has_resolver("splitgraph_compare_dir"):
+        OmegaConf.register_new_resolver("splitgraph_compare_dir", output_dir)
+
+
+def output_dir(name: str, overrides: str = "") -> str:
+    """Where a single run writes: `results/<name>` for an experiment as committed, else
+    `outputs/compare/<name>/<overrides>` (results/ holds only references)."""
+    return f"results/{name}" if not overrides else f"outputs/compare/{name}/{overrides}"
 
 
 def load(overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -98,7 +98,8 @@ def run_all(
                 inner = _bar(total, v.name, 1, progress)
 
                 def tick(n: int, bar: Any = inner) -> None:
-                    bar.update(n - bar.n)
+                    if n > bar.n:
+                        bar.update(n - bar.n)
 
                 try:
                     outcome = runner.run(cmd, run_dir, timeout, tick)

@@ -156,7 +156,7 @@ def _memory_figure(rows: list[dict[str, Any]], cap: int | None, path: Path) -> N
     ax.set_title(
         "peak memory per device: parameters + gradients + optimizer + saved activations", fontsize=9
     )
-    ax.legend(handles=handles, fontsize=7)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
