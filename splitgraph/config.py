@@ -66,8 +66,6 @@ class DType(Enum):
     bfloat16 = "bfloat16"
 
 
-#: Schedule names are not Python identifiers ("1f1b"), so they are strings checked here.
-SCHEDULES = ("naive", "gpipe", "1f1b")
 PARTITIONS = ("uniform", "params", "manual")
 
 
@@ -106,7 +104,12 @@ class PartitionConfig:
 
 @dataclass
 class ScheduleConfig:
+    """Schedule names are strings ("1f1b" is no identifier), checked against the registry."""
+
     name: str = "1f1b"
+    virtual_stages: int = 1  # model chunks per rank (interleaved, loopedbfs)
+    recompute: bool = False  # keep only each stage's input; recompute the forward in backward
+    recompute_stages: list[int] | None = None  # with recompute: only these stages (None: all)
 
 
 @dataclass
@@ -275,7 +278,9 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         )
 
     # pipeline
+    v = int(cfg.schedule.virtual_stages)
     stages = num_stages(cfg, ws)
+    chunks = stages * max(v, 1)
     if p.stages is not None and p.stages != ws:
         errors.append(
             f"pipeline.stages={p.stages} but the world size is {ws}: splitgraph runs one stage "
@@ -284,11 +289,12 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         )
     if stages < 1:
         errors.append(f"pipeline.stages={stages} must be >= 1.")
-    if stages > layers:
+    if chunks > layers:
+        what = f"{stages} stages" if v == 1 else f"{stages} ranks x {v} virtual stages"
         errors.append(
-            f"{stages} stages but the model has only {layers} layers (model.hidden has "
+            f"{what} but the model has only {layers} layers (model.hidden has "
             f"{len(m.hidden)} entries + the output layer): every stage needs >= 1 layer. "
-            f"Use <= {layers} ranks or add layers to model.hidden."
+            f"Use fewer stages or add layers to model.hidden."
         )
     if p.memory_cap is not None:
         try:
@@ -310,16 +316,27 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         )
 
     # schedule
+    from splitgraph.schedule import SCHEDULES
+
     sched = str(cfg.schedule.name)
     if sched not in SCHEDULES:
-        errors.append(f"schedule.name={sched!r} is not a schedule{_suggest(sched, SCHEDULES)}")
-    elif sched == "naive" and p.microbatches != 1:
         errors.append(
-            f"schedule=naive runs the whole batch as one microbatch; got "
-            f"pipeline.microbatches={p.microbatches}. Set pipeline.microbatches=1 or use "
-            "schedule=gpipe / schedule=1f1b."
+            f"schedule.name={sched!r} is not a schedule{_suggest(sched, tuple(SCHEDULES))}"
         )
-
+    elif p.microbatches >= 1:
+        errors.extend(SCHEDULES[sched].problems(stages, v, int(p.microbatches)))
+    rs = cfg.schedule.recompute_stages
+    if rs is not None:
+        if not cfg.schedule.recompute:
+            errors.append(
+                f"schedule.recompute_stages={list(rs)} is only read with schedule.recompute=true."
+            )
+        bad_stages = [s for s in rs if not 0 <= s < chunks]
+        if bad_stages:
+            errors.append(
+                f"schedule.recompute_stages={list(rs)} names stages {bad_stages} outside "
+                f"0..{chunks - 1}."
+            )
     # partition
     strat = str(cfg.partition.strategy)
     if strat not in PARTITIONS:
@@ -329,17 +346,17 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     bounds = cfg.partition.boundaries
     if strat == "manual":
         if bounds is None:
-            example = [round(i * layers / stages) for i in range(1, stages)]
+            example = [round(i * layers / chunks) for i in range(1, chunks)]
             errors.append(
                 "partition=manual needs partition.boundaries: the first layer of stages "
-                f"1..{stages - 1}, e.g. partition.boundaries={example} for {stages} stages."
+                f"1..{chunks - 1}, e.g. partition.boundaries={example} for {chunks} stages."
             )
         else:
             b = list(bounds)
-            if len(b) != stages - 1:
+            if len(b) != chunks - 1:
                 errors.append(
-                    f"partition.boundaries={b} has {len(b)} entries but {stages} stages need "
-                    f"{stages - 1}."
+                    f"partition.boundaries={b} has {len(b)} entries but {chunks} stages need "
+                    f"{chunks - 1}."
                 )
             if b != sorted(set(b)) or any(x <= 0 or x >= layers for x in b):
                 errors.append(

@@ -44,8 +44,92 @@ def layer_dims(cfg: Any) -> list[int]:
     return [int(m.in_features), *(int(h) for h in m.hidden), int(m.out_features)]
 
 
+class WeightGradStore:
+    """The weight-gradient halves of one deferred backward (zero-bubble's W).
+
+    While a store is active (`deferring`), a layer's backward computes only the gradient
+    w.r.t. its input, `dJ/dx = dz W`, and keeps `(x, dz)`; `run()` later does the rest of the
+    chapter's formula, `dJ/dW = dz^T x` (and `dJ/db = sum dz`). Together they are exactly one
+    full backward: nothing is computed twice. `meter`, if given, counts the kept tensors.
+    """
+
+    def __init__(self, meter: Any = None) -> None:
+        self.jobs: list[tuple[nn.Parameter, nn.Parameter | None, Tensor, Tensor]] = []
+        self.meter = meter
+
+    def defer(self, weight: nn.Parameter, bias: nn.Parameter | None, x: Tensor, dz: Tensor) -> None:
+        if self.meter is not None:
+            self.meter.hold(x)
+            self.meter.hold(dz)
+        self.jobs.append((weight, bias, x, dz))
+
+    @torch.no_grad()
+    def run(self) -> None:
+        for weight, bias, x, dz in self.jobs:
+            _accumulate(weight, dz.t().mm(x))
+            if bias is not None:
+                _accumulate(bias, dz.sum(0))
+            if self.meter is not None:
+                self.meter.drop(x)
+                self.meter.drop(dz)
+        self.jobs.clear()
+
+
+def _accumulate(p: nn.Parameter, g: Tensor) -> None:
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
+#: The store that layer backwards defer into, set by `deferring`. A plain global, not a
+#: thread-local: autograd runs CUDA backwards on its own threads.
+_ACTIVE_STORE: WeightGradStore | None = None
+
+
+class deferring:
+    """Within this block, split-backward layers defer their weight gradients into `store`."""
+
+    def __init__(self, store: WeightGradStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> WeightGradStore:
+        global _ACTIVE_STORE
+        _ACTIVE_STORE = self.store
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        global _ACTIVE_STORE
+        _ACTIVE_STORE = None
+
+
+class _SplitLinear(torch.autograd.Function):
+    """`F.linear` whose backward can leave the weight gradient for later (see WeightGradStore)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.bias = weight, bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, dz: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        dx = dz.mm(ctx.weight) if ctx.needs_input_grad[0] else None
+        store = _ACTIVE_STORE
+        if store is not None:
+            store.defer(ctx.weight, ctx.bias, x, dz)
+            return dx, None, None
+        db = dz.sum(0) if ctx.bias is not None else None
+        return dx, dz.t().mm(x), db
+
+
 class Layer(nn.Module):
-    """One layer of the chapter's graph: `z = W x (+ b)`, then `h = phi(z)` unless it is last."""
+    """One layer of the chapter's graph: `z = W x (+ b)`, then `h = phi(z)` unless it is last.
+
+    With `split_backward` set (zero-bubble schedules), the linear map keeps its weight gradient
+    for a later W action when a WeightGradStore is active; otherwise it is plain `F.linear`.
+    """
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, activation: Activation | None
@@ -58,9 +142,13 @@ class Layer(nn.Module):
             self.register_parameter("bias", None)
         self.activation = activation
         self._phi = _ACTIVATIONS[activation] if activation is not None else None
+        self.split_backward = False
 
     def forward(self, x: Tensor) -> Tensor:
-        z = F.linear(x, self.weight, self.bias)
+        if self.split_backward:
+            z = _SplitLinear.apply(x, self.weight, self.bias)
+        else:
+            z = F.linear(x, self.weight, self.bias)
         return self._phi(z) if self._phi is not None else z
 
     def extra_repr(self) -> str:

@@ -83,3 +83,26 @@ def _pair(rank: int, world: int) -> list[int]:
         assert r["current"] == 0
         out.append(r["peak"])
     return out
+
+
+def test_recomputation_keeps_only_stage_inputs() -> None:
+    """GPipe, 4 microbatches of 3, one rank: without recomputation all 4 microbatches' graphs
+    are alive at once; with it, the 4 inputs (3 x 6 floats each) plus, while one microbatch
+    is recomputed, that microbatch's graph (its input counted once)."""
+    plain = one_rank(["schedule=gpipe", "pipeline.microbatches=4"])
+    recomp = one_rank(["schedule=gpipe", "pipeline.microbatches=4", "schedule.recompute=true"])
+    assert plain.meter is not None and recomp.meter is not None
+    inputs = 4 * 3 * 6 * 8
+    one_graph = 3 * PER_SAMPLE + 8
+    assert plain.meter.peak == 4 * one_graph
+    assert recomp.meter.peak == inputs + one_graph - 3 * 6 * 8
+    assert recomp.meter.current == 0
+
+
+def test_deferred_weight_gradients_are_counted_until_w() -> None:
+    """zb1 on one rank: I keeps, per layer, its input x and its output gradient dz for W.
+    Inputs: 6+5+9+4+8+3 = 35 floats per sample; output gradients: 5+9+4+8+3+3 = 32."""
+    zb = one_rank(["schedule=zb1", "pipeline.microbatches=4"])
+    assert zb.meter is not None
+    assert zb.meter.peak == 3 * (35 + 32) * 8
+    assert zb.meter.current == 0

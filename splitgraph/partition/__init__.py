@@ -11,9 +11,9 @@ __all__ = ["LayerSpec", "Plan", "balanced", "layer_specs", "make_plan", "manual"
 
 
 def make_plan(cfg: Any, num_ranks: int) -> Plan:
-    """The plan for `cfg` on `num_ranks` ranks, one stage per rank."""
+    """The plan for `cfg` on `num_ranks` ranks: `schedule.virtual_stages` stages per rank."""
     layers = layer_specs(cfg)
-    n, stages = len(layers), num_ranks
+    n, stages = len(layers), num_ranks * int(cfg.schedule.virtual_stages)
     strategy = str(cfg.partition.strategy)
     if strategy == "uniform":
         bounds = uniform(n, stages)

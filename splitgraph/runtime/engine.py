@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from splitgraph.config import Task
@@ -29,7 +28,15 @@ from splitgraph.runtime.comm import P2P
 from splitgraph.runtime.dist import torch_dtype
 from splitgraph.runtime.executor import Executor
 from splitgraph.runtime.memory import SavedTensorMeter
-from splitgraph.schedule import Schedule, build_schedule
+from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
+
+
+def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
+    """The stages that recompute their forward in backward (`schedule.recompute*`)."""
+    if not cfg.schedule.recompute:
+        return set()
+    chosen = cfg.schedule.recompute_stages
+    return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
 
 
 @dataclass
@@ -57,17 +64,21 @@ class PipelineEngine:
         self.weight_decay = float(cfg.optim.weight_decay)
         self.plan: Plan = make_plan(cfg, world_size)
         self.sizes = microbatch_sizes(self.batch_size, int(cfg.pipeline.microbatches))
+        name = str(cfg.schedule.name)
         self.schedule: Schedule = build_schedule(
-            str(cfg.schedule.name), self.plan.num_stages, len(self.sizes)
+            name, world_size, len(self.sizes), int(cfg.schedule.virtual_stages)
         )
+        split = SCHEDULES[name].split_backward
         self.stages: dict[int, StageModule] = {}
         for s in self.plan.stages_of(rank):
             r = self.plan.stage_range(s)
             self.stages[s] = build_mlp(cfg, r.start, r.stop, self.dtype, self.device)
+            for layer in self.stages[s].layers.values():
+                layer.split_backward = split
+        self.recompute = recompute_stages(cfg, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(cfg.optim, self.parameters())
         self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
-        batched = world_size > 1 and dist.is_initialized() and dist.get_backend(group) == "nccl"
-        self.p2p = P2P(rank, group, batched=batched, verbose=bool(cfg.runtime.verbose))
+        self.p2p = P2P(rank, group, verbose=bool(cfg.runtime.verbose))
         self.executor = Executor(
             self.schedule,
             rank,
@@ -77,6 +88,7 @@ class PipelineEngine:
             self.device,
             self.dtype,
             self.meter,
+            recompute=self.recompute,
         )
 
     # -- what this rank holds ---------------------------------------------------------

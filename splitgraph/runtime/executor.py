@@ -3,33 +3,38 @@
 The executor owns no policy: the order of every forward, backward and transfer comes from
 the schedule. Per step it keeps, per (stage, microbatch), the stage input (a leaf whose
 `.grad` is what travels back), the stage output (or the microbatch loss on the last stage),
-the gradient to send back, and the posted receives:
+the gradient to send back, the posted receives and the deferred weight gradients:
 
-    RECV_F  post irecv into a fresh [mb, in_features] buffer     (waited by F)
+    RECV_F  post irecv into a fresh [mb, in_features] buffer      (waited by F)
     F       x -> stage(x); last stage: loss += loss_sum(o, y) / batch
-    SEND_F  isend the output's data                              (waited at step end)
-    RECV_B  post irecv into a fresh [mb, out_features] buffer    (waited by B)
+    SEND_F  isend the output's data                               (waited at step end)
+    RECV_B  post irecv into a fresh [mb, out_features] buffer     (waited by B or I)
     B       autograd.backward(output, grad) or loss.backward(); keep x.grad
-    SEND_B  isend x.grad                                         (waited at step end)
+    I       the same, but each layer keeps (x, dz) for W instead of forming dJ/dW
+    W       dJ/dW = dz^T x (and dJ/db) from what I kept
+    SEND_B  isend x.grad                                          (waited at step end)
+
+With recomputation on a stage, F runs without a graph and keeps only the stage input; its
+B (or I) runs the forward again, with the graph, right before the backward.
 
 Transfers between two compute actions go out together (`P2P.post`). Stages that share a
-rank hand tensors over without the network.
+rank (interleaved schedules) hand tensors over without the network.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from splitgraph.config import Task
-from splitgraph.model import StageModule, loss_sum
+from splitgraph.model import StageModule, WeightGradStore, deferring, loss_sum
 from splitgraph.runtime.comm import P2P, Transfer
 from splitgraph.runtime.memory import SavedTensorMeter
-from splitgraph.schedule.ir import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, Schedule
+from splitgraph.schedule.ir import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule, W
 
 
 class InjectedFault(RuntimeError):
@@ -53,6 +58,19 @@ def _compile(actions: Sequence[Action]) -> list[Action | tuple[Action, ...]]:
     return program
 
 
+class _Step:
+    """Everything one step keeps per (stage, microbatch); dropped when the step ends."""
+
+    def __init__(self, xs: Sequence[Tensor] | None, ys: Sequence[Tensor] | None, batch: int):
+        self.xs, self.ys, self.batch = xs, ys, batch
+        self.inputs: dict[tuple[int, int], Tensor] = {}
+        self.outputs: dict[tuple[int, int], Tensor] = {}
+        self.grads: dict[tuple[int, int], Tensor] = {}
+        self.received: dict[Action, tuple[Tensor, Any]] = {}
+        self.deferred: dict[tuple[int, int], WeightGradStore] = {}
+        self.sends: list[tuple[Any, Tensor]] = []
+
+
 class Executor:
     def __init__(
         self,
@@ -64,9 +82,11 @@ class Executor:
         device: torch.device,
         dtype: torch.dtype,
         meter: SavedTensorMeter | None = None,
+        recompute: Collection[int] = (),
     ) -> None:
         self.schedule, self.rank, self.stages, self.p2p = schedule, rank, stages, p2p
         self.task, self.device, self.dtype, self.meter = Task(task), device, dtype, meter
+        self.recompute = frozenset(recompute)
         self.program = _compile(schedule.actions[rank])
         self.last = schedule.num_stages - 1
         self._rank_of = schedule.stage_to_rank
@@ -82,14 +102,11 @@ class Executor:
     ) -> Tensor | None:
         """One forward+backward over all microbatches; returns the summed loss on the rank
         that holds the last stage (float64), else None. Gradients accumulate in `.grad`."""
-        batch = sum(sizes)
-        xs = x.split(list(sizes)) if x is not None else None
-        ys = y.split(list(sizes)) if y is not None else None
-        inputs: dict[tuple[int, int], Tensor] = {}
-        outputs: dict[tuple[int, int], Tensor] = {}
-        grads: dict[tuple[int, int], Tensor] = {}
-        received: dict[Action, tuple[Tensor, Any]] = {}
-        sends: list[tuple[Any, Tensor]] = []
+        st = _Step(
+            x.split(list(sizes)) if x is not None else None,
+            y.split(list(sizes)) if y is not None else None,
+            sum(sizes),
+        )
         loss_total = (
             torch.zeros((), dtype=torch.float64, device=self.device)
             if self.last in self.stages
@@ -108,21 +125,20 @@ class Executor:
                         )
                     t0 = clock() if trace is not None else 0.0
                     if isinstance(item, tuple):
-                        self._post(item, sizes, outputs, grads, received, sends)
-                        label = " ".join(map(str, item))
+                        self._post(item, sizes, st)
+                    elif item.op == F:
+                        self._forward(item, st, loss_total)
+                    elif item.op in (B, I):
+                        self._backward(item, st)
+                    elif item.op == W:
+                        st.deferred.pop((item.stage, item.mb)).run()
                     else:
-                        a = item
-                        if a.op == F:
-                            self._forward(a, xs, ys, batch, inputs, outputs, received, loss_total)
-                        elif a.op == B:
-                            self._backward(a, inputs, outputs, grads, received)
-                        else:
-                            raise NotImplementedError(f"{a}: op {a.op.value} is not executable")
-                        label = str(a)
+                        raise AssertionError(f"{item} is not executable")
                     if trace is not None:
+                        label = " ".join(map(str, item)) if isinstance(item, tuple) else str(item)
                         trace.append((label, t0, clock()))
             current = "the step's pending sends"
-            for work, _ in sends:
+            for work, _ in st.sends:
                 work.wait()
         except InjectedFault:
             raise
@@ -132,44 +148,34 @@ class Executor:
 
     # -- transfers --------------------------------------------------------------------
 
-    def _post(
-        self,
-        group: tuple[Action, ...],
-        sizes: Sequence[int],
-        outputs: dict[tuple[int, int], Tensor],
-        grads: dict[tuple[int, int], Tensor],
-        received: dict[Action, tuple[Tensor, Any]],
-        sends: list[tuple[Any, Tensor]],
-    ) -> None:
+    def _post(self, group: tuple[Action, ...], sizes: Sequence[int], st: _Step) -> None:
         transfers = []
         for a in group:
             s, mb = a.stage, a.mb
             if a.op == RECV_F:
-                t = torch.empty(
-                    sizes[mb], self.stages[s].in_features, dtype=self.dtype, device=self.device
-                )
-                peer = self._rank_of[s - 1]
+                t = self._empty(sizes[mb], self.stages[s].in_features)
+                transfers.append(Transfer(False, t, self._rank_of[s - 1], "act", str(a)))
             elif a.op == RECV_B:
-                t = torch.empty(
-                    sizes[mb], self.stages[s].out_features, dtype=self.dtype, device=self.device
-                )
-                peer = self._rank_of[s + 1]
+                t = self._empty(sizes[mb], self.stages[s].out_features)
+                transfers.append(Transfer(False, t, self._rank_of[s + 1], "grad", str(a)))
             elif a.op == SEND_F:
-                t = outputs[(s, mb)].detach()
-                peer = self._rank_of[s + 1]
+                t = self._take_output(st, s, mb).detach()
+                transfers.append(Transfer(True, t, self._rank_of[s + 1], "act", str(a)))
             else:  # SEND_B
-                t = grads.pop((s, mb))
-                peer = self._rank_of[s - 1]
-            transfers.append(Transfer(a.op in (SEND_F, SEND_B), t, peer, str(a)))
+                t = st.grads.pop((s, mb))
+                transfers.append(Transfer(True, t, self._rank_of[s - 1], "grad", str(a)))
         works = self.p2p.post(transfers)
         for a, tr, work in zip(group, transfers, works):
             if tr.is_send:
-                sends.append((work, tr.tensor))
+                st.sends.append((work, tr.tensor))
             else:
-                received[a] = (tr.tensor, work)
+                st.received[a] = (tr.tensor, work)
 
-    def _take(self, received: dict[Action, tuple[Tensor, Any]], key: Action) -> Tensor:
-        buf, work = received.pop(key)
+    def _empty(self, rows: int, cols: int) -> Tensor:
+        return torch.empty(rows, cols, dtype=self.dtype, device=self.device)
+
+    def _take(self, st: _Step, key: Action) -> Tensor:
+        buf, work = st.received.pop(key)
         try:
             work.wait()
         except Exception as e:
@@ -177,61 +183,80 @@ class Executor:
             raise RuntimeError(f"waiting for {key} from rank {peer}: {e}") from e
         return buf
 
+    def _take_output(self, st: _Step, s: int, mb: int) -> Tensor:
+        """A stage output for the next stage. Without recomputation the output stays for its
+        own backward; with it, the output carries no graph and is not needed again."""
+        if s in self.recompute:
+            return st.outputs.pop((s, mb))
+        return st.outputs[(s, mb)]
+
     # -- compute ----------------------------------------------------------------------
 
-    def _forward(
-        self,
-        a: Action,
-        xs: Sequence[Tensor] | None,
-        ys: Sequence[Tensor] | None,
-        batch: int,
-        inputs: dict[tuple[int, int], Tensor],
-        outputs: dict[tuple[int, int], Tensor],
-        received: dict[Action, tuple[Tensor, Any]],
-        loss_total: Tensor | None,
-    ) -> None:
-        s, mb = a.stage, a.mb
+    def _stage_input(self, st: _Step, s: int, mb: int) -> Tensor:
         if s == 0:
-            assert xs is not None, "the first stage needs the inputs"
-            x = xs[mb]
+            assert st.xs is not None, "the first stage needs the inputs"
+            return st.xs[mb]
+        if self._rank_of[s - 1] == self.rank:
+            x = self._take_output(st, s - 1, mb).detach()
         else:
-            if self._rank_of[s - 1] == self.rank:
-                x = outputs[(s - 1, mb)].detach()
-            else:
-                x = self._take(received, Action(s, RECV_F, mb))
-            x.requires_grad_(True)
-            inputs[(s, mb)] = x
-        out = self.stages[s](x)
-        if s == self.last:
-            assert ys is not None and loss_total is not None, "the last stage needs the labels"
-            loss = loss_sum(out, ys[mb], self.task) / batch
-            loss_total += loss.detach().to(torch.float64)
-            outputs[(s, mb)] = loss
-        else:
-            outputs[(s, mb)] = out
+            x = self._take(st, Action(s, RECV_F, mb))
+        return x.requires_grad_(True)
 
-    def _backward(
-        self,
-        a: Action,
-        inputs: dict[tuple[int, int], Tensor],
-        outputs: dict[tuple[int, int], Tensor],
-        grads: dict[tuple[int, int], Tensor],
-        received: dict[Action, tuple[Tensor, Any]],
-    ) -> None:
+    def _loss(self, st: _Step, out: Tensor, mb: int) -> Tensor:
+        assert st.ys is not None, "the last stage needs the labels"
+        return loss_sum(out, st.ys[mb], self.task) / st.batch
+
+    def _forward(self, a: Action, st: _Step, loss_total: Tensor | None) -> None:
         s, mb = a.stage, a.mb
-        out = outputs.pop((s, mb))
-        if s == self.last:
-            out.backward()
+        x = self._stage_input(st, s, mb)
+        stage = self.stages[s]
+        if s in self.recompute:  # keep only the input; the graph is rebuilt in backward
+            with torch.no_grad():
+                out = stage(x)
+                loss = self._loss(st, out, mb) if s == self.last else None
+            if self.meter is not None:
+                self.meter.hold(x)
+            st.inputs[(s, mb)] = x
         else:
+            out = stage(x)
+            loss = self._loss(st, out, mb) if s == self.last else None
+            if s > 0:
+                st.inputs[(s, mb)] = x
+        if loss is not None:
+            assert loss_total is not None
+            loss_total += loss.detach().to(torch.float64)
+            if s not in self.recompute:
+                st.outputs[(s, mb)] = loss
+        else:
+            st.outputs[(s, mb)] = out
+
+    def _backward(self, a: Action, st: _Step) -> None:
+        s, mb = a.stage, a.mb
+        grad = None
+        if s < self.last:
             if self._rank_of[s + 1] == self.rank:
-                g = grads.pop((s + 1, mb))
+                grad = st.grads.pop((s + 1, mb))
             else:
-                g = self._take(received, Action(s, RECV_B, mb))
-            torch.autograd.backward(out, g)
+                grad = self._take(st, Action(s, RECV_B, mb))
+        if s in self.recompute:
+            x = st.inputs[(s, mb)]
+            out = self.stages[s](x)
+            if self.meter is not None:
+                self.meter.drop(x)  # autograd holds it now (saved by the first layer)
+            target = self._loss(st, out, mb) if s == self.last else out
+        else:
+            target = st.outputs.pop((s, mb))
+        if a.op == I:
+            store = WeightGradStore(self.meter)
+            with deferring(store):
+                torch.autograd.backward(target, grad)
+            st.deferred[(s, mb)] = store
+        else:
+            torch.autograd.backward(target, grad)
+        x = st.inputs.pop((s, mb), None)
         if s > 0:
-            x = inputs.pop((s, mb))
-            assert x.grad is not None
-            grads[(s, mb)] = x.grad
+            assert x is not None and x.grad is not None
+            st.grads[(s, mb)] = x.grad
 
     def _describe(self, item: object) -> str:
         if isinstance(item, tuple):
@@ -240,7 +265,7 @@ class Executor:
                 peer = self._rank_of[a.stage + 1 if a.op in (SEND_F, RECV_B) else a.stage - 1]
                 parts.append(f"{a} ({'to' if a.op in (SEND_F, SEND_B) else 'from'} rank {peer})")
             return "transfer " + ", ".join(parts)
-        if isinstance(item, Action) and item.op in (F, B):
+        if isinstance(item, Action):
             return f"action {item}"
         return str(item)
 

@@ -31,8 +31,9 @@ class _Packed:
 class SavedTensorMeter:
     """Counts live saved-for-backward bytes on this rank; `peak` is the high-water mark.
 
-    Use as a context manager around forward passes. `extra` bytes (e.g. a deferred
-    weight-gradient store) can be added with `hold`/`drop` so they count towards the peak.
+    Use as a context manager around forward passes. Tensors kept for backward outside
+    autograd (recomputation inputs, deferred weight-gradient operands) are added with
+    `hold`/`drop` under the same identity, so a tensor held and saved counts once.
     """
 
     def __init__(self, params: Iterable[Tensor] = ()) -> None:
@@ -45,10 +46,12 @@ class SavedTensorMeter:
     def reset_peak(self) -> None:
         self.peak = self.current
 
-    def _pack(self, t: Tensor) -> Any:
-        if t.untyped_storage().data_ptr() in self._param_storages:
-            return t
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+    @staticmethod
+    def _key(t: Tensor) -> tuple[Any, ...]:
+        return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+    def _add(self, t: Tensor) -> tuple[Any, ...]:
+        key = self._key(t)
         entry = self._live.get(key)
         if entry is None:
             nbytes = t.numel() * t.element_size()
@@ -57,7 +60,12 @@ class SavedTensorMeter:
             self.peak = max(self.peak, self.current)
         else:
             entry[0] += 1
-        return _Packed(t, key, self)
+        return key
+
+    def _pack(self, t: Tensor) -> Any:
+        if t.untyped_storage().data_ptr() in self._param_storages:
+            return t
+        return _Packed(t, self._add(t), self)
 
     @staticmethod
     def _unpack(p: Any) -> Tensor:
@@ -72,12 +80,13 @@ class SavedTensorMeter:
             del self._live[key]
             self.current -= entry[1]
 
-    def hold(self, nbytes: int) -> None:
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
+    def hold(self, t: Tensor) -> None:
+        """Count a tensor kept for a later backward outside autograd (a recomputation's
+        stage input, a deferred weight gradient's operands); once, like a saved tensor."""
+        self._add(t)
 
-    def drop(self, nbytes: int) -> None:
-        self.current -= nbytes
+    def drop(self, t: Tensor) -> None:
+        self._release(self._key(t))
 
     def __enter__(self) -> SavedTensorMeter:
         self._ctx.__enter__()

@@ -1,6 +1,6 @@
-"""GPipe (Huang et al. 2019): every forward, then every backward; and the naive split.
+"""The breadth-first family: all forwards, then all backwards.
 
-GPipe, 3 stages, 4 microbatches, unit F and B (the simulator's timeline, `.` idle)::
+GPipe (Huang et al. 2019), 3 stages, 4 microbatches, unit F and B (`.` idle)::
 
     rank 0 | F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3
     rank 1 | .  F0 F1 F2 F3 .  .  B0 B1 B2 B3 .
@@ -8,8 +8,16 @@ GPipe, 3 stages, 4 microbatches, unit F and B (the simulator's timeline, `.` idl
 
 Bubble (p-1)/(m+p-1); every stage holds the activations of all m microbatches at its peak.
 
-`naive` is GPipe with one microbatch: the whole batch goes down the stages and back, so only
-one rank works at a time, the plain "split the model across devices" case.
+`naive` is GPipe with one microbatch: the plain "split the model across devices" case, where
+only one rank works at a time.
+
+`loopedbfs` (breadth-first pipeline parallelism, Lamy-Poirier 2023) is GPipe over v model
+chunks per rank, placed round-robin like interleaved 1F1B: chunk 0 of every rank forwards all
+microbatches, then chunk 1, ..., then the backwards in reverse. Why it is here: it reaches the
+same bubble as interleaved 1F1B, (p-1)/(vm+p-1), while holding all m microbatches on every
+chunk (v*m per rank). Side by side with `interleaved`, it shows that the bubble shrinks with
+the number of chunks whatever the order, and that it is the depth-first (1F1B) order that
+saves the memory.
 """
 
 from __future__ import annotations
@@ -17,16 +25,43 @@ from __future__ import annotations
 from splitgraph.schedule.ir import Action, B, F
 
 
-def gpipe(num_stages: int, num_microbatches: int) -> list[list[Action]]:
-    """Compute actions per rank (stage s on rank s)."""
+def gpipe(num_ranks: int, num_stages: int, num_microbatches: int) -> list[list[Action]]:
+    """Compute actions per rank; one stage per rank."""
+    _one_stage_per_rank("gpipe", num_ranks, num_stages)
+    m = num_microbatches
     return [
-        [Action(s, F, i) for i in range(num_microbatches)]
-        + [Action(s, B, i) for i in range(num_microbatches)]
+        [Action(s, F, i) for i in range(m)] + [Action(s, B, i) for i in range(m)]
         for s in range(num_stages)
     ]
 
 
-def naive(num_stages: int, num_microbatches: int) -> list[list[Action]]:
+def naive(num_ranks: int, num_stages: int, num_microbatches: int) -> list[list[Action]]:
     if num_microbatches != 1:
         raise ValueError(f"naive runs one microbatch, got {num_microbatches}")
-    return gpipe(num_stages, 1)
+    return gpipe(num_ranks, num_stages, 1)
+
+
+def looped_bfs(num_ranks: int, num_stages: int, num_microbatches: int) -> list[list[Action]]:
+    """Rank r holds stages r, r+p, r+2p, ...: forwards chunk by chunk, backwards in reverse."""
+    p, m = num_ranks, num_microbatches
+    v = _chunks("loopedbfs", p, num_stages)
+    out = []
+    for r in range(p):
+        acts = []
+        for k in range(v):
+            acts += [Action(k * p + r, F, i) for i in range(m)]
+        for k in reversed(range(v)):
+            acts += [Action(k * p + r, B, i) for i in range(m)]
+        out.append(acts)
+    return out
+
+
+def _one_stage_per_rank(name: str, num_ranks: int, num_stages: int) -> None:
+    if num_stages != num_ranks:
+        raise ValueError(f"{name} runs one stage per rank: {num_stages} stages on {num_ranks}")
+
+
+def _chunks(name: str, num_ranks: int, num_stages: int) -> int:
+    if num_stages % num_ranks:
+        raise ValueError(f"{name}: {num_stages} stages do not spread evenly over {num_ranks}")
+    return num_stages // num_ranks

@@ -2,13 +2,16 @@
 
 Two transfer semantics:
 
-* ``strict=True`` (the validator's dry run): the transfers between two compute actions form
-  a group that is posted at once and completes only when every one of them has met its
-  peer, as a batched NCCL group does; a send blocks like a receive. A schedule that finishes
-  under these rules finishes under any backend, so it is what the validator demands.
-* ``strict=False`` (timing): sends and receives are posted without blocking, as the runtime
-  does with `isend`/`irecv`; a compute waits only for the data it reads, which arrives
-  `comm` seconds after its send was posted.
+* ``strict=True`` (the validator's dry run): messages travel on *channels*, one per (sending
+  rank, receiving rank, kind), kind being activations or gradients. A message moves once both
+  its send and its receive are posted and the message before it on the channel has moved. The
+  runtime guarantees exactly this on both backends (see runtime/comm.py: a tag per channel on
+  gloo, a process group per channel on NCCL, so no channel waits behind another), so a
+  schedule that finishes here cannot deadlock at run time.
+* ``strict=False`` (timing): a message arrives `comm` seconds after its send was posted, as
+  gloo behaves (it buffers a message that arrives before its receive).
+
+Posting never blocks a rank; a compute waits only for the data it reads.
 
 Either way the simulation is a fixed point over ranks: each rank runs its list in order
 until it needs something not yet produced; the result does not depend on the order in which
@@ -19,9 +22,9 @@ and `Deadlock` names each stuck rank's action.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from splitgraph.schedule.ir import Action, B, F, I, Message, Op, Schedule, W, message, peer_stage
+from splitgraph.schedule.ir import Action, B, F, I, Message, Op, Schedule, W, message
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,6 @@ class SimResult:
     step_time: float
     busy: list[float]  # per rank: seconds of compute
     peak_inflight: list[int]  # per stage: most microbatches whose activations are held
-    comm_events: list[list[Event]] = field(default_factory=list)
 
     @property
     def num_ranks(self) -> int:
@@ -137,16 +139,41 @@ def _needs(a_stage: int, a_op: Op, a_mb: int, sched: Schedule) -> Message | None
 
 
 def simulate(sched: Schedule, costs: Costs | None = None, strict: bool = False) -> SimResult:
-    """Run the schedule on a model of the machine; raise `Deadlock` if it cannot finish."""
+    """Run the schedule on a model of the machine; raise `Deadlock` if it cannot finish.
+
+    strict=False: a message arrives `comm` after its send is posted (gloo buffers it).
+    strict=True: a message moves only once its receive is posted too, and after the message
+    before it on its channel (src rank, dst rank, kind); this is the NCCL runtime's contract.
+    Either way posting never blocks a rank and a compute waits for the data it reads.
+    """
     costs = costs or Costs.uniform(sched.num_stages, 1.0, 1.0)
+    R = sched.num_ranks
     acts = sched.actions
-    R = len(acts)
     pos = [0] * R
     clock = [0.0] * R
     events: list[list[Event]] = [[] for _ in range(R)]
-    comm_events: list[list[Event]] = [[] for _ in range(R)]
     busy = [0.0] * R
-    posted: dict[tuple[Message, bool], float] = {}  # (message, is_send) -> time posted
+    sent: dict[Message, float] = {}
+    received: dict[Message, float] = {}
+    order = channel_order(sched)  # message -> (channel, index on channel)
+    channel_done: dict[tuple[int, int, str], list[float]] = {}
+
+    def arrival(msg: Message) -> float | None:
+        if msg not in sent:
+            return None
+        if not strict:
+            return sent[msg] + costs.transfer(msg)
+        if msg not in received:
+            return None
+        channel, k = order[msg]
+        finished = channel_done.setdefault(channel, [])
+        if len(finished) < k:  # an earlier message on the channel has not moved yet
+            return None
+        if len(finished) == k:
+            start = max(sent[msg], received[msg], finished[-1] if finished else 0.0)
+            finished.append(start + costs.transfer(msg))
+        return finished[k]
+
     progress = True
     while progress:
         progress = False
@@ -154,33 +181,17 @@ def simulate(sched: Schedule, costs: Costs | None = None, strict: bool = False) 
             while pos[r] < len(acts[r]):
                 a = acts[r][pos[r]]
                 if a.op.is_comm:
-                    if strict:
-                        j = pos[r]
-                        while j < len(acts[r]) and acts[r][j].op.is_comm:
-                            j += 1
-                        group = acts[r][pos[r] : j]
-                        for g in group:
-                            posted.setdefault((message(g), g.op.is_send), clock[r])
-                        if not all((message(g), not g.op.is_send) in posted for g in group):
-                            break
-                        start = clock[r]
-                        for g in group:
-                            k = message(g)
-                            t = max(posted[(k, True)], posted[(k, False)]) + costs.transfer(k)
-                            clock[r] = max(clock[r], t)
-                        comm_events[r].append(Event(r, " ".join(map(str, group)), start, clock[r]))
-                        pos[r] = j
-                    else:
-                        posted.setdefault((message(a), a.op.is_send), clock[r])
-                        pos[r] += 1
+                    (sent if a.op.is_send else received).setdefault(message(a), clock[r])
+                    pos[r] += 1
                     progress = True
                     continue
                 start = clock[r]
                 need = _needs(a.stage, a.op, a.mb, sched)
-                if need is not None and not strict:
-                    if (need, True) not in posted:
+                if need is not None:
+                    t = arrival(need)
+                    if t is None:
                         break
-                    start = max(start, posted[(need, True)] + costs.transfer(need))
+                    start = max(start, t)
                 dur = costs.compute(a.op, a.stage, a.mb)
                 events[r].append(Event(r, str(a), start, start + dur))
                 busy[r] += dur
@@ -192,19 +203,40 @@ def simulate(sched: Schedule, costs: Costs | None = None, strict: bool = False) 
         reasons = {}
         for r, i in stuck.items():
             a = acts[r][i]
-            if a.op.is_comm:
-                peer = sched.rank_of(peer_stage(a))
-                reasons[r] = f"{a} waits for rank {peer} to post the matching transfer"
+            need = _needs(a.stage, a.op, a.mb, sched)
+            src = _source_rank(a, sched)
+            if need is not None and need in sent:
+                reasons[r] = f"{a} waits for an earlier message from rank {src} on its channel"
             else:
-                reasons[r] = f"{a} waits for data from rank {_source_rank(a, sched)}"
+                reasons[r] = f"{a} waits for data from rank {src}"
         raise Deadlock(stuck, reasons)
     return SimResult(
         events=events,
         step_time=max(clock, default=0.0),
         busy=busy,
         peak_inflight=peak_inflight(sched),
-        comm_events=comm_events,
     )
+
+
+def channel_order(sched: Schedule) -> dict[Message, tuple[tuple[int, int, str], int]]:
+    """Each message's channel (src rank, dst rank, kind) and its place in the sender's order."""
+    out: dict[Message, tuple[tuple[int, int, str], int]] = {}
+    count: dict[tuple[int, int, str], int] = {}
+    for row in sched.actions:
+        for a in row:
+            if a.op.is_send:
+                msg = message(a)
+                channel = channel_of(sched, msg)
+                out[msg] = (channel, count.get(channel, 0))
+                count[channel] = count.get(channel, 0) + 1
+    return out
+
+
+def channel_of(sched: Schedule, msg: Message) -> tuple[int, int, str]:
+    """(src rank, dst rank, kind): messages on one channel must be received in send order."""
+    kind, boundary, _ = msg
+    lo, hi = sched.rank_of(boundary), sched.rank_of(boundary + 1)
+    return (lo, hi, kind) if kind == "act" else (hi, lo, kind)
 
 
 def _source_rank(a: Action, sched: Schedule) -> int:
@@ -227,18 +259,24 @@ def peak_inflight(sched: Schedule) -> list[int]:
 
 
 def render_ascii(result: SimResult, unit: float = 1.0) -> str:
-    """The classic diagram: ranks as rows, one 3-character cell per `unit` of time.
+    """The classic diagram: ranks as rows, one cell per `unit` of time, `.` idle.
 
-    Meant for unit costs (docstrings, tests, terminals); `.` is an idle slot.
+    Meant for unit costs (docstrings, tests, terminals). Cells read "F0" (forward of
+    microbatch 0); where a rank holds several stages they keep the stage, "2F0".
     """
     steps = round(result.step_time / unit)
-    lines = []
-    for r, evs in enumerate(result.events):
-        cells = [". "] * steps
+    stages = [{e.action.rstrip("0123456789")[:-1] for e in evs} for evs in result.events]
+    qualify = any(len(s) > 1 for s in stages)
+    rows = []
+    for evs in result.events:
+        cells = ["."] * steps
         for e in evs:
-            label = e.action.lstrip("0123456789")  # "2F0" -> "F0"
+            label = e.action if qualify else e.action.lstrip("0123456789")
             for t in range(round(e.start / unit), round(e.end / unit)):
                 cells[t] = label
-        width = max(len(c) for c in cells) if cells else 2
-        lines.append(f"rank {r} | " + " ".join(c.ljust(width) for c in cells).rstrip())
-    return "\n".join(lines)
+        rows.append(cells)
+    width = max((len(c) for row in rows for c in row), default=1)
+    return "\n".join(
+        f"rank {r} | " + " ".join(c.ljust(width) for c in row).rstrip()
+        for r, row in enumerate(rows)
+    )

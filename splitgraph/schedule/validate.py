@@ -9,8 +9,9 @@ The rules, in the order they are checked:
 4. every transfer a stage needs is present exactly once, receives before the compute that
    reads them and sends after the compute that writes them, and nothing is sent between
    stages of the same rank;
-5. between each pair of ranks, sends and receives are posted in the same order (first in,
-   first out: what NCCL requires and what lets the runtime go without tags);
+5. on each channel (sending rank, receiving rank, activations or gradients) sends and
+   receives are posted in the same order: first in, first out, which is what NCCL needs and
+   what lets the runtime match messages by channel alone;
 6. a dry run under the strict transfer rules (see simulate) terminates: no deadlock.
 """
 
@@ -32,7 +33,7 @@ from splitgraph.schedule.ir import (
     W,
     message,
 )
-from splitgraph.schedule.simulate import Deadlock, simulate
+from splitgraph.schedule.simulate import Deadlock, channel_of, simulate
 
 
 def _fail(sched: Schedule, rule: str, marks: dict[tuple[int, int], str]) -> ScheduleError:
@@ -137,29 +138,27 @@ def validate(sched: Schedule) -> None:
                         {pos(t): f"must be {side} {anchor}"},
                     )
 
-    # 5. the same order on both ends of each pair of ranks
-    sends: dict[tuple[int, int], list[Action]] = defaultdict(list)
-    recvs: dict[tuple[int, int], list[Action]] = defaultdict(list)
+    # 5. the same order on both ends of each channel (src rank, dst rank, kind)
+    sends: dict[tuple[int, int, str], list[Action]] = defaultdict(list)
+    recvs: dict[tuple[int, int, str], list[Action]] = defaultdict(list)
     for row in sched.actions:
         for a in row:
             if a.op.is_comm:
-                kind, boundary, _ = message(a)
-                lo, hi = sched.rank_of(boundary), sched.rank_of(boundary + 1)
-                src, dst = (lo, hi) if kind == "act" else (hi, lo)
-                (sends if a.op.is_send else recvs)[(src, dst)].append(a)
-    for pair in sorted(set(sends) | set(recvs)):
-        s_list, r_list = sends.get(pair, []), recvs.get(pair, [])
+                (sends if a.op.is_send else recvs)[channel_of(sched, message(a))].append(a)
+    for channel in sorted(set(sends) | set(recvs)):
+        s_list, r_list = sends.get(channel, []), recvs.get(channel, [])
+        src, dst, kind = channel
+        what = "activation" if kind == "act" else "gradient"
         for k, (sa, ra) in enumerate(zip(s_list, r_list)):
             if message(sa) != message(ra):
                 raise _fail(
                     sched,
-                    f"rank {pair[0]} sends {sa} as its message #{k} to rank {pair[1]}, which "
-                    f"receives {ra} at that point (transfers must be in the same order on "
-                    "both ends)",
+                    f"rank {src} sends {sa} as its {what} message #{k} to rank {dst}, which "
+                    f"receives {ra} at that point (each channel must deliver in send order)",
                     {pos(sa): f"send #{k}", pos(ra): f"receive #{k}"},
                 )
         if Counter(map(message, s_list)) != Counter(map(message, r_list)):
-            raise _fail(sched, f"unmatched transfers between ranks {pair}", {})
+            raise _fail(sched, f"unmatched {what} transfers from rank {src} to rank {dst}", {})
 
     # 6. a dry run terminates
     try:

@@ -1,0 +1,253 @@
+"""The chapter's exercises: each answer is checked, and the committed outputs
+(results/exercises/*.json, made by results/exercises/run.sh) must match a fresh run wherever the
+answer is deterministic (shapes, verdicts, bytes). Timings are measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from splitgraph.config import load_config
+from splitgraph.exercises import bias, first_batch, hessian, memory, shapes
+from splitgraph.exercises.cli import COMPARE_COMMAND, main
+from splitgraph.model import build_mlp
+from splitgraph.partition import Plan
+from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.schedule import Schedule
+from splitgraph.schedule.simulate import peak_inflight
+from tests.workers import TINY, _batch
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "exercises"
+
+
+def _committed(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _as_json(result: Any) -> dict[str, Any]:
+    """A fresh result as the committed file holds it (tuples become lists)."""
+    return json.loads(json.dumps(result.to_dict()))
+
+
+def _command(name: str) -> list[str]:
+    """The overrides of the committed command (first line of NAME.txt)."""
+    words = (RESULTS / f"{name}.txt").read_text().splitlines()[0].split()
+    assert words[:2] == ["$", "splitgraph-exercise"], words
+    args, out = words[3:], []
+    skip = False
+    for w in args:
+        if skip:
+            skip = False
+        elif w.startswith("--"):
+            skip = True
+        else:
+            out.append(w.strip("'"))
+    return out
+
+
+# -- exercise 1 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 1), (3, 5), (5, 3), (4, 1), (1, 7)])
+def test_exercise1_gradient_of_a_scalar_function_of_an_n_by_m_matrix_is_n_by_m(
+    n: int, m: int
+) -> None:
+    for row in shapes.closed_forms(n, m):
+        assert row.gradient_shape == (n, m), row
+        assert row.max_abs_diff is not None and row.max_abs_diff < 1e-12, row
+
+
+def test_exercise1_matrix_gradient_refuses_a_non_scalar_function() -> None:
+    with pytest.raises(ValueError, match="must return a scalar"):
+        shapes.matrix_gradient(lambda t: t * 2, torch.ones(2, 3))
+
+
+def test_exercise1_matches_its_committed_output() -> None:
+    fresh = _as_json(shapes.run(load_config(_command("ex1"))))
+    committed = _committed("ex1")
+    assert fresh["all_match"] and committed["all_match"]
+    assert [(r["what"], r["variable_shape"], r["gradient_shape"]) for r in fresh["rows"]] == [
+        (r["what"], r["variable_shape"], r["gradient_shape"]) for r in committed["rows"]
+    ]
+
+
+# -- exercise 2 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [[], ["model.activation=gelu", "model.task=regression"]])
+def test_exercise2_hand_derived_bias_gradients_and_no_decay(extra: list[str]) -> None:
+    cfg = load_config([*TINY, "model.bias=true", "optim.weight_decay=0.2", *extra])
+    result = bias.run(cfg)
+    assert result.hand_equals_autograd
+    assert result.biases_not_decayed
+    names = [r.name for r in result.rows]
+    assert names == [f"layers.{i}.{k}" for i in range(6) for k in ("weight", "bias")]
+    for r in result.rows:
+        if r.name.endswith("weight"):
+            assert r.decay_effect < 1e-12  # dJ/dW(lambda) - dJ/dW(0) = lambda W
+
+
+def test_exercise2_needs_a_bias_and_a_weight_decay() -> None:
+    with pytest.raises(ValueError, match=r"model\.bias=true"):
+        bias.run(load_config(TINY))
+    with pytest.raises(ValueError, match="weight_decay > 0"):
+        bias.run(load_config([*TINY, "model.bias=true", "optim.weight_decay=0"]))
+    assert main(["2", *TINY, "model.bias=false"]) == 2
+
+
+def test_exercise2_matches_its_committed_output() -> None:
+    fresh = _as_json(bias.run(load_config(["model.bias=true", *_command("ex2")])))
+    committed = _committed("ex2")
+    for d in (fresh, committed):
+        assert d["hand_equals_autograd"] and d["biases_not_decayed"]
+    assert [(r["name"], r["shape"]) for r in fresh["rows"]] == [
+        (r["name"], r["shape"]) for r in committed["rows"]
+    ]
+
+
+# -- exercise 3 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["optim.momentum=0"],
+        ["optim.momentum=0.9"],
+        ["optim=adam"],
+        ["optim=adam", "model.bias=true"],
+        ["optim=adam", "runtime.dtype=float32", "model.bias=true"],
+    ],
+)
+def test_exercise3_state_formulas_are_exact(extra: list[str]) -> None:
+    """Parameters, gradients and optimizer state after a real step equal the formulas."""
+    cfg = load_config([*TINY, "runtime.dtype=float64", *extra])
+    engine = PipelineEngine(cfg)
+    engine.step(*_batch(cfg, engine.dtype))
+    params, grads, optim = memory.predict_state(cfg, engine.plan, 0)
+    state = engine.optimizer.state
+    nbytes = memory.tensor_bytes
+    assert nbytes(engine.parameters()) == params
+    assert nbytes(p.grad for p in engine.parameters()) == grads
+    assert sum(nbytes(state[p].values()) for p in engine.parameters()) == optim
+
+
+def _hand_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: list[int]) -> list[int]:
+    """The default model (relu, no bias, cross-entropy, float32) with even microbatches:
+    stage i keeps, per sample, its input and every ReLU output (the last one is also what it
+    sends); the last stage keeps its ReLU outputs, the log-probabilities and the int64 label,
+    and nll_loss's scalar total_weight per microbatch. Times the microbatches in flight."""
+    assert len(set(sizes)) == 1
+    out = []
+    for s, inflight in enumerate(peak_inflight(sched)):
+        layers = [plan.layers[i] for i in plan.stage_range(s)]
+        per_sample = 4 * (layers[0].in_features + sum(x.out_features for x in layers[:-1]))
+        per_mb = 0
+        if s == plan.num_stages - 1:
+            per_sample += 4 * layers[-1].out_features + 8
+            per_mb = 4
+        else:
+            per_sample += 4 * layers[-1].out_features
+        out.append(inflight * (sizes[0] * per_sample + per_mb))
+    return out
+
+
+@cache
+def _memory_fresh() -> memory.MemoryResult:
+    # _hand_saved knows F/B schedules only; zb1's deferred W is costs.py's to predict.
+    schedules = ("naive", "gpipe", "1f1b")
+    return memory.run(_command("ex3"), 2, schedules, predict_saved=_hand_saved, timeout=180)
+
+
+@pytest.mark.timeout(240)
+def test_exercise3_prediction_equals_measurement_and_the_committed_output() -> None:
+    fresh = _memory_fresh()
+    committed = _committed("ex3")
+    assert set(committed["schedules"]) <= set(fresh.schedules)
+    for name, s in committed["schedules"].items():
+        stages = fresh.schedules[name]["stages"]
+        assert s["sizes"] == fresh.schedules[name]["sizes"]
+        for st, c in zip(stages, s["stages"]):
+            assert (st.params, st.grads, st.optim) == (st.params_pred, st.grads_pred, st.optim_pred)
+            assert st.saved == st.saved_pred, (name, st.stage)  # the plugged-in prediction
+            assert st.inference_saved == 0
+            for key in ("params", "grads", "optim", "saved", "inflight", "inference_saved"):
+                assert getattr(st, key) == c[key], (name, st.stage, key)
+    # the schedule sets the activations: GPipe keeps all 4 microbatches, 1F1B 2 then 1
+    assert [st.inflight for st in fresh.schedules["gpipe"]["stages"]] == [4, 4]
+    assert [st.inflight for st in fresh.schedules["1f1b"]["stages"]] == [2, 1]
+    text = memory.render(fresh)
+    assert "(pred" not in text and "saved 0 bytes on every stage" in text
+
+
+def test_exercise3_refuses_a_bad_launch_before_spawning() -> None:
+    from splitgraph.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stages"):
+        memory.run(["model.hidden=[8]"], 3)
+
+
+# -- exercise 4 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
+def test_exercise4_hvp_equals_finite_differences_and_is_symmetric(act: str) -> None:
+    cfg = load_config([*TINY, f"model.activation={act}", "optim.weight_decay=0.1"])
+    result = hessian.run(cfg, repeats=1)
+    assert result.hvp_vs_finite_difference < 1e-6
+    assert result.symmetry < 1e-12
+    assert result.hvp_saved > result.gradient_saved > 0
+
+
+def test_exercise4_weight_decay_adds_lambda_v() -> None:
+    """H(J) = H(L) + lambda I: the L2 term shifts every HVP by exactly lambda v."""
+    cfg0 = load_config([*TINY, "optim.weight_decay=0"])
+    cfg1 = load_config([*TINY, "optim.weight_decay=0.5"])
+    model = build_mlp(cfg0, dtype=torch.float64)
+    x, y = _batch(cfg0, torch.float64)
+    v = hessian.random_direction(model, 3)
+    h0 = hessian.hvp(model, x, y, cfg0, v)
+    h1 = hessian.hvp(model, x, y, cfg1, v)
+    for (name, _), a, b, vi in zip(model.named_parameters(), h0, h1, v):
+        assert torch.allclose(b - a, 0.5 * vi, atol=1e-13), name
+
+
+@pytest.mark.parametrize("name", ["ex4", "ex4_tanh"])
+def test_exercise4_memory_matches_its_committed_output(name: str) -> None:
+    cfg = load_config(_command(name))
+    model = build_mlp(cfg, dtype=torch.float64)
+    x, y = first_batch(cfg, torch.float64)
+    committed = _committed(name)
+    assert hessian.saved_bytes(model, x, y, cfg, False) == committed["gradient_saved"]
+    assert hessian.saved_bytes(model, x, y, cfg, True) == committed["hvp_saved"]
+    assert committed["hvp_vs_finite_difference"] < 1e-6
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def test_cli_prints_writes_json_and_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ex1.json"
+    assert main(["1", *TINY, "--json", str(out)]) == 0
+    assert "every gradient has the shape of its variable: yes" in capsys.readouterr().out
+    assert json.loads(out.read_text())["all_match"] is True
+    assert main(["4", *TINY, "model.hiden=[3]"]) == 2
+    assert "hiden" in capsys.readouterr().err
+    assert main(["5"]) == 0
+    assert COMPARE_COMMAND in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["6"])
+
+
+def test_the_docs_show_the_committed_outputs_verbatim() -> None:
+    docs = (RESULTS.parents[1] / "docs" / "exercises.md").read_text()
+    for txt in sorted(RESULTS.glob("ex[1-4]*.txt")):
+        assert txt.read_text().strip() in docs, f"docs/exercises.md does not show {txt.name}"
+    assert "results/too_large/report.md" in docs and COMPARE_COMMAND in docs
