@@ -10,13 +10,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from splitgraph.compare import analysis, conclusion, report, runner, variants
+from splitgraph.compare import analysis, conclusion, main, report, runner, variants
 from splitgraph.compare.config import load, output_dir, validate_compare
 from splitgraph.config import load_config
 from splitgraph.errors import ConfigError
@@ -26,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _recompute_available() -> bool:
-    try:
-        load_config(["schedule.recompute=true"])
-    except Exception:
-        return False
-    return True
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -149,6 +142,20 @@ def test_command_lines_read_back_as_the_same_values() -> None:
     assert text.startswith("torchrun --standalone --nproc-per-node=2 -m splitgraph.train ")
     assert "run_dir=/tmp/run" in text
     assert variants.printable(variants.command(vs[0], base, "r")).startswith("python -m ")
+
+
+def test_a_refused_variant_is_reported_unlaunched_and_all_refused_stops_the_harness(
+    tmp_path: Path,
+) -> None:
+    _, vs, base = _build([])
+    bad = replace(vs[0], settings=vs[0].settings | {"schedule.virtual_stages": 3})
+    (res,) = main.run_all([bad], base, tmp_path, 10, 1152, progress=False)
+    assert res.outcome.status == "failed" and not (tmp_path / bad.name).exists()
+    assert "refused before launch" in (res.outcome.error or "")
+    assert "virtual_stages=3" in (res.outcome.error or "")
+    assert res.outcome.command.startswith("python -m splitgraph.train ")
+    with pytest.raises(ConfigError, match=r"train\.log_every=0"):
+        main.compare(load(["experiment=tiny", "train.log_every=0"]), tmp_path / "out", "x")
 
 
 # -- the runner's verdicts ------------------------------------------------------------------------
@@ -401,11 +408,9 @@ def test_tiny_experiment_end_to_end(tmp_path: Path) -> None:
     pipe = by["pipeline-1f1b-p2-m4"]
     assert pipe["devices"] == 2 and pipe["comm_bytes_per_step"] == 2 * 128 * 32 * 4
     assert pipe["device_seconds_per_epoch"] > 0 and pipe["time_to_target_s"] is not None
-    if _recompute_available():
-        assert by["recompute"]["status"] == "ok"
-    else:  # refused before launch, reported, and the others ran
-        assert by["recompute"]["status"] == "failed"
-        assert "refused before launch" in by["recompute"]["error"]
+    # one stage recomputing its forward in the backward rebuilds the whole graph: full's peak
+    assert by["recompute"]["status"] == "oom"
+    assert by["recompute"]["peak_bytes"] == by["full"]["peak_bytes"]
     md = (tmp_path / "report.md").read_text()
     assert "splitgraph-compare experiment=tiny" in md and "**OOM**, needed" in md
     assert "torchrun --standalone --nproc-per-node=2" in md

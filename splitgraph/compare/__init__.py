@@ -8,7 +8,9 @@ and buys:
     config.py     the harness's schema (`compare:` node) and its cross-field rules
     variants.py   full / small / accumulate / recompute / pipeline -> training overrides
     runner.py     one subprocess per variant, with a deadline and a progress bar
-    analysis.py   run dirs -> one row of metrics per variant, and the computed conclusion
+    analysis.py   run dirs -> one row of metrics per variant (targets, distances from full)
+    conclusion.py the conclusion and the notes, sentences computed from the rows
     report.py     report.md, summary.csv, results.json and the figures
-    main.py       the Hydra entry point (`splitgraph-compare`), sweeps included
+    sweep.py      one table of every point of a multirun
+    main.py       the Hydra entry point (`splitgraph-compare`)
 """

@@ -258,3 +258,63 @@ def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
                 + (f", and its final weights by {weights:.2f} (relative)." if weights else ".")
             )
     return out
+
+
+def notes(k: int, rows: list[dict[str, Any]]) -> list[str]:
+    """How each variant is made, with the memory facts that explain it, from the numbers."""
+    by = {r["variant"]: r for r in rows if r["phase"] == "epochs"}
+
+    def saved(name: str) -> int | None:
+        r = by.get(name)
+        if not r or not r["accounted_per_rank"]:
+            return None
+        return max((a.get("saved_peak") or 0) for a in r["accounted_per_rank"]) or None
+
+    full = saved("reference") or saved("full")
+    acc, rc = saved("accumulate"), saved("recompute")
+    acc_fact = rc_fact = ""
+    if full and acc:
+        acc_fact = (
+            f" Measured: its saved-activation peak is {format_bytes(acc)}, "
+            f"{acc / full:.3f} of full's {format_bytes(full)} (1/k = {1 / k:.3f})."
+        )
+    if full and rc:
+        rc_fact = (
+            f" Measured: its saved-activation peak is {format_bytes(rc)}, {rc / full:.2f}x "
+            f"full's {format_bytes(full)}"
+        )
+        rc_fact += (
+            ": with one stage and one microbatch the backward rebuilds the stage's whole "
+            "graph, so the peak stays; recomputation pays where a stage would hold several "
+            "microbatches' activations at once (GPipe, the first stages of 1F1B), which it "
+            "replaces by their inputs."
+            if rc >= 0.99 * full
+            else "."
+        )
+    out = [
+        "`full`: one process, the whole minibatch B as one microbatch (`schedule=naive`).",
+        f"`small`: one process, minibatch B/k = B/{k}, so {k}x more updates per epoch; learning "
+        "rate `same` as full's, or `linear` (scaled by 1/k with the batch).",
+        f"`accumulate`: one process, `schedule=1f1b pipeline.microbatches={k}`. On a single "
+        "rank 1F1B runs F0 B0 F1 B1 ...: each microbatch's backward runs before the next "
+        "forward, so at most one microbatch's activations are saved at a time, while the "
+        "gradients of all k add up in `.grad` before one optimizer step (each microbatch's "
+        "loss is weighted by its share of B, so the update is full's)." + acc_fact,
+        "`recompute`: one process, minibatch B, `schedule.recompute=true`: the forward keeps "
+        "only the stage's input and is run again in the backward." + rc_fact,
+        "`pipeline`: p processes under `torchrun --standalone`, one stage each, for each "
+        "schedule and microbatch count m (and with recomputation if asked); parameters, "
+        "gradients, optimizer state and activations are split across the p devices.",
+        "`reference`: `full` without the cap, so the others' weights can be compared with "
+        "full-batch training after the same steps; it is not a contender.",
+        "Every variant trains the same epochs from the same initial weights and data order, "
+        "and is evaluated on the same held-out split at the same numbers of samples seen.",
+    ]
+    for name, r in by.items():
+        twin = name.removesuffix("-recompute")
+        if r["kind"] == "pipeline" and twin != name and saved(twin) and saved(name):
+            out.append(
+                f"`{name}`: stage 0's saved-activation peak is {format_bytes(saved(name))} "
+                f"against {format_bytes(saved(twin))} without recomputation."
+            )
+    return out

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import II, OmegaConf
 
-from splitgraph.config import SCHEDULES, Config
+from splitgraph.config import Config
 from splitgraph.errors import ConfigError
 from splitgraph.units import parse_bytes
 
@@ -33,6 +33,7 @@ class CompareConfig:
     stages: list[int] | None = None  # pipeline variants' p; null: [pipeline.stages]
     schedules: list[str] | None = None  # null: [schedule.name]
     microbatches: list[int] | None = None  # null: [pipeline.microbatches]
+    pipeline_recompute: list[bool] | None = None  # null: [schedule.recompute]; [false, true]
     epochs: int = 3  # the epoch budget every variant trains for
     evals_per_epoch: int = 4  # held-out evaluations per epoch (at equal samples seen)
     target_loss: float | None = None  # held-out loss to reach; null: the worst final one
@@ -75,13 +76,15 @@ def load(overrides: list[str] | tuple[str, ...] = ()) -> Any:
     return load_config(list(overrides), config_name="compare")
 
 
-def pipeline_grid(cfg: Any) -> tuple[list[int], list[str], list[int]]:
-    """The pipeline variants' (stages, schedules, microbatches), defaults filled in."""
+def pipeline_grid(cfg: Any) -> tuple[list[int], list[str], list[int], list[bool]]:
+    """The pipeline variants' (stages, schedules, microbatches, recompute), defaults filled in."""
     c = cfg.compare
     stages = list(c.stages) if c.stages is not None else [cfg.pipeline.stages]
     scheds = list(c.schedules) if c.schedules is not None else [str(cfg.schedule.name)]
     mbs = list(c.microbatches) if c.microbatches is not None else [cfg.pipeline.microbatches]
-    return stages, scheds, mbs
+    rc = c.pipeline_recompute
+    recompute = [bool(x) for x in rc] if rc is not None else [bool(cfg.schedule.recompute)]
+    return stages, scheds, mbs, recompute
 
 
 def validate_compare(cfg: Any) -> None:
@@ -116,17 +119,20 @@ def validate_compare(cfg: Any) -> None:
         except ValueError as e:
             errors.append(f"compare.memory_cap={c.memory_cap!r}: {e}")
     if "pipeline" in kinds:
-        stages, scheds, mbs = pipeline_grid(cfg)
+        stages, scheds, mbs, _ = pipeline_grid(cfg)
         if any(s is None or s < 2 for s in stages):
             errors.append(
                 f"pipeline stages {stages}: the pipeline variants need p >= 2 stages; set "
                 "pipeline.stages=2 (or compare.stages=[2,4])."
             )
+        from splitgraph.schedule import SCHEDULES
+
         bad = [s for s in scheds if s not in SCHEDULES or s == "naive"]
         if bad:
+            names = ", ".join(n for n in SCHEDULES if n != "naive")
             errors.append(
-                f"compare.schedules={scheds}: {bad} cannot pipeline microbatches; use gpipe "
-                "or 1f1b."
+                f"compare.schedules={scheds}: {bad} cannot pipeline microbatches; use any of "
+                f"{names}."
             )
         if any(m < 1 or m > batch for m in mbs):
             errors.append(f"pipeline microbatches {mbs} must lie in 1..train.batch_size={batch}.")

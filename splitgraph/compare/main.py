@@ -13,7 +13,6 @@ rewrites `<sweep dir>/sweep.md` and `sweep.csv`, one table of every point's vari
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -24,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from splitgraph.compare import analysis, conclusion, report, runner, variants
+from splitgraph.compare import analysis, conclusion, report, runner, sweep, variants
 from splitgraph.compare.analysis import Result
 from splitgraph.compare.config import register, validate_compare
 from splitgraph.config import validate
@@ -207,7 +206,7 @@ def _meta(
             "medians vary by about 10% on these machines even when idle); memory figures are "
             "exact and do not vary."
         ),
-        "notes": _notes(cfg, rows),
+        "notes": conclusion.notes(int(c.k), rows),
         "overrides": _task_overrides(),
     }
 
@@ -233,46 +232,6 @@ def _machine() -> str:
     )
 
 
-def _notes(cfg: DictConfig, rows: list[dict[str, Any]]) -> list[str]:
-    """How each variant is made, with the memory facts that explain it, from the numbers."""
-    k = int(cfg.compare.k)
-    by = {r["variant"]: r for r in rows if r["phase"] == "epochs"}
-
-    def saved(name: str) -> int | None:
-        r = by.get(name)
-        if not r or not r["accounted_per_rank"]:
-            return None
-        return max((a.get("saved_peak") or 0) for a in r["accounted_per_rank"]) or None
-
-    full_saved = saved("reference") or saved("full")
-    acc = saved("accumulate")
-    acc_fact = ""
-    if full_saved and acc:
-        acc_fact = (
-            f" Measured: its saved-activation peak is {format_bytes(acc)}, "
-            f"{acc / full_saved:.3f} of full's {format_bytes(full_saved)} (1/k = {1 / k:.3f})."
-        )
-    return [
-        "`full`: one process, the whole minibatch B as one microbatch (`schedule=naive`).",
-        f"`small`: one process, minibatch B/k = B/{k}, so {k}x more updates per epoch; learning "
-        "rate `same` as full's, or `linear` (scaled by 1/k with the batch).",
-        f"`accumulate`: one process, `schedule=1f1b pipeline.microbatches={k}`. On a single "
-        "rank 1F1B runs F0 B0 F1 B1 ...: each microbatch's backward runs before the next "
-        "forward, so at most one microbatch's activations are saved at a time, while the "
-        "gradients of all k add up in `.grad` before one optimizer step (each microbatch's "
-        "loss is weighted by its share of B, so the update is full's)." + acc_fact,
-        "`recompute`: one process, minibatch B, `schedule.recompute=true` (activations "
-        "rematerialised in the backward).",
-        "`pipeline`: p processes under `torchrun --standalone`, one stage each, for each "
-        "schedule and microbatch count m; parameters, gradients, optimizer state and "
-        "activations are split across the p devices.",
-        "`reference`: `full` without the cap, so the others' weights can be compared with "
-        "full-batch training after the same steps; it is not a contender.",
-        "Every variant trains the same epochs from the same initial weights and data order, "
-        "and is evaluated on the same held-out split at the same numbers of samples seen.",
-    ]
-
-
 def _task_overrides() -> list[str]:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -280,74 +239,6 @@ def _task_overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):
         return []
-
-
-# -- sweeps --------------------------------------------------------------------------------
-
-
-def collect_sweep(sweep_dir: Path) -> Path | None:
-    """One table of every finished sweep point's variants (rewritten after each point)."""
-    points = []
-    for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: _job_key(p.parent.name)):
-        data = json.loads(path.read_text())
-        points.append((path.parent.name, data["meta"], data["rows"]))
-    if not points:
-        return None
-    rows_out, lines = [], []
-    cols = [
-        "job",
-        "overrides",
-        "variant",
-        "status",
-        "devices",
-        "peak",
-        "median step",
-        "samples/s",
-        "time to target",
-        "test acc",
-    ]
-    lines += [
-        f"# Sweep: {len(points)} point(s)",
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
-    ]
-    for job, meta, rows in points:
-        over = " ".join(meta.get("overrides", []))
-        for r in rows:
-            rows_out.append({"job": job, "overrides": over, **r})
-            cells = [
-                job,
-                f"`{over}`",
-                r["label"],
-                r["status"],
-                r["devices"],
-                format_bytes(r["peak_bytes"]) if r["peak_bytes"] else "",
-                _opt(r["step_time_median_s"], ".4f"),
-                _opt(r["samples_per_s"], ".0f"),
-                _opt(r.get("time_to_target_s"), ".2f"),
-                _opt(r["final_test_accuracy"], ".4f"),
-            ]
-            lines.append("| " + " | ".join(str(x) for x in cells) + " |")
-    (sweep_dir / "sweep.md").write_text("\n".join(lines) + "\n")
-    with open(sweep_dir / "sweep.csv", "w", newline="") as f:
-        import csv
-
-        w = csv.DictWriter(
-            f, fieldnames=["job", "overrides", *report.CSV_COLUMNS], extrasaction="ignore"
-        )
-        w.writeheader()
-        for r in rows_out:
-            w.writerow(r)
-    return sweep_dir / "sweep.md"
-
-
-def _job_key(name: str) -> tuple[int, str]:
-    return (int(name), name) if name.isdigit() else (1 << 30, name)
-
-
-def _opt(x: Any, spec: str) -> str:
-    return "" if x is None else format(x, spec)
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -372,7 +263,7 @@ def main() -> None:
             print(f"splitgraph-compare: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         if hc.mode == RunMode.MULTIRUN:
-            table = collect_sweep(Path(hc.sweep.dir))
+            table = sweep.collect(Path(hc.sweep.dir))
             print(f"sweep table: {table}", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()

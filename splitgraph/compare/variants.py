@@ -17,6 +17,7 @@ user would type:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shlex
@@ -116,8 +117,12 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
             "pipeline.memory_cap": cap,
         }
 
-    one_device = {"pipeline.stages": 1, "partition.strategy": "uniform"}
-    one_device["partition.boundaries"] = None
+    one_device = {
+        "pipeline.stages": 1,
+        "partition.strategy": "uniform",
+        "partition.boundaries": None,
+        "schedule.virtual_stages": 1,
+    }
     whole = {"schedule.name": "naive", "pipeline.microbatches": 1}
     out: list[Variant] = []
     kinds = list(c.variants)
@@ -145,25 +150,26 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
         settings = common(B) | one_device | whole | {"schedule.recompute": True}
         out.append(Variant("recompute", "recompute", f"recompute (B={B})", 1, B, settings))
     if "pipeline" in kinds:
-        stages, scheds, mbs = pipeline_grid(cfg)
-        for p in stages:
-            for sched in scheds:
-                for m in mbs:
-                    settings = common(B) | {
-                        "pipeline.stages": p,
-                        "schedule.name": sched,
-                        "pipeline.microbatches": m,
-                    }
-                    out.append(
-                        Variant(
-                            f"pipeline-{sched}-p{p}-m{m}",
-                            "pipeline",
-                            f"pipeline {sched} p={p} m={m}",
-                            p,
-                            B,
-                            settings,
-                        )
-                    )
+        from splitgraph.schedule import SCHEDULES
+
+        stages, scheds, mbs, recomputes = pipeline_grid(cfg)
+        for p, sched, m, rc in itertools.product(stages, scheds, mbs, recomputes):
+            # model chunks per rank: the configured count for a chunked schedule (2, its
+            # group default, if none was chosen), one for the others
+            v = int(cfg.schedule.virtual_stages) if SCHEDULES[sched].virtual else 1
+            v = 2 if SCHEDULES[sched].virtual and v == 1 else v
+            settings = common(B) | {
+                "pipeline.stages": p,
+                "schedule.name": sched,
+                "schedule.virtual_stages": v,
+                "schedule.recompute": rc,
+                "pipeline.microbatches": m,
+            }
+            name = f"pipeline-{sched}-p{p}-m{m}" + (f"-v{v}" if v > 1 else "")
+            label = f"pipeline {sched} p={p} m={m}" + (f" v={v}" if v > 1 else "")
+            if rc:
+                name, label = name + "-recompute", label + " + recompute"
+            out.append(Variant(name, "pipeline", label, p, B, settings))
     if c.reference and cap is not None and set(kinds) & {"full", "small", "accumulate", "pipeline"}:
         settings = common(B) | one_device | whole | {"pipeline.memory_cap": None}
         out.append(Variant("reference", "reference", "full, no cap (reference)", 1, B, settings))
