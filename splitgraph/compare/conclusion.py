@@ -124,16 +124,29 @@ def _time_lines(fit: list[dict[str, Any]], target: float, k: int) -> list[str]:
         if len(fast) > 1:
             line += " " + _why_time(w, fast[1], k)
         out.append(line)
-    cheap = _ranked(fit, "device_seconds_to_target")
-    if cheap:
-        w = cheap[0]
+    line = _winner(
+        fit,
+        "device_seconds_to_target",
+        "**Cheapest to the target** in device-seconds (devices x seconds)",
+        lambda w: f"{w['device_seconds_to_target']:.2f} device-s on {w['devices']} device(s)",
+        "{:.2f}",
+    )
+    if line:
         out.append(
-            f"**Cheapest to the target** in device-seconds (devices x seconds): {w['label']}, "
-            f"{w['device_seconds_to_target']:.2f} device-s on {w['devices']} device(s)"
-            + _then(cheap[1:], "device_seconds_to_target", "{:.2f}")
-            + ". A p-device run must be p times faster than a one-device run to cost the same."
+            line + " A p-device run must be p times faster than a one-device run to cost the same."
         )
     return out
+
+
+def _winner(
+    rows: list[dict[str, Any]], key: str, title: str, describe: Any, fmt: str, high: bool = False
+) -> str | None:
+    """`title: winner, its figures (then the others' values).`, or None if no row has `key`."""
+    ranked = _ranked(rows, key, high)
+    if not ranked:
+        return None
+    w = ranked[0]
+    return f"{title}: {w['label']}, {describe(w)}" + _then(ranked[1:], key, fmt) + "."
 
 
 def _why_time(w: dict[str, Any], r: dict[str, Any], k: int) -> str:
@@ -159,25 +172,28 @@ def _why_time(w: dict[str, Any], r: dict[str, Any], k: int) -> str:
 
 
 def _accuracy_lines(fit: list[dict[str, Any]], timed: list[dict[str, Any]]) -> list[str]:
-    out = []
-    acc = _ranked(fit, "final_test_accuracy", high=True)
-    if acc:
-        w = acc[0]
-        out.append(
-            f"**Most accurate after the epoch budget** ({w['epochs'] or 0:.0f} epochs): "
-            f"{w['label']}, held-out accuracy {w['final_test_accuracy']:.4f} (loss "
-            f"{w['final_test_loss']:.4f})" + _then(acc[1:], "final_test_accuracy", "{:.4f}") + "."
-        )
-    tacc = _ranked(timed, "final_test_accuracy", high=True)
-    if tacc:
-        w = tacc[0]
-        out.append(
-            f"**Most accurate after the wall-clock budget**: {w['label']}, held-out accuracy "
-            f"{w['final_test_accuracy']:.4f} after {w['epochs'] or 0:.2f} epochs"
-            + _then(tacc[1:], "final_test_accuracy", "{:.4f}")
-            + "."
-        )
-    return out
+    budget = max(r["epochs"] or 0 for r in fit)
+    epochs = _winner(
+        fit,
+        "final_test_accuracy",
+        f"**Most accurate after the epoch budget** ({budget:.0f} epochs)",
+        lambda w: (
+            f"held-out accuracy {w['final_test_accuracy']:.4f} (loss {w['final_test_loss']:.4f})"
+        ),
+        "{:.4f}",
+        high=True,
+    )
+    clock = _winner(
+        timed,
+        "final_test_accuracy",
+        "**Most accurate after the wall-clock budget**",
+        lambda w: (
+            f"held-out accuracy {w['final_test_accuracy']:.4f} after {w['epochs'] or 0:.2f} epochs"
+        ),
+        "{:.4f}",
+        high=True,
+    )
+    return [line for line in (epochs, clock) if line]
 
 
 def _pipeline_lines(main: list[dict[str, Any]], fit: list[dict[str, Any]]) -> list[str]:
