@@ -150,7 +150,8 @@ def test_a_refused_variant_is_reported_unlaunched_and_all_refused_stops_the_harn
     _, vs, base = _build([])
     bad = replace(vs[0], settings=vs[0].settings | {"schedule.virtual_stages": 3})
     (res,) = main.run_all([bad], base, tmp_path, 10, 1152, progress=False)
-    assert res.outcome.status == "failed" and not (tmp_path / bad.name).exists()
+    assert res.outcome.status == "failed" and not (tmp_path / bad.name / "output.log").exists()
+    assert json.loads((tmp_path / bad.name / "outcome.json").read_text())["status"] == "failed"
     assert "refused before launch" in (res.outcome.error or "")
     assert "virtual_stages=3" in (res.outcome.error or "")
     assert res.outcome.command.startswith("python -m splitgraph.train ")
@@ -230,6 +231,7 @@ def _row(name: str, kind: str, devices: int = 1, **kw: Any) -> dict[str, Any]:
         "final_train_accuracy": 0.8,
         "final_test_loss": 0.6,
         "final_test_accuracy": 0.75,
+        "test_samples": 400.0,
         "command": f"python -m splitgraph.train {name}",
         "_num_train": 1280,
         "accounted_per_rank": [
@@ -320,6 +322,9 @@ def test_derived_figures_and_a_conclusion_computed_from_them(tmp_path: Path) -> 
     assert "steps 0.80x as fast as reference" in joined and "1.60x" in joined
     assert "From step 12 the gap exceeds 1e-4" in joined
     assert "Timing noise" not in joined  # no two variants do the same arithmetic here
+    # 0.80 vs 0.75 on 400 held-out samples: standard error 0.02, so a lead of 0.05 is real
+    assert "lead over the next (0.0500) is beyond the held-out set's sampling noise" in joined
+    assert "(standard error 0.0200 over 400 samples" in joined
     twin = _row("small2", "small", batch=32, step_time_median_s=0.3)
     noise = conclusion.conclude([*rows, twin], 100, target, 4)[-1]
     assert "small and small2 do identical arithmetic" in noise and "(1.50x)" in noise
@@ -418,6 +423,15 @@ def test_tiny_experiment_end_to_end(tmp_path: Path) -> None:
         assert (tmp_path / f"{name}.png").exists()
     with open(tmp_path / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == len(by)
+
+    # The report rebuilt from the recorded runs, running nothing, says the same.
+    again = _compare(
+        "experiment=tiny", "compare.report_only=true", f"hydra.run.dir={tmp_path}", timeout=120
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    rebuilt = json.loads((tmp_path / "results.json").read_text())["rows"]
+    keys = ("variant", "status", "peak_bytes", "final_test_loss", "weights_rel_diff", "command")
+    assert [[r[k] for k in keys] for r in rebuilt] == [[r[k] for k in keys] for r in data["rows"]]
 
 
 @pytest.mark.slow

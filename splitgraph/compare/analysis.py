@@ -81,6 +81,7 @@ def row(res: Result, num_train: int, cap: int | None, base_lr: float) -> dict[st
         "schedule": v.settings.get("schedule.name"),
         "microbatches": v.settings.get("pipeline.microbatches"),
         "lr": v.settings.get("optim.lr", base_lr),
+        "recompute": bool(v.settings.get("schedule.recompute")),
         "status": o.status,
         "error": o.error,
         "capped": v.capped,
@@ -105,6 +106,7 @@ def row(res: Result, num_train: int, cap: int | None, base_lr: float) -> dict[st
         "final_train_accuracy": final.get("train", {}).get("accuracy"),
         "final_test_loss": final.get("test", {}).get("loss"),
         "final_test_accuracy": final.get("test", {}).get("accuracy"),
+        "test_samples": final.get("test", {}).get("samples"),
         "command": o.command,
     }
     out["_points"] = points

@@ -5,6 +5,7 @@ on device-seconds and on accuracy, and why, each reason an arithmetic fact of th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from splitgraph.compare.analysis import CONTENDERS
@@ -60,6 +61,7 @@ def _noise_lines(main: list[dict[str, Any]]) -> list[str]:
     for r in main:
         if r["status"] == "ok" and r["step_time_median_s"] and r["kind"] in CONTENDERS:
             key = (r["kind"], r["devices"], r["batch"], r["schedule"], r["microbatches"])
+            key += (r.get("recompute"),)
             groups.setdefault(key, []).append(r)
     out = []
     for same in groups.values():
@@ -193,7 +195,23 @@ def _accuracy_lines(fit: list[dict[str, Any]], timed: list[dict[str, Any]]) -> l
         "{:.4f}",
         high=True,
     )
-    return [line for line in (epochs, clock) if line]
+    return [line + _chance(rows) for line, rows in ((epochs, fit), (clock, timed)) if line]
+
+
+def _chance(rows: list[dict[str, Any]]) -> str:
+    """Whether the best accuracy's lead over the next is beyond the held-out set's sampling
+    noise: the standard error of an accuracy a over n samples is sqrt(a (1 - a) / n)."""
+    ranked = _ranked(rows, "final_test_accuracy", high=True)
+    if len(ranked) < 2 or not ranked[0].get("test_samples"):
+        return ""
+    a, n = ranked[0]["final_test_accuracy"], ranked[0]["test_samples"]
+    se = math.sqrt(max(a * (1 - a), 1e-12) / n)
+    gap = a - ranked[1]["final_test_accuracy"]
+    verdict = "within" if gap < 2 * se else "beyond"
+    return (
+        f" The lead over the next ({gap:.4f}) is {verdict} the held-out set's sampling noise "
+        f"(standard error {se:.4f} over {n:.0f} samples; twice that is {2 * se:.4f})."
+    )
 
 
 def _pipeline_lines(main: list[dict[str, Any]], fit: list[dict[str, Any]]) -> list[str]:

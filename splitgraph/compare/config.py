@@ -43,6 +43,7 @@ class CompareConfig:
     timeout: float = 600.0  # seconds per variant process
     runs_dir: str | None = None  # where variant run dirs go; null: <output dir>/runs
     progress: bool = True
+    report_only: bool = False  # rebuild the report from the recorded runs, running nothing
 
 
 @dataclass

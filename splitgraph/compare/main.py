@@ -79,8 +79,10 @@ def run_all(
     timeout: float,
     num_train: int,
     progress: bool,
+    reuse: bool = False,
 ) -> list[Result]:
-    """Each variant in its own process, one after another; a failure stops only itself."""
+    """Each variant in its own process, one after another; a failure stops only itself.
+    `reuse`: read each variant's recorded run instead of running it (compare.report_only)."""
     out: list[Result] = []
     outer = _bar(len(todo), "compare", 0, progress)
     try:
@@ -89,7 +91,9 @@ def run_all(
             cmd = variants.command(v, base, str(run_dir))
             refused = check_variant(v, base, str(run_dir))
             outer.set_postfix_str(v.name)
-            if refused is not None:
+            if reuse:
+                outcome = runner.load_outcome(run_dir)
+            elif refused is not None:
                 outcome = runner.Outcome("failed", error=refused)
             else:
                 epochs = int(v.settings["train.epochs"])
@@ -105,6 +109,8 @@ def run_all(
                 finally:
                     inner.close()
             outcome.command = variants.printable(cmd)
+            if not reuse:
+                runner.save_outcome(run_dir, outcome)
             out.append(Result(v, outcome, run_dir))
             outer.update(1)
             _say(f"{v.name}: {outcome.status}" + _short(outcome), progress)
@@ -143,7 +149,8 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
     runs_dir = Path(c.runs_dir) if c.runs_dir else out_dir / "runs"
     load_start = os.getloadavg()[0]
 
-    results = run_all(todo, base, runs_dir, float(c.timeout), num_train, bool(c.progress))
+    reuse = bool(c.report_only)
+    results = run_all(todo, base, runs_dir, float(c.timeout), num_train, bool(c.progress), reuse)
     if all(r.outcome.error and "refused before launch" in r.outcome.error for r in results):
         raise ConfigError([f"{r.variant.name}: {r.outcome.error}" for r in results])
     if c.time_budget is not None:
@@ -152,7 +159,9 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
             for r in results
             if r.variant.kind in analysis.CONTENDERS and r.outcome.status == "ok"
         ]
-        results += run_all(timed, base, runs_dir, float(c.timeout), num_train, bool(c.progress))
+        results += run_all(
+            timed, base, runs_dir, float(c.timeout), num_train, bool(c.progress), reuse
+        )
 
     cap = parse_bytes(c.memory_cap) if c.memory_cap is not None else None
     lr = float(cfg.optim.lr)

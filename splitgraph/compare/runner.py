@@ -75,6 +75,27 @@ def run(
     return out
 
 
+_SAVED = ("status", "error", "needed_bytes", "returncode", "wall_s", "command")
+
+
+def save_outcome(run_dir: Path, out: Outcome) -> None:
+    """The verdict beside the run's own files, so the report can be rebuilt without rerunning."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {k: getattr(out, k) for k in _SAVED}
+    (run_dir / "outcome.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def load_outcome(run_dir: Path) -> Outcome:
+    """A recorded run, read back: the saved verdict plus its summary and metrics."""
+    record = _load_json(run_dir / "outcome.json")
+    if record is None:
+        return Outcome("failed", error=f"no recorded run in {run_dir}: run it first")
+    out = read(run_dir, record.get("returncode"))
+    for k in _SAVED:
+        setattr(out, k, record.get(k))
+    return out
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
