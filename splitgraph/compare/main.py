@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -260,6 +261,8 @@ def main() -> None:
     from hydra.types import RunMode
 
     register()
+    # SIGTERM unwinds like Ctrl-C, so the running variant's process group is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     @hydra.main(version_base="1.3", config_path="pkg://splitgraph.conf", config_name="compare")
     def _main(cfg: DictConfig) -> None:

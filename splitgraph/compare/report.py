@@ -75,9 +75,11 @@ def _csv_value(v: Any) -> Any:
 
 
 def write_json(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Everything the report and the figures are drawn from, curves included."""
-    clean = [{k.lstrip("_"): v for k, v in r.items()} for r in rows]
-    path.write_text(json.dumps({"meta": meta, "rows": clean}, indent=1) + "\n")
+    """Everything the report and the figures are drawn from, the held-out curves included (the
+    per-step training loss stays in each run's metrics.jsonl); one row per line."""
+    clean = [{k.lstrip("_"): v for k, v in r.items() if k != "_steps"} for r in rows]
+    lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in clean)
+    path.write_text(f'{{"meta": {json.dumps(meta, indent=1)},\n"rows": [\n{lines}\n]}}\n')
 
 
 # -- figures --------------------------------------------------------------------------------

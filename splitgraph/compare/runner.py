@@ -57,14 +57,18 @@ def run(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
         )
         timed_out = False
-        while proc.poll() is None:
-            if time.monotonic() - t0 > timeout:
-                timed_out = True
-                _kill_group(proc)
-                break
-            if on_progress is not None:
-                on_progress(_count_lines(run_dir / "metrics.jsonl"))
-            time.sleep(poll)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - t0 > timeout:
+                    timed_out = True
+                    _kill_group(proc)
+                    break
+                if on_progress is not None:
+                    on_progress(_count_lines(run_dir / "metrics.jsonl"))
+                time.sleep(poll)
+        except BaseException:  # Ctrl-C or SIGTERM on the harness: take the variant down too
+            _kill_group(proc)
+            raise
     wall = time.monotonic() - t0
     out = read(run_dir, proc.returncode)
     out.wall_s = wall
