@@ -157,6 +157,15 @@ class RuntimeConfig:
 
 
 @dataclass
+class TraceConfig:
+    """Measured timelines: record every action of `steps` steps after `warmup` (trace.json)."""
+
+    enabled: bool = True
+    warmup: int = 2
+    steps: int = 20
+
+
+@dataclass
 class CheckpointConfig:
     init_from: str | None = None  # a model.pt written by a run (any partition)
     save: bool = True  # write the consolidated model.pt at the end
@@ -178,6 +187,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     run_dir: str = MISSING
@@ -381,6 +391,11 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         v = getattr(t, key)
         if v is not None and v < 1:
             errors.append(f"train.{key}={v} must be >= 1.")
+    if cfg.trace.warmup < 0 or cfg.trace.steps < 1:
+        errors.append(
+            f"trace.warmup={cfg.trace.warmup} must be >= 0 and trace.steps={cfg.trace.steps} "
+            ">= 1 (or trace.enabled=false)."
+        )
     if t.log_every < 1:
         errors.append(f"train.log_every={t.log_every} must be >= 1.")
     if t.eval_every is not None and t.eval_every < 1:

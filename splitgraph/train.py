@@ -50,6 +50,7 @@ from splitgraph.runtime.dist import (
 )
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.memory import cuda_memory, peak_rss_bytes
+from splitgraph.runtime.trace import TraceWindow, make_tracer
 
 log = logging.getLogger("splitgraph")
 
@@ -130,11 +131,15 @@ def _train(
     bar = _progress(cfg, steps) if is_main else None
     step_times: list[float] = []
     fail_step = cfg.debug.fail_at_step
+    tracer = make_tracer(device) if cfg.trace.enabled else None
+    engine.executor.tracer = tracer
+    window = TraceWindow(cfg.trace, tracer, steps)
     cap, budget = memcap.cap_bytes(cfg), cfg.train.time_budget
     elapsed, stopped_by, step = 0.0, None, -1
     try:
         accounted = memcap.check_all_ranks(engine, cap, False, "before the first step")
         for step in range(steps):
+            window.before_step(step)
             x = y = None
             if order is not None and dataset is not None:
                 idx = order.indices(step)
@@ -187,6 +192,8 @@ def _train(
         if metrics_file is not None:
             metrics_file.close()
 
+    timeline = window.finish(run_dir, is_main, engine.schedule, engine.sizes, step_times)
+
     # Per-rank memory, then the consolidated checkpoint, gathered to rank 0.
     memory = {
         "rank": env.rank,
@@ -230,6 +237,7 @@ def _train(
         "final": final,
         "memory_per_rank": [{k: v for k, v in m.items() if k != "comm"} for m in memories],
         "comm_per_rank": [{"rank": m["rank"], **m["comm"]} for m in memories],
+        "timeline": timeline,
         "torch": torch.__version__,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -75,6 +75,15 @@ def test_torchrun_pipeline_matches_single_process_training(tmp_path: Path) -> No
     assert [m["rank"] for m in summary["memory_per_rank"]] == [0, 1]
     assert all(m["saved_activation_peak_bytes"] > 0 for m in summary["memory_per_rank"])
     assert summary["step_time_median_s"] > 0
+    timeline = summary["timeline"]  # measured per-action timeline, set against the simulator
+    assert (run / "trace.json").exists() and (run / "timeline.png").exists()
+    trace = json.loads((run / "trace.json").read_text())
+    forwards = [e for e in trace["traceEvents"] if e.get("cat") == "F"]
+    assert {e["pid"] for e in forwards} == {0, 1}
+    assert len(forwards) == 2 * 4 * (timeline["steps_traced"][1] - timeline["steps_traced"][0] + 1)
+    assert all(0.0 <= b <= 1.0 for b in timeline["measured"]["bubble_per_rank"])
+    assert timeline["predicted"]["step_time_s"] > 0
+    assert timeline["measured_over_predicted_step_time"] > 0
     test = summary["final"]["test"]
     assert test["samples"] == 51 and 0.0 <= test["accuracy"] <= 1.0 and test["loss"] > 0
     assert "plan: params" in pp.stdout + pp.stderr  # the plan table, printed by rank 0

@@ -129,8 +129,15 @@ class PipelineEngine:
         return StepStats(loss=float(loss) if loss is not None else 0.0, l2=l2)
 
     def step(self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None) -> StepStats:
+        tr = self.executor.tracer
+        if tr is not None:
+            tr.step = self.p2p.step
         stats = self.forward_backward(x, y, fail_at=fail_at)
+        t0 = tr.begin() if tr is not None and tr.active else None
         self.optimizer.step()
+        if t0 is not None and tr is not None:
+            tr.end(t0, "OPT", "OPT")
+            tr.flush()
         self.p2p.step += 1
         return stats
 

@@ -23,7 +23,6 @@ rank (interleaved schedules) hand tensors over without the network.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ from splitgraph.config import Task
 from splitgraph.model import StageModule, WeightGradStore, deferring, loss_sum
 from splitgraph.runtime.comm import P2P, Transfer
 from splitgraph.runtime.memory import SavedTensorMeter
+from splitgraph.runtime.trace import Tracer
 from splitgraph.schedule.ir import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule, W
 
 
@@ -87,11 +87,12 @@ class Executor:
         self.schedule, self.rank, self.stages, self.p2p = schedule, rank, stages, p2p
         self.task, self.device, self.dtype, self.meter = Task(task), device, dtype, meter
         self.recompute = frozenset(recompute)
+        self._tr: Tracer | None = None
         self.program = _compile(schedule.actions[rank])
         self.last = schedule.num_stages - 1
         self._rank_of = schedule.stage_to_rank
-        #: when a list, each step appends (action, start, end) in perf_counter seconds
-        self.trace: list[tuple[str, float, float]] | None = None
+        #: records each action's start and end while `tracer.active` (runtime/trace.py)
+        self.tracer: Tracer | None = None
 
     def run(
         self,
@@ -112,7 +113,8 @@ class Executor:
             if self.last in self.stages
             else None
         )
-        trace, clock = self.trace, time.perf_counter
+        tr = self.tracer if self.tracer is not None and self.tracer.active else None
+        self._tr = tr
         current: object = None
         meter = self.meter if self.meter is not None else _NullContext()
         try:
@@ -123,7 +125,7 @@ class Executor:
                         raise InjectedFault(
                             f"injected failure (debug.fail_at_step) on rank {self.rank}"
                         )
-                    t0 = clock() if trace is not None else 0.0
+                    t0 = tr.begin() if tr is not None else None
                     if isinstance(item, tuple):
                         self._post(item, sizes, st)
                     elif item.op == F:
@@ -134,9 +136,11 @@ class Executor:
                         st.deferred.pop((item.stage, item.mb)).run()
                     else:
                         raise AssertionError(f"{item} is not executable")
-                    if trace is not None:
-                        label = " ".join(map(str, item)) if isinstance(item, tuple) else str(item)
-                        trace.append((label, t0, clock()))
+                    if tr is not None:
+                        if isinstance(item, tuple):
+                            tr.end(t0, " ".join(map(str, item)), "comm")
+                        else:
+                            tr.end(t0, str(item), item.op.value)
             current = "the step's pending sends"
             for work, _ in st.sends:
                 work.wait()
@@ -176,11 +180,15 @@ class Executor:
 
     def _take(self, st: _Step, key: Action) -> Tensor:
         buf, work = st.received.pop(key)
+        tr = self._tr
+        t0 = tr.begin() if tr is not None else None
         try:
             work.wait()
         except Exception as e:
             peer = self._rank_of[key.stage - 1 if key.op == RECV_F else key.stage + 1]
             raise RuntimeError(f"waiting for {key} from rank {peer}: {e}") from e
+        if tr is not None:
+            tr.end(t0, str(key), "wait")
         return buf
 
     def _take_output(self, st: _Step, s: int, mb: int) -> Tensor:

@@ -33,7 +33,8 @@ class Costs:
 
     `backward` is a full backward B; zero-bubble's I and W default to splitting it in half.
     `comm[b]` is the time to move one microbatch's activation (or gradient) over boundary b.
-    `mb_scale[i]` scales microbatch i (uneven microbatches); default 1.
+    `mb_scale[i]` scales microbatch i (uneven microbatches); default 1. `post` is the time a
+    rank spends posting a group of transfers (the runtime's own overhead).
     """
 
     forward: Sequence[float]
@@ -42,6 +43,7 @@ class Costs:
     weight: Sequence[float] | None = None
     comm: Sequence[float] | None = None
     mb_scale: Sequence[float] | None = None
+    post: float = 0.0
 
     @staticmethod
     def uniform(
@@ -181,6 +183,8 @@ def simulate(sched: Schedule, costs: Costs | None = None, strict: bool = False) 
             while pos[r] < len(acts[r]):
                 a = acts[r][pos[r]]
                 if a.op.is_comm:
+                    if costs.post and (pos[r] == 0 or acts[r][pos[r] - 1].op.is_compute):
+                        clock[r] += costs.post  # one post per group of transfers
                     (sent if a.op.is_send else received).setdefault(message(a), clock[r])
                     pos[r] += 1
                     progress = True

@@ -1,0 +1,201 @@
+"""Schedules side by side on real runs: step time, throughput, bubble measured and predicted,
+and activation memory per stage.
+
+    python -m splitgraph.bench.schedules --nproc 2 --repeats 3
+    python -m splitgraph.bench.schedules --nproc 2 --overhead      # what tracing costs
+
+Each configuration (schedule x microbatches, at fixed ranks) is a real `torchrun` launch of
+`splitgraph.train`. Every round runs every configuration once, in a rotated order, so drift
+on the machine lands on all of them; the table reports the median over rounds of each
+launch's median step. The prediction is the simulator fed with that launch's own measured
+per-stage costs (see runtime/trace.py). `--overhead` alternates the default run with tracing
+on (every step recorded) and off, and reports the ratio of median step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from splitgraph.bench.launch import RunFailed, machine, run_training
+
+#: (label, overrides) per schedule; microbatches are swept separately.
+SCHEDULES = [
+    ("naive", ["schedule=naive"]),
+    ("gpipe", ["schedule=gpipe"]),
+    ("1f1b", ["schedule=1f1b"]),
+    ("zb1", ["schedule=zb1"]),
+    ("interleaved v=2", ["schedule=interleaved", "schedule.virtual_stages=2"]),
+    ("loopedbfs v=2", ["schedule=loopedbfs", "schedule.virtual_stages=2"]),
+]
+
+
+def configurations(nproc: int, microbatches: list[int]) -> list[tuple[str, int, list[str]]]:
+    out = []
+    for label, ov in SCHEDULES:
+        for m in [1] if label == "naive" else microbatches:
+            if label.startswith("interleaved") and m % nproc:
+                continue
+            out.append((label, m, [*ov, f"pipeline.microbatches={m}"]))
+    return out
+
+
+def _one(summary: dict[str, Any]) -> dict[str, float]:
+    tl = summary["timeline"]
+    mem = [r["saved_activation_peak_bytes"] for r in summary["memory_per_rank"]]
+    return {
+        "step_ms": 1e3 * tl["measured"]["step_time_median_s"],
+        "pred_ms": 1e3 * tl["predicted"]["step_time_s"],
+        "samples_per_s": summary["config"]["train"]["batch_size"]
+        / tl["measured"]["step_time_median_s"],
+        "bubble": statistics.mean(tl["measured"]["bubble_per_rank"]),
+        "bubble_pred": statistics.mean(tl["predicted"]["bubble_per_rank"]),
+        "ratio": tl["measured_over_predicted_step_time"],
+        "saved_kib": [b / 1024 for b in mem],
+    }
+
+
+def sweep(
+    nproc: int, microbatches: list[int], repeats: int, steps: int, extra: list[str], workdir: Path
+) -> list[dict[str, Any]]:
+    configs = configurations(nproc, microbatches)
+    runs: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(configs))}
+    errors: dict[int, str] = {}
+    common = [
+        f"train.steps={steps}",
+        "trace.warmup=5",
+        f"trace.steps={steps}",
+        "checkpoint.save=false",
+        *extra,
+    ]
+    for rnd in range(repeats):
+        order = list(range(len(configs)))
+        order = order[rnd % len(order) :] + order[: rnd % len(order)]  # rotate each round
+        for i in order:
+            label, m, ov = configs[i]
+            t0 = time.monotonic()
+            try:
+                summary = run_training(nproc, [*common, *ov], workdir / f"r{rnd}c{i}")
+                runs[i].append(_one(summary))
+            except RunFailed as e:
+                errors[i] = e.tail.strip().splitlines()[-1] if e.tail.strip() else str(e)
+            print(
+                f"round {rnd + 1}/{repeats} {label:16s} m={m}: "
+                f"{runs[i][-1]['step_ms'] if runs[i] else float('nan'):.2f} ms "
+                f"({time.monotonic() - t0:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    rows = []
+    for i, (label, m, _) in enumerate(configs):
+        r = runs[i]
+        if not r:
+            rows.append({"schedule": label, "m": m, "error": errors.get(i, "no run")})
+            continue
+        med = {k: statistics.median(x[k] for x in r) for k in r[0] if k != "saved_kib"}
+        med["saved_kib"] = [
+            statistics.median(x["saved_kib"][s] for x in r) for s in range(len(r[0]["saved_kib"]))
+        ]
+        spread = (max(x["step_ms"] for x in r) - min(x["step_ms"] for x in r)) / med["step_ms"]
+        rows.append({"schedule": label, "m": m, "launches": len(r), "spread": spread, **med})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| schedule | m | step ms (median) | samples/s | predicted ms | measured/predicted "
+        "| bubble measured | bubble predicted | saved KiB per rank | spread |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['schedule']} | {r['m']} | failed: {r['error']} |" + " |" * 7)
+            continue
+        saved = " / ".join(f"{k:.0f}" for k in r["saved_kib"])
+        lines.append(
+            f"| {r['schedule']} | {r['m']} | {r['step_ms']:.2f} | {r['samples_per_s']:.0f} | "
+            f"{r['pred_ms']:.2f} | {r['ratio']:.2f} | {r['bubble']:.0%} | "
+            f"{r['bubble_pred']:.0%} | {saved} | {r['spread']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def overhead(nproc: int, repeats: int, steps: int, extra: list[str], workdir: Path) -> dict:
+    """Median step time with every step traced vs tracing off, alternating launches."""
+    on, off = [], []
+    for rnd in range(repeats):
+        for traced in (True, False) if rnd % 2 == 0 else (False, True):
+            ov = [
+                f"train.steps={steps}",
+                f"trace.enabled={str(traced).lower()}",
+                "trace.warmup=0",
+                f"trace.steps={steps}",
+                "checkpoint.save=false",
+                *extra,
+            ]
+            s = run_training(nproc, ov, workdir / f"o{rnd}{int(traced)}")
+            (on if traced else off).append(s["step_time_median_s"])
+            print(
+                f"round {rnd + 1}/{repeats} trace={traced}: {1e3 * s['step_time_median_s']:.3f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+    m_on, m_off = statistics.median(on), statistics.median(off)
+    return {
+        "traced_ms": 1e3 * m_on,
+        "untraced_ms": 1e3 * m_off,
+        "ratio": m_on / m_off,
+        "launches_each": repeats,
+        "traced_all_ms": [1e3 * x for x in on],
+        "untraced_all_ms": [1e3 * x for x in off],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m splitgraph.bench.schedules", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--microbatches", default="1,2,4,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--overhead", action="store_true", help="measure the cost of tracing")
+    ap.add_argument("--out", type=Path, help="write the result here (.md and .json)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = ap.parse_args(argv)
+    cmd = "python -m splitgraph.bench.schedules " + " ".join(argv or sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix="splitgraph-bench-") as tmp:
+        if args.overhead:
+            result = overhead(args.nproc, args.repeats, args.steps, args.overrides, Path(tmp))
+            text = (
+                f"tracing every step: {result['traced_ms']:.3f} ms median step, "
+                f"untraced {result['untraced_ms']:.3f} ms: ratio {result['ratio']:.4f} "
+                f"({result['launches_each']} launches each, alternating)"
+            )
+        else:
+            mbs = [int(x) for x in args.microbatches.split(",")]
+            rows = sweep(args.nproc, mbs, args.repeats, args.steps, args.overrides, Path(tmp))
+            result = {"rows": rows}
+            text = table(rows)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        header = (
+            f"<!-- {cmd} -->\n\nMachine: {machine()}; gloo, OMP_NUM_THREADS=1, "
+            f"{time.strftime('%Y-%m-%d')}.\n\n"
+        )
+        args.out.with_suffix(".md").write_text(header + text + "\n")
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"command": cmd, "machine": machine(), **result}, indent=2) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""Measured timelines: when each action ran on each rank, and what that says about the schedule.
+
+Every rank records, for a window of steps, the start and end of each action it executes
+(`F`, `B`, `I`, `W`, a transfer group `comm`, a blocked receive `wait`, the optimizer `OPT`),
+on a clock that all ranks share: the wall clock (CLOCK_MONOTONIC) on CPU, CUDA events on GPU,
+both relative to an instant every rank takes right after one barrier. Rank 0 gathers them
+and writes:
+
+* `trace.json` in the Chrome trace format (open it in https://ui.perfetto.dev or
+  chrome://tracing): one process per rank, one slice per action;
+* per-stage costs measured from the trace (median compute time of F, B, I and W per stage,
+  the transfer time of each boundary, the time to post a transfer group), which feed the
+  simulator so the prediction and the measurement can be set side by side.
+
+Recording costs two clock reads and a list append per action (well under 2% of a step: see
+`results/schedules/README.md` for the measurement).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from splitgraph.schedule.ir import Action, Schedule
+from splitgraph.schedule.simulate import Costs, SimResult, simulate
+
+#: (step, label, kind, start seconds, end seconds) relative to the shared reference instant.
+Event = tuple[int, str, str, float, float]
+
+COMPUTE_KINDS = ("F", "B", "I", "W")
+BLOCKED = 20e-6  # a receive that waited longer than this was waiting for its data
+
+
+class Tracer:
+    """Records this rank's actions during `record` steps; wall clock (perf_counter)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.step = 0
+        self.active = False
+        self.t_ref = 0.0
+
+    def set_reference(self) -> None:
+        """Call right after a barrier on every rank: times are relative to this instant.
+
+        CLOCK_MONOTONIC is one clock for every process of a host, so ranks on rank 0's host
+        take rank 0's instant (exact); ranks elsewhere keep their own (barrier-aligned).
+        """
+        import socket
+
+        import torch.distributed as dist
+
+        self.t_ref = time.perf_counter()
+        if dist.is_initialized():
+            mine = (socket.gethostname(), self.t_ref)
+            everyone: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+            if everyone[0][0] == mine[0]:
+                self.t_ref = everyone[0][1]
+
+    def begin(self) -> Any:
+        return time.perf_counter()
+
+    def end(self, token: Any, label: str, kind: str) -> None:
+        self.events.append(
+            (self.step, label, kind, token - self.t_ref, time.perf_counter() - self.t_ref)
+        )
+
+    def flush(self) -> None:
+        """Make the step's events final (CUDA: read the events back)."""
+
+
+class CudaTracer(Tracer):
+    """CUDA events around each action, so the times are the GPU's, not the launch's.
+
+    Events are read back once per recorded step (one synchronize per step while recording);
+    the reference is a CPU instant paired with an event recorded after a synchronize.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self._pending: list[tuple[int, str, str, Any, Any]] = []
+        self._ref_event: Any = None
+
+    def set_reference(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.t_ref = time.perf_counter()
+        self._ref_event = torch.cuda.Event(enable_timing=True)
+        self._ref_event.record()
+
+    def begin(self) -> Any:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def end(self, token: Any, label: str, kind: str) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._pending.append((self.step, label, kind, token, ev))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        torch.cuda.synchronize(self.device)
+        ref = self._ref_event
+        for step, label, kind, start, end in self._pending:
+            self.events.append(
+                (step, label, kind, ref.elapsed_time(start) / 1e3, ref.elapsed_time(end) / 1e3)
+            )
+        self._pending.clear()
+
+
+def make_tracer(device: torch.device) -> Tracer:
+    return CudaTracer(device) if device.type == "cuda" else Tracer()
+
+
+# -- Chrome trace ------------------------------------------------------------------------------
+
+
+def chrome_trace(per_rank: Sequence[Iterable[Event]], meta: dict[str, Any] | None = None) -> dict:
+    """The Chrome trace-event JSON: ranks as processes, actions as complete ("X") slices."""
+    events: list[dict[str, Any]] = []
+    for rank, evs in enumerate(per_rank):
+        events.append(
+            {
+                "name": "process_name",
+                "ph": "M",
+                "pid": rank,
+                "tid": 0,
+                "args": {"name": f"rank {rank}"},
+            }
+        )
+        for step, label, kind, start, end in evs:
+            events.append(
+                {
+                    "name": label,
+                    "cat": kind,
+                    "ph": "X",
+                    "pid": rank,
+                    "tid": 1 if kind in ("comm", "wait") else 0,
+                    "ts": round(start * 1e6, 3),
+                    "dur": round((end - start) * 1e6, 3),
+                    "args": {"step": step},
+                }
+            )
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": meta or {}}
+
+
+# -- what the trace says ----------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """Per-stage costs and per-rank bubbles measured from a trace (seconds)."""
+
+    forward: list[float]
+    backward: list[float]
+    backward_input: list[float]
+    weight: list[float]
+    comm: list[float]
+    post: float
+    optimizer: list[float]  # per rank
+    bubble: list[float]  # per rank: idle share of the schedule's span
+    span: float  # median over steps: first action start to last action end, all ranks
+    compute_per_rank: list[float]  # median over steps: seconds of F/B/I/W per rank
+
+    def costs(self, sizes: Sequence[int]) -> Costs:
+        mean = sum(sizes) / len(sizes)
+        return Costs(
+            self.forward,
+            self.backward,
+            self.backward_input,
+            self.weight,
+            self.comm,
+            [s / mean for s in sizes],
+            post=self.post,
+        )
+
+
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequence[int]) -> Measured:
+    """Costs per stage (per unit microbatch size) and bubbles per rank from recorded steps."""
+    mean = sum(sizes) / len(sizes)
+    S = sched.num_stages
+    durations: dict[tuple[str, int], list[float]] = defaultdict(list)
+    waits: dict[tuple[int, int, str], float] = {}  # (step, rank, receive) -> blocked seconds
+    posts: list[float] = []
+    sent_at: dict[tuple[int, str], float] = {}  # (step, message) -> when its send was posted
+    arrivals: dict[int, list[float]] = defaultdict(list)  # boundary -> observed transfer times
+    optimizer: list[list[float]] = [[] for _ in per_rank]
+    for rank, evs in enumerate(per_rank):
+        for step, label, kind, start, end in evs:
+            if kind == "wait":
+                waits[(step, rank, label)] = waits.get((step, rank, label), 0.0) + (end - start)
+            elif kind == "comm":
+                posts.append(end - start)
+                for text in label.split():
+                    a = Action.parse(text)
+                    if a.op.is_send:
+                        sent_at[(step, _msg_key(a))] = start
+            elif kind == "OPT":
+                optimizer[rank].append(end - start)
+    bounds: dict[int, list[float]] = defaultdict(list)  # transfers that did not block
+    for rank, evs in enumerate(per_rank):
+        for step, label, kind, start, end in evs:
+            if kind == "wait":
+                # A receive that blocked ended when the data arrived: transfer = end - send.
+                # One that did not only bounds it: transfer <= start - send.
+                a = Action.parse(label)
+                t_sent = sent_at.get((step, _msg_key(a)))
+                if t_sent is None:
+                    continue
+                scale = sizes[a.mb] / mean
+                if end - start > BLOCKED:
+                    arrivals[_msg_key(a)[1]].append(max(0.0, end - t_sent) / scale)
+                else:
+                    bounds[_msg_key(a)[1]].append(max(0.0, start - t_sent) / scale)
+            if kind in COMPUTE_KINDS:
+                a = Action.parse(label)
+                recv = f"{a.stage}RECV_{'F' if kind == 'F' else 'B'}{a.mb}"
+                blocked = waits.get((step, rank, recv), 0.0) if kind != "W" else 0.0
+                durations[(kind, a.stage)].append((end - start - blocked) / (sizes[a.mb] / mean))
+
+    def per_stage(kind: str) -> list[float]:
+        return [_median(durations[(kind, s)]) for s in range(S)]
+
+    fwd, bwd, inp, wgt = per_stage("F"), per_stage("B"), per_stage("I"), per_stage("W")
+    if any(inp):  # zero-bubble: B is I + W
+        bwd = [i + w for i, w in zip(inp, wgt)]
+    else:
+        inp, wgt = [b / 2 for b in bwd], [b / 2 for b in bwd]
+    comm = [
+        _median(arrivals[b]) if arrivals[b] else min(bounds[b], default=0.0) for b in range(S - 1)
+    ]
+    # bubbles: per step, the schedule's span over all ranks and each rank's compute in it
+    steps = sorted({e[0] for evs in per_rank for e in evs})
+    spans, busy = [], [[] for _ in per_rank]
+    for step in steps:
+        sched_evs = [
+            (r, e) for r, evs in enumerate(per_rank) for e in evs if e[0] == step and e[2] != "OPT"
+        ]
+        if not sched_evs:
+            continue
+        lo = min(e[3] for _, e in sched_evs)
+        hi = max(e[4] for _, e in sched_evs)
+        spans.append(hi - lo)
+        for r in range(len(per_rank)):
+            comp = sum(e[4] - e[3] for rr, e in sched_evs if rr == r and e[2] in COMPUTE_KINDS)
+            blocked = sum(e[4] - e[3] for rr, e in sched_evs if rr == r and e[2] == "wait")
+            busy[r].append(comp - blocked)
+    span = _median(spans)
+    compute = [_median(b) for b in busy]
+    return Measured(
+        forward=fwd,
+        backward=bwd,
+        backward_input=inp,
+        weight=wgt,
+        comm=comm,
+        post=_median(posts),
+        optimizer=[_median(o) for o in optimizer],
+        bubble=[1.0 - c / span if span > 0 else 0.0 for c in compute],
+        span=span,
+        compute_per_rank=compute,
+    )
+
+
+def _msg_key(a: Action) -> tuple[str, int, int]:
+    from splitgraph.schedule.ir import message
+
+    return message(a)
+
+
+def predict(measured: Measured, sched: Schedule, sizes: Sequence[int]) -> SimResult:
+    """The simulator fed with the run's own measured costs."""
+    return simulate(sched, measured.costs(sizes))
+
+
+class TraceWindow:
+    """Turns recording on for a window of steps, and turns the records into outputs.
+
+    `before_step(step)` on every rank each step (the window starts with one barrier, so all
+    ranks share the reference instant); `finish(...)` once at the end: rank 0 gathers the
+    events, writes trace.json and timeline.png, and returns the summary's `timeline` entry.
+    """
+
+    def __init__(self, cfg: Any, tracer: Tracer | None, total_steps: int) -> None:
+        self.tracer = tracer
+        self.first = min(int(cfg.warmup), max(total_steps - 1, 0))
+        self.last = self.first + int(cfg.steps)  # exclusive
+
+    def before_step(self, step: int) -> None:
+        import torch.distributed as dist
+
+        tr = self.tracer
+        if tr is None:
+            return
+        if step == self.first:
+            if dist.is_initialized():
+                dist.barrier()
+            tr.set_reference()
+            tr.active = True
+        elif step == self.last:
+            tr.active = False
+
+    def finish(
+        self,
+        run_dir: Any,
+        is_main: bool,
+        sched: Schedule,
+        sizes: Sequence[int],
+        step_times: Sequence[float],
+    ) -> dict[str, Any] | None:
+        import json
+
+        import torch.distributed as dist
+
+        if self.tracer is None:
+            return None
+        self.tracer.active = False
+        events = self.tracer.events
+        if dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.gather_object(events, gathered if is_main else None, dst=0)
+        else:
+            gathered = [events]
+        if not is_main or not any(gathered):
+            return None
+        from pathlib import Path
+
+        out = Path(run_dir)
+        (out / "trace.json").write_text(
+            json.dumps(chrome_trace(gathered, {"schedule": sched.name}))
+        )
+        measured = measure(gathered, sched, sizes)
+        sim = predict(measured, sched, sizes)
+        opt = max(measured.optimizer, default=0.0)
+        window = list(step_times[self.first : self.last])
+        step_measured = _median(window)
+        step_predicted = sim.step_time + opt
+        _draw(out / "timeline.png", gathered, sched, sim, measured)
+        return {
+            "steps_traced": [self.first, self.first + len(window) - 1],
+            "trace": "trace.json",
+            "picture": "timeline.png",
+            "measured": {
+                "step_time_median_s": step_measured,
+                "schedule_span_median_s": measured.span,
+                "bubble_per_rank": measured.bubble,
+                "compute_per_rank_s": measured.compute_per_rank,
+                "optimizer_per_rank_s": measured.optimizer,
+            },
+            "costs_per_stage_s": {
+                "forward": measured.forward,
+                "backward": measured.backward,
+                "backward_input": measured.backward_input,
+                "weight": measured.weight,
+                "comm_per_boundary": measured.comm,
+                "post_per_transfer_group": measured.post,
+            },
+            "predicted": {
+                "step_time_s": step_predicted,
+                "schedule_span_s": sim.step_time,
+                "bubble_per_rank": sim.bubble,
+            },
+            "measured_over_predicted_step_time": (
+                step_measured / step_predicted if step_predicted > 0 else None
+            ),
+        }
+
+
+def _draw(
+    path: Any,
+    gathered: Sequence[Sequence[Event]],
+    sched: Schedule,
+    sim: SimResult,
+    measured: Measured,
+) -> None:
+    from splitgraph.timeline import Box, Panel, draw
+
+    # the measured step whose span is the median one
+    steps = sorted({e[0] for evs in gathered for e in evs})
+    spans = []
+    for step in steps:
+        evs = [e for row in gathered for e in row if e[0] == step and e[2] != "OPT"]
+        if evs:
+            spans.append((max(e[4] for e in evs) - min(e[3] for e in evs), step))
+    spans.sort()
+    step = spans[len(spans) // 2][1] if spans else 0
+    meas = []
+    for r, row in enumerate(gathered):
+        evs = [e for e in row if e[0] == step]
+        waits = {e[1]: e for e in evs if e[2] == "wait"}
+        for _, label, kind, start, end in evs:
+            if kind in ("F", "B", "I"):  # draw the compute, not the wait inside the action
+                a = Action.parse(label)
+                w = waits.get(f"{a.stage}RECV_{'F' if kind == 'F' else 'B'}{a.mb}")
+                if w is not None and start <= w[3] <= end:
+                    start = min(w[4], end)
+            meas.append(Box(r, label, kind, start, end))
+    pred = [
+        Box(e.rank, e.action, e.action.lstrip("0123456789")[0], e.start, e.end)
+        for row in sim.events
+        for e in row
+    ]
+    per_rank = sched.num_stages // sched.num_ranks
+    draw(
+        [
+            Panel(
+                f"predicted: the simulator fed with this run's measured costs "
+                f"(span {sim.step_time * 1e3:.2f} ms, bubble {sim.bubble_fraction:.0%})",
+                pred,
+                sched.num_ranks,
+                per_rank,
+            ),
+            Panel(
+                f"measured: step {step}, the median span of the traced steps "
+                f"({measured.span * 1e3:.2f} ms, bubble "
+                f"{sum(measured.bubble) / max(len(measured.bubble), 1):.0%})",
+                meas,
+                sched.num_ranks,
+                per_rank,
+            ),
+        ],
+        path,
+        suptitle=f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
+        f"{sched.num_microbatches} microbatches",
+    )

@@ -1,0 +1,130 @@
+"""Measured timelines: what the trace records, what it says, and the schedule command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitgraph.runtime.trace import chrome_trace, measure
+from splitgraph.schedule import build_schedule, simulate
+from splitgraph.schedule.cli import main as schedule_main
+from splitgraph.schedule.simulate import Costs
+
+
+def _synthetic_trace(name: str, p: int, m: int, costs: Costs) -> list[list[tuple]]:
+    """What a perfect run of the simulator's own timeline would record, in seconds."""
+    sched = build_schedule(name, p, m)
+    sim = simulate(sched, costs)
+    return [
+        [(0, e.action, e.action.lstrip("0123456789")[0], e.start, e.end) for e in row]
+        for row in sim.events
+    ]
+
+
+def test_measure_recovers_the_costs_and_bubble_of_a_known_timeline() -> None:
+    costs = Costs([1e-3, 2e-3], [2e-3, 4e-3])
+    trace = _synthetic_trace("1f1b", 2, 4, costs)
+    meas = measure(trace, build_schedule("1f1b", 2, 4), [8, 8, 8, 8])
+    assert meas.forward == pytest.approx([1e-3, 2e-3])
+    assert meas.backward == pytest.approx([2e-3, 4e-3])
+    sim = simulate(build_schedule("1f1b", 2, 4), costs)
+    assert meas.span == pytest.approx(sim.step_time)
+    assert meas.bubble == pytest.approx(sim.bubble)
+
+
+def test_measure_separates_waiting_from_compute_and_estimates_transfer_time() -> None:
+    """Rank 1's F0 starts at 1.0 ms but waits 0.5 ms for data sent at 0.8 ms: compute 1 ms,
+    transfer 0.7 ms."""
+    ms = 1e-3
+    trace = [
+        [
+            (0, "0F0", "F", 0.0, 0.8 * ms),
+            (0, "0SEND_F0", "comm", 0.8 * ms, 0.8 * ms),
+            (0, "0RECV_B0", "wait", 4 * ms, 4 * ms),
+            (0, "0B0", "B", 4 * ms, 5 * ms),
+        ],
+        [
+            (0, "1RECV_F0", "wait", 1.0 * ms, 1.5 * ms),
+            (0, "1F0", "F", 1.0 * ms, 2.5 * ms),
+            (0, "1B0", "B", 2.5 * ms, 3.5 * ms),
+            (0, "1SEND_B0", "comm", 3.5 * ms, 3.5 * ms),
+        ],
+    ]
+    meas = measure(trace, build_schedule("1f1b", 2, 1), [4])
+    assert meas.forward == pytest.approx([0.8 * ms, 1.0 * ms])
+    assert meas.comm == pytest.approx([0.7 * ms])
+    assert meas.span == pytest.approx(5 * ms)
+    assert meas.bubble == pytest.approx([1 - 1.8 / 5, 1 - 2.0 / 5])
+
+
+def test_chrome_trace_format() -> None:
+    trace = chrome_trace([[(3, "0F1", "F", 0.001, 0.002)], [(3, "1B0", "B", 0.0, 0.5)]])
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in slices} == {0, 1}
+    assert slices[0]["ts"] == 1000.0 and slices[0]["dur"] == 1000.0
+    assert slices[0]["args"]["step"] == 3 and slices[0]["cat"] == "F"
+    json.dumps(trace)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb1", "interleaved", "loopedbfs", "naive"])
+def test_schedule_command_draws_every_schedule(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = 1 if name == "naive" else 4
+    out = tmp_path / f"{name}.png"
+    assert (
+        schedule_main(
+            [
+                f"schedule={name}",
+                "pipeline.stages=2",
+                f"pipeline.microbatches={m}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "step time" in text and "bubble" in text and "rank 1 |" in text
+    assert out.stat().st_size > 10_000
+
+
+def test_schedule_command_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert schedule_main(["schedule=1f1b", "--no-picture"]) == 2
+    assert "pipeline.stages=P" in capsys.readouterr().err
+    assert (
+        schedule_main(
+            ["schedule=interleaved", "pipeline.stages=4", "pipeline.microbatches=6", "--no-picture"]
+        )
+        == 2
+    )
+    assert "multiple of 4" in capsys.readouterr().err
+    assert (
+        schedule_main(["schedule=1f1b", "pipeline.stages=2", "--costs", "1", "--no-picture"]) == 2
+    )
+
+
+def test_w_actions_are_not_charged_for_their_is_wait() -> None:
+    """A W never waits; the receive its I blocked on must not be subtracted from it."""
+    ms = 1e-3
+    trace = [
+        [
+            (0, "0F0", "F", 0.0, 1 * ms),
+            (0, "0SEND_F0", "comm", 1 * ms, 1 * ms),
+            (0, "0RECV_B0", "wait", 2 * ms, 5 * ms),
+            (0, "0I0", "I", 2 * ms, 6 * ms),
+            (0, "0W0", "W", 6 * ms, 7 * ms),
+        ],
+        [
+            (0, "1RECV_F0", "wait", 1 * ms, 1 * ms),
+            (0, "1F0", "F", 1 * ms, 2 * ms),
+            (0, "1I0", "I", 2 * ms, 3 * ms),
+            (0, "1SEND_B0", "comm", 3 * ms, 3 * ms),
+            (0, "1W0", "W", 3 * ms, 4 * ms),
+        ],
+    ]
+    meas = measure(trace, build_schedule("zb1", 2, 1), [4])
+    assert meas.weight == pytest.approx([1 * ms, 1 * ms])
+    assert meas.backward_input == pytest.approx([1 * ms, 1 * ms])
