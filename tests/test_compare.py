@@ -314,6 +314,11 @@ def test_derived_figures_and_a_conclusion_computed_from_them(tmp_path: Path) -> 
     assert (
         "needs 150 B by the accounting; the cap is 100 B per device, so it does not fit" in joined
     )
+    assert "state take 30 B, within the cap; the 50 B of saved activations put it over" in joined
+    assert "here accumulate, small fit on one device." in joined
+    big = [{"rank": 0, "params": 40, "grads": 40, "optimizer": 40, "saved_peak": 30, "total": 150}]
+    alone = conclusion.conclude([{**rows[0], "accounted_per_rank": big}], 100, target, 4)[0]
+    assert "alone take 120 B: no batch size fits it on one device" in alone
     assert "**Fastest to the target** (held-out loss 0.6000): small, 0.50 s" in joined
     assert "small 0.50 x 1.00 s, accumulate 1.00 x 4.00 s" in joined
     assert "needs 2.00x fewer epochs and runs them 4.00x faster" in joined

@@ -88,6 +88,7 @@ def _fit_lines(main: list[dict[str, Any]], cap: int | None) -> list[str]:
             f"**The question.** One device with the whole minibatch (`full`) needs "
             f"{format_bytes(full['peak_bytes'])} by the accounting; the cap is "
             f"{format_bytes(cap)} per device, so it {verdict}."
+            + _which_case(full, cap, fitting(main, cap))
         )
     fit = fitting(main, cap)
     if fit:
@@ -107,6 +108,31 @@ def _fit_lines(main: list[dict[str, Any]], cap: int | None) -> list[str]:
         ]
         out.append("**Did not run:** " + "; ".join(reasons) + ".")
     return out
+
+
+def _which_case(full: dict[str, Any], cap: int, fit: list[dict[str, Any]]) -> str:
+    """Whether the model itself fits one device (then only activations are over the cap)."""
+    per = full.get("accounted_per_rank") or []
+    if not per:
+        return ""
+    static = max(r["params"] + r["grads"] + r["optimizer"] for r in per)
+    saved = max((r.get("saved_peak") or 0) for r in per)
+    if static > cap:
+        return (
+            f" Its parameters, gradients and optimizer state alone take {format_bytes(static)}: "
+            "no batch size fits it on one device; only splitting the layers over devices does."
+        )
+    if full["peak_bytes"] <= cap:
+        return ""
+    one = sorted({r["kind"] for r in fit if r["devices"] == 1})
+    tail = (
+        f"; here {', '.join(one)} fit on one device" if one else "; here nothing fit on one device"
+    )
+    return (
+        f" Its parameters, gradients and optimizer state take {format_bytes(static)}, within "
+        f"the cap; the {format_bytes(saved)} of saved activations put it over, so shrinking "
+        "the activations can fit it without splitting the layers" + tail + "."
+    )
 
 
 def _time_lines(fit: list[dict[str, Any]], target: float, k: int) -> list[str]:

@@ -13,6 +13,7 @@ rewrites `<sweep dir>/sweep.md` and `sweep.csv`, one table of every point's vari
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -171,9 +172,23 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
     target = analysis.derive(rows, run_dirs, c.target_loss)
     sentences = conclusion.conclude(rows, cap, target, int(c.k))
     meta = _meta(cfg, command, cap, target, load_start, rows, num_train)
+    if reuse:  # the runs, their command and their machine notes are the recorded ones
+        meta.update(_recorded_meta(out_dir / "results.json"))
     path = report.write(out_dir, rows, meta, sentences)
     _say(f"report: {path}", bool(c.progress))
     return {"meta": meta, "rows": rows, "conclusion": sentences, "report": path}
+
+
+def _recorded_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())["meta"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    keep = {k: meta[k] for k in ("command", "machine", "noise", "overrides") if k in meta}
+    note = " (Report rebuilt from these runs with compare.report_only=true.)"
+    if "noise" in keep and note not in keep["noise"]:
+        keep["noise"] += note
+    return keep
 
 
 def _meta(
