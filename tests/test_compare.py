@@ -159,6 +159,42 @@ def test_a_refused_variant_is_reported_unlaunched_and_all_refused_stops_the_harn
         main.compare(load(["experiment=tiny", "train.log_every=0"]), tmp_path / "out", "x")
 
 
+def test_report_only_reads_recorded_runs_and_full_within_the_cap_is_its_own_reference(
+    tmp_path: Path,
+) -> None:
+    cfg = load(["experiment=tiny", "compare.variants=[full]", f"compare.runs_dir={tmp_path}"])
+    acc = {"rank": 0, "params": 1, "grads": 1, "optimizer": 1, "saved_peak": 1, "total": 4}
+    run = tmp_path / "full"
+    run.mkdir()
+    summary = {
+        "status": "ok",
+        "steps": 18,
+        "steps_per_epoch": 9,
+        "step_time_median_s": 0.01,
+        "train_time_s": 0.2,
+        "final": {"test": {"loss": 2.0, "accuracy": 0.2}},
+        "memory_per_rank": [{"rank": 0, "accounted": acc}],
+        "comm_per_rank": [],
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "L": 2.3, "samples": 128, "elapsed": 0.1, "test_loss": 2.0}) + "\n"
+    )
+    runner.save_outcome(run, runner.Outcome("ok", returncode=0, wall_s=3.0, command="python x"))
+    out = main.compare(load([*cfg_overrides(cfg), "compare.report_only=true"]), tmp_path / "r", "c")
+    assert [r["variant"] for r in out["rows"]] == ["full"]  # no uncapped twin was run
+    assert out["rows"][0]["wall_s"] == 3.0 and out["rows"][0]["fits"] is True
+    assert not (tmp_path / "reference").exists()
+
+
+def cfg_overrides(cfg: Any) -> list[str]:
+    return [
+        "experiment=tiny",
+        "compare.variants=[full]",
+        f"compare.runs_dir={cfg.compare.runs_dir}",
+    ]
+
+
 # -- the runner's verdicts ------------------------------------------------------------------------
 
 
@@ -366,6 +402,10 @@ def test_derived_figures_and_a_conclusion_computed_from_them(tmp_path: Path) -> 
     assert table[4]["error"] == "configuration refused: no | more"
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"][1]["points"][1]["test_loss"] == 0.5
+    # a target nobody reaches is said so, not silently dropped
+    analysis.derive(rows, {r["variant"]: tmp_path for r in rows}, 0.1)
+    missed = conclusion.conclude(rows, 100, 0.1, 4)
+    assert any("**Nobody reached the target** held-out loss 0.1000" in x for x in missed)
 
 
 # -- end to end ------------------------------------------------------------------------------

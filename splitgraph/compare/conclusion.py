@@ -138,6 +138,13 @@ def _which_case(full: dict[str, Any], cap: int, fit: list[dict[str, Any]]) -> st
 def _time_lines(fit: list[dict[str, Any]], target: float, k: int) -> list[str]:
     out = []
     fast = _ranked(fit, "time_to_target_s")
+    if not fast:
+        budget = max(r["epochs"] or 0 for r in fit)
+        best = min(r["final_test_loss"] for r in fit if r["final_test_loss"] is not None)
+        return [
+            f"**Nobody reached the target** held-out loss {target:.4f} in {budget:.0f} epochs "
+            f"(the best final loss is {best:.4f}): raise compare.epochs or the target."
+        ]
     if fast:
         w = fast[0]
         rest = ", ".join(

@@ -152,7 +152,11 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
 
     reuse = bool(c.report_only)
-    results = run_all(todo, base, runs_dir, float(c.timeout), num_train, bool(c.progress), reuse)
+    args = (base, runs_dir, float(c.timeout), num_train, bool(c.progress), reuse)
+    results = run_all([v for v in todo if v.kind != "reference"], *args)
+    full_ran = any(r.variant.kind == "full" and r.outcome.status == "ok" for r in results)
+    # `full` within the cap is its own reference: the uncapped twin would repeat it
+    results += run_all([v for v in todo if v.kind == "reference" and not full_ran], *args)
     if all(r.outcome.error and "refused before launch" in r.outcome.error for r in results):
         raise ConfigError([f"{r.variant.name}: {r.outcome.error}" for r in results])
     if c.time_budget is not None:
@@ -161,9 +165,7 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
             for r in results
             if r.variant.kind in analysis.CONTENDERS and r.outcome.status == "ok"
         ]
-        results += run_all(
-            timed, base, runs_dir, float(c.timeout), num_train, bool(c.progress), reuse
-        )
+        results += run_all(timed, *args)
 
     cap = parse_bytes(c.memory_cap) if c.memory_cap is not None else None
     lr = float(cfg.optim.lr)
