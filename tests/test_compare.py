@@ -162,7 +162,7 @@ def test_a_refused_variant_is_reported_unlaunched_and_all_refused_stops_the_harn
 def test_report_only_reads_recorded_runs_and_full_within_the_cap_is_its_own_reference(
     tmp_path: Path,
 ) -> None:
-    cfg = load(["experiment=tiny", "compare.variants=[full]", f"compare.runs_dir={tmp_path}"])
+    over = ["experiment=tiny", "compare.variants=[full]", f"compare.runs_dir={tmp_path}"]
     acc = {"rank": 0, "params": 1, "grads": 1, "optimizer": 1, "saved_peak": 1, "total": 4}
     run = tmp_path / "full"
     run.mkdir()
@@ -181,18 +181,10 @@ def test_report_only_reads_recorded_runs_and_full_within_the_cap_is_its_own_refe
         json.dumps({"step": 0, "L": 2.3, "samples": 128, "elapsed": 0.1, "test_loss": 2.0}) + "\n"
     )
     runner.save_outcome(run, runner.Outcome("ok", returncode=0, wall_s=3.0, command="python x"))
-    out = main.compare(load([*cfg_overrides(cfg), "compare.report_only=true"]), tmp_path / "r", "c")
+    out = main.compare(load([*over, "compare.report_only=true"]), tmp_path / "r", "c")
     assert [r["variant"] for r in out["rows"]] == ["full"]  # no uncapped twin was run
     assert out["rows"][0]["wall_s"] == 3.0 and out["rows"][0]["fits"] is True
     assert not (tmp_path / "reference").exists()
-
-
-def cfg_overrides(cfg: Any) -> list[str]:
-    return [
-        "experiment=tiny",
-        "compare.variants=[full]",
-        f"compare.runs_dir={cfg.compare.runs_dir}",
-    ]
 
 
 # -- the runner's verdicts ------------------------------------------------------------------------
