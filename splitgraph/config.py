@@ -63,7 +63,13 @@ class Device(Enum):
 class DType(Enum):
     float32 = "float32"
     float64 = "float64"
-    bfloat16 = "bfloat16"
+    bfloat16 = "bfloat16"  # autocast: fp32 master weights, bf16 matmuls and activations
+
+
+class Transport(Enum):
+    auto = "auto"
+    direct = "direct"  # the backend's own transfers (NCCL between GPUs, gloo on CPU)
+    staged = "staged"  # ranks sharing one GPU: device tensors staged through host memory
 
 
 PARTITIONS = ("uniform", "params", "manual")
@@ -91,6 +97,7 @@ class DataConfig:
     test_fraction: float = 0.1
     seed: int = 0
     shuffle: bool = True
+    on_device: bool = True  # keep the dataset on the GPU; false: pinned host, async copies
     path: str | None = None  # file only: a .pt or .npz holding X and y
     teacher_hidden: int = 64  # synthetic only: width of the fixed random teacher
     noise: float = 0.0  # synthetic regression only: std of target noise
@@ -154,6 +161,9 @@ class RuntimeConfig:
     track_memory: bool = True  # count bytes saved for backward (saved-tensor hooks)
     verbose: bool = False  # print every p2p operation with rank and step
     threads: int | None = None  # torch intra-op threads per rank; None: leave as is
+    transport: Transport = Transport.auto  # auto: staged when ranks must share a GPU
+    tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs (float32 runs)
+    nvml_interval: float = 0.2  # seconds between NVML samples on GPU (0: off)
 
 
 @dataclass
@@ -445,11 +455,24 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             "runtime.backend=nccl needs CUDA tensors but runtime.device=cpu. Use "
             "runtime.backend=gloo on CPU, or runtime.device=cuda."
         )
-    if r.backend == Backend.gloo and r.device == Device.cuda and ws > 1:
+    if (
+        r.backend == Backend.gloo
+        and r.device == Device.cuda
+        and ws > 1
+        and r.transport != Transport.staged
+    ):
         errors.append(
             "runtime.backend=gloo cannot send CUDA tensors between ranks "
-            "(runtime.device=cuda). Use runtime.backend=nccl (one GPU per rank)."
+            "(runtime.device=cuda). Use runtime.backend=nccl (one GPU per rank), or "
+            "runtime.transport=staged (ranks sharing a GPU, through host memory)."
         )
+    if r.transport == Transport.staged and r.backend == Backend.nccl:
+        errors.append(
+            "runtime.transport=staged moves tensors through host memory over gloo; it cannot "
+            "use runtime.backend=nccl. Leave runtime.backend=auto."
+        )
+    if r.nvml_interval < 0:
+        errors.append(f"runtime.nvml_interval={r.nvml_interval} must be >= 0 (0 turns it off).")
     if r.threads is not None and r.threads < 1:
         errors.append(f"runtime.threads={r.threads} must be >= 1 (or null).")
     if cfg.debug.fail_at_step is not None and not 0 <= cfg.debug.fail_rank < ws:

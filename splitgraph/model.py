@@ -66,9 +66,9 @@ class WeightGradStore:
     @torch.no_grad()
     def run(self) -> None:
         for weight, bias, x, dz in self.jobs:
-            _accumulate(weight, dz.t().mm(x))
+            _accumulate(weight, dz.t().mm(x).to(weight.dtype))
             if bias is not None:
-                _accumulate(bias, dz.sum(0))
+                _accumulate(bias, dz.sum(0).to(bias.dtype))
             if self.meter is not None:
                 self.meter.drop(x)
                 self.meter.drop(dz)
@@ -104,24 +104,35 @@ class deferring:
 
 
 class _SplitLinear(torch.autograd.Function):
-    """`F.linear` whose backward can leave the weight gradient for later (see WeightGradStore)."""
+    """`F.linear` whose backward can leave the weight gradient for later (see WeightGradStore).
+
+    Under autocast it casts as autocast would (inputs and weight to the autocast dtype) and
+    keeps the cast input for W; gradients come back in each input's own dtype, so float32
+    master weights get float32 gradients.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.weight, ctx.bias = weight, bias
-        return F.linear(x, weight, bias)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        xc, wc = x.to(dtype), weight.to(dtype)
+        bc = bias.to(dtype) if bias is not None else None
+        ctx.save_for_backward(xc)
+        ctx.weight, ctx.bias, ctx.x_dtype = weight, bias, x.dtype
+        with torch.autocast(dev, enabled=False):
+            return F.linear(xc, wc, bc)
 
     @staticmethod
     def backward(ctx: Any, dz: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
-        dx = dz.mm(ctx.weight) if ctx.needs_input_grad[0] else None
+        weight, bias = ctx.weight, ctx.bias
+        dx = dz.mm(weight.to(dz.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         store = _ACTIVE_STORE
         if store is not None:
-            store.defer(ctx.weight, ctx.bias, x, dz)
+            store.defer(weight, bias, x, dz)
             return dx, None, None
-        db = dz.sum(0) if ctx.bias is not None else None
-        return dx, dz.t().mm(x), db
+        db = dz.sum(0).to(bias.dtype) if bias is not None else None
+        return dx, dz.t().mm(x).to(weight.dtype), db
 
 
 class Layer(nn.Module):
@@ -228,9 +239,17 @@ def build_mlp(
 
 
 def l2_term(module: StageModule, weight_decay: float) -> Tensor:
-    """`s` restricted to this module: lambda/2 * sum ||W||_F^2 over its weight matrices."""
-    total = sum(w.detach().double().pow(2).sum() for w in module.weights())
-    return 0.5 * weight_decay * torch.as_tensor(total, dtype=torch.float64)
+    """`s` restricted to this module: lambda/2 * sum ||W||_F^2 over its weight matrices.
+
+    One fused dot product per matrix in its own dtype (no float64 copy of the weights);
+    the sum over matrices is float64. Nothing at all when lambda is 0.
+    """
+    weights = list(module.weights())
+    if weight_decay == 0.0 or not weights:
+        return torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():  # on the weights' device: one sync when the caller reads it
+        squares = [torch.dot(w.reshape(-1), w.reshape(-1)).double() for w in weights]
+        return 0.5 * weight_decay * torch.stack(squares).sum()
 
 
 def add_l2_grad_(module: StageModule, weight_decay: float) -> None:

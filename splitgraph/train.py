@@ -42,14 +42,10 @@ from splitgraph.errors import OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.partition import make_plan
 from splitgraph.runtime import memcap
-from splitgraph.runtime.dist import (
-    DistEnv,
-    init_process_group,
-    resolve_backend,
-    resolve_device,
-)
+from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, place
 from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.memory import cuda_memory, peak_rss_bytes
+from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
+from splitgraph.runtime.nvml import NvmlSampler
 from splitgraph.runtime.trace import TraceWindow, make_tracer
 
 log = logging.getLogger("splitgraph")
@@ -59,10 +55,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train as configured on this process's rank; rank 0 returns the summary."""
     env = DistEnv.from_environ()
     validate(cfg, env.world_size)
-    device = resolve_device(cfg.runtime, env.local_rank)
-    backend = resolve_backend(cfg.runtime, device)
+    placement = place(cfg.runtime, env.local_rank, env.local_world_size)
+    device = placement.device
     if cfg.runtime.threads is not None:
         torch.set_num_threads(int(cfg.runtime.threads))
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.runtime.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(cfg.runtime.tf32)
     memcap.apply_cuda_cap(memcap.cap_bytes(cfg), device)  # GPU: the allocator enforces it
 
     # Data and the initial checkpoint are read before the process group exists: a bad
@@ -75,9 +73,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         init_state = torch.load(cfg.checkpoint.init_from, map_location="cpu", weights_only=True)
 
     if env.world_size > 1:
-        init_process_group(backend, float(cfg.runtime.timeout), device)
+        init_process_group(placement.backend, float(cfg.runtime.timeout), device)
     try:
-        summary = _train(cfg, env, device, backend, dataset, init_state)
+        summary = _train(cfg, env, placement, dataset, init_state)
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
@@ -89,22 +87,26 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 def _train(
     cfg: DictConfig,
     env: DistEnv,
-    device: torch.device,
-    backend: str,
+    placement: Placement,
     dataset: Dataset | None,
     init_state: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any] | None:
     is_main = env.rank == 0
     distributed = env.world_size > 1
+    device, backend = placement.device, placement.backend
     torch.manual_seed(int(cfg.train.seed))
-    engine = PipelineEngine(cfg, env.rank, env.world_size, device=device)
+    engine = PipelineEngine(
+        cfg, env.rank, env.world_size, device=device, transport=placement.transport
+    )
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
     run_dir = Path(cfg.run_dir)
     batch = int(cfg.train.batch_size)
 
+    on_device = bool(cfg.data.on_device) or device.type == "cpu"
     if dataset is not None:
-        dataset = dataset.to(engine.dtype, device)
+        # On the device by default; else on the host, each batch pinned and copied async.
+        dataset = dataset.to(engine.dtype, device if on_device else "cpu")
         order = BatchOrder(dataset.num_train, batch, bool(cfg.data.shuffle), int(cfg.train.seed))
         steps = int(cfg.train.steps or cfg.train.epochs * order.steps_per_epoch)
     else:
@@ -131,6 +133,11 @@ def _train(
     bar = _progress(cfg, steps) if is_main else None
     step_times: list[float] = []
     fail_step = cfg.debug.fail_at_step
+    sampler = (
+        NvmlSampler(device.index or 0, float(cfg.runtime.nvml_interval)).start()
+        if device.type == "cuda"
+        else None
+    )
     tracer = make_tracer(device) if cfg.trace.enabled else None
     engine.executor.tracer = tracer
     window = TraceWindow(cfg.trace, tracer, steps)
@@ -145,6 +152,9 @@ def _train(
                 idx = order.indices(step)
                 x = dataset.X[idx] if engine.holds_first else None
                 y = dataset.y[idx] if engine.holds_last else None
+                if not on_device:
+                    x = _to_device(x, device)
+                    y = _to_device(y, device)
             fail_at = 1 if (fail_step == step and env.rank == cfg.debug.fail_rank) else None
             t0 = time.perf_counter()
             stats = engine.step(x, y, fail_at=fail_at)
@@ -204,6 +214,8 @@ def _train(
         "accounted": accounted[env.rank],
         "comm": _comm(engine, len(step_times)),
     }
+    if sampler is not None:
+        memory["nvml"] = sampler.stop()
     if distributed:
         memories: list[Any] = [None] * env.world_size
         dist.gather_object(memory, memories if is_main else None, dst=0)
@@ -226,6 +238,8 @@ def _train(
         "world_size": env.world_size,
         "backend": backend if distributed else None,
         "device": str(device),
+        "transport": placement.transport,
+        "shared_gpu": placement.shared_gpu,
         "plan": engine.plan.to_dict(),
         "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
         "steps": len(step_times),
@@ -240,7 +254,13 @@ def _train(
         "timeline": timeline,
         "torch": torch.__version__,
     }
+    if placement.shared_gpu:
+        summary["note"] = (
+            "several ranks shared one GPU (transport: staged through host memory): timings "
+            "are not those of separate GPUs"
+        )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    draw_memory_over_time(memories, run_dir / "memory.png")
     test = "".join(
         f", test {k} {v:.4f}" for k, v in final.get("test", {}).items() if k != "samples"
     )
@@ -333,6 +353,13 @@ def _comm(engine: PipelineEngine, steps: int) -> dict[str, float]:
         "bytes_sent_per_step": b / per,
         "messages_sent_per_step": n / per,
     }
+
+
+def _to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Host batch -> device: pinned, then copied without blocking the host."""
+    if t is None:
+        return None
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _layer_key(name: str) -> tuple[int, str]:

@@ -17,7 +17,7 @@ from splitgraph.config import load_config, validate
 from splitgraph.data import load_dataset
 from splitgraph.errors import OutOfMemory
 from splitgraph.partition import make_plan
-from splitgraph.runtime.dist import DistEnv
+from splitgraph.runtime.dist import DistEnv, Placement
 
 
 def train_cases(rank: int, world: int, cases: list[dict[str, Any]], root: str) -> dict[str, Any]:
@@ -32,7 +32,8 @@ def train_cases(rank: int, world: int, cases: list[dict[str, Any]], root: str) -
         dataset = load_dataset(cfg) if holds else None
         env = DistEnv(rank=rank, world_size=world, local_rank=rank)
         try:
-            train._train(cfg, env, torch.device("cpu"), "gloo", dataset, None)
+            placement = Placement(torch.device("cpu"), "gloo", "direct", shared_gpu=False)
+            train._train(cfg, env, placement, dataset, None)
             out[case["id"]] = "ok"
         except OutOfMemory as e:
             out[case["id"]] = {"message": str(e), "needed": e.needed, "rank": e.rank}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from splitgraph.bench.launch import train_command
 from splitgraph.config import load_config
 from splitgraph.model import build_mlp
 
@@ -33,26 +34,14 @@ def _env() -> dict[str, str]:
 
 
 def torchrun(nproc: int, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "splitgraph.train",
-        *overrides,
-    ]
+    cmd = train_command(nproc, overrides)  # the exact launch line users run
     return subprocess.run(
         cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
 def single(*overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "splitgraph.train", *overrides]
-    return subprocess.run(
-        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return torchrun(1, *overrides, timeout=timeout)  # one process: python -m splitgraph.train
 
 
 @pytest.mark.slow

@@ -132,3 +132,34 @@ def memory_worker(rank: int, world: int, overrides: list[str]) -> dict[str, Any]
         "current": engine.meter.current,
         "stages": sorted(engine.stages),
     }
+
+
+def precision_worker(rank: int, world: int, cases: list[list[str]]) -> list[dict[str, Any]]:
+    """bf16 autocast / staged transport: gradients vs the float32 reference, and dtypes seen."""
+    out = []
+    base = load_config(GRID)
+    for overrides in cases:
+        cfg = make_cfg(base, overrides)
+        engine = PipelineEngine(cfg, rank, world)
+        dtype = torch_dtype(cfg.runtime.dtype)  # float32 master weights under bf16 autocast
+        x, y = _batch(cfg, dtype)
+        seen: list[torch.dtype] = []
+
+        def record(ts: list[Any], post: Any = engine.p2p.post, seen: list = seen) -> Any:
+            seen.extend(t.tensor.dtype for t in ts)
+            return post(ts)
+
+        engine.p2p.post = record  # type: ignore[method-assign]
+        engine.forward_backward(x, y)
+        got = {k: p.grad for k, p in engine.named_parameters().items()}
+        ref_cfg = make_cfg(cfg, [f"runtime.dtype={str(dtype).removeprefix('torch.')}"])
+        out.append(
+            {
+                "err": max_rel_err(got, reference_grads(ref_cfg, x, y, dtype)),
+                "param_dtypes": sorted({str(p.dtype) for p in engine.parameters()}),
+                "grad_dtypes": sorted({str(p.grad.dtype) for p in engine.parameters()}),
+                "transfer_dtypes": sorted({str(d) for d in seen}),
+                "p2p": type(engine.p2p).__name__,
+            }
+        )
+    return out

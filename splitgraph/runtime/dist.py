@@ -10,17 +10,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from splitgraph.config import Backend, Device, DType
+from splitgraph.config import Backend, Device, DType, Transport
 
-DTYPES = {
-    DType.float32: torch.float32,
-    DType.float64: torch.float64,
-    DType.bfloat16: torch.bfloat16,
+#: runtime.dtype -> (parameter dtype, compute dtype). bfloat16 is autocast: the weights and
+#: their gradients stay float32 (the master copy the optimizer updates), matmuls run in bf16
+#: and the activations and gradients between stages travel in bf16.
+PRECISION = {
+    DType.float32: (torch.float32, torch.float32),
+    DType.float64: (torch.float64, torch.float64),
+    DType.bfloat16: (torch.float32, torch.bfloat16),
 }
 
 
 def torch_dtype(name: DType | str) -> torch.dtype:
-    return DTYPES[DType(name) if not isinstance(name, DType) else name]
+    """The parameter (and data) dtype for `runtime.dtype`."""
+    return PRECISION[DType(name)][0]
+
+
+def compute_dtype(name: DType | str) -> torch.dtype:
+    """The dtype of activations between stages (bf16 under autocast)."""
+    return PRECISION[DType(name)][1]
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @staticmethod
     def from_environ() -> DistEnv:
@@ -37,33 +47,54 @@ class DistEnv:
             rank=int(os.environ.get("RANK", "0")),
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         )
 
 
-def resolve_device(runtime_cfg: Any, local_rank: int) -> torch.device:
-    """auto: this rank's GPU (cuda:LOCAL_RANK) when CUDA is present, else the CPU."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank computes and how its transfers travel."""
+
+    device: torch.device
+    backend: str  # the process group's backend
+    transport: str  # "direct" or "staged"
+    shared_gpu: bool  # several ranks on one GPU: timings are not those of separate GPUs
+
+
+def place(runtime_cfg: Any, local_rank: int, local_world_size: int) -> Placement:
+    """Device, backend and transport for this rank.
+
+    auto: CPU and gloo without CUDA; with CUDA, `cuda:LOCAL_RANK` and NCCL when every local
+    rank has a GPU of its own; when they must share (more local ranks than GPUs, or a forced
+    `runtime.transport=staged`), `cuda:LOCAL_RANK % GPUs` with gloo, device tensors staged
+    through pinned host buffers (NCCL refuses two ranks on one GPU; gloo cannot send CUDA
+    tensors).
+    """
     want = Device(runtime_cfg.device)
+    transport = Transport(runtime_cfg.transport)
+    backend = Backend(runtime_cfg.backend)
     if want == Device.cpu or (want == Device.auto and not torch.cuda.is_available()):
-        return torch.device("cpu")
+        if transport == Transport.staged:
+            # Staging on the CPU copies host to host: only useful to test the mechanism.
+            return Placement(torch.device("cpu"), "gloo", "staged", False)
+        chosen = "gloo" if backend == Backend.auto else backend.value
+        return Placement(torch.device("cpu"), chosen, "direct", False)
     if not torch.cuda.is_available():
         raise RuntimeError(
             "runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu"
         )
     count = torch.cuda.device_count()
-    if local_rank >= count:
+    shared = local_world_size > count
+    if transport == Transport.direct and shared:
         raise RuntimeError(
-            f"local rank {local_rank} has no GPU of its own: this node has {count}. Launch at "
-            f"most {count} processes per node (--nproc-per-node {count})."
+            f"{local_world_size} ranks on this node but {count} GPU(s): NCCL refuses two ranks "
+            f"on one GPU. Launch at most {count} processes per node, or use "
+            "runtime.transport=staged (or auto) to share the GPU through host memory."
         )
-    return torch.device("cuda", local_rank)
-
-
-def resolve_backend(runtime_cfg: Any, device: torch.device) -> str:
-    """auto: NCCL for CUDA tensors, gloo for CPU tensors."""
-    want = Backend(runtime_cfg.backend)
-    if want == Backend.auto:
-        return "nccl" if device.type == "cuda" else "gloo"
-    return want.value
+    if transport == Transport.staged or shared:
+        return Placement(torch.device("cuda", local_rank % count), "gloo", "staged", shared)
+    chosen = "nccl" if backend == Backend.auto else backend.value
+    return Placement(torch.device("cuda", local_rank), chosen, "direct", False)
 
 
 def init_process_group(backend: str, timeout_s: float, device: torch.device) -> None:

@@ -18,16 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splitgraph.config import Task
+from splitgraph.config import Task, Transport
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import CheckpointError
 from splitgraph.model import StageModule, add_l2_grad_, build_mlp, l2_term
 from splitgraph.optim import make_optimizer
 from splitgraph.partition import Plan, make_plan
 from splitgraph.runtime.comm import P2P
-from splitgraph.runtime.dist import torch_dtype
+from splitgraph.runtime.dist import compute_dtype, torch_dtype
 from splitgraph.runtime.executor import Executor
 from splitgraph.runtime.memory import SavedTensorMeter
+from splitgraph.runtime.staged import StagedP2P
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
 
 
@@ -55,10 +56,15 @@ class PipelineEngine:
         world_size: int = 1,
         group: Any = None,
         device: torch.device | str = "cpu",
+        transport: str | None = None,
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
-        self.dtype = torch_dtype(cfg.runtime.dtype)
+        self.dtype = torch_dtype(cfg.runtime.dtype)  # parameters and data
+        self.compute_dtype = compute_dtype(cfg.runtime.dtype)  # activations between stages
+        self.transport = transport or (
+            "staged" if Transport(cfg.runtime.transport) == Transport.staged else "direct"
+        )
         self.task = Task(cfg.model.task)
         self.batch_size = int(cfg.train.batch_size)
         self.weight_decay = float(cfg.optim.weight_decay)
@@ -78,7 +84,8 @@ class PipelineEngine:
         self.recompute = recompute_stages(cfg, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(cfg.optim, self.parameters())
         self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
-        self.p2p = P2P(rank, group, verbose=bool(cfg.runtime.verbose))
+        p2p_class = StagedP2P if self.transport == "staged" else P2P
+        self.p2p = p2p_class(rank, group, verbose=bool(cfg.runtime.verbose))
         self.executor = Executor(
             self.schedule,
             rank,
@@ -86,9 +93,10 @@ class PipelineEngine:
             self.p2p,
             self.task,
             self.device,
-            self.dtype,
+            self.compute_dtype,
             self.meter,
             recompute=self.recompute,
+            autocast=self.compute_dtype != self.dtype,
         )
 
     # -- what this rank holds ---------------------------------------------------------

@@ -23,6 +23,7 @@ rank (interleaved schedules) hand tensors over without the network.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -83,10 +84,13 @@ class Executor:
         dtype: torch.dtype,
         meter: SavedTensorMeter | None = None,
         recompute: Collection[int] = (),
+        autocast: bool = False,
     ) -> None:
         self.schedule, self.rank, self.stages, self.p2p = schedule, rank, stages, p2p
         self.task, self.device, self.dtype, self.meter = Task(task), device, dtype, meter
         self.recompute = frozenset(recompute)
+        #: bf16 autocast around every forward (dtype is then bf16: what travels between stages)
+        self.autocast = autocast
         self._tr: Tracer | None = None
         self.program = _compile(schedule.actions[rank])
         self.last = schedule.num_stages - 1
@@ -175,6 +179,11 @@ class Executor:
             else:
                 st.received[a] = (tr.tensor, work)
 
+    def _precision(self) -> Any:
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _empty(self, rows: int, cols: int) -> Tensor:
         return torch.empty(rows, cols, dtype=self.dtype, device=self.device)
 
@@ -219,15 +228,16 @@ class Executor:
         x = self._stage_input(st, s, mb)
         stage = self.stages[s]
         if s in self.recompute:  # keep only the input; the graph is rebuilt in backward
-            with torch.no_grad():
+            with torch.no_grad(), self._precision():
                 out = stage(x)
                 loss = self._loss(st, out, mb) if s == self.last else None
             if self.meter is not None:
                 self.meter.hold(x)
             st.inputs[(s, mb)] = x
         else:
-            out = stage(x)
-            loss = self._loss(st, out, mb) if s == self.last else None
+            with self._precision():
+                out = stage(x)
+                loss = self._loss(st, out, mb) if s == self.last else None
             if s > 0:
                 st.inputs[(s, mb)] = x
         if loss is not None:
@@ -248,10 +258,11 @@ class Executor:
                 grad = self._take(st, Action(s, RECV_B, mb))
         if s in self.recompute:
             x = st.inputs[(s, mb)]
-            out = self.stages[s](x)
+            with self._precision():
+                out = self.stages[s](x)
+                target = self._loss(st, out, mb) if s == self.last else out
             if self.meter is not None:
                 self.meter.drop(x)  # autograd holds it now (saved by the first layer)
-            target = self._loss(st, out, mb) if s == self.last else out
         else:
             target = st.outputs.pop((s, mb))
         if a.op == I:

@@ -113,3 +113,31 @@ def cuda_memory(device: torch.device) -> dict[str, int]:
         "max_allocated": int(torch.cuda.max_memory_allocated(device)),
         "max_reserved": int(torch.cuda.max_memory_reserved(device)),
     }
+
+
+def draw_memory_over_time(per_rank: list[dict[str, Any]], path: Any) -> Any:
+    """GPU memory (NVML) over time per rank, as `memory.png`; nothing without samples."""
+    series = [(m["rank"], m.get("nvml", {}).get("series") or []) for m in per_rank]
+    if not any(s for _, s in series):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    for rank, s in series:
+        if s:
+            ax.plot([p[0] for p in s], [p[1] / 2**30 for p in s], label=f"rank {rank} device")
+            mine = [(p[0], p[2] / 2**30) for p in s if p[2] is not None]
+            if mine:
+                ax.plot(*zip(*mine), linestyle="--", label=f"rank {rank} process")
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("GiB (NVML)")
+    ax.set_title("GPU memory over time")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

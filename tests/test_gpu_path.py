@@ -1,0 +1,260 @@
+"""The GPU path: what can be checked without a GPU is checked here on the CPU (placement,
+the shared-GPU transport's staging, bf16 autocast, NVML sampling); what needs CUDA is marked
+`gpu` and skipped without one (launch/gpu_check.sh runs those on a lent GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from splitgraph.config import load_config
+from splitgraph.runtime.dist import compute_dtype, place, torch_dtype
+from splitgraph.runtime.memory import draw_memory_over_time
+from splitgraph.runtime.nvml import NvmlSampler
+from splitgraph.runtime.spawn import run_ranks
+from tests.workers import precision_worker
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _runtime(**kw: str) -> object:
+    cfg = load_config([f"runtime.{k}={v}" for k, v in kw.items()])
+    return cfg.runtime
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_placement_cpu() -> None:
+    p = place(_runtime(device="cpu"), 0, 4)
+    assert (str(p.device), p.backend, p.transport, p.shared_gpu) == ("cpu", "gloo", "direct", False)
+
+
+def test_placement_one_gpu_per_rank_is_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_gpus(monkeypatch, 4)
+    p = place(_runtime(), 3, 4)
+    assert (str(p.device), p.backend, p.transport) == ("cuda:3", "nccl", "direct")
+
+
+def test_placement_ranks_sharing_a_gpu_are_staged_over_gloo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _fake_gpus(monkeypatch, 1)
+    p = place(_runtime(), 2, 4)
+    assert (str(p.device), p.backend, p.transport, p.shared_gpu) == (
+        "cuda:0",
+        "gloo",
+        "staged",
+        True,
+    )
+    with pytest.raises(RuntimeError, match="NCCL refuses two ranks on one GPU"):
+        place(_runtime(transport="direct"), 2, 4)
+
+
+def test_precision_table() -> None:
+    assert torch_dtype("bfloat16") == torch.float32  # master weights
+    assert compute_dtype("bfloat16") == torch.bfloat16
+    assert compute_dtype("float64") == torch.float64
+
+
+@pytest.mark.timeout(180)
+def test_staged_transport_and_bf16_autocast_on_two_ranks() -> None:
+    """Staging through host buffers changes nothing numerically (float64 to rounding); bf16
+    autocast keeps float32 weights and gradients, sends bf16 between stages, and lands within
+    bf16's precision of the float32 gradients."""
+    cases = [
+        [
+            "runtime.transport=staged",
+            "runtime.dtype=float64",
+            "schedule.name=1f1b",
+            "pipeline.microbatches=3",
+        ],
+        [
+            "runtime.transport=staged",
+            "runtime.dtype=float64",
+            "schedule.name=zb1",
+            "pipeline.microbatches=4",
+            "schedule.recompute=true",
+        ],
+        ["runtime.dtype=bfloat16", "schedule.name=1f1b", "pipeline.microbatches=3"],
+        ["runtime.dtype=bfloat16", "schedule.name=zb1", "pipeline.microbatches=4"],
+        [
+            "runtime.dtype=bfloat16",
+            "schedule.name=gpipe",
+            "pipeline.microbatches=2",
+            "schedule.recompute=true",
+        ],
+    ]
+    per_rank = run_ranks(precision_worker, 2, cases, timeout=150)
+    for i, case in enumerate(cases):
+        results = [r[i] for r in per_rank]
+        err = max(r["err"] for r in results)
+        if "runtime.dtype=float64" in case:
+            assert err < 1e-10, (case, err)
+            assert {r["p2p"] for r in results} == {"StagedP2P"}
+        else:
+            assert err < 3e-2, (case, err)
+            for r in results:
+                assert r["param_dtypes"] == ["torch.float32"] == r["grad_dtypes"]
+                assert r["transfer_dtypes"] == ["torch.bfloat16"]
+
+
+class _FakeNvml:
+    """Enough of pynvml to drive the sampler."""
+
+    def __init__(self) -> None:
+        self.used = 1 << 30
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
+        self.used += 1 << 20
+        return SimpleNamespace(used=self.used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[SimpleNamespace]:
+        import os
+
+        return [SimpleNamespace(pid=os.getpid(), usedGpuMemory=512 << 20)]
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=87)
+
+
+def test_nvml_sampler_records_and_plots(tmp_path: Path) -> None:
+    import time
+
+    s = NvmlSampler(0, interval=0.01, nvml=_FakeNvml()).start()
+    deadline = time.monotonic() + 10
+    while len(s.samples) < 3 and time.monotonic() < deadline:  # the thread samples
+        time.sleep(0.01)
+    out = s.stop()
+    assert out["samples"] >= 3 and out["process_peak_bytes"] == 512 << 20
+    assert out["utilization_mean_pct"] == 87 and out["device_used_peak_bytes"] > 1 << 30
+    path = draw_memory_over_time([{"rank": 0, "nvml": out}], tmp_path / "memory.png")
+    assert path is not None and Path(path).stat().st_size > 5_000
+
+
+def test_nvml_sampler_without_a_driver_records_nothing_and_says_why() -> None:
+    class Broken:
+        def nvmlInit(self) -> None:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    s = NvmlSampler(0, interval=0.01, nvml=Broken()).start()
+    out = s.stop()
+    assert out["samples"] == 0 and "NVML unavailable" in out["note"]
+    assert draw_memory_over_time([{"rank": 0, "nvml": out}], "unused.png") is None
+    off = NvmlSampler(0, interval=0).start().stop()
+    assert off["samples"] == 0 and "off" in off["note"]
+
+
+# -- on a GPU -------------------------------------------------------------------------------
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_single_device_gradients(dtype: str) -> None:
+    from splitgraph.runtime.engine import PipelineEngine
+    from tests.reference import max_rel_err, reference_grads
+    from tests.workers import GRID, _batch
+
+    cfg = load_config(
+        [
+            *GRID,
+            f"runtime.dtype={dtype}",
+            "schedule.name=1f1b",
+            "pipeline.microbatches=3",
+            "runtime.device=cuda",
+        ]
+    )
+    engine = PipelineEngine(cfg, device="cuda")
+    x, y = _batch(cfg, torch.float32)
+    engine.forward_backward(x.cuda(), y.cuda())
+    got = {k: p.grad.cpu() for k, p in engine.named_parameters().items()}
+    ref_cfg = load_config([*GRID, "runtime.dtype=float32"])
+    err = max_rel_err(got, reference_grads(ref_cfg, x, y, torch.float32))
+    assert err < (1e-5 if dtype == "float32" else 3e-2), err
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_tracer_times_actions() -> None:
+    from splitgraph.runtime.trace import CudaTracer
+
+    tr = CudaTracer(torch.device("cuda", 0))
+    tr.set_reference()
+    tok = tr.begin()
+    a = torch.randn(2048, 2048, device="cuda")
+    (a @ a).sum().item()
+    tr.end(tok, "0F0", "F")
+    tr.flush()
+    ((_, label, _kind, start, end),) = tr.events
+    assert label == "0F0" and end > start >= 0
+
+
+def test_stage_throughput_check_runs_on_cpu(tmp_path: Path) -> None:
+    from splitgraph.bench.stage import main
+
+    out = tmp_path / "stage.json"
+    assert (
+        main(
+            [
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--out",
+                str(out),
+                "model.hidden=[16,16]",
+                "data.features=16",
+                "train.batch_size=32",
+            ]
+        )
+        == 0
+    )
+    import json
+
+    result = json.loads(out.read_text())
+    assert set(result["ratio"]) == {"splitgraph", "splitgraph, meter off"}
+    assert all(v > 0 for v in result["median_s"].values())
+
+
+def test_gpu_check_script_is_valid_bash() -> None:
+    import subprocess
+
+    for script in ("launch/gpu_check.sh", "launch/gpu_wheels.sh"):
+        assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The whole GPU check on the CPU with tiny sizes: its plumbing up to the device boundary."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ, GPU_CHECK_DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1"
+    )
+    res = subprocess.run(
+        ["bash", "launch/gpu_check.sh"], env=env, capture_output=True, text=True, timeout=580
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    import json
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"stage_bf16", "stage_fp32", "pp2_1f1b", "pp2_zb1", "pp4_1f1b", "pp4_zb1"} <= set(
+        results
+    )
+    assert results["pp2_1f1b"]["transport"] == "staged"
+    assert (tmp_path / "runs.tar.gz").stat().st_size > 0
