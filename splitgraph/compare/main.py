@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -244,19 +243,9 @@ def _text(v: Any) -> str:
 
 
 def _machine() -> str:
-    import torch
+    from splitgraph.bench.launch import machine
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, OMP_NUM_THREADS=1 per process"
-    )
+    return f"{machine()}, OMP_NUM_THREADS=1 per process"
 
 
 def _task_overrides() -> list[str]:

@@ -21,7 +21,6 @@ import itertools
 import math
 import re
 import shlex
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -221,11 +220,9 @@ def overrides(settings: dict[str, Any]) -> list[str]:
 
 def command(v: Variant, base: dict[str, Any], run_dir: str) -> list[str]:
     """The exact command that trains variant `v` into `run_dir`."""
-    args = overrides(base | v.settings | {"run_dir": run_dir})
-    if v.nproc == 1:
-        return [sys.executable, "-m", "splitgraph.train", *args]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return [*launcher, f"--nproc-per-node={v.nproc}", "-m", "splitgraph.train", *args]
+    from splitgraph.bench.launch import train_command
+
+    return train_command(v.nproc, overrides(base | v.settings | {"run_dir": run_dir}))
 
 
 def printable(cmd: list[str]) -> str:
