@@ -36,8 +36,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   dev=cpu; card=dry-run-cpu; W=64; B=64; S=3; R=3; staged=runtime.transport=staged
+  compare=(experiment=tiny "compare.variants=[full,accumulate,pipeline]" "compare.schedules=[1f1b]")
 else
   dev=cuda; W=8192; B=8192; S=60; R=20; staged=
+  compare=(experiment=too_large compare.time_budget=null)  # ~10 processes, no timed reruns
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 fi
@@ -67,7 +69,7 @@ done
 
 if $PY -c "import splitgraph.compare" 2>/dev/null; then
   step "comparison harness, GPU variant at a memory cap"
-  run 150 $PY -m splitgraph.compare experiment=too_large runtime.device=$dev \
+  run 150 $PY -m splitgraph.compare "${compare[@]}" compare.progress=false runtime.device=$dev \
     hydra.run.dir="$OUT/runs/compare"
 fi
 
