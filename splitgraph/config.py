@@ -72,7 +72,12 @@ class Transport(Enum):
     staged = "staged"  # ranks sharing one GPU: device tensors staged through host memory
 
 
-PARTITIONS = ("uniform", "params", "manual")
+class TimeSource(Enum):
+    measured = "measured"  # profile each layer on this device (cached)
+    flops = "flops"  # analytic: FLOPs / costs.flops_per_s (deterministic)
+
+
+PARTITIONS = ("uniform", "params", "manual", "time", "memory", "optimal")
 
 
 @dataclass
@@ -120,10 +125,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class DeviceSpec:
+    """One rank's device, for the planner: relative compute speed and its own memory cap."""
+
+    speed: float = 1.0  # stage times are divided by it (2.0: twice as fast as measured here)
+    memory: str | None = None  # e.g. "8GiB"; null: pipeline.memory_cap
+
+
+@dataclass
 class PipelineConfig:
     stages: int | None = None  # None: one stage per rank
     microbatches: int = 4
     memory_cap: str | None = None  # per-device memory cap, e.g. "12GiB" (see splitgraph.units)
+    devices: list[DeviceSpec] | None = None  # one per rank (heterogeneous); null: all alike
+    bandwidth: str | None = None  # between adjacent stages, bytes/s ("10GB"); null: measure
+    latency: float | None = None  # seconds per message; null: measured (0 if bandwidth is set)
 
 
 @dataclass
@@ -176,6 +192,19 @@ class TraceConfig:
 
 
 @dataclass
+class CostsConfig:
+    """Where the planner's per-layer times come from (splitgraph/costs.py, profiler.py)."""
+
+    times: TimeSource = TimeSource.measured
+    flops_per_s: float = 1e10  # times=flops only
+    warmup: int = 3  # measured: untimed runs per layer before timing
+    repeats: int = 9  # measured: timed runs per layer
+    statistic: str = "median"  # of the repeats: "median", or "min" on a machine shared with others
+    cache_dir: str | None = None  # null: $SPLITGRAPH_CACHE, else ~/.cache/splitgraph
+    report: bool = True  # training: predicted vs measured per stage in summary.json
+
+
+@dataclass
 class CheckpointConfig:
     init_from: str | None = None  # a model.pt written by a run (any partition)
     save: bool = True  # write the consolidated model.pt at the end
@@ -198,6 +227,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
+    costs: CostsConfig = field(default_factory=CostsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     run_dir: str = MISSING
@@ -268,6 +298,14 @@ def _suggest(value: str, options: Sequence[str]) -> str:
     return f"{hint} Choose one of: {', '.join(options)}."
 
 
+def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
+    """The stages that recompute their forward in backward (`schedule.recompute*`)."""
+    if not cfg.schedule.recompute:
+        return set()
+    chosen = cfg.schedule.recompute_stages
+    return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
+
+
 def num_stages(cfg: Any, world_size: int) -> int:
     return world_size if cfg.pipeline.stages is None else int(cfg.pipeline.stages)
 
@@ -327,6 +365,13 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
                 "saved-activation accounting, which runtime.track_memory=false turns off. "
                 "Set runtime.track_memory=true or drop the cap."
             )
+    errors += _pipeline_cost_problems(cfg, stages)
+    costed = str(cfg.partition.strategy)
+    if costed in ("time", "memory", "optimal") and v > 1:
+        errors.append(
+            f"partition={costed} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
+            "on each. Use partition=uniform, params or manual with virtual stages."
+        )
     if p.microbatches < 1:
         errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
     elif p.microbatches > t.batch_size:
@@ -480,3 +525,39 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
 
     if errors:
         raise ConfigError(errors)
+
+
+def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
+    """The planner's inputs: devices, link and profiling settings (splitgraph/costs.py)."""
+    errors: list[str] = []
+    p, c = cfg.pipeline, cfg.costs
+    if p.devices is not None:
+        devices = list(p.devices)
+        if len(devices) != stages:
+            errors.append(
+                f"pipeline.devices has {len(devices)} entries but there are {stages} ranks: "
+                "give one {speed: ..., memory: ...} per rank."
+            )
+        for r, d in enumerate(devices):
+            if not d.speed > 0:
+                errors.append(f"pipeline.devices[{r}].speed={d.speed} must be > 0.")
+            if d.memory is not None:
+                try:
+                    parse_bytes(d.memory)
+                except ValueError as e:
+                    errors.append(f"pipeline.devices[{r}].memory={d.memory!r}: {e}")
+    if p.bandwidth is not None:
+        try:
+            if parse_bytes(p.bandwidth) <= 0:
+                errors.append(f"pipeline.bandwidth={p.bandwidth!r} must be > 0 bytes/s.")
+        except ValueError as e:
+            errors.append(f"pipeline.bandwidth={p.bandwidth!r}: {e}")
+    if p.latency is not None and p.latency < 0:
+        errors.append(f"pipeline.latency={p.latency} must be >= 0 seconds.")
+    if c.repeats < 1 or c.warmup < 0:
+        errors.append(f"costs.repeats={c.repeats} must be >= 1 and costs.warmup={c.warmup} >= 0.")
+    if c.statistic not in ("median", "min"):
+        errors.append(f"costs.statistic={c.statistic!r} must be 'median' or 'min'.")
+    if not c.flops_per_s > 0:
+        errors.append(f"costs.flops_per_s={c.flops_per_s} must be > 0.")
+    return errors

@@ -41,6 +41,7 @@ from splitgraph.data import BatchOrder, Dataset, load_dataset
 from splitgraph.errors import OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.partition import make_plan
+from splitgraph.prediction_check import compare, measure_link, shared_plan
 from splitgraph.runtime import memcap
 from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, place
 from splitgraph.runtime.engine import PipelineEngine
@@ -95,8 +96,14 @@ def _train(
     distributed = env.world_size > 1
     device, backend = placement.device, placement.backend
     torch.manual_seed(int(cfg.train.seed))
+    plan = shared_plan(cfg, env.world_size)  # rank 0's plan on every rank
     engine = PipelineEngine(
-        cfg, env.rank, env.world_size, device=device, transport=placement.transport
+        cfg,
+        env.rank,
+        env.world_size,
+        device=device,
+        transport=placement.transport,
+        plan=plan,
     )
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
@@ -203,6 +210,7 @@ def _train(
             metrics_file.close()
 
     timeline = window.finish(run_dir, is_main, engine.schedule, engine.sizes, step_times)
+    link = measure_link(cfg, engine) if cfg.costs.report else None  # every rank takes part
 
     # Per-rank memory, then the consolidated checkpoint, gathered to rank 0.
     memory = {
@@ -252,6 +260,9 @@ def _train(
         "memory_per_rank": [{k: v for k, v in m.items() if k != "comm"} for m in memories],
         "comm_per_rank": [{"rank": m["rank"], **m["comm"]} for m in memories],
         "timeline": timeline,
+        "prediction": (
+            compare(cfg, engine, memories, timeline, step_times, link) if cfg.costs.report else None
+        ),
         "torch": torch.__version__,
     }
     if placement.shared_gpu:

@@ -44,7 +44,9 @@ def test_predicted_optimizer_bytes_equal_what_torch_allocates(optim: list[str]) 
     params = sum(p.numel() * 8 for p in engine.parameters())
     assert before["params"] == after["params"] == before["grads"] == params
     assert before["optimizer"] == after["optimizer"]
-    assert after["saved_peak"] == engine.meter.peak > 0 and before["saved_peak"] is None
+    assert after["saved_peak"] == engine.meter.peak > 0
+    assert before["saved_peak"] == after["saved_peak"]  # the memory model's prediction is exact
+    assert (before["saved_peak_source"], after["saved_peak_source"]) == ("predicted", "measured")
     assert after["total"] == 2 * params + after["optimizer"] + after["saved_peak"]
 
 
@@ -85,20 +87,31 @@ def test_gpu_cap_fraction_and_oom_translation_without_a_gpu(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(60)
-def test_single_process_stops_before_or_after_the_first_step(tmp_path: Path) -> None:
-    # Parameters + gradients + momentum of this model: 3 * 2880 floats * 4 bytes = 34,560 B.
-    cases = {"before": ("30000", "before the first step"), "after": ("40000", "after the first")}
-    for name, (cap, phase) in cases.items():
+def test_single_process_stops_before_or_after_the_first_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parameters + gradients + momentum of this model: 3 * 2880 floats * 4 bytes = 34,560 B;
+    # its activations push it past 40,000 B.
+    def stop(name: str, cap: int, phase: str) -> dict:
         cfg = load_config([*SMALL, f"pipeline.memory_cap={cap}", f"run_dir={tmp_path / name}"])
         with pytest.raises(OutOfMemory, match=phase):
             train.run(cfg)
         summary = json.loads((tmp_path / name / "summary.json").read_text())
-        assert summary["status"] == "oom" and summary["cap_bytes"] == int(cap)
-        assert summary["needed_bytes"] > int(cap)
-    after = json.loads((tmp_path / "after" / "summary.json").read_text())
-    (rec,) = after["accounted_per_rank"]
-    assert rec["saved_peak"] > 0 and after["needed_bytes"] == rec["total"]
-    assert rec["params"] + rec["grads"] + rec["optimizer"] == 34_560
+        assert summary["status"] == "oom" and summary["cap_bytes"] == cap
+        assert summary["needed_bytes"] > cap
+        (rec,) = summary["accounted_per_rank"]
+        assert rec["params"] + rec["grads"] + rec["optimizer"] == 34_560
+        assert summary["needed_bytes"] == rec["total"]
+        return rec
+
+    static = stop("static", 30_000, "before the first step")
+    assert static["saved_peak"] > 0 and static["saved_peak_source"] == "predicted"
+    # activations predicted by the memory model: stopped before any is allocated ...
+    predicted = stop("predicted", 40_000, r"before the first step.*\(predicted\)")
+    # ... and, where no prediction is available (bf16 autocast), measured by the first step
+    monkeypatch.setattr(memcap, "predicted_saved_peak", lambda engine: None)
+    measured = stop("measured", 40_000, r"after the first step.*\(measured\)")
+    assert measured["saved_peak"] == predicted["saved_peak"]  # the prediction is exact
 
 
 @pytest.mark.timeout(60)
@@ -159,6 +172,9 @@ def test_all_ranks_stop_together_on_the_budget_and_on_one_ranks_oom(tmp_path: Pa
     # Both ranks raise the same error, naming rank 1, before the first step.
     oom = [r["oom"] for r in results]
     assert oom[0] == oom[1] and oom[0]["rank"] == 1
-    assert oom[0]["needed"] == 3 * 2368 * 4 and "before the first step" in oom[0]["message"]
+    assert "before the first step" in oom[0]["message"]
     written = read_summary(root, "oom")
     assert written["status"] == "oom" and len(written["accounted_per_rank"]) == 2
+    rec = written["accounted_per_rank"][1]  # weights, gradients, momentum + predicted activations
+    assert rec["saved_peak_source"] == "predicted" and rec["saved_peak"] > 0
+    assert oom[0]["needed"] == rec["total"] == 3 * 2368 * 4 + rec["saved_peak"]

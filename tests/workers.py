@@ -163,3 +163,21 @@ def precision_worker(rank: int, world: int, cases: list[list[str]]) -> list[dict
             }
         )
     return out
+
+
+def saved_peak_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """For each case, one step: [peak saved bytes, bytes still saved after it] on this rank."""
+    base = load_config(TINY)
+    out = {}
+    batches: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for case in cases:
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(case["overrides"]))
+        engine = PipelineEngine(cfg, rank, world)
+        key = (str(cfg.model.task), str(cfg.runtime.dtype))
+        if key not in batches:
+            batches[key] = _batch(cfg, torch_dtype(cfg.runtime.dtype))
+        x, y = batches[key]
+        engine.forward_backward(x, y)
+        assert engine.meter is not None
+        out[case["id"]] = [engine.meter.peak, engine.meter.current]
+    return out

@@ -67,8 +67,7 @@ def answer(exercise: int, overrides: list[str], nproc: int = 2, repeats: int = 2
 
         if nproc < 1:
             raise ValueError(f"--nproc {nproc}: need at least one rank")
-        # The cost model's activation prediction (splitgraph.costs, issue 4) plugs in here.
-        return memory.run(overrides, nproc, predict_saved=None)
+        return memory.run(overrides, nproc, predict_saved=memory.predict_saved)
     if exercise == 4:
         from splitgraph.exercises import hessian
 

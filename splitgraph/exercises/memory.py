@@ -12,9 +12,9 @@ Prediction (inference) keeps the parameters and nothing for a backward pass: run
                           times the microbatches in flight at the peak, which the schedule sets
                           (GPipe: all m; 1F1B: min(p - i, m) on stage i)
 
-The first three are exact formulas (`predict_state`). The prediction of saved activations is the
-cost model's job (splitgraph.costs, issue 4); `run` takes it as `predict_saved`, a function
-`(cfg, plan, schedule, sizes) -> bytes per stage`, and prints `n/a` without one.
+The first three are exact formulas (`predict_state`). Saved activations are predicted by the
+memory model (`predict_saved`, from splitgraph/memory_model.py); `run` takes any function
+`(cfg, plan, schedule, sizes) -> bytes per stage` as `predict_saved`, and prints `n/a` without.
 
 Measured: for each schedule, one launch of `nproc` ranks (`run_ranks`, gloo) runs one training
 step through `PipelineEngine`, whose `SavedTensorMeter` counts the peak saved-for-backward bytes
@@ -44,6 +44,18 @@ from splitgraph.units import format_bytes
 
 #: The schedules compared: those with one stage per rank (a stage's memory is a rank's).
 ONE_STAGE_PER_RANK = tuple(name for name, spec in SCHEDULES.items() if not spec.virtual)
+
+
+def predict_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: Sequence[int]) -> list[int]:
+    """The memory model's saved-activation peak per stage (one stage per rank here)."""
+    from splitgraph.config import recompute_stages
+    from splitgraph.memory_model import ModelShape, predict_for_plan
+
+    es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
+    recompute = recompute_stages(cfg, plan.num_stages)
+    shape = ModelShape.from_config(cfg, es)
+    return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
+
 
 #: (cfg, plan, schedule, microbatch sizes) -> predicted peak saved-activation bytes per stage.
 SavedPredictor = Callable[[Any, Plan, Schedule, Sequence[int]], Sequence[int]]
@@ -306,9 +318,16 @@ def render(result: MemoryResult) -> str:
         "inference = parameters only: the forward under torch.no_grad() saved "
         + ("0 bytes on every stage" if _no_inference_saved(result) else "SOME BYTES (see (!))")
     )
+    predicted = any(
+        st.saved_pred is not None for s in result.schedules.values() for st in s["stages"]
+    )
     lines.append(
         "training  = parameters + gradients + optimizer state + peak saved activations; "
-        "saved activations are predicted by splitgraph.costs (n/a: not given)"
+        + (
+            "saved activations predicted by splitgraph.memory_model"
+            if predicted
+            else "saved activations not predicted (n/a)"
+        )
     )
     return "\n".join(lines)
 

@@ -4,11 +4,12 @@
 splits of the layers into `k` non-empty stages it returns one whose largest stage cost is
 smallest (ties: the smallest sum of squared stage costs, then the earliest cuts). A greedy
 split can be far from this; the DP is O(k * n^2) and n is the number of layers.
+`minmax_split` is the same DP with costs that depend on the stage too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from splitgraph.errors import PartitionError
 
@@ -25,15 +26,23 @@ def uniform(num_layers: int, num_stages: int) -> tuple[int, ...]:
 
 def balanced(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
     """Contiguous split of `costs` into `num_stages` parts minimising the largest part."""
-    n = len(costs)
-    _check(n, num_stages)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
+    return minmax_split(lambda s, i, j: prefix[j] - prefix[i], len(costs), num_stages)
 
-    def seg(i: int, j: int) -> float:
-        return prefix[j] - prefix[i]
 
+def minmax_split(
+    cost: Callable[[int, int, int], float], num_layers: int, num_stages: int
+) -> tuple[int, ...]:
+    """The split minimising the largest `cost(stage, first, stop)` over its stages.
+
+    The cost may depend on the stage (a device's speed, a schedule that keeps more
+    microbatches on early stages), so this is the linear partition DP with stage-indexed
+    costs; ties: the smallest sum of squared stage costs, then the earliest cuts.
+    """
+    n = num_layers
+    _check(n, num_stages)
     inf = (float("inf"), float("inf"))
     # best[k][j]: (max, sum of squares) for the first j layers in k stages; arg[k][j]: last cut.
     best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
@@ -45,7 +54,7 @@ def balanced(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
                 prev = best[k - 1][i]
                 if prev == inf:
                     continue
-                c = seg(i, j)
+                c = float(cost(k - 1, i, j))
                 cand = (max(prev[0], c), prev[1] + c * c)
                 if cand < best[k][j]:
                     best[k][j], arg[k][j] = cand, i

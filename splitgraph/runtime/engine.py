@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splitgraph.config import Task, Transport
+from splitgraph.config import Task, Transport, recompute_stages
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import CheckpointError
 from splitgraph.model import StageModule, add_l2_grad_, build_mlp, l2_term
@@ -30,14 +30,6 @@ from splitgraph.runtime.executor import Executor
 from splitgraph.runtime.memory import SavedTensorMeter
 from splitgraph.runtime.staged import StagedP2P
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
-
-
-def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
-    """The stages that recompute their forward in backward (`schedule.recompute*`)."""
-    if not cfg.schedule.recompute:
-        return set()
-    chosen = cfg.schedule.recompute_stages
-    return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
 
 
 @dataclass
@@ -57,6 +49,7 @@ class PipelineEngine:
         group: Any = None,
         device: torch.device | str = "cpu",
         transport: str | None = None,
+        plan: Plan | None = None,  # agreed by all ranks (cost-based strategies)
     ) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
@@ -68,7 +61,7 @@ class PipelineEngine:
         self.task = Task(cfg.model.task)
         self.batch_size = int(cfg.train.batch_size)
         self.weight_decay = float(cfg.optim.weight_decay)
-        self.plan: Plan = make_plan(cfg, world_size)
+        self.plan: Plan = plan if plan is not None else make_plan(cfg, world_size)
         self.sizes = microbatch_sizes(self.batch_size, int(cfg.pipeline.microbatches))
         name = str(cfg.schedule.name)
         self.schedule: Schedule = build_schedule(

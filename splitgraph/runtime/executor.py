@@ -122,7 +122,10 @@ class Executor:
         current: object = None
         meter = self.meter if self.meter is not None else _NullContext()
         try:
-            with meter:
+            # One autocast region for the whole step (bf16): autocast caches each weight's
+            # bf16 copy for the region, so the microbatches share one copy instead of each
+            # keeping its own for backward. Backwards run with autocast off (see _backward).
+            with meter, self._precision():
                 for index, item in enumerate(self.program):
                     current = item
                     if fail_at is not None and index == fail_at:
@@ -137,7 +140,8 @@ class Executor:
                     elif item.op in (B, I):
                         self._backward(item, st)
                     elif item.op == W:
-                        st.deferred.pop((item.stage, item.mb)).run()
+                        with self._no_autocast():
+                            st.deferred.pop((item.stage, item.mb)).run()
                     else:
                         raise AssertionError(f"{item} is not executable")
                     if tr is not None:
@@ -184,6 +188,13 @@ class Executor:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _no_autocast(self) -> Any:
+        """Backward passes run outside autocast (PyTorch's advice); the step's region stays
+        open around them, so its cache of bf16 weight copies survives until the step ends."""
+        if self.autocast:
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
+
     def _empty(self, rows: int, cols: int) -> Tensor:
         return torch.empty(rows, cols, dtype=self.dtype, device=self.device)
 
@@ -228,16 +239,15 @@ class Executor:
         x = self._stage_input(st, s, mb)
         stage = self.stages[s]
         if s in self.recompute:  # keep only the input; the graph is rebuilt in backward
-            with torch.no_grad(), self._precision():
+            with torch.no_grad():
                 out = stage(x)
                 loss = self._loss(st, out, mb) if s == self.last else None
             if self.meter is not None:
                 self.meter.hold(x)
             st.inputs[(s, mb)] = x
         else:
-            with self._precision():
-                out = stage(x)
-                loss = self._loss(st, out, mb) if s == self.last else None
+            out = stage(x)
+            loss = self._loss(st, out, mb) if s == self.last else None
             if s > 0:
                 st.inputs[(s, mb)] = x
         if loss is not None:
@@ -256,22 +266,22 @@ class Executor:
                 grad = st.grads.pop((s + 1, mb))
             else:
                 grad = self._take(st, Action(s, RECV_B, mb))
-        if s in self.recompute:
+        if s in self.recompute:  # a forward: under the step's autocast, if any
             x = st.inputs[(s, mb)]
-            with self._precision():
-                out = self.stages[s](x)
-                target = self._loss(st, out, mb) if s == self.last else out
+            out = self.stages[s](x)
+            target = self._loss(st, out, mb) if s == self.last else out
             if self.meter is not None:
                 self.meter.drop(x)  # autograd holds it now (saved by the first layer)
         else:
             target = st.outputs.pop((s, mb))
-        if a.op == I:
-            store = WeightGradStore(self.meter)
-            with deferring(store):
+        with self._no_autocast():
+            if a.op == I:
+                store = WeightGradStore(self.meter)
+                with deferring(store):
+                    torch.autograd.backward(target, grad)
+                st.deferred[(s, mb)] = store
+            else:
                 torch.autograd.backward(target, grad)
-            st.deferred[(s, mb)] = store
-        else:
-            torch.autograd.backward(target, grad)
         x = st.inputs.pop((s, mb), None)
         if s > 0:
             assert x is not None and x.grad is not None

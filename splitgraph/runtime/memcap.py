@@ -5,13 +5,15 @@ to refuse, so the cap applies to an exact, deterministic accounting per rank:
 
     parameters + gradients + optimizer state + peak bytes saved for backward
 
-(conservative: gradients and saved activations are counted as if they coexisted). Parameter,
-gradient and optimizer bytes are known before the first step; the saved-activation peak is
-known exactly after it (every step has the same shapes, so the first step's peak is every
-step's). Every rank checks every rank's figures at both points (one `all_gather_object`
-each), so all ranks stop together with the same `OutOfMemory`, naming the bytes needed and
-the cap. Inputs, received boundary buffers and the interpreter are not counted: peak RSS is
-reported beside the accounting for that reason.
+(conservative: gradients and saved activations are counted as if they coexisted). Before the
+first step the parameter, gradient and optimizer bytes are known and the saved-activation peak
+is predicted by the memory model (`splitgraph.memory_model`, exact except under bf16
+autocast), so a run that cannot fit stops before it allocates a single activation; after the
+first step the peak is measured (every step has the same shapes, so the first step's peak is
+every step's) and checked again. Every rank checks every rank's figures at both points (one
+`all_gather_object` each), so all ranks stop together with the same `OutOfMemory`, naming
+the bytes needed and the cap. Inputs, received boundary buffers and the interpreter are not
+counted: peak RSS is reported beside the accounting for that reason.
 
 On GPU the caching allocator enforces the cap (`set_per_process_memory_fraction`), and a
 `torch.cuda.OutOfMemoryError` becomes the same `OutOfMemory`, needing at least the bytes
@@ -61,17 +63,31 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
+def predicted_saved_peak(engine: Any) -> int | None:
+    """The memory model's saved-activation peak for this rank's actions (None under bf16
+    autocast, where it is not exact)."""
+    from splitgraph.config import recompute_stages
+    from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
+
+    if not predictable(engine.cfg):
+        return None
+    shape = ModelShape.from_config(engine.cfg, engine.dtype.itemsize)
+    recompute = recompute_stages(engine.cfg, engine.plan.num_stages)
+    peaks = predict_for_plan(shape, engine.plan.bounds, engine.sizes, engine.schedule, recompute)
+    return int(peaks[engine.rank])
+
+
 def accounting(engine: Any, cap: int | None, measured: bool) -> dict[str, Any]:
-    """This rank's accounted bytes; `measured` once a step has run (optimizer state and the
-    saved-activation peak are then read, not predicted)."""
+    """This rank's accounted bytes: before a step with the optimizer state and the
+    saved-activation peak predicted, once a step has run with both measured."""
     params = engine.parameters()
     p = _nbytes(params)
-    opt = (
-        optimizer_state_bytes(engine.optimizer)
-        if measured
-        else predicted_optimizer_bytes(engine.cfg.optim, params)
-    )
-    saved = engine.meter.peak if (measured and engine.meter is not None) else None
+    if measured:
+        opt = optimizer_state_bytes(engine.optimizer)
+        saved = engine.meter.peak if engine.meter is not None else None
+    else:
+        opt = predicted_optimizer_bytes(engine.cfg.optim, params)
+        saved = predicted_saved_peak(engine)
     total = 2 * p + opt + (saved or 0)
     return {
         "rank": engine.rank,
@@ -79,6 +95,7 @@ def accounting(engine: Any, cap: int | None, measured: bool) -> dict[str, Any]:
         "grads": p,
         "optimizer": opt,
         "saved_peak": saved,
+        "saved_peak_source": "measured" if measured else "predicted" if saved is not None else None,
         "total": total,
         "cap": cap,
     }
@@ -96,7 +113,12 @@ def check(records: list[dict[str, Any]], cap: int | None, phase: str) -> None:
     parts = (
         f"parameters {format_bytes(worst['params'])} + gradients {format_bytes(worst['grads'])} "
         f"+ optimizer state {format_bytes(worst['optimizer'])}"
-        + (f" + saved activations {format_bytes(saved)}" if saved is not None else "")
+        + (
+            f" + saved activations {format_bytes(saved)}"
+            + (f" ({worst['saved_peak_source']})" if worst.get("saved_peak_source") else "")
+            if saved is not None
+            else ""
+        )
     )
     raise OutOfMemory(
         f"out of memory {phase}: rank {worst['rank']} needs {worst['total']:,} bytes "

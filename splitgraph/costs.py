@@ -1,0 +1,243 @@
+"""The per-layer cost model the planner decides with: bytes, FLOPs, times, link, devices.
+
+Per layer `i` (weight out x in, optional bias), for a microbatch of `n` rows:
+
+    parameters      params * e                   e: element size of runtime.dtype
+    gradients       params * e                   (.grad, one per parameter)
+    optimizer       params * e * k               k: SGD 0, SGD+momentum 1, Adam 2
+    saved for B     memory_model.stage_saved     exact, what the meter measures
+    FLOPs forward   2 n in out (+ n out bias, + n out phi)
+    FLOPs backward  2 n in out for dW (+ 2 n in out for dx unless layer 0, + n out bias)
+    boundary        n out e bytes forward (activation) and backward (its gradient)
+    times           measured forward/backward on this device (profiler.py), or FLOPs/speed
+
+A stage's time is the sum of its layers' times divided by its device's `speed`; a message
+over a cut costs `latency + bytes / bandwidth`. `ModelCosts` turns a split into the
+simulator's `Costs`, and into the memory each rank needs under a schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from splitgraph.config import OptimName, TimeSource, num_stages, recompute_stages
+from splitgraph.data import microbatch_sizes
+from splitgraph.memory_model import ModelShape, Walk, predict_for_plan, predict_saved_peak
+from splitgraph.partition.plan import LayerSpec, layer_specs
+from splitgraph.runtime.dist import torch_dtype
+from splitgraph.schedule import Costs, Schedule, build_schedule
+from splitgraph.units import parse_bytes
+
+
+def optimizer_slots(optim_cfg: Any) -> int:
+    """Optimizer state per parameter, in parameter-sized tensors: SGD 0, momentum 1, Adam 2."""
+    if OptimName(optim_cfg.name) == OptimName.adam:
+        return 2
+    return 1 if float(optim_cfg.momentum) > 0 else 0
+
+
+def flops(layer: LayerSpec, n: int, last: bool) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one layer for `n` rows (multiply-add = 2)."""
+    mm = 2 * n * layer.in_features * layer.out_features
+    vec = n * layer.out_features
+    fwd = mm + (vec if layer.bias else 0) + (0 if last else vec)
+    bwd = mm + (mm if layer.index > 0 else 0) + (vec if layer.bias else 0) + (0 if last else vec)
+    return fwd, bwd
+
+
+@dataclass(frozen=True)
+class Link:
+    """Time of one message between adjacent stages: latency + bytes / bandwidth."""
+
+    bandwidth: float  # bytes per second
+    latency: float = 0.0  # seconds
+    source: str = "configured"
+
+    def time(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Device:
+    speed: float = 1.0
+    memory: int | None = None  # bytes; None: no cap
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Everything the planner knows about the model on these devices, at microbatch `n`.
+
+    `forward[i]`, `backward[i]`: seconds of layer i for one microbatch of `n` rows on a
+    device of speed 1 (the one profiled). `sizes`: the microbatch sizes of a step.
+    """
+
+    layers: tuple[LayerSpec, ...]
+    shape: ModelShape
+    sizes: tuple[int, ...]
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    link: Link
+    devices: tuple[Device, ...]
+    optimizer_slots: int
+    time_source: str = "measured"
+    schedule_name: str = "1f1b"
+    recompute: frozenset[int] = frozenset()  # stages that recompute their forward in backward
+    _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.sizes[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.devices)
+
+    # -- time ---------------------------------------------------------------------------
+
+    def stage_time(self, stage: int, start: int, stop: int) -> tuple[float, float]:
+        """(forward, backward) seconds of layers [start, stop) on stage `stage`'s device."""
+        speed = self.devices[stage].speed
+        f = sum(self.forward[start:stop]) / speed
+        b = sum(self.backward[start:stop]) / speed
+        return (f, b + f) if stage in self.recompute else (f, b)  # recomputed: F again in B
+
+    def boundary_bytes(self, cut: int) -> int:
+        """Bytes of one microbatch's activation crossing a cut before layer `cut`."""
+        return self.n * self.layers[cut].in_features * self.shape.element_size
+
+    def comm(self, cut: int) -> float:
+        return self.link.time(self.boundary_bytes(cut))
+
+    def sim_costs(self, bounds: Sequence[int]) -> Costs:
+        """The simulator's per-stage costs for a split (uneven microbatches scale linearly)."""
+        times = [self.stage_time(s, bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1)]
+        return Costs(
+            forward=[f for f, _ in times],
+            backward=[b for _, b in times],
+            comm=[self.comm(c) for c in bounds[1:-1]],
+            mb_scale=[k / self.n for k in self.sizes],
+        )
+
+    # -- memory -------------------------------------------------------------------------
+
+    def param_bytes(self, start: int, stop: int) -> int:
+        return sum(layer.params for layer in self.layers[start:stop]) * self.shape.element_size
+
+    def static_bytes(self, start: int, stop: int) -> int:
+        """Parameters + gradients + optimizer state of layers [start, stop)."""
+        return self.param_bytes(start, stop) * (2 + self.optimizer_slots)
+
+    def schedule(self, stages: int | None = None) -> Schedule:
+        k = self.num_stages if stages is None else stages
+        key = ("schedule", k)
+        if key not in self._memo:
+            self._memo[key] = build_schedule(self.schedule_name, k, len(self.sizes))
+        return self._memo[key]
+
+    def saved_peak(self, stage: int, start: int, stop: int) -> int:
+        """Peak saved-activation bytes of `stage` holding [start, stop), under the schedule.
+
+        One stage per rank: a stage's peak does not depend on the other stages' layers, so
+        the strategies can price each (stage, layers) pair alone.
+        """
+        key = ("saved", stage, start, stop)
+        if key not in self._memo:
+            sched = self.schedule()
+            walk = Walk(self.shape, lambda _: (start, stop), self.sizes, self.recompute)
+            self._memo[key] = predict_saved_peak(sched, walk, only=stage)[sched.rank_of(stage)]
+        return int(self._memo[key])
+
+    def stage_memory(self, stage: int, start: int, stop: int) -> int:
+        """Bytes stage `stage` needs: static + its peak saved activations (an upper bound on
+        the peak of their sum: gradients do not exist yet while GPipe's forwards run)."""
+        return self.static_bytes(start, stop) + self.saved_peak(stage, start, stop)
+
+    def cap(self, stage: int) -> int | None:
+        return self.devices[stage].memory
+
+
+def devices_from_config(cfg: Any, stages: int) -> tuple[Device, ...]:
+    """`pipeline.devices` (speed, memory), else identical devices capped by memory_cap."""
+    p = cfg.pipeline
+    default_cap = parse_bytes(p.memory_cap) if p.memory_cap is not None else None
+    if p.devices is None:
+        return tuple(Device(1.0, default_cap) for _ in range(stages))
+    return tuple(
+        Device(float(d.speed), parse_bytes(d.memory) if d.memory is not None else default_cap)
+        for d in p.devices
+    )
+
+
+def link_from_config(cfg: Any, measure: bool = True) -> Link:
+    """`pipeline.bandwidth`/`latency` if set, else the measured (cached) gloo link."""
+    p = cfg.pipeline
+    if p.bandwidth is not None:
+        return Link(float(parse_bytes(p.bandwidth)), float(p.latency or 0.0), "configured")
+    if not measure:
+        return Link(float("inf"), float(p.latency or 0.0), "none (pipeline.bandwidth unset)")
+    from splitgraph.profiler import measured_link
+
+    link = measured_link(cfg)
+    if p.latency is not None:
+        link = Link(link.bandwidth, float(p.latency), link.source + ", configured latency")
+    return link
+
+
+def model_costs(
+    cfg: Any,
+    stages: int | None = None,
+    link: Link | None = None,
+    device: torch.device | str = "cpu",
+    times: bool = True,
+) -> ModelCosts:
+    """The cost model for `cfg` on `stages` stages: profiles (or FLOP-prices) every layer at
+    the run's microbatch size, reads the devices and the link (measured if not configured
+    and `link` is not given). `times=False` skips the times (memory-only questions)."""
+    k = num_stages(cfg, 1) if stages is None else stages
+    dtype = torch_dtype(cfg.runtime.dtype)
+    es = torch.empty((), dtype=dtype).element_size()
+    layers = layer_specs(cfg)
+    sizes = tuple(microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches)))
+    source = TimeSource(cfg.costs.times)
+    if not times:
+        fwd = bwd = (0.0,) * len(layers)
+        link = link or link_from_config(cfg, measure=False)
+    elif source == TimeSource.flops:
+        rate = float(cfg.costs.flops_per_s)
+        pairs = [flops(layer, sizes[0], layer.index == len(layers) - 1) for layer in layers]
+        fwd = tuple(f / rate for f, _ in pairs)
+        bwd = tuple(b / rate for _, b in pairs)
+    else:
+        from splitgraph.profiler import profile_layers
+
+        times = profile_layers(cfg, sizes[0], dtype, torch.device(device))
+        fwd = tuple(t[0] for t in times)
+        bwd = tuple(t[1] for t in times)
+    return ModelCosts(
+        layers=layers,
+        shape=ModelShape.from_config(cfg, es),
+        sizes=sizes,
+        forward=fwd,
+        backward=bwd,
+        link=link if link is not None else link_from_config(cfg),
+        devices=devices_from_config(cfg, k),
+        optimizer_slots=optimizer_slots(cfg.optim),
+        time_source=source.value if times else "none",
+        schedule_name=str(cfg.schedule.name),
+        recompute=frozenset(recompute_stages(cfg, k)),
+    )
+
+
+def predicted_saved_peaks(costs: ModelCosts, bounds: Sequence[int]) -> list[int]:
+    """Per-rank saved-activation peaks of a whole plan (the meter's number, exactly)."""
+    return predict_for_plan(
+        costs.shape, bounds, costs.sizes, costs.schedule(len(bounds) - 1), costs.recompute
+    )

@@ -1,0 +1,91 @@
+"""`splitgraph-plan`: predict a plan's time and memory, draw its graph, search alternatives.
+
+    splitgraph-plan --nproc 3 model.hidden=[4096,256,256,256,2048] partition=optimal \
+        pipeline.memory_cap=64MiB
+    splitgraph-plan --nproc 4 search=true pipeline.memory_cap=2GiB --out outputs/plan
+
+Takes the same Hydra overrides as training and needs no process group. Prints the table per
+stage and the predicted step, writes `plan.json` and `plan.png` (the partitioned graph) to
+`--out` (default outputs/plan). `search=true` also ranks schedule x microbatches x
+recomputation x strategy under the memory cap and prints the best `--top` (default 5).
+
+Layer times are measured here (cached; see splitgraph/profiler.py) with the thread count
+training uses: runtime.threads, else OMP_NUM_THREADS, else 1 (as launch/train.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from splitgraph.errors import SplitgraphError
+
+
+def _take(args: list[str], flag: str, default: str | None) -> str | None:
+    if flag not in args:
+        return default
+    i = args.index(flag)
+    if i + 1 >= len(args):
+        raise SystemExit(f"splitgraph-plan: {flag} needs a value")
+    value = args[i + 1]
+    del args[i : i + 2]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    nproc_text = _take(args, "--nproc", None)
+    out = Path(_take(args, "--out", "outputs/plan") or "outputs/plan")
+    top = int(_take(args, "--top", "5") or 5)
+    do_search = any(a in ("search=true", "--search") for a in args)
+    args = [a for a in args if a not in ("search=true", "search=false", "--search")]
+
+    import torch
+    from hydra.errors import HydraException
+
+    from splitgraph.config import load_config, validate
+    from splitgraph.costs import link_from_config, model_costs
+    from splitgraph.partition import make_plan
+    from splitgraph.partition.draw import draw_graph
+    from splitgraph.planner import predict
+
+    try:
+        cfg = load_config(args)
+        if nproc_text is None and cfg.pipeline.stages is None:
+            raise SplitgraphError(
+                "say how many stages to plan for: --nproc N (or pipeline.stages=N)"
+            )
+        nproc = int(nproc_text) if nproc_text is not None else int(cfg.pipeline.stages)
+        validate(cfg, nproc)
+        threads = cfg.runtime.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
+        torch.set_num_threads(int(threads))
+        link = link_from_config(cfg)
+        costs = model_costs(cfg, nproc, link=link)
+        plan = make_plan(cfg, nproc, costs)
+        prediction = predict(plan, costs)
+        result = prediction.to_dict()
+        print(prediction.table())
+        if do_search:
+            from splitgraph import search
+
+            ranked = search.search(cfg, nproc, link)
+            print(f"\nsearch: {len(ranked)} candidates, best first")
+            print(search.table(ranked, top))
+            result["search"] = [c.to_dict() for c in ranked]
+    except (SplitgraphError, HydraException) as e:
+        cause = f"\n  ({e.__cause__})" if e.__cause__ else ""
+        print(f"splitgraph-plan: {e}{cause}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    result["threads"] = int(threads)
+    (out / "plan.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = cfg.model
+    draw_graph(plan, out / "plan.png", m.activation.value, m.task.value, bool(m.bias))
+    print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Training checks the planner: predicted vs measured, into summary.json's `prediction`.
+
+* Saved activations, per rank: the memory model's peak (memory_model.py) against the
+  meter's (runtime/memory.py). The accounting is deterministic, so they must be equal;
+  `equal: false` is a bug in one of them. (Not priced under bf16 autocast: see
+  `memory_model.predictable`.)
+* Times, per stage: the cost model's forward and backward seconds per microbatch (the layer
+  profile, costs.py) against the run's own, measured from its trace (runtime/trace.py:
+  compute only, the wait for a neighbour's data excluded).
+* The step: the simulator's step time for the plan and the cost model, against the run's
+  schedule span (first action to last, all ranks) and its median step (which adds the
+  optimizer, the L2 term and the metrics all-reduce).
+
+`shared_plan` makes every rank use rank 0's plan: cost-based strategies measure, and two
+nodes with separate profile caches could otherwise cut the model differently.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch.distributed as dist
+
+from splitgraph.partition import Plan, make_plan
+
+
+def shared_plan(cfg: Any, world_size: int) -> Plan:
+    """This rank's plan if alone; else rank 0's, broadcast to every rank."""
+    plan = make_plan(cfg, world_size)
+    if world_size > 1 and dist.is_initialized():
+        box = [plan.bounds]
+        dist.broadcast_object_list(box, src=0)
+        plan = Plan(plan.layers, tuple(box[0]), plan.strategy, plan.num_ranks)
+    return plan
+
+
+def measure_link(cfg: Any, engine: Any) -> Any:
+    """The configured link, else one measured between ranks 0 and 1 of this run (every rank
+    calls this: it broadcasts)."""
+    from splitgraph.costs import Link, link_from_config
+
+    if cfg.pipeline.bandwidth is not None or engine.world_size == 1:
+        return link_from_config(cfg, measure=False)
+    from splitgraph.profiler import ping_pong
+
+    got = ping_pong(engine.rank, 1 - engine.rank) if engine.rank < 2 else None
+    box = [got]
+    dist.broadcast_object_list(box, src=0)
+    return Link(box[0]["bandwidth"], box[0]["latency"], "measured in this run (ranks 0-1)")
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def compare(
+    cfg: Any,
+    engine: Any,
+    memories: list[dict[str, Any]],
+    timeline: dict[str, Any] | None,
+    step_times: list[float],
+    link: Any,
+) -> dict[str, Any]:
+    """Rank 0: the prediction for this run's plan, set against what the run measured."""
+    from splitgraph.config import recompute_stages
+    from splitgraph.costs import model_costs
+    from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
+
+    plan, sched, sizes = engine.plan, engine.schedule, engine.sizes
+    measured_saved = {m["rank"]: m["saved_activation_peak_bytes"] for m in memories}
+    out: dict[str, Any] = {}
+    if predictable(cfg):
+        shape = ModelShape.from_config(cfg, engine.dtype.itemsize)
+        recompute = recompute_stages(cfg, plan.num_stages)
+        predicted = predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
+        out["saved_peak_bytes_per_rank"] = [
+            {
+                "rank": r,
+                "predicted": predicted[r],
+                "measured": measured_saved.get(r),
+                "equal": predicted[r] == measured_saved.get(r),
+            }
+            for r in range(plan.num_ranks)
+        ]
+        out["saved_peaks_equal"] = all(x["equal"] for x in out["saved_peak_bytes_per_rank"])
+    else:
+        out["saved_peak_bytes_per_rank"] = None
+        out["note"] = "saved bytes under bf16 autocast are measured, not predicted"
+    if plan.num_stages != plan.num_ranks:
+        out["times"] = "not predicted: the cost model prices one stage per rank"
+        return out
+    from splitgraph.planner import predict
+
+    costs = model_costs(cfg, plan.num_stages, link=link, device=engine.device)
+    pred = predict(plan, costs)
+    measured_costs = (timeline or {}).get("costs_per_stage_s") or {}
+    stages = []
+    for sp in pred.stages:
+        f = measured_costs.get("forward", [None] * plan.num_stages)[sp.stage]
+        b = measured_costs.get("backward", [None] * plan.num_stages)[sp.stage]
+        stages.append(
+            {
+                "stage": sp.stage,
+                "rank": sp.rank,
+                "static_bytes": sp.static_bytes,  # parameters + gradients + optimizer state
+                "forward_s": {"predicted": sp.forward_s, "measured": f},
+                "backward_s": {"predicted": sp.backward_s, "measured": b},
+            }
+        )
+    steady = step_times[1:] if len(step_times) > 1 else step_times
+    span = ((timeline or {}).get("measured") or {}).get("schedule_span_median_s")
+    out.update(
+        {
+            "step_time_s": {
+                "predicted": pred.step_time,  # the schedule: compute, transfers, bubble
+                "measured_schedule_median": span,  # the same span, measured from the trace
+                "measured_median": _median(steady),  # + optimizer, L2, all-reduce, logging
+            },
+            "bubble_predicted": pred.bubble,
+            "time_source": costs.time_source,
+            "link": {"bandwidth": link.bandwidth, "latency": link.latency, "source": link.source},
+            "stages": stages,
+        }
+    )
+    return out

@@ -1,0 +1,214 @@
+"""The memory model predicts the meter's saved-activation peak exactly, per rank, for every
+schedule, activation, bias, task, dtype, partition and (uneven) microbatch size.
+
+One process group launch per world size runs every case (gloo); the predictions are
+computed here, in the test process, from the plan and the schedule alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import cache
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from splitgraph.config import Activation, Task, load_config, recompute_stages
+from splitgraph.data import microbatch_sizes
+from splitgraph.memory_model import (
+    ModelShape,
+    predict_for_plan,
+    stage_saved,
+    stage_saved_bytes,
+)
+from splitgraph.partition import make_plan
+from splitgraph.runtime.dist import torch_dtype
+from splitgraph.runtime.spawn import run_ranks
+from splitgraph.schedule import build_schedule
+from tests.workers import TINY, saved_peak_worker
+
+MANUAL = {1: [], 2: [2], 3: [1, 4]}
+#: (schedule, microbatches, extra overrides): F/B, zero-bubble I/W, recomputation, chunks.
+SCHEDULES = [
+    ("naive", 1, []),
+    ("gpipe", 3, []),
+    ("gpipe", 8, []),
+    ("1f1b", 3, []),
+    ("1f1b", 5, []),
+    ("1f1b", 8, []),
+    ("zb1", 3, []),
+    ("zb1", 8, []),
+    ("1f1b", 5, ["schedule.recompute=true"]),
+    ("gpipe", 3, ["schedule.recompute=true", "schedule.recompute_stages=[0]"]),
+    ("zb1", 4, ["schedule.recompute=true"]),
+]
+ROTATION = [(a, t) for t in ("classification", "regression") for a in Activation.__members__]
+
+
+def _cases(p: int, dtypes: tuple[str, ...] = ("float32", "float64")) -> list[dict[str, Any]]:
+    """Schedules x bias x partition; activation, task and dtype rotate through the grid.
+
+    p=3 (a middle stage that receives and sends) keeps every third case: launches of three
+    ranks are the slow part on two cores."""
+    cases = []
+    rotation = itertools.cycle(ROTATION)
+    dtype_rotation = itertools.cycle(dtypes)
+    for (sched, m, extra), bias, part in itertools.product(
+        SCHEDULES, (False, True), ("uniform", "params", "manual")
+    ):
+        act, task = next(rotation)
+        dtype = next(dtype_rotation)
+        ov = [
+            f"schedule.name={sched}",
+            f"pipeline.microbatches={m}",
+            f"model.bias={str(bias).lower()}",
+            f"runtime.dtype={dtype}",
+            f"partition.strategy={part}",
+            f"model.activation={act}",
+            f"model.task={task}",
+            *extra,
+        ]
+        if part == "manual":
+            ov.append(f"partition.boundaries={MANUAL[p]}")
+        tag = "-recompute" + ("0" if len(extra) > 1 else "") if extra else ""
+        cid = (
+            f"p{p}-{sched}{tag}-m{m}-{part}-{'bias' if bias else 'nobias'}-{dtype}-{act}-{task[:5]}"
+        )
+        cases.append({"id": cid, "overrides": ov})
+    return cases[::3] if p == 3 else cases
+
+
+@cache
+def _base() -> Any:
+    return load_config(TINY)
+
+
+def predicted(p: int, overrides: list[str]) -> list[int]:
+    cfg = OmegaConf.merge(_base(), OmegaConf.from_dotlist(overrides))
+    plan = make_plan(cfg, p)
+    sizes = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
+    sched = build_schedule(str(cfg.schedule.name), p, len(sizes), int(cfg.schedule.virtual_stages))
+    es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
+    shape = ModelShape.from_config(cfg, es)
+    recompute = recompute_stages(cfg, plan.num_stages)
+    return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
+
+
+@cache
+def _measured(p: int) -> dict[str, list[list[int]]]:
+    cases = _cases(p) + (INTERLEAVED if p == 2 else [])
+    if p == 1:
+        per_rank = [saved_peak_worker(0, 1, cases)]
+    else:
+        per_rank = run_ranks(saved_peak_worker, p, cases, timeout=150)
+    return {cid: [r[cid] for r in per_rank] for cid in per_rank[0]}
+
+
+#: p=3 has a first, a middle and a last stage; more ranks add nothing to the accounting.
+ALL = [(p, c) for p in (1, 2, 3) for c in _cases(p)]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(("p", "case"), ALL, ids=[c["id"] for _, c in ALL])
+def test_prediction_equals_the_meter(p: int, case: dict[str, Any]) -> None:
+    got = _measured(p)[case["id"]]
+    assert [current for _, current in got] == [0] * p  # everything released by the step
+    assert predicted(p, case["overrides"]) == [peak for peak, _ in got]
+
+
+#: Two chunks per rank (stages 0 and 2 on rank 0): a stage's output is the next stage's
+#: input on the other rank, and the walk adds both chunks' tensors on each rank.
+INTERLEAVED = [
+    {
+        "id": f"p2-{name}2-m{m}-uniform-{act}",
+        "overrides": [
+            f"schedule.name={name}",
+            "schedule.virtual_stages=2",
+            f"pipeline.microbatches={m}",
+            f"model.activation={act}",
+            "runtime.dtype=float64",
+            *extra,
+        ],
+    }
+    for name, m, act, extra in (
+        ("interleaved", 4, "relu", []),
+        ("interleaved", 2, "gelu", ["model.bias=true"]),
+        ("loopedbfs", 3, "tanh", []),
+        ("interleaved", 4, "sigmoid", ["schedule.recompute=true"]),
+    )
+]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("case", INTERLEAVED, ids=[c["id"] for c in INTERLEAVED])
+def test_prediction_equals_the_meter_with_two_chunks_per_rank(case: dict[str, Any]) -> None:
+    got = _measured(2)[case["id"]]
+    assert predicted(2, case["overrides"]) == [peak for peak, _ in got]
+
+
+def test_bf16_autocast_is_measured_not_predicted() -> None:
+    from splitgraph.memory_model import predictable
+
+    assert predictable(load_config(["runtime.dtype=float32"]))
+    assert not predictable(load_config(["runtime.dtype=bfloat16"]))
+
+
+def test_grid_covers_schedules_activations_tasks_and_uneven_microbatches() -> None:
+    ids = " ".join(c["id"] for _, c in ALL)
+    for word in (
+        "naive",
+        "gpipe",
+        "1f1b",
+        "zb1",
+        "recompute",
+        "bias",
+        "nobias",
+        "float32",
+        "float64",
+        "manual",
+    ):
+        assert word in ids
+    for act, task in ROTATION:
+        assert f"{act}-{task[:5]}" in ids
+    assert microbatch_sizes(12, 5) == [3, 3, 2, 2, 2] and microbatch_sizes(12, 8)[-1] == 1
+
+
+def test_hand_counts_per_op() -> None:
+    """Per sample: the linear saves its input; relu/tanh/sigmoid their output (shared with the
+    next linear); gelu its input; the loss log-probs + int64 label (+ one scalar per
+    microbatch) or, for MSE, its input and the target."""
+    dims = (6, 5, 4)
+    relu = ModelShape(dims, Activation.relu, Task.classification, 8)
+    assert stage_saved(relu, 0, 2, 0, 1) == {
+        ("a0", 0): 6 * 8,
+        ("a1", 0): 5 * 8,
+        ("logp", 0): 4 * 8,
+        ("target", 0): 8,
+        ("total_weight", 0): 8,
+    }
+    gelu = ModelShape(dims, Activation.gelu, Task.regression, 4)
+    assert stage_saved(gelu, 0, 2, 3, 2) == {
+        ("a0", 3): 2 * 6 * 4,
+        ("z0", 3): 2 * 5 * 4,
+        ("a1", 3): 2 * 5 * 4,
+        ("o", 3): 2 * 4 * 4,
+        ("target", 3): 2 * 4 * 4,
+    }
+    # stage 1 alone: its received input is saved by its linear
+    assert stage_saved(relu, 1, 2, 0, 1)[("a1", 0)] == 5 * 8
+    assert stage_saved_bytes(gelu, 0, 2, 2) == 2 * (6 + 5 + 5 + 4 + 4) * 4
+
+
+def test_a_tensor_shared_by_two_stages_on_one_rank_counts_once() -> None:
+    """Stage s-1's ReLU output is stage s's input when both live on one rank (handed over
+    without a copy): the walk counts it once, as the meter's dedup does."""
+    from splitgraph.memory_model import plan_walk, predict_saved_peak
+    from splitgraph.schedule.ir import Action, B, F, make_schedule
+
+    shape = ModelShape((6, 5, 4), Activation.relu, Task.classification, 8)
+    compute = [[Action(0, F, 0), Action(1, F, 0), Action(1, B, 0), Action(0, B, 0)]]
+    sched = make_schedule("local", compute, [0, 0], 1)
+    peak = predict_saved_peak(sched, plan_walk(shape, [0, 1, 2], [1]))
+    assert peak == [(6 + 5 + 4) * 8 + 8 + 8]
