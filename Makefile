@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	PYTHON=$(PY) SPLITGRAPH_RUN_DIR=outputs/demo launch/train.sh $(NPROC)
+	PYTHON=$(PY) SPLITGRAPH_RUN_DIR=outputs/demo launch/train.sh $(NPROC) checkpoint.resume=never
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest

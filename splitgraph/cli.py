@@ -36,7 +36,9 @@ def check_main(argv: list[str] | None = None) -> int:
         validate(cfg, nproc)
         plan = make_plan(cfg, nproc)
         sizes = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
-        sched = build_schedule(str(cfg.schedule.name), plan.num_stages, len(sizes))
+        sched = build_schedule(
+            str(cfg.schedule.name), nproc, len(sizes), int(cfg.schedule.virtual_stages)
+        )
     except (SplitgraphError, HydraException) as e:
         cause = f"\n  ({e.__cause__})" if e.__cause__ else ""
         print(f"splitgraph-check: {e}{cause}", file=sys.stderr)

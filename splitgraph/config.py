@@ -13,6 +13,7 @@ Two layers of checking, so a bad run fails before any process group exists:
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,15 @@ class TimeSource(Enum):
     flops = "flops"  # analytic: FLOPs / costs.flops_per_s (deterministic)
 
 
+class NanCheck(Enum):
+    """Where the numerical guard looks for non-finite values (runtime/guard.py)."""
+
+    step = "step"  # losses and parameter gradients each step; a failure replays the step
+    microbatch = "microbatch"  # every activation, loss and gradient of every microbatch
+
+
+#: debug.fail_mode: how the injected fault of debug.fail_at_step shows itself (splitgraph/faults.py)
+FAIL_MODES = ("raise", "kill", "stall", "nan", "kill_in_save")
 PARTITIONS = ("uniform", "params", "manual", "time", "memory", "optimal")
 
 
@@ -180,6 +190,8 @@ class RuntimeConfig:
     transport: Transport = Transport.auto  # auto: staged when ranks must share a GPU
     tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs (float32 runs)
     nvml_interval: float = 0.2  # seconds between NVML samples on GPU (0: off)
+    hang_timeout: float | None = None  # seconds without a finished action; None: timeout / 2
+    nan_check: NanCheck = NanCheck.step  # numerical guard granularity (runtime/guard.py)
 
 
 @dataclass
@@ -208,12 +220,20 @@ class CostsConfig:
 class CheckpointConfig:
     init_from: str | None = None  # a model.pt written by a run (any partition)
     save: bool = True  # write the consolidated model.pt at the end
+    # Training checkpoints (splitgraph/checkpoint.py): torch.distributed.checkpoint, global names.
+    dir: str = "${run_dir}/checkpoints"  # stable across torchrun restarts (same run dir)
+    every: int | None = 100  # steps between checkpoints (and one at the end); null: none
+    keep: int = 2  # newest checkpoints kept; older ones are deleted after a save commits
+    resume: str = "auto"  # auto: latest valid one in checkpoint.dir; never; or a path
+    strict: bool = True  # refuse to resume when the model/data/optimizer config changed
 
 
 @dataclass
 class DebugConfig:
     fail_at_step: int | None = None  # fault injection: raise on `fail_rank` at this step
     fail_rank: int = 0
+    fail_mode: str = "raise"  # raise, kill, stall, nan, kill_in_save (see FAIL_MODES)
+    fail_attempt: int = 0  # fire only on this torchrun attempt (TORCHELASTIC_RESTART_COUNT)
 
 
 @dataclass
@@ -308,6 +328,24 @@ def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
 
 def num_stages(cfg: Any, world_size: int) -> int:
     return world_size if cfg.pipeline.stages is None else int(cfg.pipeline.stages)
+
+
+def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
+    """NaN and infinity pass every `x <= 0` test, so each float is checked on its own
+    (lists such as optim.betas have range rules of their own, which NaN fails)."""
+    out = []
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    for key in node:
+        try:
+            value = node[key]
+        except Exception:  # an unresolved interpolation: not a number to check
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            out += _non_finite_floats(value, path + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{path}={value} must be a finite number.")
+    return out
 
 
 def validate(cfg: Any, world_size: int | None = None) -> None:
@@ -462,7 +500,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     d = cfg.data
     if not 0.0 <= d.test_fraction < 1.0:
         errors.append(f"data.test_fraction={d.test_fraction} must be in [0, 1).")
-    if d.name == DataName.synthetic:
+    if d.name == DataName.synthetic and 0.0 <= d.test_fraction < 1.0:
         n_train = d.samples - int(d.samples * d.test_fraction)
         if n_train < t.batch_size:
             errors.append(
@@ -520,8 +558,42 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         errors.append(f"runtime.nvml_interval={r.nvml_interval} must be >= 0 (0 turns it off).")
     if r.threads is not None and r.threads < 1:
         errors.append(f"runtime.threads={r.threads} must be >= 1 (or null).")
-    if cfg.debug.fail_at_step is not None and not 0 <= cfg.debug.fail_rank < ws:
-        errors.append(f"debug.fail_rank={cfg.debug.fail_rank} is not a rank of this {ws}-rank run.")
+    if r.hang_timeout is not None and not 0 < r.hang_timeout < r.timeout:
+        errors.append(
+            f"runtime.hang_timeout={r.hang_timeout} must be > 0 and below "
+            f"runtime.timeout={r.timeout}, so the watchdog reports a hang before the process "
+            "group times out (null: half of runtime.timeout)."
+        )
+
+    # checkpoints
+    c = cfg.checkpoint
+    if c.every is not None and c.every < 1:
+        errors.append(f"checkpoint.every={c.every} must be >= 1 (or null: no checkpoints).")
+    if c.keep < 1:
+        errors.append(f"checkpoint.keep={c.keep} must be >= 1.")
+    if not str(c.resume).strip():
+        errors.append("checkpoint.resume is empty: use auto, never, or a checkpoint path.")
+
+    # fault injection
+    dbg = cfg.debug
+    if dbg.fail_at_step is not None:
+        if not 0 <= dbg.fail_rank < ws:
+            errors.append(f"debug.fail_rank={dbg.fail_rank} is not a rank of this {ws}-rank run.")
+        if dbg.fail_at_step < 0:
+            errors.append(f"debug.fail_at_step={dbg.fail_at_step} must be >= 0.")
+    if dbg.fail_mode not in FAIL_MODES:
+        errors.append(
+            f"debug.fail_mode={dbg.fail_mode!r} is not a fault{_suggest(dbg.fail_mode, FAIL_MODES)}"
+        )
+    elif dbg.fail_mode == "kill_in_save" and c.every is None:
+        errors.append(
+            "debug.fail_mode=kill_in_save kills a rank while it writes a checkpoint, but "
+            "checkpoint.every=null writes none. Set checkpoint.every."
+        )
+    if dbg.fail_attempt < 0:
+        errors.append(f"debug.fail_attempt={dbg.fail_attempt} must be >= 0.")
+
+    errors += _non_finite_floats(cfg)
 
     if errors:
         raise ConfigError(errors)

@@ -91,33 +91,67 @@ def digits(data_cfg: Any, task: Task) -> Dataset:
 def _read_file(path: Path) -> tuple[Any, Any]:
     if not path.exists():
         raise DataError(f"data.path={str(path)!r} does not exist.")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"X", "y"} - set(z.files)
-            if missing:
-                raise DataError(f"{path} lacks arrays {sorted(missing)}: it has {sorted(z.files)}.")
-            return np.array(z["X"]), np.array(z["y"])
-    if path.suffix == ".pt":
+    if path.suffix not in (".npz", ".pt"):
+        raise DataError(f"data.path={str(path)!r}: use a .pt or .npz file holding X and y.")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                missing = {"X", "y"} - set(z.files)
+                if missing:
+                    raise DataError(
+                        f"{path} lacks arrays {sorted(missing)}: it has {sorted(z.files)}."
+                    )
+                return np.array(z["X"]), np.array(z["y"])
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(obj, dict) or not {"X", "y"} <= set(obj):
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise DataError(f"{path} must hold a dict with tensors 'X' and 'y'; found {keys}.")
-        return obj["X"], obj["y"]
-    raise DataError(f"data.path={str(path)!r}: use a .pt or .npz file holding X and y.")
+    except DataError:
+        raise
+    except Exception as e:  # damaged, not this format, or holding objects (never unpickled)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} cannot be read as a {path.suffix} file: {reason}") from e
+    if not isinstance(obj, dict) or not {"X", "y"} <= set(obj):
+        keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{path} must hold a dict with tensors 'X' and 'y'; found {keys}.")
+    return obj["X"], obj["y"]
+
+
+def _as_real_tensor(raw: Any, name: str, path: Path) -> Tensor:
+    """A real-valued (float, int or bool) tensor, or a DataError naming what it is instead."""
+    try:
+        t = torch.as_tensor(raw)
+    except Exception as e:
+        raise DataError(f"{path}: {name} must be a numeric array; got {type(raw).__name__}.") from e
+    if t.is_complex() or t.dtype not in _REAL:
+        raise DataError(f"{path}: {name} must hold real numbers; got dtype {t.dtype}.")
+    if t.ndim == 0:
+        raise DataError(f"{path}: {name} must have one row per sample; got a single number.")
+    return t
+
+
+_REAL = {
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+}
 
 
 def from_file(data_cfg: Any, task: Task) -> Dataset:
     """A user's `.pt`/`.npz` with X [n, features] and y; every shape and value is checked."""
     path = Path(str(data_cfg.path))
     X_raw, y_raw = _read_file(path)
-    X = torch.as_tensor(X_raw)
-    y = torch.as_tensor(y_raw)
+    X = _as_real_tensor(X_raw, "X", path)
+    y = _as_real_tensor(y_raw, "y", path)
     d, k = int(data_cfg.features), int(data_cfg.outputs)
     if X.ndim != 2:
         raise DataError(f"{path}: X must be 2-D [samples, features]; got shape {tuple(X.shape)}.")
-    if not (X.is_floating_point() or X.dtype in (torch.int32, torch.int64, torch.uint8)):
-        raise DataError(f"{path}: X must be numeric; got dtype {X.dtype}.")
-    X = X.to(torch.float32)
+    if X.shape[0] == 0:
+        raise DataError(f"{path}: X has no samples.")
     if X.shape[1] != d:
         raise DataError(
             f"{path}: X has {X.shape[1]} features but data.features={d}; set "
@@ -125,9 +159,18 @@ def from_file(data_cfg: Any, task: Task) -> Dataset:
         )
     if y.shape[0] != X.shape[0]:
         raise DataError(f"{path}: X has {X.shape[0]} rows but y has {y.shape[0]}.")
+    X = X.to(torch.float32)
     if not torch.isfinite(X).all():
         bad = int((~torch.isfinite(X)).any(dim=1).sum())
-        raise DataError(f"{path}: X has NaN or infinite values in {bad} rows; clean them first.")
+        raise DataError(
+            f"{path}: X has NaN or infinite values (or values beyond float32's range) in "
+            f"{bad} rows; clean them first."
+        )
+    if y.is_floating_point() and not torch.isfinite(y.to(torch.float32)).all():
+        raise DataError(
+            f"{path}: y has NaN or infinite values (or values beyond float32's range); "
+            "clean them first."
+        )
     if Task(task) == Task.classification:
         if y.ndim != 1 or (y.is_floating_point() and not torch.equal(y, y.round())):
             raise DataError(
@@ -150,8 +193,6 @@ def from_file(data_cfg: Any, task: Task) -> Dataset:
                 f"{tuple(y.shape)}."
             )
         y = y.to(torch.float32)
-        if not torch.isfinite(y).all():
-            raise DataError(f"{path}: y has NaN or infinite values; clean them first.")
     return _split(X, y, float(data_cfg.test_fraction), int(data_cfg.seed), path.name)
 
 

@@ -64,3 +64,8 @@ class OutOfMemory(SplitgraphError, MemoryError):
             "phase": self.phase,
             "accounted_per_rank": self.records,
         }
+
+
+class NonFiniteError(SplitgraphError, FloatingPointError):
+    """A NaN or infinity in a loss, an activation or a gradient; the message names the step,
+    stage and microbatch where it first appeared (runtime/guard.py)."""

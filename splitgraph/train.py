@@ -12,13 +12,20 @@ Several nodes (run the same line on each; c10d rendezvous):
         --rdzv-id myjob -m splitgraph.train
 
 What happens, top to bottom:
-  1. every rank composes the config and runs `validate` (and loads its data, if it holds the
-     first or last stage) *before* the process group exists, so a bad run exits at once with
-     one clear message instead of hanging;
+  1. every rank composes the config and runs `validate`, loads its data (if it holds the first
+     or last stage) and its share of a checkpoint to resume from, *before* the process group
+     exists, so a bad run exits at once with one clear message instead of hanging;
   2. the process group starts with `runtime.timeout` bounding every wait;
   3. every rank builds the same plan and schedule (rank 0 prints them), then its own stages;
-  4. each step runs the schedule; L and s are summed across ranks for the log;
-  5. rank 0 writes metrics.jsonl, summary.json and a consolidated model.pt in the run dir.
+  4. each step runs the schedule; L, s and the numerical guard's count of non-finite values are
+     summed across ranks; a non-finite value stops every rank before the optimizer step;
+  5. every `checkpoint.every` steps and at the end, all ranks write a checkpoint (DCP, atomic);
+     `checkpoint.resume=auto` starts from the newest one on whatever layout this launch has;
+  6. rank 0 writes metrics.jsonl, summary.json (with the measured timeline and the planner's
+     prediction), trace.json, timeline.png and a consolidated model.pt in the run dir.
+
+A hang watchdog (runtime.hang_timeout) stops the job with the schedule grid of where each rank
+waits (exit code 3); `torchrun --max-restarts=N` then restarts it from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,25 +43,34 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from splitgraph.config import register_configs, register_resolvers, validate
+from splitgraph import checkpoint
+from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset
-from splitgraph.errors import OutOfMemory, SplitgraphError
+from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
+from splitgraph.faults import Fault, restart_attempt
 from splitgraph.partition import make_plan
 from splitgraph.prediction_check import compare, measure_link, shared_plan
 from splitgraph.runtime import memcap
-from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, place
+from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
 from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.runtime.executor import InjectedFault
+from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
 from splitgraph.runtime.nvml import NvmlSampler
 from splitgraph.runtime.trace import TraceWindow, make_tracer
+from splitgraph.runtime.watchdog import Watchdog, default_store
 
 log = logging.getLogger("splitgraph")
 
 
-def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train as configured on this process's rank; rank 0 returns the summary."""
-    env = DistEnv.from_environ()
+def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
+    """Train as configured on this process's rank; rank 0 returns the summary.
+
+    Creates the process group from torchrun's environment unless one exists already
+    (`run_ranks` in tests makes one with a FileStore and passes `env`).
+    """
+    env = env or DistEnv.from_environ()
     validate(cfg, env.world_size)
     placement = place(cfg.runtime, env.local_rank, env.local_world_size)
     device = placement.device
@@ -64,24 +80,32 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     torch.backends.cudnn.allow_tf32 = bool(cfg.runtime.tf32)
     memcap.apply_cuda_cap(memcap.cap_bytes(cfg), device)  # GPU: the allocator enforces it
 
-    # Data and the initial checkpoint are read before the process group exists: a bad
-    # file stops this rank at once, and torchrun then stops the others.
+    # Data and checkpoints are read before the process group exists: a bad file stops this
+    # rank at once, and torchrun then stops the others.
     plan = make_plan(cfg, env.world_size)
     needs_data = env.rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
     dataset = load_dataset(cfg) if needs_data else None
     init_state = None
     if cfg.checkpoint.init_from:
-        init_state = torch.load(cfg.checkpoint.init_from, map_location="cpu", weights_only=True)
+        init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg)
+    resume = None
+    found = checkpoint.find_resume(cfg)
+    if found is not None:
+        ck, meta = found
+        names = checkpoint.names_held(cfg, plan, env.rank)
+        resume = checkpoint.read_rank_state(ck, meta, names, env.rank)
 
-    if env.world_size > 1:
+    own_group = env.world_size > 1 and not dist.is_initialized()
+    if own_group:
+        pin_loopback()  # a one-node launch keeps gloo/NCCL sockets on the loopback interface
         init_process_group(placement.backend, float(cfg.runtime.timeout), device)
     try:
-        summary = _train(cfg, env, placement, dataset, init_state)
+        summary = _train(cfg, env, placement, dataset, init_state, resume)
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
     finally:
-        if dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -91,6 +115,7 @@ def _train(
     placement: Placement,
     dataset: Dataset | None,
     init_state: dict[str, torch.Tensor] | None,
+    resume: checkpoint.RankState | None = None,
 ) -> dict[str, Any] | None:
     is_main = env.rank == 0
     distributed = env.world_size > 1
@@ -98,15 +123,15 @@ def _train(
     torch.manual_seed(int(cfg.train.seed))
     plan = shared_plan(cfg, env.world_size)  # rank 0's plan on every rank
     engine = PipelineEngine(
-        cfg,
-        env.rank,
-        env.world_size,
-        device=device,
-        transport=placement.transport,
-        plan=plan,
+        cfg, env.rank, env.world_size, device=device, transport=placement.transport, plan=plan
     )
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
+    start = 0
+    if resume is not None:  # weights, optimizer state and RNG as saved; the data order follows
+        checkpoint.apply_state(engine, resume, cfg)
+        start = resume.checkpoint.step
+        engine.p2p.step = start
     run_dir = Path(cfg.run_dir)
     batch = int(cfg.train.batch_size)
 
@@ -122,24 +147,31 @@ def _train(
         box = [steps]
         dist.broadcast_object_list(box, src=engine.plan.rank_of(0))
         steps = int(box[0])
-
+    if start > steps:
+        raise CheckpointError(
+            f"checkpoint {resume.checkpoint.path if resume else ''} is at step {start}, beyond "
+            f"this run's {steps} steps. Raise train.steps or use checkpoint.resume=never."
+        )
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        log.info("%s", engine.plan.table(engine.sizes[0]))
-        log.info(
-            "schedule %s: %d microbatches of %s samples on %d rank(s), %s on %s; %d steps",
-            engine.schedule.name,
-            len(engine.sizes),
-            _sizes_text(engine.sizes),
-            env.world_size,
-            backend if distributed else "no process group",
-            device,
-            steps,
-        )
-    metrics_file = open(run_dir / "metrics.jsonl", "w") if is_main else None  # noqa: SIM115
-    bar = _progress(cfg, steps) if is_main else None
-    step_times: list[float] = []
-    fail_step = cfg.debug.fail_at_step
+        _announce(cfg, engine, env, backend, device, steps, start, resume)
+
+    every = cfg.checkpoint.every
+    fault = Fault.from_cfg(cfg)
+    guard = FiniteGuard(
+        engine.stages, env.rank, NanCheck(cfg.runtime.nan_check) == NanCheck.microbatch
+    )
+    engine.executor.guard = guard
+    last_saved = str(resume.checkpoint.path) if resume is not None else None
+    watchdog = Watchdog(
+        engine.schedule,
+        env.rank,
+        env.world_size,
+        float(cfg.runtime.hang_timeout or float(cfg.runtime.timeout) / 2),
+        engine.executor,
+        store=default_store(str(restart_attempt())),
+        report_path=run_dir / "hang_report.txt",
+    ).start()
     sampler = (
         NvmlSampler(device.index or 0, float(cfg.runtime.nvml_interval)).start()
         if device.type == "cuda"
@@ -148,40 +180,49 @@ def _train(
     tracer = make_tracer(device) if cfg.trace.enabled else None
     engine.executor.tracer = tracer
     window = TraceWindow(cfg.trace, tracer, steps)
+    metrics_file = _open_metrics(run_dir, start) if is_main else None
+    bar = _progress(cfg, steps, start) if is_main else None
+    step_times: list[float] = []
     cap, budget = memcap.cap_bytes(cfg), cfg.train.time_budget
-    elapsed, stopped_by, step = 0.0, None, -1
+    elapsed, stopped_by, step = 0.0, None, start
     try:
         accounted = memcap.check_all_ranks(engine, cap, False, "before the first step")
-        for step in range(steps):
+        for step in range(start, steps):
             window.before_step(step)
             x = y = None
             if order is not None and dataset is not None:
                 idx = order.indices(step)
-                x = dataset.X[idx] if engine.holds_first else None
+                x = fault.poison(step, dataset.X[idx]) if engine.holds_first else None
                 y = dataset.y[idx] if engine.holds_last else None
                 if not on_device:
-                    x = _to_device(x, device)
-                    y = _to_device(y, device)
-            fail_at = 1 if (fail_step == step and env.rank == cfg.debug.fail_rank) else None
+                    x, y = _to_device(x, device), _to_device(y, device)
+            watchdog.beat(step, "the schedule")
+            guard.begin()
             t0 = time.perf_counter()
-            stats = engine.step(x, y, fail_at=fail_at)
+            try:
+                stats = engine.forward_backward(x, y, fail_at=fault.program_index(step, env.rank))
+            except InjectedFault as e:
+                fault.surface(e)
+            bad = guard.finish()
+            watchdog.beat(step, "the all-reduce of the step's loss")
             # rank 0 alone decides the time budget; the all_reduce tells every rank
             over = budget is not None and is_main and elapsed + time.perf_counter() - t0 >= budget
-            parts = torch.tensor([stats.loss, stats.l2, float(over)], dtype=torch.float64)
+            parts = torch.tensor([stats.loss, stats.l2, bad, float(over)], dtype=torch.float64)
             if distributed:
                 parts = parts.to(device)
                 dist.all_reduce(parts)  # ends when every rank has finished the step
                 parts = parts.cpu()
+            if parts[2] > 0:  # before the optimizer step: the weights stay finite
+                _stop_non_finite(engine, guard, step, x, y, env.world_size, last_saved)
+            engine.update()
             dt = time.perf_counter() - t0
             L, s = float(parts[0]), float(parts[1])
-            if not (L == L and abs(L) != float("inf")):
-                raise FloatingPointError(f"the loss is {L} at step {step}")
             step_times.append(dt)
             elapsed += dt
-            if step == 0:  # the saved-activation peak is now exact
+            if step == start:  # the saved-activation peak is now measured
                 accounted = memcap.check_all_ranks(engine, cap, True, "after the first step")
-            stopped_by = "time_budget" if parts[2] > 0 else None
-            evals = _maybe_evaluate(cfg, engine, dataset, step, steps, stopped_by, is_main)
+            stopped_by = "time_budget" if parts[3] > 0 else None
+            evals = _maybe_evaluate(cfg, engine, env, dataset, step, steps, stopped_by)
             if metrics_file is not None:
                 rec = {
                     "step": step,
@@ -195,15 +236,21 @@ def _train(
                     **evals,
                 }
                 metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
             if bar is not None:
                 bar.update(1)
                 if step % int(cfg.train.log_every) == 0 or step == steps - 1:
                     bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
+            done = step + 1
+            if every is not None and (done % int(every) == 0 or done == steps or stopped_by):
+                with watchdog.paused("saving a checkpoint"):
+                    last_saved = _save(cfg, engine, env, order, done, fault, is_main)
             if stopped_by:
                 break
     except (OutOfMemory, torch.cuda.OutOfMemoryError) as e:
         raise _out_of_memory(e, cfg, env, device, step) from e
     finally:
+        watchdog.stop()
         if bar is not None:
             bar.close()
         if metrics_file is not None:
@@ -211,8 +258,6 @@ def _train(
 
     timeline = window.finish(run_dir, is_main, engine.schedule, engine.sizes, step_times)
     link = measure_link(cfg, engine) if cfg.costs.report else None  # every rank takes part
-
-    # Per-rank memory, then the consolidated checkpoint, gathered to rank 0.
     memory = {
         "rank": env.rank,
         "stages": sorted(engine.stages),
@@ -224,14 +269,11 @@ def _train(
     }
     if sampler is not None:
         memory["nvml"] = sampler.stop()
-    if distributed:
-        memories: list[Any] = [None] * env.world_size
-        dist.gather_object(memory, memories if is_main else None, dst=0)
-    else:
-        memories = [memory]
-    merged = _gather_state(engine, distributed, is_main)
-    if merged is None:
+    memories, merged = _gather(engine, env, memory)
+    if not is_main:
         return None
+    comms = [{"rank": m["rank"], **m.pop("comm")} for m in memories]
+
     if cfg.checkpoint.save:
         torch.save(merged, run_dir / "model.pt")
     final = _final_metrics(run_dir)
@@ -250,19 +292,21 @@ def _train(
         "shared_gpu": placement.shared_gpu,
         "plan": engine.plan.to_dict(),
         "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
-        "steps": len(step_times),
+        "steps": start + len(step_times),
+        "resumed_from_step": start or None,
         "steps_per_epoch": order.steps_per_epoch if order is not None else None,
         "stopped_by": stopped_by or "steps",
         "train_time_s": elapsed,
         "step_time_median_s": median,
         "samples_per_s_median": batch / median if median == median and median > 0 else None,
         "final": final,
-        "memory_per_rank": [{k: v for k, v in m.items() if k != "comm"} for m in memories],
-        "comm_per_rank": [{"rank": m["rank"], **m["comm"]} for m in memories],
+        "memory_per_rank": memories,
+        "comm_per_rank": comms,
         "timeline": timeline,
         "prediction": (
             compare(cfg, engine, memories, timeline, step_times, link) if cfg.costs.report else None
         ),
+        "checkpoint": last_saved,
         "torch": torch.__version__,
     }
     if placement.shared_gpu:
@@ -316,11 +360,11 @@ def _out_of_memory(
 def _maybe_evaluate(
     cfg: DictConfig,
     engine: PipelineEngine,
+    env: DistEnv,
     dataset: Dataset | None,
     step: int,
     steps: int,
     stopped_by: str | None,
-    is_main: bool,
 ) -> dict[str, Any]:
     """Held-out metrics every `train.eval_every` steps and at the last step (rank 0 gets the
     consolidated weights; every rank must call this at the same steps). Not timed as training."""
@@ -328,30 +372,12 @@ def _maybe_evaluate(
     if every is None or not ((step + 1) % int(every) == 0 or step == steps - 1 or stopped_by):
         return {}
     t0 = time.perf_counter()
-    state = _gather_state(engine, engine.world_size > 1, is_main)
-    if state is None or dataset is None:
+    _, state = _gather(engine, env, {})
+    if env.rank != 0 or dataset is None:
         return {}
     test = evaluate(cfg, state, dataset.X_test, dataset.y_test, engine.dtype)
     out = {f"test_{k}": v for k, v in test.items() if k != "samples"}
     return {**out, "eval_time": time.perf_counter() - t0}
-
-
-def _gather_state(
-    engine: PipelineEngine, distributed: bool, is_main: bool
-) -> dict[str, torch.Tensor] | None:
-    """The consolidated weights under global names on rank 0 (None elsewhere)."""
-    state = engine.state_dict()
-    if distributed:
-        states: list[Any] = [None] * engine.world_size
-        dist.gather_object(state, states if is_main else None, dst=0)
-    else:
-        states = [state]
-    if not is_main:
-        return None
-    pairs = sorted(
-        ((k, v) for st in states for k, v in st.items()), key=lambda kv: _layer_key(kv[0])
-    )
-    return dict(pairs)
 
 
 def _comm(engine: PipelineEngine, steps: int) -> dict[str, float]:
@@ -364,6 +390,132 @@ def _comm(engine: PipelineEngine, steps: int) -> dict[str, float]:
         "bytes_sent_per_step": b / per,
         "messages_sent_per_step": n / per,
     }
+
+
+def _announce(
+    cfg: DictConfig,
+    engine: PipelineEngine,
+    env: DistEnv,
+    backend: str,
+    device: torch.device,
+    steps: int,
+    start: int,
+    resume: checkpoint.RankState | None,
+) -> None:
+    """Rank 0 prints the plan, the schedule, and where a resume starts."""
+    log.info("%s", engine.plan.table(engine.sizes[0]))
+    log.info(
+        "schedule %s: %d microbatches of %s samples on %d rank(s), %s on %s; %d steps",
+        engine.schedule.name,
+        len(engine.sizes),
+        _sizes_text(engine.sizes),
+        env.world_size,
+        backend if env.world_size > 1 else "no process group",
+        device,
+        steps,
+    )
+    if str(cfg.checkpoint.resume).strip() == "never" and cfg.checkpoint.every is not None:
+        earlier = checkpoint.list_checkpoints(cfg.checkpoint.dir)
+        if earlier:
+            log.warning(
+                "checkpoint.resume=never: ignoring the checkpoints in %s (newest: step %d); "
+                "this run's saves replace those of the same step",
+                cfg.checkpoint.dir,
+                earlier[-1].step,
+            )
+    if resume is not None:
+        saved = resume.checkpoint.meta.get("plan", {}).get("stages", [])
+        log.info(
+            "resumed from %s at step %d (saved on %d stages, now %d)%s",
+            resume.checkpoint.path,
+            start,
+            len(saved),
+            engine.plan.num_stages,
+            ": already trained to train.steps; checkpoint.resume=never trains afresh"
+            if start == steps
+            else "",
+        )
+
+
+def _stop_non_finite(
+    engine: PipelineEngine,
+    guard: FiniteGuard,
+    step: int,
+    x: torch.Tensor | None,
+    y: torch.Tensor | None,
+    world_size: int,
+    last_saved: str | None,
+) -> None:
+    """Every rank raises the same NonFiniteError; a cheap guard first replays the step with
+    every check on (same weights, same minibatch) to name where the value appeared."""
+    events, replay = _all_events(guard.events, world_size), None
+    if not guard.full:
+        guard.full = True
+        guard.begin()
+        engine.forward_backward(x, y)
+        guard.finish()
+        found = _all_events(guard.events, world_size)
+        replay = f"located by replaying step {step} with runtime.nan_check=microbatch"
+        if not found:
+            replay = f"a replay of step {step} with every check on did not reproduce it"
+        events = found or events
+    raise_if_any(step, events, last_saved, replay)
+
+
+def _save(
+    cfg: DictConfig,
+    engine: PipelineEngine,
+    env: DistEnv,
+    order: BatchOrder | None,
+    done: int,
+    fault: Fault,
+    is_main: bool,
+) -> str:
+    """All ranks write the checkpoint after step `done` (atomic; rank 0 writes the marker)."""
+    meta = None
+    if is_main:
+        spe = order.steps_per_epoch if order is not None else 0
+        meta = checkpoint.marker(cfg, engine, done, spe, env.world_size)
+    path = checkpoint.save(
+        engine,
+        cfg.checkpoint.dir,
+        done,
+        meta,
+        int(cfg.checkpoint.keep),
+        env.rank,
+        env.world_size,
+        writer=fault.save_writer(done, env.rank),
+    )
+    return str(path)
+
+
+def _gather(
+    engine: PipelineEngine, env: DistEnv, memory: dict[str, Any]
+) -> tuple[list[Any], dict[str, torch.Tensor]]:
+    """Rank 0: every rank's memory figures, and the consolidated state dict in layer order."""
+    state = engine.state_dict()
+    if env.world_size > 1:
+        memories: list[Any] = [None] * env.world_size
+        states: list[Any] = [None] * env.world_size
+        dist.gather_object(memory, memories if env.rank == 0 else None, dst=0)
+        dist.gather_object(state, states if env.rank == 0 else None, dst=0)
+    else:
+        memories, states = [memory], [state]
+    if env.rank != 0:
+        return [], {}
+    pairs = sorted(
+        ((k, v) for st in states for k, v in st.items()), key=lambda kv: _layer_key(kv[0])
+    )
+    return memories, dict(pairs)
+
+
+def _all_events(mine: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """The numerical guard's events of every rank, on every rank."""
+    if world_size == 1:
+        return list(mine)
+    every: list[Any] = [None] * world_size
+    dist.all_gather_object(every, mine)
+    return [e for evs in every for e in evs]
 
 
 def _to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -391,12 +543,30 @@ def _final_metrics(run_dir: Path) -> dict[str, Any]:
     return {"step": last["step"], "L": last["L"], "J": last["J"]}
 
 
-def _progress(cfg: DictConfig, steps: int) -> Any:
+def _open_metrics(run_dir: Path, start: int) -> Any:
+    """metrics.jsonl; on a resume, the lines of the steps before `start` are kept."""
+    path = run_dir / "metrics.jsonl"
+    kept = []
+    if start > 0 and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < start:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    f = open(path, "w")  # noqa: SIM115 - closed by _train
+    f.writelines(kept)
+    return f
+
+
+def _progress(cfg: DictConfig, steps: int, start: int = 0) -> Any:
     if not cfg.train.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def _rank_overrides() -> list[str]:

@@ -1,11 +1,116 @@
-"""Test-wide settings: profiles and link measurements go to a temporary cache, never ~/.cache."""
+"""Test-wide set-up.
+
+- Profiles and link measurements go to a temporary cache, never ~/.cache (the planner's).
+- Shared launches for the reliability tests (test_resume.py, test_guard.py). Starting
+  processes costs seconds on two cores, a training run here milliseconds, so the faults that
+  need several ranks run as cases of two launches, made once per session:
+  - 2 ranks: uninterrupted and interrupted runs for SGD-momentum and Adam, a resume on another
+    partition, a NaN in the data, a NaN in a gradient, and last (it ends the launch) a rank
+    SIGKILLed while writing a checkpoint;
+  - 4 ranks: the 2-rank checkpoints loaded and trained on 4 stages.
+  One-device runs (the references, a resume on one device) happen in the test process.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from splitgraph import checkpoint, train
+from splitgraph.config import load_config
+from splitgraph.errors import RankFailure
+from splitgraph.runtime.dist import DistEnv
+from splitgraph.runtime.spawn import run_ranks
+from tests.fault_workers import TINY, cases
+
+OPTIMS = {"sgd": ["optim.momentum=0.9"], "adam": ["optim=adam", "optim.lr=0.01"]}
+
+
+def single_run(overrides: list[str]) -> None:
+    train.run(load_config(TINY + overrides), DistEnv())
+
+
+def step3(tmp: Path, opt: str) -> Path:
+    """The 2-rank SGD/Adam checkpoint after 3 of 6 steps."""
+    return tmp / opt / "part" / "checkpoints" / checkpoint.step_dir_name(3)
+
+
+@pytest.fixture(scope="session")
+def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("faults")
+    two: list[tuple[str, list[str], str | None]] = []
+    for opt, over in OPTIMS.items():
+        d = tmp / opt
+        two += [
+            ("train", [*over, "train.steps=6", f"run_dir={d / 'full'}"], None),  # never stopped
+            ("train", [*over, "train.steps=3", f"run_dir={d / 'part'}"], None),  # stops at 3 ...
+            ("train", [*over, "train.steps=6", f"run_dir={d / 'part'}"], None),  # ... resumes
+            (  # the step-3 checkpoint, resumed on another partition of the 2 ranks
+                "train",
+                [
+                    *over,
+                    "train.steps=6",
+                    "partition=params",
+                    f"checkpoint.resume={step3(tmp, opt)}",
+                    f"run_dir={d / 'params'}",
+                ],
+                None,
+            ),
+        ]
+    nan = ["train.steps=6", "checkpoint.every=2", "debug.fail_at_step=3", "debug.fail_mode=nan"]
+    two += [
+        ("train", [*nan, f"run_dir={tmp / 'nan'}"], str(tmp / "nan" / "outcome")),
+        (
+            "train",
+            [*nan, "runtime.nan_check=microbatch", f"run_dir={tmp / 'nan-full'}"],
+            str(tmp / "nan-full" / "outcome"),
+        ),
+        ("nan_grad", [], str(tmp / "nan-grad" / "outcome")),
+        (  # last, it ends the launch: rank 1 is SIGKILLed while writing the step-4 checkpoint
+            "train",
+            [
+                "train.steps=6",
+                "checkpoint.every=2",
+                "debug.fail_at_step=4",
+                "debug.fail_rank=1",
+                "debug.fail_mode=kill_in_save",
+                f"run_dir={tmp / 'kill'}",
+            ],
+            None,
+        ),
+    ]
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(cases, 2, two, timeout=150, pg_timeout=60, stop_on_failure=False)
+
+    four: list[tuple[str, list[str], str | None]] = []
+    for opt, over in OPTIMS.items():
+        resume = f"checkpoint.resume={step3(tmp, opt)}"
+        four.append(("load", [*over, resume], None))
+        four.append(
+            ("train", [*over, "train.steps=6", resume, f"run_dir={tmp / opt / 'four'}"], None)
+        )
+    out = run_ranks(cases, 4, four, timeout=150)
+    assert all(out[r][2 * i + 1] is None for r in range(4) for i in range(len(OPTIMS))), out
+
+    for opt, over in OPTIMS.items():  # one device: the reference, and a resume of step 3
+        single_run([*over, "train.steps=6", f"run_dir={tmp / opt / 'ref'}"])
+        single_run(
+            [
+                *over,
+                "train.steps=6",
+                f"checkpoint.resume={step3(tmp, opt)}",
+                f"run_dir={tmp / opt / 'one'}",
+            ]
+        )
+    return {
+        "tmp": tmp,
+        "killed": str(failure.value),
+        "four": {opt: [out[r][2 * i] for r in range(4)] for i, opt in enumerate(OPTIMS)},
+    }
 
 
 @pytest.fixture(autouse=True, scope="session")

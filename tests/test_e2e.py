@@ -161,5 +161,7 @@ def test_check_command() -> None:
     from splitgraph.cli import check_main
 
     assert check_main(["--nproc", "2", "schedule=gpipe"]) == 0
+    assert check_main(["--nproc", "2", "schedule=interleaved", "model.hidden=[8,8,8]"]) == 0
+    assert check_main(["--nproc", "2", "schedule=interleaved", "pipeline.microbatches=3"]) == 2
     assert check_main(["--nproc", "9"]) == 2
     assert check_main(["--nproc", "2", "pipeline.microbatch=2"]) == 2

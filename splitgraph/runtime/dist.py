@@ -103,4 +103,70 @@ def init_process_group(backend: str, timeout_s: float, device: torch.device) -> 
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
+    store = restart_safe_store(timeout_s)
+    if store is not None:
+        env = DistEnv.from_environ()
+        kwargs.update(store=store, rank=env.rank, world_size=env.world_size)
     dist.init_process_group(**kwargs)
+
+
+def restart_safe_store(timeout_s: float, environ: Any = None) -> Any:
+    """A store namespaced by torchrun's restart count, or None to use env:// as it is.
+
+    torchrun (torch 2.13) keeps its agent's TCPStore across `--max-restarts` restarts without
+    a per-attempt prefix (pytorch/pytorch#135712), so a restarted rank can read a peer's
+    gloo/NCCL address from the failed attempt and fail to connect ("Connection refused": 3 of
+    6 restarts here; 0 of 4 with this namespace). On one node every rank restarts together
+    and shares the restart count, so the count makes a safe namespace. Across nodes the
+    counts may differ (pytorch/pytorch#108158): there, launch/multinode.sh exports
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead (a fresh store per attempt).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE"):
+        return None
+    base = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        int(env["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(
+        f"splitgraph/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base
+    )
+
+
+def pin_loopback(environ: Any = None) -> dict[str, str]:
+    """Keep a one-node launch's sockets on the loopback interface; return what was set.
+
+    gloo listens on the address the host name resolves to, NCCL's bootstrap on the first
+    non-loopback interface: on a cluster node, both reachable from the network. When every
+    rank is on this host (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE) nothing needs to be, so
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME are set to the loopback interface unless the
+    user set them. (torchrun's own TCPStore listens on every interface whatever its
+    --rdzv-endpoint says: torch offers no bind address; see README, "Hostile inputs".)
+    """
+    env = os.environ if environ is None else environ
+    world = env.get("WORLD_SIZE")
+    if not world or env.get("LOCAL_WORLD_SIZE") != world:
+        return {}
+    lo = loopback_interface()
+    if lo is None:
+        return {}
+    changed = {}
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if not env.get(var):
+            env[var] = changed[var] = lo
+    return changed
+
+
+def loopback_interface() -> str | None:
+    import socket
+
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:  # pragma: no cover - no interface list on this platform
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)

@@ -115,6 +115,8 @@ class PipelineEngine:
         self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None
     ) -> StepStats:
         """Gradients of J for one minibatch, left in `.grad`; no update."""
+        if self.executor.tracer is not None:
+            self.executor.tracer.step = self.p2p.step
         for p in self.parameters():
             p.grad = None
         loss = self.executor.run(
@@ -130,17 +132,19 @@ class PipelineEngine:
         return StepStats(loss=float(loss) if loss is not None else 0.0, l2=l2)
 
     def step(self, x: Tensor | None, y: Tensor | None, fail_at: int | None = None) -> StepStats:
-        tr = self.executor.tracer
-        if tr is not None:
-            tr.step = self.p2p.step
         stats = self.forward_backward(x, y, fail_at=fail_at)
+        self.update()
+        return stats
+
+    def update(self) -> None:
+        """The optimizer step after `forward_backward` (train.py checks gradients in between)."""
+        tr = self.executor.tracer
         t0 = tr.begin() if tr is not None and tr.active else None
         self.optimizer.step()
         if t0 is not None and tr is not None:
             tr.end(t0, "OPT", "OPT")
             tr.flush()
         self.p2p.step += 1
-        return stats
 
     # -- state --------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ rank (interleaved schedules) hand tensors over without the network.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -97,6 +98,12 @@ class Executor:
         self._rank_of = schedule.stage_to_rank
         #: records each action's start and end while `tracer.active` (runtime/trace.py)
         self.tracer: Tracer | None = None
+        #: the watchdog's view (runtime/watchdog.py): (index into `program` in progress,
+        #: time.monotonic() when it started); None between steps
+        self.position: tuple[int, float] | None = None
+        #: the numerical guard (runtime/guard.py): `guard.after(action, outputs, grads)`
+        #: after each compute action
+        self.guard: Any = None
 
     def run(
         self,
@@ -128,6 +135,7 @@ class Executor:
             with meter, self._precision():
                 for index, item in enumerate(self.program):
                     current = item
+                    self.position = (index, time.monotonic())
                     if fail_at is not None and index == fail_at:
                         raise InjectedFault(
                             f"injected failure (debug.fail_at_step) on rank {self.rank}"
@@ -144,14 +152,18 @@ class Executor:
                             st.deferred.pop((item.stage, item.mb)).run()
                     else:
                         raise AssertionError(f"{item} is not executable")
+                    if self.guard is not None and not isinstance(item, tuple):
+                        self.guard.after(item, st.outputs, st.grads)
                     if tr is not None:
                         if isinstance(item, tuple):
                             tr.end(t0, " ".join(map(str, item)), "comm")
                         else:
                             tr.end(t0, str(item), item.op.value)
             current = "the step's pending sends"
+            self.position = (len(self.program), time.monotonic())
             for work, _ in st.sends:
                 work.wait()
+            self.position = None
         except InjectedFault:
             raise
         except Exception as e:
@@ -253,8 +265,7 @@ class Executor:
         if loss is not None:
             assert loss_total is not None
             loss_total += loss.detach().to(torch.float64)
-            if s not in self.recompute:
-                st.outputs[(s, mb)] = loss
+            st.outputs[(s, mb)] = loss  # recomputed: a value for the guard, no graph
         else:
             st.outputs[(s, mb)] = out
 
@@ -270,6 +281,8 @@ class Executor:
             x = st.inputs[(s, mb)]
             out = self.stages[s](x)
             target = self._loss(st, out, mb) if s == self.last else out
+            if s == self.last:
+                st.outputs.pop((s, mb))  # the forward's value; the graph is `target`'s
             if self.meter is not None:
                 self.meter.drop(x)  # autograd holds it now (saved by the first layer)
         else:

@@ -1,0 +1,127 @@
+"""Functions that run inside each rank of `run_ranks` for the reliability tests: the real
+`train.run` on an already-initialised process group, several runs per launch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from splitgraph import checkpoint, train
+from splitgraph.config import load_config
+from splitgraph.errors import SplitgraphError
+from splitgraph.partition import make_plan
+from splitgraph.runtime.dist import DistEnv
+from splitgraph.runtime.engine import PipelineEngine
+from tests import workers
+
+#: the 6-layer model of tests/workers.py, in float64, quiet, with checkpoints every 3 steps
+TINY = [
+    *workers.TINY,
+    "runtime.dtype=float64",
+    "train.progress=false",
+    "checkpoint.every=3",
+    "checkpoint.keep=4",
+]
+
+#: rank 1 of 2 stalls inside its schedule at step 1; the watchdog gives it 2 s
+STALL = [
+    "train.steps=4",
+    "debug.fail_at_step=1",
+    "debug.fail_rank=1",
+    "debug.fail_mode=stall",
+    "runtime.hang_timeout=2",
+    "runtime.timeout=60",
+]
+
+
+def train_runs(rank: int, world: int, runs: list[list[str]]) -> list[str | None]:
+    """`train.run` for each override list in turn; per run None, or the SplitgraphError text."""
+    results: list[str | None] = []
+    for overrides in runs:
+        cfg = load_config(TINY + overrides)
+        try:
+            train.run(cfg, DistEnv(rank, world, rank))
+            results.append(None)
+        except SplitgraphError as e:
+            results.append(f"{type(e).__name__}: {e}")
+    return results
+
+
+def loaded_state(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
+    """What this rank holds right after loading the checkpoint `checkpoint.resume` names:
+    weights and optimizer state by global name (the loading half of train.run)."""
+    cfg = load_config(TINY + overrides)
+    found = checkpoint.find_resume(cfg)
+    assert found is not None, "no checkpoint to resume"
+    ck, meta = found
+    plan = make_plan(cfg, world)
+    state = checkpoint.read_rank_state(ck, meta, checkpoint.names_held(cfg, plan, rank), rank)
+    engine = PipelineEngine(cfg, rank, world)
+    checkpoint.apply_state(engine, state, cfg)
+    named = engine.named_parameters()
+    return {
+        "step": ck.step,
+        "model": {n: p.detach().clone() for n, p in named.items()},
+        "optim": {
+            n: {k: v.clone() for k, v in engine.optimizer.state[p].items()}
+            for n, p in named.items()
+            if p in engine.optimizer.state
+        },
+    }
+
+
+def cases(rank: int, world: int, items: list[tuple[str, list[str], str | None]]) -> list[Any]:
+    """Many cases in one launch: (kind, overrides, outcome file or None).
+
+    kind "train": train.run; "load": loaded_state; "nan_grad": nan_gradient. Outcomes of
+    train and nan_grad (None, or the error text) are also written to `<file>.rank<r>`, so a
+    later case may end the launch (a killed rank) without losing the earlier ones'.
+    """
+    from pathlib import Path
+
+    out: list[Any] = []
+    for kind, overrides, file in items:
+        if kind == "load":
+            result: Any = loaded_state(rank, world, overrides)
+        elif kind == "nan_grad":
+            result = nan_gradient(rank, world, overrides)
+        else:
+            result = train_runs(rank, world, [overrides])[0]
+        if file is not None:
+            path = Path(f"{file}.rank{rank}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("ok" if result is None else str(result))
+        out.append(result)
+    return out
+
+
+def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
+    """One step in which stage 1's backward of microbatch 1 sends back a NaN gradient."""
+    from splitgraph.data import BatchOrder, load_dataset
+    from splitgraph.runtime.guard import FiniteGuard, raise_if_any
+
+    cfg = load_config(TINY + overrides)
+    engine = PipelineEngine(cfg, rank, world)
+    calls = {"n": 0}
+
+    def poison(module: Any, grad_in: Any, grad_out: Any) -> Any:
+        calls["n"] += 1
+        return (grad_in[0] * float("nan"),) if calls["n"] == 2 else None
+
+    if 1 in engine.stages:
+        engine.stages[1].register_full_backward_hook(poison)
+    guard = FiniteGuard(engine.stages, rank, full=True)
+    engine.executor.guard = guard
+    ds = load_dataset(cfg).to(torch.float64, "cpu")
+    idx = BatchOrder(ds.num_train, 12, True, 0).indices(0)
+    guard.begin()
+    engine.forward_backward(ds.X[idx], ds.y[idx])
+    guard.finish()
+    events: list[Any] = [None] * world
+    torch.distributed.all_gather_object(events, guard.events)
+    try:
+        raise_if_any(0, [e for evs in events for e in evs], None)
+    except SplitgraphError as e:
+        return str(e)
+    return "no error"

@@ -1,0 +1,81 @@
+"""The hang watchdog: a stalled rank stops the job with the schedule grid of where every rank
+waits, exit code 3, long before the process group's own timeout."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from splitgraph.errors import RankFailure
+from splitgraph.runtime.executor import _compile
+from splitgraph.runtime.spawn import run_ranks
+from splitgraph.runtime.watchdog import Watchdog
+from splitgraph.schedule import build_schedule
+from tests.fault_workers import STALL, train_runs
+
+
+def _watchdog(rank: int, position: tuple[int, float] | None) -> Watchdog:
+    sched = build_schedule("1f1b", 2, 4)
+    executor = SimpleNamespace(program=_compile(sched.actions[rank]), position=position)
+    return Watchdog(sched, rank, 2, 5.0, executor)
+
+
+def test_the_report_marks_each_ranks_action_in_the_grid() -> None:
+    """Rank 0 sits in 0B0 (program item 4, action 5), which waits for rank 1's gradient;
+    rank 1 is outside the schedule, in the loss all-reduce."""
+    now = time.monotonic()
+    w0 = _watchdog(0, (4, now - 7.0))
+    w0.beat(3, "the schedule")
+    w0._beat = (3, "the schedule", now - 8.0)  # the step began before the action did
+    st0 = w0.status()
+    assert st0["index"] == 5 and st0["where"] == "action 0B0 (input: 0RECV_B0 from rank 1)"
+    assert 7.0 <= st0["waited"] < 8.0
+    w1 = _watchdog(1, None)
+    w1.beat(3, "the all-reduce of the step's loss")
+    st1 = w1.status()
+    assert st1["index"] is None
+    text = w0.report({0: {**st0, "detected": True}, 1: st1})
+    assert text.startswith("hang watchdog: no action finished on rank 0 for 5 s")
+    assert "rank 0: step 3, waiting 7." in text and "(its action 5)" in text
+    assert "rank 1: step 3, waiting 0.0 s on the all-reduce of the step's loss" in text
+    row = next(line for line in text.splitlines() if line.lstrip().startswith("5 "))
+    assert "*0B0" in row and "<-- ERROR HERE: rank 0: 7." in row
+    assert "(rank 1, after its last action: 0.0 s in the all-reduce" in text
+    # a transfer group in progress is named with its peers
+    w = _watchdog(1, None)
+    w.executor.position = (3, time.monotonic())
+    assert w.status()["where"] == "transfer 1SEND_B0 (to rank 0), 1RECV_F1 (from rank 0)"
+    # a rank that did not answer is said so
+    assert "rank 1: no answer within" in w0.report({0: st0})
+
+
+def test_pausing_hides_a_long_checkpoint_save() -> None:
+    w = _watchdog(0, None)
+    w.beat(2, "the schedule")
+    with w.paused("saving a checkpoint"):
+        assert w._paused == 1
+    assert w._paused == 0 and w.status()["where"] == "after saving a checkpoint"
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_rank_stops_every_rank_with_the_grid(tmp_path: Path) -> None:
+    """Rank 1 of 2 stalls inside its schedule at step 1; with runtime.hang_timeout=2 both
+    ranks exit with code 3 (not the 60 s group timeout), and rank 0 writes the grid."""
+    run = [*STALL, f"run_dir={tmp_path}"]
+    with pytest.raises(RankFailure) as info:
+        run_ranks(train_runs, 2, [run], timeout=100, pg_timeout=60, stop_on_failure=False)
+    text = str(info.value)
+    assert "--- rank 0 ---\nexited with code 3" in text
+    assert "--- rank 1 ---\nexited with code 3" in text
+    report = (tmp_path / "hang_report.txt").read_text()
+    assert re.search(r"no action finished on rank [01](, [01])? for 2 s", report), report
+    # rank 1 stalled in its action 1 (1F0); rank 0 waits in 0B0 for rank 1's gradient
+    assert re.search(r"rank 1: step 1, waiting \d+\.\d s on action 1F0 .*\(its action 1\)", report)
+    assert re.search(r"rank 0: step 1, waiting \d+\.\d s on action 0B0 \(input: 0RECV_B0", report)
+    waited = [float(w) for w in re.findall(r"waiting (\d+\.\d) s", report)]
+    assert max(waited) < 10, report  # reported within a few polls of the 2 s timeout
+    assert "*1F0" in report and "*0B0" in report
