@@ -63,13 +63,11 @@ def training_leaves(cfg: Any) -> dict[str, Any]:
     tree = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     assert isinstance(tree, dict)
     tree.pop("compare", None)
-    for key in _OWN:
-        tree.pop(key, None)
-    resolved = OmegaConf.to_container(
-        OmegaConf.merge(OmegaConf.create(tree), {}), resolve=True, enum_to_str=True
-    )
+    for key in _OWN:  # a placeholder, so keys that follow it (checkpoint.dir) still resolve
+        tree[key] = f"<{key}>"
+    resolved = OmegaConf.to_container(OmegaConf.create(tree), resolve=True, enum_to_str=True)
     assert isinstance(resolved, dict)
-    return flatten(resolved)
+    return {k: v for k, v in flatten(resolved).items() if k not in _OWN}
 
 
 def _interpolations(cfg: Any) -> dict[str, str]:
@@ -112,7 +110,8 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
             "train.time_budget": None,
             "train.eval_every": every // batch,
             "train.progress": False,
-            "checkpoint.save": True,
+            "checkpoint.save": True,  # model.pt: the weights compared with the reference's
+            "checkpoint.every": None,  # no training checkpoints: they would only cost time
             "pipeline.memory_cap": cap,
         }
 
