@@ -37,9 +37,11 @@ PY=${PYTHON:-python3}
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   dev=cpu; card=dry-run-cpu; W=64; B=64; S=3; R=3; staged=runtime.transport=staged
   pipes="2:1f1b 4:zb1"  # the rehearsal: each rank count and each kind of backward once
+  compare=(experiment=tiny "compare.variants=[full,accumulate,pipeline]" "compare.schedules=[1f1b]")
 else
   dev=cuda; W=8192; B=8192; S=60; R=20; staged=
   pipes="2:1f1b 2:zb1 4:1f1b 4:zb1"
+  compare=(experiment=too_large compare.time_budget=null)  # ~10 processes, no timed reruns
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 fi
@@ -69,7 +71,7 @@ done
 
 if $PY -c "import splitgraph.compare" 2>/dev/null; then
   step "comparison harness, GPU variant at a memory cap"
-  run 150 $PY -m splitgraph.compare experiment=too_large runtime.device=$dev \
+  run 150 $PY -m splitgraph.compare "${compare[@]}" compare.progress=false runtime.device=$dev \
     hydra.run.dir="$OUT/runs/compare"
 fi
 

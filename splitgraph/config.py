@@ -188,6 +188,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    eval_every: int | None = None  # steps between held-out evaluations (metrics.jsonl)
+    time_budget: float | None = None  # seconds of training; every rank stops at the same step
 
 
 @dataclass
@@ -426,6 +428,12 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             parse_bytes(p.memory_cap)
         except ValueError as e:
             errors.append(f"pipeline.memory_cap={p.memory_cap!r}: {e}")
+        if not cfg.runtime.track_memory and cfg.runtime.device != Device.cuda:
+            errors.append(
+                f"pipeline.memory_cap={p.memory_cap!r} is enforced on CPU through the "
+                "saved-activation accounting, which runtime.track_memory=false turns off. "
+                "Set runtime.track_memory=true or drop the cap."
+            )
     if dp > 1 and t.batch_size % dp:
         lo = max(t.batch_size // dp * dp, dp)
         errors.append(
@@ -529,6 +537,10 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         )
     if t.log_every < 1:
         errors.append(f"train.log_every={t.log_every} must be >= 1.")
+    if t.eval_every is not None and t.eval_every < 1:
+        errors.append(f"train.eval_every={t.eval_every} must be >= 1 step (or null: no evals).")
+    if t.time_budget is not None and t.time_budget <= 0:
+        errors.append(f"train.time_budget={t.time_budget} must be > 0 seconds (or null).")
 
     # data
     d = cfg.data

@@ -38,6 +38,34 @@ class RankFailure(SplitgraphError, RuntimeError):
     """A rank raised or died; the message names the rank."""
 
 
+class OutOfMemory(SplitgraphError, MemoryError):
+    """A rank needs more than `pipeline.memory_cap`: the bytes needed, the cap, and where."""
+
+    def __init__(
+        self,
+        message: str,
+        needed: int,
+        cap: int | None,
+        rank: int,
+        phase: str,
+        records: list[dict] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.needed, self.cap, self.rank, self.phase = needed, cap, rank, phase
+        self.records = list(records or [])
+
+    def to_dict(self) -> dict:
+        return {
+            "status": "oom",
+            "message": str(self),
+            "needed_bytes": self.needed,
+            "cap_bytes": self.cap,
+            "rank": self.rank,
+            "phase": self.phase,
+            "accounted_per_rank": self.records,
+        }
+
+
 class NonFiniteError(SplitgraphError, FloatingPointError):
     """A NaN or infinity in a loss, an activation or a gradient; the message names the step,
     stage and microbatch where it first appeared (runtime/guard.py)."""

@@ -53,11 +53,12 @@ from omegaconf import DictConfig, OmegaConf
 from splitgraph import checkpoint
 from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
-from splitgraph.errors import CheckpointError, SplitgraphError
+from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.faults import Fault, restart_attempt
 from splitgraph.partition import make_plan
 from splitgraph.prediction_check import compare, measure_link, shared_plan
+from splitgraph.runtime import memcap
 from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.executor import InjectedFault
@@ -85,6 +86,7 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
         torch.set_num_threads(int(cfg.runtime.threads))
     torch.backends.cuda.matmul.allow_tf32 = bool(cfg.runtime.tf32)
     torch.backends.cudnn.allow_tf32 = bool(cfg.runtime.tf32)
+    memcap.apply_cuda_cap(memcap.cap_bytes(cfg), device)  # GPU: the allocator enforces it
 
     # Data and checkpoints are read before the process group exists: a bad file stops this
     # rank at once, and torchrun then stops the others.
@@ -198,7 +200,10 @@ def _train(
     bar = _progress(cfg, steps, start) if is_main else None
     step_times: list[float] = []
     dp_waits: list[float] = []
+    cap, budget = memcap.cap_bytes(cfg), cfg.train.time_budget
+    elapsed, stopped_by, step = 0.0, None, start
     try:
+        accounted = memcap.check_all_ranks(engine, cap, False, "before the first step")
         for step in range(start, steps):
             window.before_step(step)
             x = y = None
@@ -217,7 +222,9 @@ def _train(
                 fault.surface(e)
             bad = guard.finish()
             watchdog.beat(step, "the all-reduce of the step's loss")
-            parts = torch.tensor([stats.loss, stats.l2, bad], dtype=torch.float64)
+            # rank 0 alone decides the time budget; the all_reduce tells every rank
+            over = budget is not None and is_main and elapsed + time.perf_counter() - t0 >= budget
+            parts = torch.tensor([stats.loss, stats.l2, bad, float(over)], dtype=torch.float64)
             if distributed:
                 parts = parts.to(device)
                 dist.all_reduce(parts)  # ends when every rank has finished the step
@@ -230,6 +237,11 @@ def _train(
                 dp_waits.append(engine.gradsync.wait_s)
             L, s = float(parts[0]), float(parts[1])
             step_times.append(dt)
+            elapsed += dt
+            if step == start:  # the saved-activation peak is now measured
+                accounted = memcap.check_all_ranks(engine, cap, True, "after the first step")
+            stopped_by = "time_budget" if parts[3] > 0 else None
+            evals = _maybe_evaluate(cfg, engine, env, dataset, step, steps, stopped_by)
             if metrics_file is not None:
                 rec = {
                     "step": step,
@@ -238,6 +250,9 @@ def _train(
                     "s": s,
                     "step_time": dt,
                     "samples_per_s": batch / dt,
+                    "samples": (step + 1) * batch,
+                    "elapsed": elapsed,
+                    **evals,
                 }
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
@@ -246,9 +261,13 @@ def _train(
                 if step % int(cfg.train.log_every) == 0 or step == steps - 1:
                     bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
             done = step + 1
-            if every is not None and (done % int(every) == 0 or done == steps):
+            if every is not None and (done % int(every) == 0 or done == steps or stopped_by):
                 with watchdog.paused("saving a checkpoint"):
                     last_saved = _save(cfg, engine, env, order, done, fault, is_main)
+            if stopped_by:
+                break
+    except (OutOfMemory, torch.cuda.OutOfMemoryError) as e:
+        raise _out_of_memory(e, cfg, env, device, step) from e
     finally:
         watchdog.stop()
         if bar is not None:
@@ -267,6 +286,8 @@ def _train(
         "saved_activation_peak_bytes": engine.meter.peak if engine.meter else None,
         "peak_rss_bytes": peak_rss_bytes(),
         **cuda_memory(device),
+        "accounted": accounted[env.rank],
+        "comm": _comm(engine, len(step_times)),
     }
     if sampler is not None:
         memory["nvml"] = sampler.stop()
@@ -275,15 +296,18 @@ def _train(
     memories, merged = _gather(engine, env, memory)
     if not is_main:
         return None
+    comms = [{"rank": m["rank"], **m.pop("comm")} for m in memories]
 
     if cfg.checkpoint.save:
         torch.save(merged, run_dir / "model.pt")
     final = _final_metrics(run_dir)
     if dataset is not None:  # rank 0 holds stage 0, so it has the held-out split
         final["test"] = evaluate(cfg, merged, dataset.X_test, dataset.y_test, engine.dtype)
+        final["train"] = evaluate(cfg, merged, dataset.X, dataset.y, engine.dtype)
     steady = step_times[1:] if len(step_times) > 1 else step_times
     median = statistics.median(steady) if steady else float("nan")
     summary = {
+        "status": "ok",
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "world_size": env.world_size,
         "parallel": {
@@ -299,12 +323,16 @@ def _train(
         "shared_gpu": placement.shared_gpu,
         "plan": engine.plan.to_dict(),
         "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
-        "steps": steps,
+        "steps": start + len(step_times),
         "resumed_from_step": start or None,
+        "steps_per_epoch": order.steps_per_epoch if order is not None else None,
+        "stopped_by": stopped_by or "steps",
+        "train_time_s": elapsed,
         "step_time_median_s": median,
         "samples_per_s_median": batch / median if median == median and median > 0 else None,
         "final": final,
         "memory_per_rank": memories,
+        "comm_per_rank": comms,
         "timeline": timeline,
         "prediction": (
             compare(cfg, engine, memories, timeline, step_times, link) if cfg.costs.report else None
@@ -331,6 +359,68 @@ def _train(
         run_dir,
     )
     return summary
+
+
+# -- memory cap, held-out evaluation, communication (issue 5) ------------------------------
+
+
+def _out_of_memory(
+    e: BaseException, cfg: DictConfig, env: DistEnv, device: torch.device, step: int
+) -> OutOfMemory:
+    """Record an out-of-memory stop where the harness reads it, and return the error to raise.
+
+    CPU: every rank raised the same error together, so rank 0 writes summary.json with status
+    "oom". GPU: only the rank whose allocator refused knows; it writes oom_rank<r>.json.
+    """
+    if not isinstance(e, OutOfMemory):
+        allocated = int(torch.cuda.memory_allocated(device))
+        e = memcap.from_cuda_oom(e, allocated, memcap.cap_bytes(cfg), env.rank, step)
+    run_dir = Path(cfg.run_dir)
+    if device.type == "cuda":
+        memcap.write_oom(run_dir, e)
+    if env.rank == 0:
+        summary = {
+            **e.to_dict(),
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        }
+        summary["world_size"] = env.world_size
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return e
+
+
+def _maybe_evaluate(
+    cfg: DictConfig,
+    engine: PipelineEngine,
+    env: DistEnv,
+    dataset: Dataset | None,
+    step: int,
+    steps: int,
+    stopped_by: str | None,
+) -> dict[str, Any]:
+    """Held-out metrics every `train.eval_every` steps and at the last step (rank 0 gets the
+    consolidated weights; every rank must call this at the same steps). Not timed as training."""
+    every = cfg.train.eval_every
+    if every is None or not ((step + 1) % int(every) == 0 or step == steps - 1 or stopped_by):
+        return {}
+    t0 = time.perf_counter()
+    _, state = _gather(engine, env, {})
+    if env.rank != 0 or dataset is None:
+        return {}
+    test = evaluate(cfg, state, dataset.X_test, dataset.y_test, engine.dtype)
+    out = {f"test_{k}": v for k, v in test.items() if k != "samples"}
+    return {**out, "eval_time": time.perf_counter() - t0}
+
+
+def _comm(engine: PipelineEngine, steps: int) -> dict[str, float]:
+    """Point-to-point traffic this rank sent (activations and gradients), total and per step."""
+    b, n = engine.p2p.bytes_sent, engine.p2p.messages_sent
+    per = max(steps, 1)
+    return {
+        "bytes_sent": b,
+        "messages_sent": n,
+        "bytes_sent_per_step": b / per,
+        "messages_sent_per_step": n / per,
+    }
 
 
 def _announce(
@@ -536,6 +626,10 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         try:
             run(cfg)
+        except OutOfMemory as e:
+            rank = os.environ.get("RANK", "0")
+            print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
+            sys.exit(memcap.EXIT_OOM)
         except SplitgraphError as e:
             rank = os.environ.get("RANK", "0")
             print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,208 @@
+"""A per-device memory cap, enforced honestly: an accounting on CPU, the allocator on GPU.
+
+`pipeline.memory_cap` ("64MiB") bounds what one process may hold. On CPU there is no allocator
+to refuse, so the cap applies to an exact, deterministic accounting per rank:
+
+    parameters + gradients + optimizer state + peak bytes saved for backward
+
+(conservative: gradients and saved activations are counted as if they coexisted). Before the
+first step the parameter, gradient and optimizer bytes are known and the saved-activation peak
+is predicted by the memory model (`splitgraph.memory_model`, exact except under bf16
+autocast), so a run that cannot fit stops before it allocates a single activation; after the
+first step the peak is measured (every step has the same shapes, so the first step's peak is
+every step's) and checked again. Every rank checks every rank's figures at both points (one
+`all_gather_object` each), so all ranks stop together with the same `OutOfMemory`, naming
+the bytes needed and the cap. Inputs, received boundary buffers and the interpreter are not
+counted: peak RSS is reported beside the accounting for that reason.
+
+On GPU the caching allocator enforces the cap (`set_per_process_memory_fraction`), and a
+`torch.cuda.OutOfMemoryError` becomes the same `OutOfMemory`, needing at least the bytes
+allocated plus the request it refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from splitgraph.config import OptimName
+from splitgraph.errors import ConfigError, OutOfMemory
+from splitgraph.units import format_bytes, parse_bytes
+
+#: the exit status of a run stopped by the memory cap (2 is a configuration error)
+EXIT_OOM = 3
+
+
+def cap_bytes(cfg: Any) -> int | None:
+    cap = cfg.pipeline.memory_cap
+    return None if cap is None else parse_bytes(cap)
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def predicted_optimizer_bytes(optim_cfg: Any, params: list[torch.Tensor]) -> int:
+    """Optimizer state as torch allocates it at the first step: SGD keeps a momentum buffer
+    (when momentum > 0); Adam keeps two moments per parameter and a float32 step counter."""
+    name = OptimName(optim_cfg.name)
+    if name == OptimName.sgd:
+        return _nbytes(params) if float(optim_cfg.momentum) > 0 else 0
+    return 2 * _nbytes(params) + 4 * len(params)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (exact, once it has stepped)."""
+    return sum(
+        _nbytes([v]) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)
+    )
+
+
+def predicted_saved_peak(engine: Any) -> int | None:
+    """The memory model's saved-activation peak for this rank's actions (None under bf16
+    autocast, where it is not exact)."""
+    from splitgraph.config import recompute_stages
+    from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
+
+    if not predictable(engine.cfg):
+        return None
+    shape = ModelShape.from_config(engine.cfg, engine.dtype.itemsize)
+    recompute = recompute_stages(engine.cfg, engine.plan.num_stages)
+    peaks = predict_for_plan(shape, engine.plan.bounds, engine.sizes, engine.schedule, recompute)
+    return int(peaks[engine.rank])
+
+
+def accounting(engine: Any, cap: int | None, measured: bool) -> dict[str, Any]:
+    """This rank's accounted bytes: before a step with the optimizer state and the
+    saved-activation peak predicted, once a step has run with both measured."""
+    params = engine.parameters()
+    p = _nbytes(params)
+    if measured:
+        opt = optimizer_state_bytes(engine.optimizer)
+        saved = engine.meter.peak if engine.meter is not None else None
+    else:
+        opt = predicted_optimizer_bytes(engine.cfg.optim, params)
+        saved = predicted_saved_peak(engine)
+    total = 2 * p + opt + (saved or 0)
+    return {
+        "rank": dist.get_rank() if dist.is_initialized() else engine.rank,
+        "params": p,
+        "grads": p,
+        "optimizer": opt,
+        "saved_peak": saved,
+        "saved_peak_source": "measured" if measured else "predicted" if saved is not None else None,
+        "total": total,
+        "cap": cap,
+    }
+
+
+def check(records: list[dict[str, Any]], cap: int | None, phase: str) -> None:
+    """Raise OutOfMemory (the same on every rank) if any rank's accounted total exceeds the cap."""
+    if cap is None:
+        return
+    over = [r for r in records if r["total"] > cap]
+    if not over:
+        return
+    worst = max(over, key=lambda r: r["total"])
+    saved = worst["saved_peak"]
+    parts = (
+        f"parameters {format_bytes(worst['params'])} + gradients {format_bytes(worst['grads'])} "
+        f"+ optimizer state {format_bytes(worst['optimizer'])}"
+        + (
+            f" + saved activations {format_bytes(saved)}"
+            + (f" ({worst['saved_peak_source']})" if worst.get("saved_peak_source") else "")
+            if saved is not None
+            else ""
+        )
+    )
+    raise OutOfMemory(
+        f"out of memory {phase}: rank {worst['rank']} needs {worst['total']:,} bytes "
+        f"({format_bytes(worst['total'])}: {parts}) but pipeline.memory_cap is {cap:,} bytes "
+        f"({format_bytes(cap)}). {_hint(worst, cap)}",
+        needed=int(worst["total"]),
+        cap=cap,
+        rank=int(worst["rank"]),
+        phase=phase,
+        records=records,
+    )
+
+
+def _hint(record: dict[str, Any], cap: int) -> str:
+    if record["total"] - (record["saved_peak"] or 0) > cap:
+        return (
+            "Parameters, gradients and optimizer state alone exceed it: split the layers over "
+            "more stages, or use an optimizer with less state."
+        )
+    return (
+        "The saved activations push it over: more stages, more microbatches (1F1B), a "
+        "smaller batch or recomputation lower them."
+    )
+
+
+def check_all_ranks(engine: Any, cap: int | None, measured: bool, phase: str) -> list[dict]:
+    """Every rank's accounting, gathered to every rank, then checked against the cap."""
+    mine = accounting(engine, cap, measured)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank of every replica
+        records: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(records, mine)
+    else:
+        records = [mine]
+    if engine.device.type != "cuda":  # on GPU the allocator enforces the cap
+        check(records, cap, phase)
+    return records
+
+
+# -- GPU: the caching allocator's limit ---------------------------------------------------
+
+
+def cuda_fraction(cap: int, total: int) -> float:
+    """The fraction of the device that `set_per_process_memory_fraction` needs for `cap`."""
+    if cap > total:
+        raise ConfigError(
+            f"pipeline.memory_cap={format_bytes(cap)} exceeds this GPU's "
+            f"{format_bytes(total)}: lower the cap or leave it unset."
+        )
+    return cap / total
+
+
+def apply_cuda_cap(cap: int | None, device: torch.device) -> None:
+    if cap is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(cuda_fraction(cap, total), device)
+
+
+_REQUEST = re.compile(r"Tried to allocate ([0-9.]+) ?([KMGT]?i?B)")
+
+
+def from_cuda_oom(
+    exc: BaseException, allocated: int, cap: int | None, rank: int, step: int
+) -> OutOfMemory:
+    """Turn the allocator's error into OutOfMemory; needed >= allocated + the refused request."""
+    m = _REQUEST.search(str(exc))
+    request = parse_bytes(m.group(1) + m.group(2)) if m else 0
+    needed = allocated + request
+    cap_text = f"{cap:,} bytes ({format_bytes(cap)})" if cap is not None else "the device"
+    return OutOfMemory(
+        f"out of memory at step {step}: rank {rank} needs at least {needed:,} bytes "
+        f"({format_bytes(needed)}: {format_bytes(allocated)} allocated + a request of "
+        f"{format_bytes(request)}) but the cap is {cap_text}.",
+        needed=needed,
+        cap=cap,
+        rank=rank,
+        phase=f"at step {step}",
+        records=[],
+    )
+
+
+def write_oom(run_dir: Path, err: OutOfMemory) -> Path:
+    """What the harness reads when the rank that ran out could not reach rank 0 (GPU)."""
+    path = Path(run_dir) / f"oom_rank{err.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(err.to_dict(), indent=2) + "\n")
+    return path
