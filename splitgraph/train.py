@@ -361,7 +361,7 @@ def _train(
     return summary
 
 
-# -- memory cap, held-out evaluation, communication (issue 5) ------------------------------
+# -- memory cap, held-out evaluation, communication --------------------------------------
 
 
 def _out_of_memory(

@@ -253,7 +253,10 @@ def test_cli_prints_writes_json_and_refuses_bad_input(
     assert main(["4", *TINY, "model.hiden=[3]"]) == 2
     assert "hiden" in capsys.readouterr().err
     assert main(["5"]) == 0
-    assert COMPARE_COMMAND in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert COMPARE_COMMAND in text and "- Memory cap:" in text
+    assert "Conclusion (measured):" in text and "- **What fits**" in text
+    assert "| variant |" not in text  # the conclusion, not the whole report
     with pytest.raises(SystemExit):
         main(["6"])
 

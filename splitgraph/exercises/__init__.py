@@ -4,7 +4,7 @@
     2  bias.py      add a bias: forward and backward by hand, checked; the bias is not decayed
     3  memory.py    memory of training vs prediction, predicted and measured, per stage/schedule
     4  hessian.py   Hessian-vector products by double backward: checked, timed, measured
-    5  (compare)    the comparison harness of issue 5: `splitgraph-compare experiment=too_large`
+    5  (compare)    the comparison harness: `splitgraph-compare experiment=too_large`
 
 Each module has `run(cfg, ...) -> result` (a dataclass with `to_dict`) and `render(result)`;
 `cli.py` composes the config like training does and prints the rendering. docs/exercises.md
