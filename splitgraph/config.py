@@ -213,7 +213,7 @@ class TraceConfig:
     """Measured timelines: record every action of `steps` steps after `warmup` (trace.json)."""
 
     enabled: bool = True
-    warmup: int = 2
+    warmup: int = 10  # the first steps run slower (allocator, gloo connections, caches)
     steps: int = 20
 
 

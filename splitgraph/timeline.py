@@ -25,7 +25,7 @@ KIND_NAMES = {"F": "forward", "B": "backward", "I": "input grad (I)", "W": "weig
 class Box:
     rank: int
     label: str  # e.g. "2F0"
-    kind: str  # F B I W, or "comm", "wait", "OPT"
+    kind: str  # F B I W, or "comm", "wait", "L2", "SYNC", "OPT", "DP"
     start: float
     end: float
 
@@ -105,6 +105,12 @@ def draw(panels: Sequence[Panel], path: str | Path, suptitle: str = "") -> Path:
             elif b.kind == "OPT":
                 ax.barh(y, w, left=x, height=0.5, color="#BBBBBB", edgecolor="black", linewidth=0.3)
                 kinds_seen.add("OPT")
+            elif b.kind == "SYNC":  # the all-reduce of the step's loss (waits for every rank)
+                ax.barh(y, w, left=x, height=0.25, color="#E5C494")
+                kinds_seen.add("SYNC")
+            elif b.kind == "L2":  # the weight-decay term and its gradient
+                ax.barh(y, w, left=x, height=0.25, color="#64B5CD")
+                kinds_seen.add("L2")
         ax.set_yticks(range(panel.num_ranks))
         ax.set_yticklabels([f"rank {r}" for r in reversed(range(panel.num_ranks))])
         ax.set_xlabel("ms" if panel.unit == "s" else "time (unit costs)")
@@ -121,6 +127,10 @@ def draw(panels: Sequence[Panel], path: str | Path, suptitle: str = "") -> Path:
         handles.append(Patch(color="#888888", label="posting transfers"))
     if "DP" in kinds_seen:
         handles.append(Patch(color="#8172B3", label="gradient all-reduce"))
+    if "L2" in kinds_seen:
+        handles.append(Patch(color="#64B5CD", label="weight decay"))
+    if "SYNC" in kinds_seen:
+        handles.append(Patch(color="#E5C494", label="loss all-reduce"))
     if "OPT" in kinds_seen:
         handles.append(Patch(color="#BBBBBB", label="optimizer step"))
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)

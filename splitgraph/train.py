@@ -220,6 +220,8 @@ def _train(
                 stats = engine.forward_backward(x, y, fail_at=fault.program_index(step, env.rank))
             except InjectedFault as e:
                 fault.surface(e)
+            tr = tracer if tracer is not None and tracer.active else None
+            t_sync = tr.begin() if tr is not None else None
             bad = guard.finish()
             watchdog.beat(step, "the all-reduce of the step's loss")
             # rank 0 alone decides the time budget; the all_reduce tells every rank
@@ -229,6 +231,8 @@ def _train(
                 parts = parts.to(device)
                 dist.all_reduce(parts)  # ends when every rank has finished the step
                 parts = parts.cpu()
+            if tr is not None:  # the step's fixed cost beside the optimizer: traced as SYNC
+                tr.end(t_sync, "loss all-reduce", "SYNC")
             if parts[2] > 0:  # before the optimizer step: the weights stay finite
                 _stop_non_finite(engine, guard, step, x, y, env.world_size, last_saved)
             engine.update()

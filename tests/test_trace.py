@@ -128,3 +128,62 @@ def test_w_actions_are_not_charged_for_their_is_wait() -> None:
     meas = measure(trace, build_schedule("zb1", 2, 1), [4])
     assert meas.weight == pytest.approx([1 * ms, 1 * ms])
     assert meas.backward_input == pytest.approx([1 * ms, 1 * ms])
+
+
+def test_the_steps_fixed_costs_are_measured_apart_from_the_span() -> None:
+    """Weight decay (L2), the loss all-reduce (SYNC) and the optimizer (OPT) follow the
+    schedule: they leave span and bubbles alone, and the predicted step adds the slowest
+    rank's weight decay and optimizer to the all-reduce's own latency (the last rank to
+    arrive waits for nothing else: the minimum over ranks)."""
+    ms = 1e-3
+    costs = Costs([1 * ms, 2 * ms], [2 * ms, 4 * ms])
+    sched = build_schedule("1f1b", 2, 4)
+    trace = _synthetic_trace("1f1b", 2, 4, costs)
+    end = max(e[4] for row in trace for e in row)
+    fixed = [(0.2 * ms, 0.9 * ms, 0.3 * ms), (0.1 * ms, 0.5 * ms, 0.4 * ms)]
+    for rank, (decay, sync, opt) in enumerate(fixed):
+        t = end + 0.01 * ms
+        trace[rank] += [
+            (0, "weight decay", "L2", t, t + decay),
+            (0, "loss all-reduce", "SYNC", t + decay, t + decay + sync),
+            (0, "OPT", "OPT", t + decay + sync, t + decay + sync + opt),
+        ]
+    meas = measure(trace, sched, [8, 8, 8, 8])
+    sim = simulate(sched, costs)
+    assert meas.span == pytest.approx(sim.step_time)  # the fixed costs are not in the span
+    assert meas.bubble == pytest.approx(sim.bubble)
+    assert meas.weight_decay == pytest.approx([0.2 * ms, 0.1 * ms])
+    assert meas.sync == pytest.approx([0.9 * ms, 0.5 * ms])
+    assert meas.optimizer == pytest.approx([0.3 * ms, 0.4 * ms])
+
+
+def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Path) -> None:
+    """One process (no process group): the traced step, its measured step time and the
+    prediction = simulated span + weight decay + loss all-reduce + optimizer."""
+    from types import SimpleNamespace
+
+    from splitgraph.runtime.trace import Tracer, TraceWindow
+
+    ms = 1e-3
+    sched = build_schedule("gpipe", 1, 2)
+    costs = Costs([1 * ms], [2 * ms])
+    tracer = Tracer()
+    (row,) = _synthetic_trace("gpipe", 1, 2, costs)
+    end = max(e[4] for e in row)
+    tracer.events = [
+        *row,
+        (0, "weight decay", "L2", end, end + 0.5 * ms),
+        (0, "loss all-reduce", "SYNC", end + 0.5 * ms, end + 1.0 * ms),
+        (0, "OPT", "OPT", end + 1.0 * ms, end + 2.0 * ms),
+    ]
+    window = TraceWindow(SimpleNamespace(trace=None, warmup=0, steps=1), tracer, 5)
+    out = window.finish(tmp_path, True, sched, [4, 4], step_times=[9 * ms, 8 * ms])
+    assert out is not None and (tmp_path / "timeline.png").stat().st_size > 0
+    span = simulate(sched, costs).step_time  # 6 ms
+    pred = out["predicted"]
+    assert pred["schedule_span_s"] == pytest.approx(span)
+    assert sum(pred["fixed_per_step_s"].values()) == pytest.approx(2 * ms)
+    assert pred["step_time_s"] == pytest.approx(span + 2 * ms)
+    assert out["measured"]["step_time_median_s"] == pytest.approx(9 * ms)  # the traced step
+    assert out["measured_over_predicted_step_time"] == pytest.approx(9 / 8)
+    assert out["measured_over_predicted_span"] == pytest.approx(1.0)

@@ -36,9 +36,23 @@ SCHEDULES = [
 ]
 
 
-def configurations(nproc: int, microbatches: list[int]) -> list[tuple[str, int, list[str]]]:
+#: Untraced steps before the traced window: the first steps run slower (allocator, gloo's
+#: connections, caches).
+WARMUP = 10
+
+
+def configurations(
+    nproc: int, microbatches: list[int], names: list[str] | None = None
+) -> list[tuple[str, int, list[str]]]:
+    """(label, m, overrides) for each schedule named (default: all) at each m it accepts."""
+    known = [label.split()[0] for label, _ in SCHEDULES]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ValueError(f"--schedules: unknown {unknown}; choose from {known}")
     out = []
     for label, ov in SCHEDULES:
+        if names and label.split()[0] not in names:
+            continue
         for m in [1] if label == "naive" else microbatches:
             if label.startswith("interleaved") and m % nproc:
                 continue
@@ -57,19 +71,26 @@ def _one(summary: dict[str, Any]) -> dict[str, float]:
         "bubble": statistics.mean(tl["measured"]["bubble_per_rank"]),
         "bubble_pred": statistics.mean(tl["predicted"]["bubble_per_rank"]),
         "ratio": tl["measured_over_predicted_step_time"],
+        "span_ratio": tl["measured_over_predicted_span"],
         "saved_kib": [b / 1024 for b in mem],
     }
 
 
 def sweep(
-    nproc: int, microbatches: list[int], repeats: int, steps: int, extra: list[str], workdir: Path
+    nproc: int,
+    microbatches: list[int],
+    repeats: int,
+    steps: int,
+    extra: list[str],
+    workdir: Path,
+    names: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    configs = configurations(nproc, microbatches)
+    configs = configurations(nproc, microbatches, names)
     runs: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(configs))}
     errors: dict[int, str] = {}
-    common = [
-        f"train.steps={steps}",
-        "trace.warmup=5",
+    common = [  # WARMUP untraced steps, then `steps` traced ones
+        f"train.steps={steps + WARMUP}",
+        f"trace.warmup={WARMUP}",
         f"trace.steps={steps}",
         "checkpoint.save=false",
         *extra,
@@ -110,17 +131,18 @@ def sweep(
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| schedule | m | step ms (median) | samples/s | predicted ms | measured/predicted "
-        "| bubble measured | bubble predicted | saved KiB per rank | spread |"
+        "| span measured/predicted | bubble measured | bubble predicted | saved KiB per rank "
+        "| spread |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['schedule']} | {r['m']} | failed: {r['error']} |" + " |" * 7)
+            lines.append(f"| {r['schedule']} | {r['m']} | failed: {r['error']} |" + " |" * 8)
             continue
         saved = " / ".join(f"{k:.0f}" for k in r["saved_kib"])
         lines.append(
             f"| {r['schedule']} | {r['m']} | {r['step_ms']:.2f} | {r['samples_per_s']:.0f} | "
-            f"{r['pred_ms']:.2f} | {r['ratio']:.2f} | {r['bubble']:.0%} | "
+            f"{r['pred_ms']:.2f} | {r['ratio']:.2f} | {r['span_ratio']:.2f} | {r['bubble']:.0%} | "
             f"{r['bubble_pred']:.0%} | {saved} | {r['spread']:.0%} |"
         )
     return "\n".join(lines)
@@ -163,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--microbatches", default="1,2,4,8")
+    ap.add_argument("--schedules", help="comma-separated subset, e.g. 1f1b,zb1 (default: all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--overhead", action="store_true", help="measure the cost of tracing")
@@ -180,7 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             mbs = [int(x) for x in args.microbatches.split(",")]
-            rows = sweep(args.nproc, mbs, args.repeats, args.steps, args.overrides, Path(tmp))
+            names = args.schedules.split(",") if args.schedules else None
+            try:
+                configurations(args.nproc, mbs, names)
+            except ValueError as e:
+                ap.error(str(e))
+            rows = sweep(
+                args.nproc, mbs, args.repeats, args.steps, args.overrides, Path(tmp), names
+            )
             result = {"rows": rows}
             text = table(rows)
     print(text)

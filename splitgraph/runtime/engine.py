@@ -197,10 +197,14 @@ class PipelineEngine:
             self.gradsync.finish()
             if t0 is not None and tr is not None:
                 tr.end(t0, "DP", "DP")  # blocked on the gradient all-reduce
+        tr = self.executor.tracer
+        t0 = tr.begin() if tr is not None and tr.active else None
         l2 = 0.0
         for st in self.stages.values():
             l2 += float(l2_term(st, self.weight_decay))
             add_l2_grad_(st, self.weight_decay)  # after the sum: lambda*W once, not dp times
+        if t0 is not None and tr is not None:
+            tr.end(t0, "weight decay", "L2")
         return StepStats(
             loss=float(loss) if loss is not None else 0.0, l2=l2 if self.dp_rank == 0 else 0.0
         )

@@ -1,7 +1,10 @@
 """Measured timelines: when each action ran on each rank, and what that says about the schedule.
 
 Every rank records, for a window of steps, the start and end of each action it executes
-(`F`, `B`, `I`, `W`, a transfer group `comm`, a blocked receive `wait`, the optimizer `OPT`),
+(`F`, `B`, `I`, `W`, a transfer group `comm`, a blocked receive `wait`), and the step's fixed
+costs around the schedule (the weight-decay term `L2`, the NaN guard and the all-reduce of the
+loss `SYNC`, the optimizer `OPT`, with data parallelism the wait on the gradient all-reduce
+`DP`),
 on a clock that all ranks share: the wall clock (CLOCK_MONOTONIC) on CPU, CUDA events on GPU,
 both relative to an instant every rank takes right after one barrier. Rank 0 gathers them
 and writes:
@@ -34,6 +37,9 @@ from splitgraph.schedule.simulate import Costs, SimResult, simulate
 Event = tuple[int, str, str, float, float]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")
+#: Per-step work outside the schedule's span: weight decay, the loss all-reduce, the optimizer,
+#: the wait on the gradient all-reduce (dp). The prediction adds them to the simulated span.
+STEP_KINDS = ("L2", "SYNC", "OPT", "DP")
 BLOCKED = 20e-6  # a receive that waited longer than this was waiting for its data
 
 
@@ -167,6 +173,9 @@ class Measured:
     comm: list[float]
     post: float
     optimizer: list[float]  # per rank
+    sync: list[float]  # per rank: guard + all-reduce of the loss (includes waiting for peers)
+    weight_decay: list[float]  # per rank: s and its gradient lambda W
+    dp_wait: list[float]  # per rank: blocked on the gradient all-reduce (0 without dp)
     bubble: list[float]  # per rank: idle share of the schedule's span
     span: float  # median over steps: first action start to last action end, all ranks
     compute_per_rank: list[float]  # median over steps: seconds of F/B/I/W per rank
@@ -198,6 +207,9 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
     sent_at: dict[tuple[int, str], float] = {}  # (step, message) -> when its send was posted
     arrivals: dict[int, list[float]] = defaultdict(list)  # boundary -> observed transfer times
     optimizer: list[list[float]] = [[] for _ in per_rank]
+    sync: list[list[float]] = [[] for _ in per_rank]
+    decay: list[list[float]] = [[] for _ in per_rank]
+    dp_wait: dict[tuple[int, int], float] = defaultdict(float)  # (rank, step) -> seconds
     for rank, evs in enumerate(per_rank):
         for step, label, kind, start, end in evs:
             if kind == "wait":
@@ -210,6 +222,12 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
                         sent_at[(step, _msg_key(a))] = start
             elif kind == "OPT":
                 optimizer[rank].append(end - start)
+            elif kind == "SYNC":
+                sync[rank].append(end - start)
+            elif kind == "L2":
+                decay[rank].append(end - start)
+            elif kind == "DP":
+                dp_wait[(rank, step)] += end - start
     bounds: dict[int, list[float]] = defaultdict(list)  # transfers that did not block
     for rank, evs in enumerate(per_rank):
         for step, label, kind, start, end in evs:
@@ -250,7 +268,7 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
             (r, e)
             for r, evs in enumerate(per_rank)
             for e in evs
-            if e[0] == step and e[2] not in ("OPT", "DP")
+            if e[0] == step and e[2] not in STEP_KINDS
         ]
         if not sched_evs:
             continue
@@ -271,6 +289,12 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
         comm=comm,
         post=_median(posts),
         optimizer=[_median(o) for o in optimizer],
+        sync=[_median(x) for x in sync],
+        weight_decay=[_median(x) for x in decay],
+        dp_wait=[
+            _median([v for (r, _), v in dp_wait.items() if r == rank])
+            for rank in range(len(per_rank))
+        ],
         bubble=[1.0 - c / span if span > 0 else 0.0 for c in compute],
         span=span,
         compute_per_rank=compute,
@@ -351,10 +375,19 @@ class TraceWindow:
         )
         measured = measure(gathered, sched, sizes)
         sim = predict(measured, sched, sizes)
-        opt = max(measured.optimizer, default=0.0)
+        # The step = the schedule's span + its fixed costs: the slowest rank's weight decay,
+        # the loss all-reduce's own latency (the rank that arrives last waits for nothing
+        # else: the minimum over ranks), the slowest rank's optimizer step, and with dp the
+        # longest wait on the gradients.
+        fixed = {
+            "weight_decay_s": max(measured.weight_decay, default=0.0),
+            "loss_allreduce_s": min(measured.sync, default=0.0),
+            "optimizer_s": max(measured.optimizer, default=0.0),
+            "gradient_allreduce_wait_s": max(measured.dp_wait, default=0.0),
+        }
         window = list(step_times[self.first : self.last])
         step_measured = _median(window)
-        step_predicted = sim.step_time + opt
+        step_predicted = sim.step_time + sum(fixed.values())
         _draw(out / "timeline.png", gathered, sched, sim, measured)
         return {
             "steps_traced": [self.first, self.first + len(window) - 1],
@@ -366,6 +399,9 @@ class TraceWindow:
                 "bubble_per_rank": measured.bubble,
                 "compute_per_rank_s": measured.compute_per_rank,
                 "optimizer_per_rank_s": measured.optimizer,
+                "loss_allreduce_per_rank_s": measured.sync,
+                "weight_decay_per_rank_s": measured.weight_decay,
+                "gradient_allreduce_wait_per_rank_s": measured.dp_wait,
             },
             "costs_per_stage_s": {
                 "forward": measured.forward,
@@ -378,10 +414,15 @@ class TraceWindow:
             "predicted": {
                 "step_time_s": step_predicted,
                 "schedule_span_s": sim.step_time,
+                "fixed_per_step_s": fixed,
                 "bubble_per_rank": sim.bubble,
             },
             "measured_over_predicted_step_time": (
                 step_measured / step_predicted if step_predicted > 0 else None
+            ),
+            # the simulator's own part: the schedule's span, first action to last
+            "measured_over_predicted_span": (
+                measured.span / sim.step_time if sim.step_time > 0 else None
             ),
         }
 
@@ -399,7 +440,7 @@ def _draw(
     steps = sorted({e[0] for evs in gathered for e in evs})
     spans = []
     for step in steps:
-        evs = [e for row in gathered for e in row if e[0] == step and e[2] not in ("OPT", "DP")]
+        evs = [e for row in gathered for e in row if e[0] == step and e[2] not in STEP_KINDS]
         if evs:
             spans.append((max(e[4] for e in evs) - min(e[3] for e in evs), step))
     spans.sort()

@@ -1,0 +1,38 @@
+"""The schedule benchmark: what it sweeps, and one real (tiny) sweep end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splitgraph.bench.schedules import configurations, main
+
+TINY = ["model.hidden=[16,16,16]", "data.samples=256", "train.batch_size=32"]
+
+
+def test_configurations_skip_what_a_schedule_refuses() -> None:
+    confs = configurations(2, [1, 2, 3])
+    labels = {(label, m) for label, m, _ in confs}
+    assert ("naive", 1) in labels and ("naive", 2) not in labels  # naive has one microbatch
+    assert ("interleaved v=2", 2) in labels and ("interleaved v=2", 3) not in labels
+    assert {m for label, m in labels if label == "zb1"} == {1, 2, 3}
+    only = configurations(2, [2], ["1f1b", "zb1"])
+    assert [(label, m) for label, m, _ in only] == [("1f1b", 2), ("zb1", 2)]
+    with pytest.raises(ValueError, match=r"unknown.*1f1c"):
+        configurations(2, [2], ["1f1c"])
+
+
+@pytest.mark.timeout(180)
+def test_a_sweep_writes_the_table_and_the_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = ["--nproc", "2", "--microbatches", "2", "--repeats", "1", "--steps", "3"]
+    assert main([*argv, "--schedules", "1f1b,zb1", "--out", str(out), *TINY]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["schedule"], r["m"]) for r in rows] == [("1f1b", 2), ("zb1", 2)]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["pred_ms"] > 0 and r["span_ratio"] > 0
+        assert 0 <= r["bubble_pred"] < 1 and len(r["saved_kib"]) == 2
+    md = out.with_suffix(".md").read_text()
+    assert "python -m splitgraph.bench.schedules" in md and "| 1f1b | 2 |" in md
