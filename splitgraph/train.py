@@ -66,6 +66,7 @@ from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
 from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
 from splitgraph.runtime.nvml import NvmlSampler
+from splitgraph.runtime.stepsum import StepSum
 from splitgraph.runtime.trace import TraceWindow, make_tracer
 from splitgraph.runtime.watchdog import Watchdog, default_store
 
@@ -196,6 +197,7 @@ def _train(
     tracer = make_tracer(device) if cfg.trace.enabled else None
     engine.executor.tracer = tracer
     window = TraceWindow(cfg.trace, tracer, steps)
+    step_sum = StepSum(backend if distributed else None, device)  # collective: every rank
     metrics_file = _open_metrics(run_dir, start) if is_main else None
     bar = _progress(cfg, steps, start) if is_main else None
     step_times: list[float] = []
@@ -227,10 +229,7 @@ def _train(
             # rank 0 alone decides the time budget; the all_reduce tells every rank
             over = budget is not None and is_main and elapsed + time.perf_counter() - t0 >= budget
             parts = torch.tensor([stats.loss, stats.l2, bad, float(over)], dtype=torch.float64)
-            if distributed:
-                parts = parts.to(device)
-                dist.all_reduce(parts)  # ends when every rank has finished the step
-                parts = parts.cpu()
+            parts = step_sum(parts)  # ends when every rank has finished the step
             if tr is not None:  # the step's fixed cost beside the optimizer: traced as SYNC
                 tr.end(t_sync, "loss all-reduce", "SYNC")
             if parts[2] > 0:  # before the optimizer step: the weights stay finite

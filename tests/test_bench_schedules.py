@@ -36,3 +36,16 @@ def test_a_sweep_writes_the_table_and_the_json(tmp_path: Path) -> None:
         assert 0 <= r["bubble_pred"] < 1 and len(r["saved_kib"]) == 2
     md = out.with_suffix(".md").read_text()
     assert "python -m splitgraph.bench.schedules" in md and "| 1f1b | 2 |" in md
+
+
+@pytest.mark.timeout(180)
+def test_the_overhead_run_prices_tracing_two_ways(tmp_path: Path) -> None:
+    out = tmp_path / "overhead"
+    argv = ["--nproc", "2", "--overhead", "--repeats", "1", "--steps", "4", "--out", str(out)]
+    assert main([*argv, *TINY]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["launches_each"] == 1 and res["ratio"] > 0
+    # 1f1b, 4 microbatches, 2 ranks: 8 compute actions + transfers + L2, SYNC, OPT per rank
+    assert 11 <= res["events_per_rank_per_step"] < 40
+    assert 0 < res["event_cost_us"] < 50 and 0 < res["recording_share"] < 0.5
+    assert "recording:" in out.with_suffix(".md").read_text()

@@ -181,3 +181,21 @@ def saved_peak_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dic
         assert engine.meter is not None
         out[case["id"]] = [engine.meter.peak, engine.meter.current]
     return out
+
+
+def step_sums(rank: int, world: int) -> list[list[float]]:
+    """The step's scalar sum (runtime/stepsum.py) over several rounds, values that depend on
+    the rank and the round; the star leaves its input untouched."""
+    from splitgraph.runtime.stepsum import StepSum
+
+    star = StepSum("gloo", torch.device("cpu"))
+    assert star.star
+    out = []
+    for rnd in range(5):
+        mine = torch.tensor(
+            [0.1 * rank, rank + rnd, 1e-17 * rank, float(rank == 0)], dtype=torch.float64
+        )
+        keep = mine.clone()
+        out.append(star(mine).tolist())
+        assert torch.equal(mine, keep)
+    return out

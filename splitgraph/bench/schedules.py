@@ -148,6 +148,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def event_cost(n: int = 200_000) -> float:
+    """Seconds one recorded event costs (`Tracer.begin` + `Tracer.end`), median of 5 runs."""
+    from splitgraph.runtime.trace import Tracer
+
+    tr = Tracer()
+    tr.active = True
+    runs = []
+    for _ in range(5):
+        tr.events.clear()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tr.end(tr.begin(), "0F0", "F")
+        runs.append((time.perf_counter() - t0) / n)
+    tr.events.clear()
+    return statistics.median(runs)
+
+
 def overhead(nproc: int, repeats: int, steps: int, extra: list[str], workdir: Path) -> dict:
     """Median step time with every step traced vs tracing off, alternating launches."""
     on, off = [], []
@@ -169,10 +186,19 @@ def overhead(nproc: int, repeats: int, steps: int, extra: list[str], workdir: Pa
                 flush=True,
             )
     m_on, m_off = statistics.median(on), statistics.median(off)
+    # Launch-to-launch noise hides a 1% effect, so also price the recording itself: the
+    # events of a traced step times what one event costs this process (measured below).
+    trace = json.loads((workdir / "o01" / "trace.json").read_text())  # round 0, traced
+    slices = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    per_step = len(slices) / (steps * nproc)  # events per rank per step
+    per_event = event_cost()
     return {
         "traced_ms": 1e3 * m_on,
         "untraced_ms": 1e3 * m_off,
         "ratio": m_on / m_off,
+        "events_per_rank_per_step": per_step,
+        "event_cost_us": 1e6 * per_event,
+        "recording_share": per_step * per_event / m_off,
         "launches_each": repeats,
         "traced_all_ms": [1e3 * x for x in on],
         "untraced_all_ms": [1e3 * x for x in off],
@@ -199,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             text = (
                 f"tracing every step: {result['traced_ms']:.3f} ms median step, "
                 f"untraced {result['untraced_ms']:.3f} ms: ratio {result['ratio']:.4f} "
-                f"({result['launches_each']} launches each, alternating)"
+                f"({result['launches_each']} launches each, alternating; launch medians "
+                f"{min(result['untraced_all_ms']):.2f}-{max(result['untraced_all_ms']):.2f} ms "
+                f"untraced)\nrecording: {result['events_per_rank_per_step']:.0f} events per "
+                f"rank per step x {result['event_cost_us']:.2f} us = "
+                f"{result['recording_share']:.2%} of the untraced step"
             )
         else:
             mbs = [int(x) for x in args.microbatches.split(",")]
