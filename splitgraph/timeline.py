@@ -130,7 +130,7 @@ def draw(panels: Sequence[Panel], path: str | Path, suptitle: str = "") -> Path:
     if "L2" in kinds_seen:
         handles.append(Patch(color="#64B5CD", label="weight decay"))
     if "SYNC" in kinds_seen:
-        handles.append(Patch(color="#E5C494", label="loss all-reduce"))
+        handles.append(Patch(color="#E5C494", label="step sum (loss, flags)"))
     if "OPT" in kinds_seen:
         handles.append(Patch(color="#BBBBBB", label="optimizer step"))
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)

@@ -231,7 +231,7 @@ def _train(
             parts = torch.tensor([stats.loss, stats.l2, bad, float(over)], dtype=torch.float64)
             parts = step_sum(parts)  # ends when every rank has finished the step
             if tr is not None:  # the step's fixed cost beside the optimizer: traced as SYNC
-                tr.end(t_sync, "loss all-reduce", "SYNC")
+                tr.end(t_sync, "step sum", "SYNC")
             if parts[2] > 0:  # before the optimizer step: the weights stay finite
                 _stop_non_finite(engine, guard, step, x, y, env.world_size, last_saved)
             engine.update()

@@ -131,7 +131,7 @@ def test_w_actions_are_not_charged_for_their_is_wait() -> None:
 
 
 def test_the_steps_fixed_costs_are_measured_apart_from_the_span() -> None:
-    """Weight decay (L2), the loss all-reduce (SYNC) and the optimizer (OPT) follow the
+    """Weight decay (L2), the step sum (SYNC) and the optimizer (OPT) follow the
     schedule: they leave span and bubbles alone, and the predicted step adds the slowest
     rank's weight decay and optimizer to the all-reduce's own latency (the last rank to
     arrive waits for nothing else: the minimum over ranks)."""
@@ -145,7 +145,7 @@ def test_the_steps_fixed_costs_are_measured_apart_from_the_span() -> None:
         t = end + 0.01 * ms
         trace[rank] += [
             (0, "weight decay", "L2", t, t + decay),
-            (0, "loss all-reduce", "SYNC", t + decay, t + decay + sync),
+            (0, "step sum", "SYNC", t + decay, t + decay + sync),
             (0, "OPT", "OPT", t + decay + sync, t + decay + sync + opt),
         ]
     meas = measure(trace, sched, [8, 8, 8, 8])
@@ -159,7 +159,7 @@ def test_the_steps_fixed_costs_are_measured_apart_from_the_span() -> None:
 
 def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Path) -> None:
     """One process (no process group): the traced step, its measured step time and the
-    prediction = simulated span + weight decay + loss all-reduce + optimizer."""
+    prediction = simulated span + weight decay + step sum + optimizer."""
     from types import SimpleNamespace
 
     from splitgraph.runtime.trace import Tracer, TraceWindow
@@ -173,7 +173,7 @@ def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Pat
     tracer.events = [
         *row,
         (0, "weight decay", "L2", end, end + 0.5 * ms),
-        (0, "loss all-reduce", "SYNC", end + 0.5 * ms, end + 1.0 * ms),
+        (0, "step sum", "SYNC", end + 0.5 * ms, end + 1.0 * ms),
         (0, "OPT", "OPT", end + 1.0 * ms, end + 2.0 * ms),
     ]
     window = TraceWindow(SimpleNamespace(trace=None, warmup=0, steps=1), tracer, 5)

@@ -2,12 +2,11 @@
 
 Every rank records, for a window of steps, the start and end of each action it executes
 (`F`, `B`, `I`, `W`, a transfer group `comm`, a blocked receive `wait`), and the step's fixed
-costs around the schedule (the weight-decay term `L2`, the NaN guard and the all-reduce of the
-loss `SYNC`, the optimizer `OPT`, with data parallelism the wait on the gradient all-reduce
-`DP`),
-on a clock that all ranks share: the wall clock (CLOCK_MONOTONIC) on CPU, CUDA events on GPU,
-both relative to an instant every rank takes right after one barrier. Rank 0 gathers them
-and writes:
+costs around the schedule (the weight-decay term `L2`, the NaN guard and the step sum of the
+loss and flags `SYNC`, the optimizer `OPT`, with data parallelism the wait on the gradient
+all-reduce `DP`), on a clock that all ranks share: the wall clock (CLOCK_MONOTONIC) on CPU,
+CUDA events on GPU, both relative to an instant every rank takes right after one barrier.
+Rank 0 gathers them and writes:
 
 * `trace.json` in the Chrome trace format (open it in https://ui.perfetto.dev or
   chrome://tracing): one process per rank, one slice per action;
@@ -37,8 +36,8 @@ from splitgraph.schedule.simulate import Costs, SimResult, simulate
 Event = tuple[int, str, str, float, float]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")
-#: Per-step work outside the schedule's span: weight decay, the loss all-reduce, the optimizer,
-#: the wait on the gradient all-reduce (dp). The prediction adds them to the simulated span.
+#: Per-step work outside the schedule's span: weight decay, the step sum (loss, flags), the
+#: optimizer, the wait on the gradient all-reduce (dp). The prediction adds them to the span.
 STEP_KINDS = ("L2", "SYNC", "OPT", "DP")
 BLOCKED = 20e-6  # a receive that waited longer than this was waiting for its data
 
@@ -384,12 +383,12 @@ class TraceWindow:
         measured = measure(gathered, sched, sizes)
         sim = predict(measured, sched, sizes)
         # The step = the schedule's span + its fixed costs: the slowest rank's weight decay,
-        # the loss all-reduce's own latency (the rank that arrives last waits for nothing
+        # the step sum's own latency (the rank that arrives last waits for nothing
         # else: the minimum over ranks), the slowest rank's optimizer step, and with dp the
         # longest wait on the gradients.
         fixed = {
             "weight_decay_s": max(measured.weight_decay, default=0.0),
-            "loss_allreduce_s": min(measured.sync, default=0.0),
+            "step_sum_s": min(measured.sync, default=0.0),
             "optimizer_s": max(measured.optimizer, default=0.0),
             "gradient_allreduce_wait_s": max(measured.dp_wait, default=0.0),
         }
@@ -407,7 +406,7 @@ class TraceWindow:
                 "bubble_per_rank": measured.bubble,
                 "compute_per_rank_s": measured.compute_per_rank,
                 "optimizer_per_rank_s": measured.optimizer,
-                "loss_allreduce_per_rank_s": measured.sync,
+                "step_sum_per_rank_s": measured.sync,
                 "weight_decay_per_rank_s": measured.weight_decay,
                 "gradient_allreduce_wait_per_rank_s": measured.dp_wait,
             },
