@@ -228,9 +228,11 @@ def _meta(
         "machine": _machine(),
         "noise": (
             f"Load average {load_start:.2f} when the harness started and {load_end:.2f} when "
-            "it finished: other processes shared the cores, so times are noisy (per-launch "
-            "medians vary by about 10% on these machines even when idle); memory figures are "
-            "exact and do not vary."
+            f"it finished, on {os.cpu_count()} cores (the 1-minute average counts the "
+            "harness's own training processes; well above the core count, other jobs shared "
+            "them). Times are noisy: one launch's median step varies by 10-50% between "
+            "launches on these machines even when idle; memory figures are exact and do not "
+            "vary."
         ),
         "notes": conclusion.notes(int(c.k), rows),
         "overrides": _task_overrides(),
