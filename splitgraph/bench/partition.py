@@ -173,24 +173,20 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         stages = []
         for s, st in enumerate(pred["stages"]):
             per_run = [r["prediction"]["stages"][s] for r in summaries]
+            # one stage per rank (costed strategies): stage s is rank s
+            saved = [r["prediction"]["saved_peak_bytes_per_rank"][s] for r in summaries]
             stages.append(
                 {
                     "stage": s,
                     "layers": first["plan"]["stages"][s]["layers"],
                     "params": first["plan"]["stages"][s]["params"],
-                    "saved_peak_predicted": st["saved_peak_bytes"]["predicted"],
-                    "saved_peak_measured": sorted(
-                        {r["saved_peak_bytes"]["measured"] for r in per_run}
-                    ),
+                    "saved_peak_predicted": saved[0]["predicted"],
+                    "saved_peak_measured": sorted({x["measured"] for x in saved}),
                     "forward_ms_predicted": st["forward_s"]["predicted"] * 1e3,
-                    "forward_ms_measured": _median(
-                        [r["forward_s"]["measured_median"] for r in per_run]
-                    )
+                    "forward_ms_measured": _median([r["forward_s"]["measured"] for r in per_run])
                     * 1e3,
                     "backward_ms_predicted": st["backward_s"]["predicted"] * 1e3,
-                    "backward_ms_measured": _median(
-                        [r["backward_s"]["measured_median"] for r in per_run]
-                    )
+                    "backward_ms_measured": _median([r["backward_s"]["measured"] for r in per_run])
                     * 1e3,
                     "static_mib": st["static_bytes"] / 2**20,
                     "peak_rss_mib": _median(
