@@ -1,0 +1,32 @@
+"""The benchmarks that no other test drives, run small enough to keep them from rotting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TINY = ["model.hidden=[16,16]", "data.samples=256", "train.batch_size=32"]
+
+
+@pytest.mark.timeout(120)
+def test_reliability_bench_prints_the_guard_and_checkpoint_costs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from splitgraph.bench.reliability import main
+
+    main(["--repeats", "1", "--steps", "2", "--microbatches", "2", "--", *TINY])
+    out = capsys.readouterr().out
+    assert "nan_check=step" in out and "checkpoint (" in out and "save" in out
+
+
+@pytest.mark.timeout(120)
+def test_scale_projection_writes_its_table(tmp_path: Path) -> None:
+    from splitgraph.bench.scale import main
+
+    out = tmp_path / "projection"
+    assert main(["project", "--gpus", "8,16", "--schedules", "1f1b", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    text = out.with_suffix(".md").read_text()
+    assert "8" in text and "16" in text and data
