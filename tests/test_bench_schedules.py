@@ -36,6 +36,8 @@ def test_a_sweep_writes_the_table_and_the_json(tmp_path: Path) -> None:
         assert 0 <= r["bubble_pred"] < 1 and len(r["saved_kib"]) == 2
     md = out.with_suffix(".md").read_text()
     assert "python -m splitgraph.bench.schedules" in md and "| 1f1b | 2 |" in md
+    assert all(r["backward_ms"] > 0 for r in rows)
+    assert "zb1 m=2: backward (I + W)" in md and "ratio" in md
 
 
 @pytest.mark.timeout(180)

@@ -73,6 +73,8 @@ def _one(summary: dict[str, Any]) -> dict[str, float]:
         "ratio": tl["measured_over_predicted_step_time"],
         "span_ratio": tl["measured_over_predicted_span"],
         "saved_kib": [b / 1024 for b in mem],
+        # backward compute per (mean-size) microbatch, summed over stages: B, or I + W (zb1)
+        "backward_ms": 1e3 * sum(tl["costs_per_stage_s"]["backward"]),
     }
 
 
@@ -145,7 +147,23 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['pred_ms']:.2f} | {r['ratio']:.2f} | {r['span_ratio']:.2f} | {r['bubble']:.0%} | "
             f"{r['bubble_pred']:.0%} | {saved} | {r['spread']:.0%} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + backward_lines(rows))
+
+
+def backward_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """zb1's backward (I + W) against 1f1b's (B) at each m, both measured per microbatch: W must
+    be deferred work, not a second backward."""
+    by = {(r["schedule"], r["m"]): r for r in rows if "error" not in r and "backward_ms" in r}
+    out = []
+    for (name, m), zb in sorted(by.items()):
+        ref = by.get(("1f1b", m))
+        if name == "zb1" and ref is not None and ref["backward_ms"] > 0:
+            out.append(
+                f"zb1 m={m}: backward (I + W) {zb['backward_ms']:.3f} ms per microbatch over all "
+                f"stages, 1f1b (B) {ref['backward_ms']:.3f} ms: "
+                f"ratio {zb['backward_ms'] / ref['backward_ms']:.3f}"
+            )
+    return ["", *out] if out else []
 
 
 def event_cost(n: int = 200_000) -> float:
