@@ -496,3 +496,14 @@ def test_sweep_collects_every_point_and_a_failing_variant_does_not_stop_it(
     assert "injected failure (debug.fail_at_step) on rank 0" in table[1]["error"]
     assert "| 1 | `" in (tmp_path / "sweep.md").read_text()
     assert "injected failure" in (tmp_path / "1" / "report.md").read_text()
+
+
+def test_output_paths_are_written_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splitgraph.compare.main import _from_cwd
+
+    monkeypatch.chdir(tmp_path)
+    assert _from_cwd(tmp_path / "results" / "too_large") == Path("results/too_large")
+    elsewhere = Path("/nonexistent/outside")
+    assert _from_cwd(elsewhere) == elsewhere

@@ -128,6 +128,16 @@ def _short(o: runner.Outcome) -> str:
     return f" ({o.wall_s:.1f} s)"
 
 
+def _from_cwd(path: Path) -> Path:
+    """`path` relative to the working directory when it lies under it (Hydra hands out an
+    absolute one): the variants' commands written into the report then work from any
+    checkout, and name no directory of this machine."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def _say(text: str, progress: bool) -> None:
     if progress:
         from tqdm import tqdm
@@ -275,7 +285,7 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path="pkg://splitgraph.conf", config_name="compare")
     def _main(cfg: DictConfig) -> None:
         hc = HydraConfig.get()
-        out_dir = Path(hc.runtime.output_dir)
+        out_dir = _from_cwd(Path(hc.runtime.output_dir))
         command = shlex.join(["splitgraph-compare", *hc.overrides.task])
         try:
             compare(cfg, out_dir, command)
