@@ -105,7 +105,7 @@ def draw(panels: Sequence[Panel], path: str | Path, suptitle: str = "") -> Path:
             elif b.kind == "OPT":
                 ax.barh(y, w, left=x, height=0.5, color="#BBBBBB", edgecolor="black", linewidth=0.3)
                 kinds_seen.add("OPT")
-            elif b.kind == "SYNC":  # the all-reduce of the step's loss (waits for every rank)
+            elif b.kind == "SYNC":  # the step sum of loss and flags (waits for every rank)
                 ax.barh(y, w, left=x, height=0.25, color="#E5C494")
                 kinds_seen.add("SYNC")
             elif b.kind == "L2":  # the weight-decay term and its gradient

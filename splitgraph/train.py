@@ -197,7 +197,7 @@ def _train(
     tracer = make_tracer(device) if cfg.trace.enabled else None
     engine.executor.tracer = tracer
     window = TraceWindow(cfg.trace, tracer, steps)
-    step_sum = StepSum(backend if distributed else None, device)  # collective: every rank
+    step_sum = StepSum(backend, device)  # may create a process group: every rank
     metrics_file = _open_metrics(run_dir, start) if is_main else None
     bar = _progress(cfg, steps, start) if is_main else None
     step_times: list[float] = []
@@ -225,8 +225,8 @@ def _train(
             tr = tracer if tracer is not None and tracer.active else None
             t_sync = tr.begin() if tr is not None else None
             bad = guard.finish()
-            watchdog.beat(step, "the all-reduce of the step's loss")
-            # rank 0 alone decides the time budget; the all_reduce tells every rank
+            watchdog.beat(step, "the step sum of loss and flags")
+            # rank 0 alone decides the time budget; the step sum tells every rank
             over = budget is not None and is_main and elapsed + time.perf_counter() - t0 >= budget
             parts = torch.tensor([stats.loss, stats.l2, bad, float(over)], dtype=torch.float64)
             parts = step_sum(parts)  # ends when every rank has finished the step

@@ -3,11 +3,12 @@
 After each step every rank must learn the loss, the L2 term, whether any rank saw a
 non-finite value, and whether rank 0's time budget ran out, before anyone updates its
 weights. On NCCL that is `dist.all_reduce`. On gloo, `all_reduce` of four doubles is slow and
-erratic on busy CPU ranks (2 cores, the rank arriving last: 0.54 ms median, 4.7 ms at the
-90th percentile), so gloo uses a star of point-to-point messages on a group of its own
-instead: every rank sends its values to rank 0, rank 0 adds them (in rank order) and sends
-the sum back (0.19 ms median, 0.25 ms p90 on the same machine; `python -m
-splitgraph.runtime.stepsum` measures both)::
+erratic on busy CPU ranks, so gloo uses a star of point-to-point messages on a group of its
+own instead: every rank sends its values to rank 0, rank 0 adds them (in rank order) and
+sends the sum back. `torchrun --standalone --nproc-per-node 2 -m splitgraph.runtime.stepsum`
+measures both, interleaved, with the ranks computing between sums; on 2 idle CPU cores, at
+the rank arriving last, over five runs: all_reduce 0.63-1.39 ms median, 4.5-5.3 ms p90; the
+star 0.24-0.43 ms median, 0.33-2.0 ms p90::
 
     rank 1 --values--> rank 0 <--values-- rank 2        then   rank 0 --sum--> every rank
 
@@ -35,12 +36,14 @@ class StepSum:
     Construct it on every rank at the same point (it may create a process group, which is
     collective)."""
 
-    def __init__(self, backend: str | None, device: torch.device) -> None:
+    def __init__(self, backend: str | None, device: torch.device, star: bool | None = None) -> None:
+        """`star`: the point-to-point star (default: on gloo) or `all_reduce`."""
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.device = device
-        self.star = self.distributed and self.world > 1 and backend == "gloo"
+        star = backend == "gloo" if star is None else star
+        self.star = self.distributed and self.world > 1 and star
         self.group: Any = None
         if self.star:
             ranks = list(range(self.world))
@@ -79,8 +82,8 @@ def _bench(rounds: int) -> None:  # pragma: no cover - run by hand under torchru
     `dist.all_reduce` against the star, interleaved, timed on every rank."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    star, plain = StepSum("gloo", torch.device("cpu")), StepSum("nccl-like", torch.device("cpu"))
-    plain.star = False
+    cpu = torch.device("cpu")
+    star, plain = StepSum("gloo", cpu), StepSum("gloo", cpu, star=False)
     a = torch.randn(256, 256)
     times: dict[str, list[float]] = {"all_reduce": [], "star": []}
     for i in range(2 * rounds):

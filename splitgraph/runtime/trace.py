@@ -213,10 +213,10 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
     posts: list[float] = []
     sent_at: dict[tuple[int, str], float] = {}  # (step, message) -> when its send was posted
     arrivals: dict[int, list[float]] = defaultdict(list)  # boundary -> observed transfer times
-    optimizer: list[list[float]] = [[] for _ in per_rank]
-    sync: list[list[float]] = [[] for _ in per_rank]
-    decay: list[list[float]] = [[] for _ in per_rank]
-    dp_wait: dict[tuple[int, int], float] = defaultdict(float)  # (rank, step) -> seconds
+    # per step kind, per rank: step -> seconds (DP may record several waits in one step)
+    fixed: dict[str, list[dict[int, float]]] = {
+        k: [defaultdict(float) for _ in per_rank] for k in STEP_KINDS
+    }
     for rank, evs in enumerate(per_rank):
         for step, label, kind, start, end in evs:
             if kind == "wait":
@@ -227,14 +227,8 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
                     a = Action.parse(text)
                     if a.op.is_send:
                         sent_at[(step, _msg_key(a))] = start
-            elif kind == "OPT":
-                optimizer[rank].append(end - start)
-            elif kind == "SYNC":
-                sync[rank].append(end - start)
-            elif kind == "L2":
-                decay[rank].append(end - start)
-            elif kind == "DP":
-                dp_wait[(rank, step)] += end - start
+            elif kind in fixed:
+                fixed[kind][rank][step] += end - start
     bounds: dict[int, list[float]] = defaultdict(list)  # transfers that did not block
     for rank, evs in enumerate(per_rank):
         for step, label, kind, start, end in evs:
@@ -258,6 +252,9 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
 
     def per_stage(kind: str) -> list[float]:
         return [_mean(durations[(kind, s)]) for s in range(S)]
+
+    def per_rank_median(kind: str) -> list[float]:
+        return [_median(list(steps.values())) for steps in fixed[kind]]
 
     fwd, bwd, inp, wgt = per_stage("F"), per_stage("B"), per_stage("I"), per_stage("W")
     if any(inp):  # zero-bubble: B is I + W
@@ -295,13 +292,10 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
         weight=wgt,
         comm=comm,
         post=_mean(posts),
-        optimizer=[_median(o) for o in optimizer],
-        sync=[_median(x) for x in sync],
-        weight_decay=[_median(x) for x in decay],
-        dp_wait=[
-            _median([v for (r, _), v in dp_wait.items() if r == rank])
-            for rank in range(len(per_rank))
-        ],
+        optimizer=per_rank_median("OPT"),
+        sync=per_rank_median("SYNC"),
+        weight_decay=per_rank_median("L2"),
+        dp_wait=per_rank_median("DP"),
         bubble=[1.0 - c / span if span > 0 else 0.0 for c in compute],
         span=span,
         compute_per_rank=compute,

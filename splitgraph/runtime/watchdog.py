@@ -3,7 +3,7 @@ the job with a report of what every rank is waiting on.
 
 A thread per rank polls two clocks: the executor's (`Executor.position`: the index of the action
 in progress and when it started, i.e. when the previous one finished) and the training loop's
-(`beat(step, phase)` on entering work outside the schedule: the loss all-reduce, the next
+(`beat(step, phase)` on entering work outside the schedule: the step sum, the next
 step). Checkpoint saves run `paused()`: they are collectives bounded by `runtime.timeout`, and a
 large one may legitimately take longer than a hang.
 
