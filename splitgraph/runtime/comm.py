@@ -21,7 +21,7 @@ behind another, which together rule out deadlock (see schedule/simulate.py, stri
   state, interleaving), each side's sends queue behind its own reads, and the transport
   thread, finding the mutex taken, spins on the ready socket (measured: 3-8 ms of extra CPU
   per step on a 2-rank 1F1B). With a group per (kind, direction) every socket carries one
-  direction of one kind. The CPU tests so exercise the creation order NCCL depends on.
+  direction of one kind. The CPU tests thereby exercise the creation order NCCL depends on.
 
 The vocabulary is one call, `post`, taking the transfers a schedule groups between two
 compute actions; every work handle goes back to the caller, who waits on it (receives before
