@@ -328,6 +328,7 @@ def _train(
         "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
         "steps": start + len(step_times),
         "resumed_from_step": start or None,
+        "steps_run": len(step_times),  # trained by this launch: steps start..steps-1
         "steps_per_epoch": order.steps_per_epoch if order is not None else None,
         "stopped_by": stopped_by or "steps",
         "train_time_s": elapsed,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,21 @@ OPTIMS = {"sgd": ["optim.momentum=0.9"], "adam": ["optim=adam", "optim.lr=0.01"]
 
 def single_run(overrides: list[str]) -> None:
     train.run(load_config(TINY + overrides), DistEnv())
+
+
+def assert_resumed(run_dir: Path, from_step: int, steps: int) -> None:
+    """The last launch in `run_dir` resumed from its step-`from_step` checkpoint and trained
+    only steps from_step..steps-1: the steps before were not recomputed. (Training is
+    deterministic, so equal final weights alone cannot tell a resume from a restart.)"""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == (from_step or None), (
+        f"{run_dir}: resumed from {summary['resumed_from_step']}, expected {from_step}"
+    )
+    assert summary["steps_run"] == steps - from_step, (
+        f"{run_dir}: this launch trained {summary['steps_run']} steps, expected "
+        f"{steps - from_step} (steps {from_step}..{steps - 1})"
+    )
+    assert summary["steps"] == steps
 
 
 def step3(tmp: Path, opt: str) -> Path:

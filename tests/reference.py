@@ -3,6 +3,8 @@ every schedule and partition must match."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -60,11 +62,36 @@ def reference_grads(cfg: Any, x: Tensor, y: Tensor, dtype: torch.dtype) -> dict[
     return {k: p.grad.detach().clone() for k, p in global_names(seq).items()}
 
 
+def rel_err(got: Tensor, want: Tensor) -> float:
+    """max|got - want| / max|want|, or inf when either holds a NaN or an infinity: a
+    non-finite value is a failure, never a small error (`max(0.0, nan)` is 0.0)."""
+    w = want.to(got.dtype)
+    if not (bool(torch.isfinite(got).all()) and bool(torch.isfinite(w).all())):
+        return float("inf")
+    if got.shape != w.shape:
+        return float("inf")
+    scale = w.abs().max().item() if w.numel() else 0.0
+    err = (got - w).abs().max().item() if w.numel() else 0.0
+    return err / (scale or 1.0)
+
+
 def max_rel_err(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
-    """Largest over parameters of max|got - want| / max|want|."""
-    worst = 0.0
-    for k, g in got.items():
-        w = want[k].to(g.dtype)
-        scale = w.abs().max().item() or 1.0
-        worst = max(worst, (g - w).abs().max().item() / scale)
-    return worst
+    """Largest over the parameters of `got` of `rel_err`; inf if any value is non-finite or
+    a parameter of `got` is missing from `want`."""
+    errors = [rel_err(g, want[k]) if k in want else float("inf") for k, g in got.items()]
+    return worst(errors) if errors else float("inf")
+
+
+def weights_rel_err(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """`max_rel_err` of two whole state dicts, which must name the same parameters."""
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max_rel_err(a, b)
+
+
+def worst(errors: Iterable[float]) -> float:
+    """The largest error, inf if any is NaN or infinite (Python's max is order-dependent with
+    NaN: max(1.0, nan) is 1.0, max(nan, 1.0) is nan)."""
+    values = [float(e) for e in errors]
+    if not values or not all(math.isfinite(v) for v in values):
+        return float("inf")
+    return max(values)

@@ -16,7 +16,7 @@ from splitgraph import checkpoint
 from splitgraph.config import load_config, validate
 from splitgraph.errors import CheckpointError, ConfigError
 from splitgraph.safeload import load_tensor_dict, read_metadata
-from tests.conftest import single_run
+from tests.conftest import assert_resumed, single_run
 from tests.fault_workers import TINY
 
 
@@ -153,8 +153,10 @@ def test_a_changed_config_is_refused_unless_strict_is_off(trained: Path, tmp_pat
     )
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [6, 7]  # resumed at 6
+    assert_resumed(tmp_path / "b", 6, 8)
     # the layout, train.steps and runtime may change freely (not in the identity)
     single_run(["pipeline.microbatches=3", "train.steps=7", resume, f"run_dir={tmp_path / 'c'}"])
+    assert_resumed(tmp_path / "c", 6, 7)
 
 
 def test_resume_errors_name_the_fix(trained: Path, tmp_path: Path) -> None:
@@ -215,6 +217,7 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_weights(
     run = _copy(trained, tmp_path)
     single_run(["train.steps=6", f"run_dir={run}"])
     assert (run / "metrics.jsonl").read_text().count("\n") == 6  # the first run's, kept
+    assert_resumed(run, 6, 6)  # nothing trained again
     a = torch.load(trained / "model.pt", weights_only=True)
     b = torch.load(run / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

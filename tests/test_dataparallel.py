@@ -29,6 +29,7 @@ from splitgraph.schedule.allreduce import (
     with_allreduce,
 )
 from tests.dp_workers import dp_grid_worker
+from tests.reference import worst
 from tests.test_config import problems
 from tests.test_e2e import SMALL, launch_script, single, torchrun
 
@@ -297,7 +298,7 @@ def _results() -> list[dict[str, Any]]:
 def test_2d_step_matches_single_device(case: dict[str, Any]) -> None:
     per_rank = [r[case["id"]] for r in _results()]
     tol = case.get("tol", 1e-10)
-    err = max(r["err"] for r in per_rank)
+    err = worst(r["err"] for r in per_rank)  # inf if any is NaN
     assert err <= tol, f"max relative error {err:.3g} > {tol:g}"
     if case.get("steps"):
         assert min(r["moved"] for r in per_rank) > 1e-4  # the weights did change

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from splitgraph.runtime.dist import restart_safe_store
-from tests.conftest import single_run
+from tests.conftest import assert_resumed, single_run
 from tests.fault_workers import TINY
+from tests.reference import weights_rel_err
 from tests.test_e2e import REPO, _env
 
 
@@ -65,10 +66,6 @@ def test_restarted_ranks_meet_in_a_store_namespace_of_their_own() -> None:
     assert not again.check(["rank0/address"])
     assert restart_safe_store(10, {**env, "LOCAL_WORLD_SIZE": "1"}) is None  # several nodes
     assert restart_safe_store(10, {}) is None  # not under torchrun's agent store
-
-
-def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
 
 
 def _listening(root: int) -> dict[int, set[str]]:
@@ -136,10 +133,11 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tmp_path: Path
     assert re.search(r"resumed from \S+step_00000002 at step 2 \(saved on 2 stages", out), out
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == list(range(6))
+    assert_resumed(tmp_path / "run", 2, 6)  # the restarted attempt trained steps 2-5 only
     single_run([*over[len(TINY) :], f"run_dir={tmp_path / 'ref'}"])
     got = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     ref = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
-    assert _max_rel(got, ref) < 1e-12  # 2 ranks vs 1: rounding only (measured ~1e-16)
+    assert weights_rel_err(got, ref) < 1e-12  # 2 ranks vs 1: rounding only (measured ~1e-16)
     assert ranks, "no rank was seen listening (gloo listens while the group lives)"
     for pid, addrs in ranks.items():
         assert addrs <= _LOOPBACK, f"rank process {pid} listens on {addrs}"

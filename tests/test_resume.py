@@ -13,17 +13,13 @@ import torch
 
 from splitgraph import checkpoint
 from splitgraph.config import load_config
-from tests.conftest import OPTIMS, single_run, step3
+from tests.conftest import OPTIMS, assert_resumed, single_run, step3
 from tests.fault_workers import TINY
+from tests.reference import weights_rel_err
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "model.pt", weights_only=True)
-
-
-def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
 
 
 @pytest.mark.timeout(420)
@@ -38,6 +34,7 @@ def test_resume_on_the_same_layout_is_bitwise_exact(
     steps = [line.split(",")[0] for line in (d / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [f'{{"step": {i}' for i in range(6)]  # each step once, across the resume
     assert [c.step for c in checkpoint.list_checkpoints(d / "part" / "checkpoints")] == [3, 6]
+    assert_resumed(d / "part", 3, 6)
 
 
 @pytest.mark.timeout(420)
@@ -64,7 +61,8 @@ def test_resume_on_4_stages_continues_the_same_weights_and_optimizer_state(
             assert torch.equal(optim[n][k], saved.optim[n][k]), (n, k)
     # float64: equal to the uninterrupted one-device run up to rounding (measured ~1e-16)
     d = fault_launches["tmp"] / opt
-    assert _max_rel(_weights(d / "four"), _weights(d / "ref")) < 1e-12
+    assert_resumed(d / "four", 3, 6)
+    assert weights_rel_err(_weights(d / "four"), _weights(d / "ref")) < 1e-12
 
 
 @pytest.mark.timeout(420)
@@ -74,9 +72,11 @@ def test_resume_on_another_partition_and_on_one_device(
 ) -> None:
     d = fault_launches["tmp"] / opt
     ref = _weights(d / "ref")
-    assert _max_rel(_weights(d / "params"), ref) < 1e-12
-    assert _max_rel(_weights(d / "one"), ref) < 1e-12
-    assert _max_rel(_weights(d / "full"), ref) < 1e-12  # 2 ranks vs 1: rounding only
+    assert_resumed(d / "params", 3, 6)
+    assert_resumed(d / "one", 3, 6)
+    assert weights_rel_err(_weights(d / "params"), ref) < 1e-12
+    assert weights_rel_err(_weights(d / "one"), ref) < 1e-12
+    assert weights_rel_err(_weights(d / "full"), ref) < 1e-12  # 2 ranks vs 1: rounding only
 
 
 @pytest.mark.timeout(420)
@@ -94,8 +94,9 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint(
     assert not (tmp / "kill" / "model.pt").exists()
     # the restart: auto-resume takes step 2, and the run ends where an unkilled one does
     single_run(["train.steps=6", "checkpoint.every=2", f"run_dir={tmp / 'kill'}"])
+    assert_resumed(tmp / "kill", 2, 6)
     single_run(["train.steps=6", f"run_dir={tmp / 'kill-ref'}"])
-    assert _max_rel(_weights(tmp / "kill"), _weights(tmp / "kill-ref")) < 1e-12
+    assert weights_rel_err(_weights(tmp / "kill"), _weights(tmp / "kill-ref")) < 1e-12
     assert [c.step for c in checkpoint.list_checkpoints(ckdir)] == [2, 4, 6]
     assert not cut.exists()  # the cut-short save was cleaned up by the next one
 
@@ -113,5 +114,27 @@ def test_a_data_parallel_checkpoint_resumes_on_any_layout(fault_launches: dict[s
     ck = checkpoint._committed(d / "dp2" / "checkpoints" / checkpoint.step_dir_name(3))
     assert ck is not None and ck.meta["world_size"] == 4
     full = _weights(d / "full")
-    assert _max_rel(_weights(d / "dp2-pp4"), full) < 1e-12
-    assert _max_rel(_weights(d / "dp2-one"), full) < 1e-12
+    assert_resumed(d / "dp2-pp4", 3, 6)
+    assert_resumed(d / "dp2-one", 3, 6)
+    assert weights_rel_err(_weights(d / "dp2-pp4"), full) < 1e-12
+    assert weights_rel_err(_weights(d / "dp2-one"), full) < 1e-12
+
+
+@pytest.mark.timeout(120)
+def test_the_resume_assertion_fails_when_resume_is_disabled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mutation check: with resume broken (every checkpoint ignored, the run restarts from
+    step 0) the final weights are still those of an uninterrupted run, because training is
+    deterministic; only `assert_resumed`, which every resume test calls, can tell."""
+    run, good = tmp_path / "run", tmp_path / "good"
+    fast = ["trace.enabled=false"]
+    single_run([*fast, "train.steps=3", f"run_dir={good}"])
+    single_run([*fast, "train.steps=6", f"run_dir={good}"])
+    assert_resumed(good, 3, 6)  # resume working: the assertion holds
+    single_run([*fast, "train.steps=3", f"run_dir={run}"])
+    monkeypatch.setattr(checkpoint, "find_resume", lambda *args, **kwargs: None)
+    single_run([*fast, "train.steps=6", f"run_dir={run}"])
+    assert weights_rel_err(_weights(run), _weights(good)) == 0.0  # the weights cannot tell
+    with pytest.raises(AssertionError, match="resumed from None, expected 3"):
+        assert_resumed(run, 3, 6)

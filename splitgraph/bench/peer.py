@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -110,12 +111,22 @@ def _with(cfg: Any, overrides: Sequence[str]) -> Any:
 
 
 def max_rel_err(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
-    """Largest over parameters of max|got - want| / max|want|."""
-    worst = 0.0
+    """Largest over parameters of max|got - want| / max|want|; inf when any value is NaN or
+    infinite (a non-finite gradient is a failure: `max(0.0, nan)` would report 0.0)."""
+    errors = []
     for k, g in got.items():
         w = want[k].to(g.dtype)
-        worst = max(worst, (g - w).abs().max().item() / (w.abs().max().item() or 1.0))
-    return worst
+        if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(w).all())):
+            return math.inf
+        errors.append((g - w).abs().max().item() / (w.abs().max().item() or 1.0))
+    return worst(errors)
+
+
+def worst(errors: Any) -> float:
+    """The largest of `errors`, inf if any is NaN or infinite (Python's max ignores a NaN
+    that is not first)."""
+    values = [float(e) for e in errors]
+    return max(values) if values and all(map(math.isfinite, values)) else math.inf
 
 
 def _grads(params: dict[str, torch.nn.Parameter]) -> dict[str, Tensor]:
@@ -248,7 +259,7 @@ def collect(spec: Spec, per_rank: list[list[dict[str, Any]]], p: int, batch: int
             continue
         if "grad_error" in ranks[0]:
             row["grad_error"] = {
-                k: max(r["grad_error"][k] for r in ranks) for k in ranks[0]["grad_error"]
+                k: worst(r["grad_error"][k] for r in ranks) for k in ranks[0]["grad_error"]
             }
         row["saved_bytes_per_rank"] = {
             name: [r["saved_bytes"][name] for r in ranks] for name in ("splitgraph", "peer")
