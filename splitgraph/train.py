@@ -100,7 +100,7 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
     if cfg.checkpoint.init_from:
         init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg)
     resume = None
-    found = checkpoint.find_resume(cfg)
+    found = checkpoint.find_resume(cfg, quarantine=env.rank == 0)  # rank 0 moves damaged ones
     if found is not None:
         ck, meta = found
         names = checkpoint.names_held(cfg, plan, pp_rank)  # every replica loads the same
@@ -499,7 +499,7 @@ def _stop_non_finite(
         if not found:
             replay = f"a replay of step {step} with every check on did not reproduce it"
         events = found or events
-    raise_if_any(step, events, last_saved, replay)
+    raise_if_any(step, events, checkpoint.integrity_note(last_saved), replay)
 
 
 def _save(

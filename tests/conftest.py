@@ -5,8 +5,8 @@
   processes costs seconds on two cores, a training run here milliseconds, so the faults that
   need several ranks run as cases of two launches, made once per session:
   - 2 ranks: uninterrupted and interrupted runs for SGD-momentum and Adam, a resume on another
-    partition, a NaN in the data, a NaN in a gradient, and last (it ends the launch) a rank
-    SIGKILLed while writing a checkpoint;
+    partition, a NaN in the data, a NaN in a gradient, a resume past a damaged shard, and
+    last (it ends the launch) a rank SIGKILLed while writing a checkpoint;
   - 4 ranks: the 2-rank checkpoints loaded and trained on 4 stages.
   One-device runs (the references, a resume on one device) happen in the test process.
 """
@@ -86,6 +86,15 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             str(tmp / "nan-full" / "outcome"),
         ),
         ("nan_grad", [], str(tmp / "nan-grad" / "outcome")),
+        # rank 1's shard of the newest checkpoint damaged: both ranks must skip it, rank 0
+        # alone sets it aside, and both resume from the one before
+        ("train", ["train.steps=4", "checkpoint.every=2", f"run_dir={tmp / 'dmg'}"], None),
+        ("corrupt", [str(tmp / "dmg" / "checkpoints" / "step_00000004" / "__1_0.distcp")], None),
+        (
+            "train",
+            ["train.steps=6", "checkpoint.every=2", f"run_dir={tmp / 'dmg'}"],
+            str(tmp / "dmg" / "outcome"),
+        ),
         (  # last, it ends the launch: rank 1 is SIGKILLed while writing the step-4 checkpoint
             "train",
             [

@@ -74,7 +74,8 @@ def loaded_state(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
 def cases(rank: int, world: int, items: list[tuple[str, list[str], str | None]]) -> list[Any]:
     """Many cases in one launch: (kind, overrides, outcome file or None).
 
-    kind "train": train.run; "load": loaded_state; "nan_grad": nan_gradient. Outcomes of
+    kind "train": train.run; "load": loaded_state; "nan_grad": nan_gradient; "corrupt":
+    rank 0 damages the files named (the overrides), then all wait for it. Outcomes of
     train and nan_grad (None, or the error text) are also written to `<file>.rank<r>`, so a
     later case may end the launch (a killed rank) without losing the earlier ones'.
     """
@@ -84,6 +85,15 @@ def cases(rank: int, world: int, items: list[tuple[str, list[str], str | None]])
     for kind, overrides, file in items:
         if kind == "load":
             result: Any = loaded_state(rank, world, overrides)
+        elif kind == "corrupt":  # rank 0 flips the low bit of every 4th byte of each file
+            if rank == 0:
+                for name in overrides:
+                    data = bytearray(Path(name).read_bytes())
+                    for i in range(1024, len(data), 4):
+                        data[i] ^= 1
+                    Path(name).write_bytes(bytes(data))
+            torch.distributed.barrier()
+            result = None
         elif kind == "nan_grad":
             result = nan_gradient(rank, world, overrides)
         else:

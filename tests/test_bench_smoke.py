@@ -19,6 +19,7 @@ def test_reliability_bench_prints_the_guard_and_checkpoint_costs(
     main(["--repeats", "1", "--steps", "2", "--microbatches", "2", "--", *TINY])
     out = capsys.readouterr().out
     assert "nan_check=step" in out and "checkpoint (" in out and "save" in out
+    assert "verify before loading" in out
 
 
 @pytest.mark.timeout(120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 import shutil
@@ -61,7 +62,7 @@ def test_keep_prunes_and_the_marker_records_the_position(trained: Path) -> None:
 
 
 def test_uncommitted_and_damaged_directories_are_never_resumed(
-    trained: Path, tmp_path: Path
+    trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = _copy(trained, tmp_path)
     ckdir = run / "checkpoints"
@@ -73,8 +74,19 @@ def test_uncommitted_and_damaged_directories_are_never_resumed(
     (ckdir / "step_00000012" / checkpoint.MARKER).write_text("{not json")
     assert [c.step for c in checkpoint.list_checkpoints(ckdir)] == [4, 6]
     cfg = load_config(TINY + [f"run_dir={run}"])
-    found = checkpoint.find_resume(cfg)
+    with caplog.at_level(logging.WARNING, logger="splitgraph"):
+        found = checkpoint.find_resume(cfg)
     assert found is not None and found[0].step == 6
+    # the committed-looking ones are damaged: named, set aside; the cut-short save is not
+    assert f"{ckdir / 'step_00000010'} is damaged (splitgraph.json is missing)" in caplog.text
+    assert "step_00000012 is damaged (splitgraph.json is unreadable or not JSON" in caplog.text
+    assert sorted(p.name for p in ckdir.iterdir()) == [
+        ".step_00000008.tmp",
+        "step_00000004",
+        "step_00000006",
+        "step_00000010.damaged",
+        "step_00000012.damaged",
+    ]
 
 
 def test_a_hostile_metadata_pickle_is_refused_and_never_run(trained: Path, tmp_path: Path) -> None:

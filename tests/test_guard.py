@@ -32,7 +32,7 @@ def test_a_nan_in_the_data_names_step_stage_and_microbatch(fault_launches: dict[
     assert "(located by replaying step 3 with runtime.nan_check=microbatch)" in text
     assert "stage 1's forward of microbatch 3 (rank 1): loss" in text  # where it spread
     last = tmp / "nan" / "checkpoints" / checkpoint.step_dir_name(2)
-    assert f"the last checkpoint, {last}, is untouched" in text
+    assert f"the last checkpoint, {last}, is intact (its files match the digests" in text
     # nothing after the last good step was written: no step-4 checkpoint, no model.pt
     assert [c.step for c in checkpoint.list_checkpoints(tmp / "nan" / "checkpoints")] == [2]
     assert not (tmp / "nan" / "model.pt").exists()

@@ -7,12 +7,15 @@ the step carries over to several ranks). For each microbatch count it times (pro
 time, which a loaded machine disturbs far less than wall time) training steps
 with the guard off, at `runtime.nan_check=step` and at `microbatch`, interleaved repeat by
 repeat so drift hits all three alike, and prints medians and ratios. Then it times a
-checkpoint save (DCP, fsync, rename) and a load of this rank's share.
+checkpoint save (DCP, digests while writing, fsync, rename), the SHA-256 of its bytes alone
+(what hashing while writing adds to the save), the integrity check before a load (read and
+SHA-256 of every file; every rank checks the whole checkpoint), and a load of this rank's share.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import tempfile
@@ -72,7 +75,7 @@ def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
     ds = load_dataset(cfg).to(engine.dtype, "cpu")
     idx = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, 0).indices(0)
     engine.step(ds.X[idx], ds.y[idx])  # optimizer state exists
-    saves, loads = [], []
+    saves, loads, verifies, hashes = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         for i in range(repeats):
             meta = checkpoint.marker(cfg, engine, i + 1, 1, 1)
@@ -80,12 +83,27 @@ def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
             path = checkpoint.save(engine, d, i + 1, meta, keep=2, rank=0, world_size=1)
             saves.append(time.perf_counter() - t0)
             ck = checkpoint.list_checkpoints(d)[-1]
+            t0 = time.perf_counter()
+            assert checkpoint.verify(ck) is None
+            verifies.append(time.perf_counter() - t0)
+            blobs = [(path / n).read_bytes() for n in ck.meta["files"]]
+            t0 = time.perf_counter()  # what hashing while writing adds to a save
+            for b in blobs:
+                hashlib.sha256(b).hexdigest()
+            hashes.append(time.perf_counter() - t0)
             names = checkpoint.names_held(cfg, make_plan(cfg, 1), 0)
             t0 = time.perf_counter()
             checkpoint.read_rank_state(ck, checkpoint.read_metadata(ck.path), names, 0)
             loads.append(time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in path.iterdir())
-    return {"save": statistics.median(saves), "load": statistics.median(loads), "bytes": size}
+    med = statistics.median
+    return {
+        "save": med(saves),
+        "load": med(loads),
+        "verify": med(verifies),
+        "hash": med(hashes),
+        "bytes": size,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,9 +128,12 @@ def main(argv: list[str] | None = None) -> None:
             f"   {r['microbatch'] * 1e3:8.2f} ms (x{r['microbatch'] / off:.3f})"
         )
     c = checkpoint_cost(args.overrides, args.repeats)
+    mib = c["bytes"] / 2**20
     print(
-        f"checkpoint ({c['bytes'] / 2**20:.2f} MiB on disk): save {c['save'] * 1e3:.1f} ms, "
-        f"load {c['load'] * 1e3:.1f} ms (medians of {args.repeats})"
+        f"checkpoint ({mib:.2f} MiB on disk): save {c['save'] * 1e3:.1f} ms (of which SHA-256 "
+        f"of the bytes written {c['hash'] * 1e3:.2f} ms), verify before loading "
+        f"{c['verify'] * 1e3:.2f} ms ({mib / c['verify']:.0f} MiB/s: read + SHA-256), load "
+        f"{c['load'] * 1e3:.1f} ms (medians of {args.repeats})"
     )
 
 

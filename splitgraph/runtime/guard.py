@@ -155,9 +155,11 @@ def _where(ev: Event) -> str:
 
 
 def describe(
-    step: int, events: list[Event], last_checkpoint: str | None, replay: str | None = None
+    step: int, events: list[Event], checkpoint_note: str | None, replay: str | None = None
 ) -> str:
-    """One message, the same on every rank, for the events of all ranks."""
+    """One message, the same on every rank, for the events of all ranks. `checkpoint_note`:
+    what is known of the last checkpoint (`checkpoint.integrity_note`: verified or not), None
+    when there is none."""
     first = first_event(events)
     unknown = " (the microbatch is not known)"
     lines = [
@@ -177,11 +179,7 @@ def describe(
         shown = "; ".join(f"{_where(ev)}: {' and '.join(ev['what'])}" for ev in rest[:4])
         more = f" and {len(rest) - 4} more" if len(rest) > 4 else ""
         lines.append(f"  then (spread from it or independent): {shown}{more}")
-    kept = (
-        f"the last checkpoint, {last_checkpoint}, is untouched"
-        if last_checkpoint
-        else "no checkpoint was written"
-    )
+    kept = checkpoint_note or "no checkpoint was written"
     lines.append(
         f"  The weights were not updated at step {step} and {kept}. Lower optim.lr, check "
         "the data, or try runtime.dtype=float64."
@@ -190,7 +188,7 @@ def describe(
 
 
 def raise_if_any(
-    step: int, events: list[Event], last_checkpoint: str | None, replay: str | None = None
+    step: int, events: list[Event], checkpoint_note: str | None, replay: str | None = None
 ) -> None:
     if events:
-        raise NonFiniteError(describe(step, events, last_checkpoint, replay))
+        raise NonFiniteError(describe(step, events, checkpoint_note, replay))
