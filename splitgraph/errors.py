@@ -34,6 +34,10 @@ class CheckpointError(SplitgraphError, ValueError):
     """A checkpoint that does not fit the model."""
 
 
+class RunDirError(SplitgraphError, RuntimeError):
+    """The run directory cannot be used: it is a file, or another job holds it."""
+
+
 class RankFailure(SplitgraphError, RuntimeError):
     """A rank raised or died; the message names the rank."""
 

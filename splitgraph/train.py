@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from splitgraph import checkpoint
+from splitgraph import checkpoint, runlock
 from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
@@ -81,6 +81,11 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
     """
     env = env or DistEnv.from_environ()
     validate(cfg, env.world_size)
+    with runlock.hold(cfg.run_dir, env.rank):  # one job per run dir, before any file is read
+        return _run(cfg, env)
+
+
+def _run(cfg: DictConfig, env: DistEnv) -> dict[str, Any] | None:
     placement = place(cfg.runtime, env.local_rank, env.local_world_size)
     device = placement.device
     if cfg.runtime.threads is not None:
