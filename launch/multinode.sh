@@ -30,5 +30,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # (pytorch/pytorch#135712), so --max-restarts could reconnect to dead ranks.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 "$py" -m splitgraph.cli --nproc "$((nnodes * nproc))" "$@" >/dev/null
-exec "$py" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" \
+# splitgraph.torchrun: torchrun whose stop on Ctrl-C/SIGTERM is one line and exit code 75
+exec "$py" -m splitgraph.torchrun --nnodes "$nnodes" --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$job" -m splitgraph.train "$@"

@@ -86,7 +86,7 @@ class NanCheck(Enum):
 
 
 #: debug.fail_mode: how the injected fault of debug.fail_at_step shows itself (splitgraph/faults.py)
-FAIL_MODES = ("raise", "kill", "stall", "nan", "kill_in_save")
+FAIL_MODES = ("raise", "kill", "stall", "nan", "kill_in_save", "sigterm", "sigint")
 PARTITIONS = ("uniform", "params", "manual", "time", "memory", "optimal")
 
 
@@ -246,7 +246,7 @@ class CheckpointConfig:
 class DebugConfig:
     fail_at_step: int | None = None  # fault injection: raise on `fail_rank` at this step
     fail_rank: int = 0
-    fail_mode: str = "raise"  # raise, kill, stall, nan, kill_in_save (see FAIL_MODES)
+    fail_mode: str = "raise"  # raise, kill, stall, nan, kill_in_save, sigterm, sigint
     fail_attempt: int = 0  # fire only on this torchrun attempt (TORCHELASTIC_RESTART_COUNT)
 
 

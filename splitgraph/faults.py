@@ -10,6 +10,8 @@ first), so a job restarted by `torchrun --max-restarts` runs clean and must reco
     nan           the inputs of step K's last microbatch get a NaN (on the rank holding stage 0)
     kill_in_save  rank R SIGKILLs itself while writing the first checkpoint at or after step K,
                   after writing its own tensors and before the save commits
+    sigterm       rank R sends itself SIGTERM (sigint: SIGINT) as step K starts, and no other
+                  rank gets one: all must still stop after the same step
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ class Fault:
             while True:  # only the watchdog (or the process-group timeout) ends this
                 time.sleep(3600)
         raise error
+
+    def send_signal(self, step: int, rank: int) -> None:
+        """mode=sigterm/sigint: rank R signals itself as step K starts."""
+        hit = self.armed and step == self.step and rank == self.rank
+        if hit and self.mode in ("sigterm", "sigint"):
+            os.kill(os.getpid(), signal.SIGTERM if self.mode == "sigterm" else signal.SIGINT)
 
     def poison(self, step: int, x: Tensor | None) -> Tensor | None:
         """mode=nan: a NaN in the last sample, so in the step's last microbatch."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import statistics
 import sys
 import time
@@ -66,6 +67,13 @@ from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
 from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
 from splitgraph.runtime.nvml import NvmlSampler
+from splitgraph.runtime.signals import (
+    EXIT_STOPPED,
+    Stopped,
+    StopSignals,
+    exit_at_once_while_starting,
+    write_stop_file,
+)
 from splitgraph.runtime.stepsum import StepSum
 from splitgraph.runtime.trace import TraceWindow, make_tracer
 from splitgraph.runtime.watchdog import Watchdog, default_store
@@ -81,11 +89,15 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
     """
     env = env or DistEnv.from_environ()
     validate(cfg, env.world_size)
-    with runlock.hold(cfg.run_dir, env.rank):  # one job per run dir, before any file is read
-        return _run(cfg, env)
+    # One job per run dir, before any file is read; SIGINT/SIGTERM stop at a step boundary.
+    with (
+        runlock.hold(cfg.run_dir, env.rank),
+        StopSignals(env.rank, on_abort=runlock.release_all) as signals,
+    ):
+        return _run(cfg, env, signals)
 
 
-def _run(cfg: DictConfig, env: DistEnv) -> dict[str, Any] | None:
+def _run(cfg: DictConfig, env: DistEnv, signals: StopSignals) -> dict[str, Any] | None:
     placement = place(cfg.runtime, env.local_rank, env.local_world_size)
     device = placement.device
     if cfg.runtime.threads is not None:
@@ -116,7 +128,7 @@ def _run(cfg: DictConfig, env: DistEnv) -> dict[str, Any] | None:
         pin_loopback()  # a one-node launch keeps gloo/NCCL sockets on the loopback interface
         init_process_group(placement.backend, float(cfg.runtime.timeout), device)
     try:
-        summary = _train(cfg, env, layout, placement, dataset, init_state, resume)
+        summary = _train(cfg, env, layout, placement, dataset, init_state, resume, signals)
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
@@ -133,8 +145,10 @@ def _train(
     dataset: Dataset | None,
     init_state: dict[str, torch.Tensor] | None,
     resume: checkpoint.RankState | None = None,
+    signals: StopSignals | None = None,
 ) -> dict[str, Any] | None:
     is_main = env.rank == 0
+    signals = signals or StopSignals(env.rank)  # not entered: only reports what it never sees
     distributed = env.world_size > 1
     device, backend = placement.device, placement.backend
     torch.manual_seed(int(cfg.train.seed))
@@ -209,9 +223,13 @@ def _train(
     dp_waits: list[float] = []
     cap, budget = memcap.cap_bytes(cfg), cfg.train.time_budget
     elapsed, stopped_by, step = 0.0, None, start
+    signalled: str | None = None
+    signals.last_saved, signals.phase = last_saved, "training"
     try:
         accounted = memcap.check_all_ranks(engine, cap, False, "before the first step")
         for step in range(start, steps):
+            signals.step = step
+            fault.send_signal(step, env.rank)
             window.before_step(step)
             x = y = None
             if order is not None and dataset is not None:
@@ -233,7 +251,12 @@ def _train(
             watchdog.beat(step, "the step sum of loss and flags")
             # rank 0 alone decides the time budget; the step sum tells every rank
             over = budget is not None and is_main and elapsed + time.perf_counter() - t0 >= budget
-            parts = torch.tensor([stats.loss, stats.l2, bad, float(over)], dtype=torch.float64)
+            # a signal on any rank: every rank learns it from the same sum, so all agree on
+            # the last step however the signal reached them
+            sig = signals.requested
+            flags = [float(sig == signal.SIGTERM), float(sig == signal.SIGINT)]
+            values = [stats.loss, stats.l2, bad, float(over), *flags]
+            parts = torch.tensor(values, dtype=torch.float64)
             parts = step_sum(parts)  # ends when every rank has finished the step
             if tr is not None:  # the step's fixed cost beside the optimizer: traced as SYNC
                 tr.end(t_sync, "step sum", "SYNC")
@@ -249,6 +272,8 @@ def _train(
             if step == start:  # the saved-activation peak is now measured
                 accounted = memcap.check_all_ranks(engine, cap, True, "after the first step")
             stopped_by = "time_budget" if parts[3] > 0 else None
+            if (parts[4] > 0 or parts[5] > 0) and step + 1 < steps:  # (at the end: ends)
+                signalled = "SIGTERM" if parts[4] > 0 else "SIGINT"
             evals = _maybe_evaluate(cfg, engine, env, dataset, step, steps, stopped_by)
             if metrics_file is not None:
                 rec = {
@@ -269,19 +294,24 @@ def _train(
                 if step % int(cfg.train.log_every) == 0 or step == steps - 1:
                     bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
             done = step + 1
-            if every is not None and (done % int(every) == 0 or done == steps or stopped_by):
+            ends = done == steps or stopped_by is not None
+            if signalled or (every is not None and (done % int(every) == 0 or ends)):
                 with watchdog.paused("saving a checkpoint"):
                     last_saved = _save(cfg, engine, env, order, done, fault, is_main)
-            if stopped_by:
+                signals.last_saved = last_saved
+            if stopped_by or signalled:
                 break
     except (OutOfMemory, torch.cuda.OutOfMemoryError) as e:
         raise _out_of_memory(e, cfg, env, device, step) from e
     finally:
+        signals.phase = "finishing"  # from here a first signal is ignored
         watchdog.stop()
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+    if signalled:
+        _stopped(cfg, env, signalled, step + 1, start, len(step_times), last_saved)
 
     timeline = window.finish(
         run_dir, is_main, engine.schedule, engine.sizes, step_times, ranks=layout.pipeline(0)
@@ -368,6 +398,42 @@ def _train(
         run_dir,
     )
     return summary
+
+
+def _stopped(
+    cfg: DictConfig,
+    env: DistEnv,
+    signame: str,
+    step: int,
+    start: int,
+    steps_run: int,
+    saved: str | None,
+) -> None:
+    """A signal stopped every rank after `step` steps and the checkpoint is committed: rank 0
+    records it (summary.json, one log line), every rank tells the launcher, and raises
+    Stopped (exit code EXIT_STOPPED). The consolidated model.pt and the end-of-run reports
+    are skipped: the run has not ended, and a preemption leaves little time."""
+    run_dir = Path(cfg.run_dir)
+    auto = str(cfg.checkpoint.resume).strip() == "auto"
+    how = "" if auto else ", checkpoint.resume=auto"
+    stop = Stopped(signame, step, saved, f"resume with the same command{how} and run_dir={run_dir}")
+    if env.rank == 0:
+        summary = {
+            "status": "stopped",
+            "stopped_by": signame,
+            "message": str(stop),
+            "steps": step,
+            "resumed_from_step": start or None,
+            "steps_run": steps_run,
+            "checkpoint": saved,
+            "world_size": env.world_size,
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "torch": torch.__version__,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.warning("%s", stop)
+    write_stop_file(str(stop))
+    raise stop
 
 
 # -- memory cap, held-out evaluation, communication --------------------------------------
@@ -627,6 +693,8 @@ def main() -> None:
     """Console script and `python -m splitgraph.train`."""
     import hydra
 
+    rank = int(os.environ.get("RANK", "0") or 0)
+    exit_at_once_while_starting(rank, on_abort=runlock.release_all)  # until run() takes over
     register_configs()
     register_resolvers()
     sys.argv.extend(_rank_overrides())
@@ -635,6 +703,8 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         try:
             run(cfg)
+        except Stopped:  # rank 0 logged the line
+            sys.exit(EXIT_STOPPED)
         except OutOfMemory as e:
             rank = os.environ.get("RANK", "0")
             print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)

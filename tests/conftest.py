@@ -5,8 +5,9 @@
   processes costs seconds on two cores, a training run here milliseconds, so the faults that
   need several ranks run as cases of two launches, made once per session:
   - 2 ranks: uninterrupted and interrupted runs for SGD-momentum and Adam, a resume on another
-    partition, a NaN in the data, a NaN in a gradient, a resume past a damaged shard, and
-    last (it ends the launch) a rank SIGKILLed while writing a checkpoint;
+    partition, a NaN in the data, a NaN in a gradient, a signal on one rank, a resume past
+    a damaged shard, and last (it ends the launch) a rank SIGKILLed while writing a
+    checkpoint;
   - 4 ranks: the 2-rank checkpoints loaded and trained on 4 stages.
   One-device runs (the references, a resume on one device) happen in the test process.
 """
@@ -86,13 +87,46 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             str(tmp / "nan-full" / "outcome"),
         ),
         ("nan_grad", [], str(tmp / "nan-grad" / "outcome")),
+        # a signal reaching one rank only (SIGTERM on rank 1 as step 1 starts; SIGINT on rank
+        # 0 as step 3 starts): both ranks stop after the same step with one checkpoint; then
+        # the same command resumes
+        *[
+            (
+                "train",
+                [
+                    "train.steps=6",
+                    f"debug.fail_at_step={at}",
+                    f"debug.fail_rank={rank}",
+                    f"debug.fail_mode={mode}",
+                    "trace.enabled=false",
+                    f"run_dir={tmp / mode}",
+                ],
+                str(tmp / mode / "outcome"),
+            )
+            for mode, rank, at in (("sigterm", 1, 1), ("sigint", 0, 3))
+        ],
+        ("train", ["train.steps=6", "trace.enabled=false", f"run_dir={tmp / 'sigterm'}"], None),
         # rank 1's shard of the newest checkpoint damaged: both ranks must skip it, rank 0
         # alone sets it aside, and both resume from the one before
-        ("train", ["train.steps=4", "checkpoint.every=2", f"run_dir={tmp / 'dmg'}"], None),
+        (
+            "train",
+            [
+                "train.steps=4",
+                "checkpoint.every=2",
+                "trace.enabled=false",
+                f"run_dir={tmp / 'dmg'}",
+            ],
+            None,
+        ),
         ("corrupt", [str(tmp / "dmg" / "checkpoints" / "step_00000004" / "__1_0.distcp")], None),
         (
             "train",
-            ["train.steps=6", "checkpoint.every=2", f"run_dir={tmp / 'dmg'}"],
+            [
+                "train.steps=6",
+                "checkpoint.every=2",
+                "trace.enabled=false",
+                f"run_dir={tmp / 'dmg'}",
+            ],
             str(tmp / "dmg" / "outcome"),
         ),
         (  # last, it ends the launch: rank 1 is SIGKILLed while writing the step-4 checkpoint
