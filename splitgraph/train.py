@@ -44,6 +44,7 @@ import signal
 import statistics
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,8 @@ def _train(
     torch.manual_seed(int(cfg.train.seed))
     plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
     if distributed:  # DeviceMesh's device type follows the backend (gloo: "cpu", even staged)
-        mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu")
+        wait = timedelta(seconds=float(cfg.runtime.timeout))
+        mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu", timeout=wait)
         engine = PipelineEngine.from_mesh(
             cfg, mesh, device, transport=placement.transport, plan=plan
         )
@@ -216,7 +218,8 @@ def _train(
     tracer = make_tracer(device) if cfg.trace.enabled else None
     engine.executor.tracer = tracer
     window = TraceWindow(cfg.trace, tracer, steps)
-    step_sum = StepSum(backend, device)  # may create a process group: every rank
+    wait = timedelta(seconds=float(cfg.runtime.timeout))
+    step_sum = StepSum(backend, device, timeout=wait)  # may create a process group: every rank
     metrics_file = _open_metrics(run_dir, start) if is_main else None
     bar = _progress(cfg, steps, start) if is_main else None
     step_times: list[float] = []

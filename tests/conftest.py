@@ -168,9 +168,11 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             None,
         ),
     ]
+    # every group a rank waits on gets runtime.timeout (77 s here, unlike any default)
+    four.append(("groups", ["parallel.dp=2", "runtime.timeout=77"], None))
     out = run_ranks(cases, 4, four, timeout=180)
     assert all(r[i] is None for r in out for i in range(1, len(four), 2) if four[i][0] == "train")
-    assert all(r[-2] is None and r[-1] is None for r in out), out
+    assert all(r[-3] is None and r[-2] is None for r in out), out
 
     for opt, over in OPTIMS.items():  # one device: the reference, and a resume of step 3
         single_run([*over, "train.steps=6", f"run_dir={tmp / opt / 'ref'}"])
@@ -189,6 +191,7 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "tmp": tmp,
         "killed": str(failure.value),
         "four": {opt: [out[r][2 * i] for r in range(4)] for i, opt in enumerate(OPTIMS)},
+        "timeouts": [r[-1] for r in out],
     }
 
 

@@ -94,6 +94,8 @@ def cases(rank: int, world: int, items: list[tuple[str, list[str], str | None]])
                     Path(name).write_bytes(bytes(data))
             torch.distributed.barrier()
             result = None
+        elif kind == "groups":
+            result = group_timeouts(rank, world, overrides)
         elif kind == "nan_grad":
             result = nan_gradient(rank, world, overrides)
         else:
@@ -135,3 +137,27 @@ def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
     except SplitgraphError as e:
         return str(e)
     return "no error"
+
+
+def group_timeouts(rank: int, world: int, overrides: list[str]) -> dict[str, float | None]:
+    """The timeout (seconds) of every process group a training rank waits on, as built by
+    train.run's path: the mesh's groups, the channel groups, the step sum's group."""
+    from datetime import timedelta
+
+    from splitgraph.runtime.comm import group_timeout
+    from splitgraph.runtime.mesh import build_mesh, layout_of
+    from splitgraph.runtime.stepsum import StepSum
+
+    cfg = load_config(TINY + overrides)
+    wait = timedelta(seconds=float(cfg.runtime.timeout))
+    mesh = build_mesh(layout_of(cfg, world), "cpu", timeout=wait)
+    engine = PipelineEngine.from_mesh(cfg, mesh)
+    star = StepSum("gloo", torch.device("cpu"), timeout=wait)
+    groups = {
+        "dp": mesh["dp"].get_group(),
+        "pp": mesh["pp"].get_group(),
+        **{f"channel {k}": g for k, g in (engine.p2p._channels or {}).items()},
+        "step sum": star.group,
+    }
+    found = {name: group_timeout(g) for name, g in groups.items()}
+    return {name: t.total_seconds() if t is not None else None for name, t in found.items()}

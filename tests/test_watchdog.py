@@ -79,3 +79,34 @@ def test_a_stalled_rank_stops_every_rank_with_the_grid(tmp_path: Path) -> None:
     waited = [float(w) for w in re.findall(r"waiting (\d+\.\d) s", report)]
     assert max(waited) < 10, report  # reported within a few polls of the 2 s timeout
     assert "*1F0" in report and "*0B0" in report
+
+
+class _BrokenStore:
+    def check(self, keys: list[str]) -> bool:
+        raise RuntimeError("Connection reset by peer")
+
+
+def test_a_failing_store_or_position_keeps_hang_detection_on_and_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: any exception in the watching thread turned hang detection off for the rest
+    of the run, silently."""
+    w = _watchdog(0, None)
+    w.store = _BrokenStore()
+    w.beat(4, "the schedule")
+    assert w._other_fired() is False and w._other_fired() is False
+    err = capsys.readouterr().err
+    assert err.count("hang watchdog, rank 0: the process group's store cannot be read") == 1
+    assert "this rank still stops the job if it waits 5 s" in err and w.store is None
+    # the executor's position unreadable: the loop's own clock still times the step
+    w.executor = SimpleNamespace(program=w.executor.program, position=("bad",))
+    w._beat = (4, "the schedule", time.monotonic() - 6.0)
+    assert w._stalled() is True
+    assert "cannot read where this rank is in its schedule" in capsys.readouterr().err
+    # and it still fires: the report says what it knows, then the rank exits with code 3
+    fired: list[int] = []
+    monkeypatch.setattr("splitgraph.runtime.watchdog.os._exit", fired.append)
+    w.start()
+    w._thread.join(timeout=10)
+    assert fired == [3]
+    assert "no action finished on rank 0 for 5 s" in capsys.readouterr().err

@@ -31,6 +31,7 @@ transfer with rank and step (`runtime.verbose=true`).
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,9 +41,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+log = logging.getLogger("splitgraph")
+
 TAGS = {"act": 1, "grad": 2}
 
-_CHANNEL_GROUPS: dict[tuple[tuple[int, ...], ...], dict[tuple[str, bool], Any]] = {}
+#: (replicas, timeout) -> this rank's channel groups
+_CHANNEL_GROUPS: dict[tuple[Any, ...], dict[tuple[str, bool], Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,10 @@ def channel_groups(
     one tuple without data parallelism). Collective over the default group: every rank must
     call it with the same `replicas`, so each of the four channels is made for all replicas
     at once with `new_subgroups_by_enumeration` (every rank enters every `new_group` in the
-    same order) and this rank keeps its own pipeline's. Cached per `replicas`.
+    same order) and this rank keeps its own pipeline's. Cached per `replicas` and `timeout`.
     """
-    if replicas not in _CHANNEL_GROUPS:
+    key = (replicas, timeout)  # every rank asks with the same: the same groups, in order
+    if key not in _CHANNEL_GROUPS:
         mine: dict[tuple[str, bool], Any] = {}
         for kind in ("act", "grad"):
             for up in (True, False):
@@ -75,13 +80,15 @@ def channel_groups(
                     [list(r) for r in replicas], timeout=timeout, backend=backend
                 )
                 mine[(kind, up)] = group
-        _CHANNEL_GROUPS[replicas] = mine
-    return _CHANNEL_GROUPS[replicas]
+                check_timeout(group, timeout, "channel")
+        _CHANNEL_GROUPS[key] = mine
+    return _CHANNEL_GROUPS[key]
 
 
 def group_timeout(group: Any) -> timedelta | None:
-    """The timeout `group` was made with, so its channel groups bound every wait alike
-    (`new_group` would default to 30 minutes). torch has no public getter: None if absent."""
+    """The timeout `group` was made with (None: the default group), read through a private
+    torch API (torch has no public getter), or None where that API is absent. Used only to
+    verify; groups get their timeout through `new_group(timeout=...)` (`resolve_timeout`)."""
     pg = group if group is not None else dist.distributed_c10d._get_default_group()
     for device in ("cpu", "cuda"):
         try:
@@ -91,12 +98,51 @@ def group_timeout(group: Any) -> timedelta | None:
     return None
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, text: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s", text)
+
+
+def resolve_timeout(timeout: timedelta | None, group: Any = None) -> timedelta | None:
+    """The timeout a new group gets: `timeout` when the caller knows the run's bound
+    (`runtime.timeout`), else the one `group` (None: the default group) was made with. If
+    neither is known, None, which is torch's default (30 min on gloo, 10 on NCCL): said once,
+    with what it means."""
+    if timeout is not None:
+        return timeout
+    found = group_timeout(group)
+    if found is None:
+        _warn_once(
+            "unknown",
+            "the process group's timeout cannot be read (no public torch API; the private "
+            "one is absent): new groups get torch's default timeout (30 min on gloo, 10 on "
+            "NCCL), so a dead peer may take that long to surface; pass the timeout explicitly",
+        )
+    return found
+
+
+def check_timeout(group: Any, want: timedelta | None, what: str) -> None:
+    """After creating `group` with timeout `want`: warn once if it holds another one."""
+    got = group_timeout(group) if group is not None else None
+    if want is not None and got is not None and got != want:
+        _warn_once(
+            what,
+            f"the {what} process groups have a timeout of {got.total_seconds():g} s, not the "
+            f"{want.total_seconds():g} s asked for: a wait on them may last that long",
+        )
+
+
 class P2P:
     """`rank` and every `Transfer.peer` are ranks inside `group` (the pipeline group).
 
     `replicas`: every pipeline's global ranks when there are several (data parallelism).
     `channels`: one process group per channel (None: on every backend; False: gloo shares
-    one group, a tag per kind; NCCL always has them).
+    one group, a tag per kind; NCCL always has them). `timeout`: the channel groups' bound on
+    a wait (`runtime.timeout`; None: the one `group` was made with).
     """
 
     def __init__(
@@ -106,6 +152,7 @@ class P2P:
         verbose: bool = False,
         replicas: tuple[tuple[int, ...], ...] | None = None,
         channels: bool | None = None,
+        timeout: timedelta | None = None,
     ) -> None:
         self.rank, self.group, self.verbose = rank, group, verbose
         self.step = 0
@@ -124,7 +171,8 @@ class P2P:
                 replicas = replicas or (tuple(self._global),)
                 if tuple(self._global) not in replicas:
                     raise ValueError(f"ranks {self._global} are not one of replicas {replicas}")
-                self._channels = channel_groups(replicas, backend, group_timeout(group))
+                wait = resolve_timeout(timeout, group)
+                self._channels = channel_groups(replicas, backend, wait)
 
     def post(self, transfers: list[Transfer]) -> list[Any]:
         """Start the transfers; returns one work handle per transfer, in order."""

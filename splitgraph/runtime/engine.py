@@ -17,6 +17,7 @@ and size), never the global rank. A step is:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -100,7 +101,12 @@ class PipelineEngine:
         self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
         p2p_class = StagedP2P if self.transport == "staged" else P2P
         self.p2p = p2p_class(
-            rank, group, verbose=bool(cfg.runtime.verbose), replicas=replicas, channels=channels
+            rank,
+            group,
+            verbose=bool(cfg.runtime.verbose),
+            replicas=replicas,
+            channels=channels,
+            timeout=timedelta(seconds=float(cfg.runtime.timeout)),  # every wait's bound
         )
         self.executor = Executor(
             self.schedule,

@@ -20,6 +20,7 @@ Everything else takes its groups from the mesh (`mesh["pp"]`, `mesh["dp"]`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from splitgraph.config import num_stages
@@ -72,17 +73,42 @@ def layout_of(cfg: Any, world_size: int) -> Layout:
     return Layout(dp=int(cfg.parallel.dp), pp=num_stages(cfg, world_size))
 
 
-def build_mesh(layout: Layout, device_type: str) -> Any:
-    """The ("dp", "pp") DeviceMesh over the default process group (collective: every rank)."""
+def build_mesh(layout: Layout, device_type: str, timeout: timedelta | None = None) -> Any:
+    """The ("dp", "pp") DeviceMesh over the default process group (collective: every rank).
+
+    `timeout` (runtime.timeout) bounds every wait on the mesh's groups. `init_device_mesh`
+    gives its subgroups torch's default timeout (30 min on gloo), so with several replicas,
+    whose gradient all-reduce runs on the "dp" groups, the groups are made here with
+    `new_subgroups_by_enumeration(timeout=...)` and the mesh from them; with one replica the
+    "pp" dimension is the default group itself (runtime.timeout) and the "dp" groups carry no
+    traffic."""
+    import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    from splitgraph.runtime.comm import check_timeout
 
     if dist.get_world_size() != layout.world_size:
         raise RuntimeError(
             f"the {layout.dp}x{layout.pp} layout needs {layout.world_size} ranks; the process "
             f"group has {dist.get_world_size()}"
         )
-    mesh = init_device_mesh(device_type, (layout.dp, layout.pp), mesh_dim_names=("dp", "pp"))
+    if timeout is not None and layout.dp > 1:
+        grid = [list(layout.pipeline(d)) for d in range(layout.dp)]
+        pp_group, _ = dist.new_subgroups_by_enumeration(grid, timeout=timeout)
+        dp_group, _ = dist.new_subgroups_by_enumeration(
+            [list(col) for col in zip(*grid)], timeout=timeout
+        )
+        for group, what in ((dp_group, "data-parallel"), (pp_group, "pipeline")):
+            check_timeout(group, timeout, what)
+        mesh = DeviceMesh.from_group(
+            [dp_group, pp_group],
+            device_type,
+            mesh=torch.tensor(grid, dtype=torch.int),
+            mesh_dim_names=("dp", "pp"),
+        )
+    else:
+        mesh = init_device_mesh(device_type, (layout.dp, layout.pp), mesh_dim_names=("dp", "pp"))
     got = tuple(mesh.get_coordinate())
     want = layout.coords(dist.get_rank())
     if got != want:  # Layout.coords decided data loading before the mesh existed

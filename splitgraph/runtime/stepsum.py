@@ -22,12 +22,13 @@ import argparse
 import statistics
 import sys
 import time
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from splitgraph.runtime.comm import group_timeout
+from splitgraph.runtime.comm import check_timeout, resolve_timeout
 
 
 class StepSum:
@@ -36,8 +37,15 @@ class StepSum:
     Construct it on every rank at the same point (it may create a process group, which is
     collective)."""
 
-    def __init__(self, backend: str | None, device: torch.device, star: bool | None = None) -> None:
-        """`star`: the point-to-point star (default: on gloo) or `all_reduce`."""
+    def __init__(
+        self,
+        backend: str | None,
+        device: torch.device,
+        star: bool | None = None,
+        timeout: timedelta | None = None,
+    ) -> None:
+        """`star`: the point-to-point star (default: on gloo) or `all_reduce`; `timeout`: the
+        star's group's bound on a wait (`runtime.timeout`; None: the default group's)."""
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
@@ -47,7 +55,9 @@ class StepSum:
         self.group: Any = None
         if self.star:
             ranks = list(range(self.world))
-            self.group = dist.new_group(ranks, timeout=group_timeout(None), backend="gloo")
+            wait = resolve_timeout(timeout)
+            self.group = dist.new_group(ranks, timeout=wait, backend="gloo")
+            check_timeout(self.group, wait, "step sum")
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of `values` (CPU), returned on the CPU."""

@@ -82,6 +82,7 @@ class Watchdog:
                 n += len(item) if isinstance(item, tuple) else 1
         self._beat: tuple[int, str, float] = (-1, "starting", time.monotonic())
         self._paused = 0
+        self._warned: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="splitgraph-watchdog", daemon=True)
 
@@ -160,17 +161,67 @@ class Watchdog:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll):
-            try:
-                mine = self._paused == 0 and self.status()["waited"] > self.timeout
-                other = self.store is not None and self.store.check(["fired"])
-            except Exception:  # the store is gone: the group is being torn down
+            mine, other = self._stalled(), self._other_fired()
+            if self._stop.is_set():  # stopped while polling: the run is ending
                 return
             if mine or other:
                 self._fire(mine)
                 return
 
+    def _stalled(self) -> bool:
+        """This rank has waited past the timeout. Should reading the executor's position
+        fail (a bug), the loop's own clock (the last `beat`) still times the step."""
+        if self._paused:
+            return False
+        try:
+            return self.status()["waited"] > self.timeout
+        except Exception as e:
+            self._warn_once(
+                "status",
+                f"cannot read where this rank is in its schedule ({e!r}); hangs are still "
+                f"detected, from the training loop's last beat, but reported without the action",
+            )
+            return time.monotonic() - self._beat[2] > self.timeout
+
+    def _other_fired(self) -> bool:
+        """Another rank raised the flag. A store that fails (its host gone) is dropped: this
+        rank still detects its own hang, but no longer hears of the others' (and they, as a
+        rule, lost their store too): said once, on stderr."""
+        if self.store is None:
+            return False
+        try:
+            return bool(self.store.check(["fired"]))
+        except Exception as e:
+            if self._stop.is_set():  # torn down at the end of the run: nothing to say
+                return False
+            self.store = None
+            self._warn_once(
+                "store",
+                f"the process group's store cannot be read ({e!r}); this rank still stops the "
+                f"job if it waits {self.timeout:g} s, but will no longer hear of another "
+                "rank's hang, nor collect the other ranks' positions for the report",
+            )
+            return False
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            stream = self.stream or sys.stderr
+            print(f"hang watchdog, rank {self.rank}: {text}", file=stream, flush=True)
+
     def _fire(self, mine: bool) -> None:
-        me = self.status()
+        try:
+            me = self.status()
+        except Exception:  # said by _stalled: report the loop's own clock
+            step, phase, since = self._beat
+            me = {
+                "rank": self.rank,
+                "pp_rank": self.pp_rank,
+                "step": step,
+                "index": None,
+                "where": phase,
+                "waited": time.monotonic() - since,
+            }
         me["detected"] = mine
         statuses: dict[int, dict[str, Any]] = {self.rank: me}
         reported = False
