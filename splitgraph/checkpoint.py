@@ -616,6 +616,7 @@ def save(
         shutil.rmtree(old, ignore_errors=True)
         for ck in list_checkpoints(d)[:-keep]:  # renamed first: a crash mid-delete leaves
             gone = d / f".{ck.path.name}.old"  # hidden debris, never a damaged step_N
+            shutil.rmtree(gone, ignore_errors=True)
             os.rename(ck.path, gone)
             shutil.rmtree(gone, ignore_errors=True)
     if distributed:

@@ -132,6 +132,7 @@ class RunLock:
     def __init__(self, path: Path, holder: Holder) -> None:
         self.path, self.holder = path, holder
         self.count = 1
+        self.took_over: str | None = None  # whose stale lock this replaced, to be logged
 
     def release(self) -> None:
         """Drop one hold; the last one removes the lock file if it is still this one's."""
@@ -164,13 +165,15 @@ atexit.register(release_all)
 
 
 def acquire(run_dir: str | Path) -> RunLock:
-    """Take `run_dir` for this job (rank 0), or raise RunDirError naming its live holder."""
+    """Take `run_dir` for this job (rank 0), or raise RunDirError naming its live holder. A
+    stale lock taken over is noted in `took_over`, which `hold` logs."""
     held = _HELD.get(_key(run_dir))
     if held is not None:
         held.count += 1
         return held
     path = check_run_dir(run_dir) / LOCK_NAME
     me = Holder.current()
+    took_over = None
     for _ in range(10):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -182,6 +185,7 @@ def acquire(run_dir: str | Path) -> RunLock:
                 f.flush()
                 os.fsync(f.fileno())
             lock = _HELD[_key(run_dir)] = RunLock(path, me)
+            lock.took_over = took_over
             return lock
         text = _text(path)
         if text is None:  # released meanwhile
@@ -201,7 +205,7 @@ def acquire(run_dir: str | Path) -> RunLock:
                 )
         if _break(path, text):
             who = holder.describe() if holder is not None else "?"
-            log.warning("run dir %s: taking over the lock of %s (%s)", path.parent, who, reason)
+            took_over = f"run dir {path.parent}: taking over the lock of {who} ({reason})"
     raise RunDirError(f"run dir {path.parent}: could not take {path} (other jobs keep taking it).")
 
 
@@ -230,6 +234,9 @@ def hold(run_dir: str | Path, rank: int) -> Iterator[RunLock | None]:
         yield None
         return
     lock = acquire(run_dir)
+    if lock.took_over:  # logged here: from the Hydra callback, logging was not set up yet
+        log.warning("%s", lock.took_over)
+        lock.took_over = None
     h = lock.holder
     log.info(
         "==== launch in %s: pid %d on %s, %s (%s) ====",

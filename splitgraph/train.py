@@ -154,8 +154,8 @@ def _train(
     device, backend = placement.device, placement.backend
     torch.manual_seed(int(cfg.train.seed))
     plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
+    wait = timedelta(seconds=float(cfg.runtime.timeout))  # every group's bound on a wait
     if distributed:  # DeviceMesh's device type follows the backend (gloo: "cpu", even staged)
-        wait = timedelta(seconds=float(cfg.runtime.timeout))
         mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu", timeout=wait)
         engine = PipelineEngine.from_mesh(
             cfg, mesh, device, transport=placement.transport, plan=plan
@@ -218,7 +218,6 @@ def _train(
     tracer = make_tracer(device) if cfg.trace.enabled else None
     engine.executor.tracer = tracer
     window = TraceWindow(cfg.trace, tracer, steps)
-    wait = timedelta(seconds=float(cfg.runtime.timeout))
     step_sum = StepSum(backend, device, timeout=wait)  # may create a process group: every rank
     metrics_file = _open_metrics(run_dir, start) if is_main else None
     bar = _progress(cfg, steps, start) if is_main else None
@@ -307,7 +306,7 @@ def _train(
     except (OutOfMemory, torch.cuda.OutOfMemoryError) as e:
         raise _out_of_memory(e, cfg, env, device, step) from e
     finally:
-        signals.phase = "finishing"  # from here a first signal is ignored
+        signals.phase = "finishing"  # a first signal is now only noted; a second stops
         watchdog.stop()
         if bar is not None:
             bar.close()

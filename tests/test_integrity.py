@@ -47,6 +47,15 @@ def _flip_low_bits(path: Path, start: int = 1024, stride: int = 4) -> bytes:
     return bytes(data)
 
 
+def _marker(ck: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a checkpoint's splitgraph.json, or (with `meta`) write it as given."""
+    path = ck / checkpoint.MARKER
+    if meta is not None:
+        path.write_text(json.dumps(meta))
+        return meta
+    return json.loads(path.read_text())
+
+
 def _auto(run: Path, caplog: pytest.LogCaptureFixture) -> checkpoint.Checkpoint | None:
     cfg = load_config(TINY + [f"run_dir={run}"])
     with caplog.at_level(logging.WARNING, logger="splitgraph"):
@@ -130,16 +139,16 @@ def test_a_changed_marker_and_a_changed_metadata_are_damage(
     trained: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     run, ckdir = _copy(trained, tmp_path)
-    marker = ckdir / "step_00000006" / checkpoint.MARKER
-    meta = json.loads(marker.read_text())
+    meta = _marker(ckdir / "step_00000006")
     meta["identity"]["optim.lr"] = 0.5  # still valid JSON, still step 6
-    marker.write_text(json.dumps(meta))
+    _marker(ckdir / "step_00000006", meta)
     _flip_low_bits(ckdir / "step_00000004" / ".metadata", start=200, stride=50)
-    assert _auto(run, caplog) is not None and _auto(run, caplog).step == 2  # type: ignore[union-attr]
+    found = _auto(run, caplog)
+    assert found is not None and found.step == 2
     assert "step_00000006 is damaged (splitgraph.json was changed after it was written" in (
         caplog.text
     )
-    assert "step_00000004 is damaged (.metadata does not match its recorded sha256" in (caplog.text)
+    assert "step_00000004 is damaged (.metadata does not match its recorded sha256" in caplog.text
 
 
 def test_no_intact_checkpoint_left_says_training_starts_afresh(
@@ -159,12 +168,10 @@ def test_a_checkpoint_without_digests_loads_with_a_warning(
 ) -> None:
     """Format 1 (before digests) still resumes, saying it was not verified."""
     run, ckdir = _copy(trained, tmp_path)
-    marker = ckdir / "step_00000006" / checkpoint.MARKER
-    meta = json.loads(marker.read_text())
+    meta = _marker(ckdir / "step_00000006")
     for key in ("files", "marker_sha256"):
         del meta[key]
-    meta["format"] = 1
-    marker.write_text(json.dumps(meta))
+    _marker(ckdir / "step_00000006", {**meta, "format": 1})
     found = _auto(run, caplog)
     assert found is not None and found.step == 6
     assert "format 1): loaded without an integrity check" in caplog.text

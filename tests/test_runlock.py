@@ -88,6 +88,10 @@ def test_a_dead_or_recycled_holder_is_taken_over_with_a_warning(
         _lock_of(tmp_path, **changes)  # type: ignore[arg-type]
         with caplog.at_level(logging.WARNING, logger="splitgraph"):
             lock = runlock.acquire(tmp_path)
+            assert lock.took_over is not None
+            caplog.clear()
+            with runlock.hold(tmp_path, 0):  # logs it, once, when logging is set up
+                pass
         assert f"taking over the lock of pid {changes['pid']} " in caplog.text
         assert f"{reason})" in caplog.text
         assert json.loads((tmp_path / runlock.LOCK_NAME).read_text())["pid"] == os.getpid()
@@ -105,8 +109,8 @@ def test_another_host_is_assumed_alive_unless_it_is_this_torchrun_job(
     # a restart of the same job whose rank 0 moved to another node: the old attempt is over
     _lock_of(tmp_path, 1, host="node-b", job="my-job", attempt=0)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    with caplog.at_level(logging.WARNING, logger="splitgraph"):
-        runlock.acquire(tmp_path).release()
+    with caplog.at_level(logging.WARNING, logger="splitgraph"), runlock.hold(tmp_path, 0):
+        pass
     assert "(an earlier attempt (0) of this torchrun job)" in caplog.text
 
 
@@ -126,8 +130,8 @@ def test_an_unreadable_lock_is_waited_for_then_taken_over(
     path = tmp_path / runlock.LOCK_NAME
     path.write_text("")  # a crash between creating the file and writing it
     os.utime(path, (1, 1))  # long ago
-    with caplog.at_level(logging.WARNING, logger="splitgraph"):
-        runlock.acquire(tmp_path).release()
+    with caplog.at_level(logging.WARNING, logger="splitgraph"), runlock.hold(tmp_path, 0):
+        pass
     assert "(an unreadable lock file left by a crash)" in caplog.text
 
 

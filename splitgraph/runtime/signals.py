@@ -111,7 +111,7 @@ class StopSignals:
             return
         self.active = False
         for s, old in self._old.items():
-            signal.signal(s, old)
+            signal.signal(s, old if old is not None else signal.SIG_DFL)  # None: set from C
         signal.set_wakeup_fd(self._old_fd)
         r, w = self._sockets  # type: ignore[misc]
         with contextlib.suppress(OSError):
