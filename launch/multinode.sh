@@ -29,6 +29,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # A fresh rendezvous store per restart: torch 2.13's shared one keeps the failed attempt's keys
 # (pytorch/pytorch#135712), so --max-restarts could reconnect to dead ranks.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-"$py" -m splitgraph.cli --nproc "$((nnodes * nproc))" "$@" >/dev/null
+"$py" -m splitgraph.cli --nproc "$((nnodes * nproc))" --nproc-per-node "$nproc" "$@" >/dev/null
 exec "$py" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$job" -m splitgraph.train "$@"
