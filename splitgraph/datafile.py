@@ -158,7 +158,7 @@ def _npz_header(path: Path) -> FileHeader:
             with zf.open(info) as f:
                 arrays[name], header_len = _npy_header(name, f, path)
             stored = info.file_size - header_len
-            if arrays[name].shape is not None and stored < arrays[name].nbytes:
+            if arrays[name].kind != "object" and stored < arrays[name].nbytes:
                 raise DataError(
                     f"{path} is damaged: {name} declares {arrays[name].describe()} but its "
                     f"member holds {format_bytes(max(stored, 0))} of data."
@@ -225,10 +225,11 @@ def _torch_load(path: Path, mapped: bool) -> Any:
 
 def _tensor_info(name: str, value: Any) -> ArrayInfo:
     if not isinstance(value, torch.Tensor):
-        what = type(value).__name__
-        if isinstance(value, (list, tuple)) and value:
-            what += f" of {type(value[0]).__name__}"
-        return ArrayInfo(name, None, what=what)
+        kinds, inner = [type(value).__name__], value
+        while isinstance(inner, (list, tuple)) and inner and len(kinds) < 4:
+            inner = inner[0]
+            kinds.append(type(inner).__name__)
+        return ArrayInfo(name, None, what=" of ".join(kinds))
     dt = value.dtype
     if dt.is_complex:
         kind = "complex"
