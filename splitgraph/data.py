@@ -314,7 +314,7 @@ def _labels(raw: Any, outputs: int | None) -> tuple[Tensor | None, list[str], in
         )
     if problems:
         return None, problems, None
-    return torch.from_numpy(y.astype(np.int64)), [], hi + 1
+    return torch.from_numpy(y.astype(np.int64, copy=False)), [], hi + 1
 
 
 def _gather_rows(raw: Any, idx: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
@@ -427,11 +427,13 @@ def from_file(
     task: Task,
     dtype: torch.dtype = torch.float32,
     limit: int | None = None,
+    bound: str = "",
 ) -> Dataset:
     """A user's `.pt`/`.npz` with X [n, features] and y, in `dtype` (float labels: int64).
 
     The header is read first and checked against the model and against `limit` (bytes this
-    process may spend loading); then the values, in one pass that converts them. Every
+    process may spend loading; `bound` says where it comes from); then the values, in one
+    pass that converts them. Every
     problem found is listed in one DataError naming the file and the fix.
     """
     path = Path(str(data_cfg.path))
@@ -440,7 +442,7 @@ def from_file(
     problems = header_problems(header, d, k, task)
     need = load_bytes(header, dtype, task)
     if limit is not None and need > limit:
-        raise DataError(too_big_message(header, need, 1, limit, dtype))
+        raise DataError(too_big_message(header, need, 1, limit, dtype, bound))
     if not _readable(header):
         raise _problem_error(path, problems)
     X_raw, y_raw = read_arrays(header)
@@ -516,25 +518,32 @@ def fill_shape_from_file(cfg: Any) -> str | None:
         return None
     if d.features is not None and d.outputs is not None:
         return None
-    from splitgraph.preflight import data_limit
+    from splitgraph.preflight import bound_name, data_limit
 
     task = Task(cfg.model.task)
     path = Path(str(d.path))
     limit = data_limit(cfg)
     header = read_header(path, limit)
+
+    def refuse(problems: list[str]) -> DataError:
+        """The whole file's problems (values too), as loading it would list them."""
+        from_file(d, task, data_dtype(cfg), limit, bound_name(cfg))
+        return _problem_error(path, problems)
+
+    need = load_bytes(header, data_dtype(cfg), task)
+    if need > limit:  # a file too big to load is refused before any of it is read
+        raise DataError(too_big_message(header, need, 1, limit, data_dtype(cfg), bound_name(cfg)))
     problems = header_problems(header, d.features, d.outputs, task)
     if problems:
-        raise _problem_error(path, problems)
+        raise refuse(problems)
     X, y = header.arrays["X"], header.arrays["y"]
     assert X.shape is not None and y.shape is not None
     features = X.shape[1]
     if task == Task.classification:
-        if y.nbytes > limit:
-            raise DataError(too_big_message(header, y.nbytes, 1, limit, torch.int64))
-        _, y_raw = read_arrays(header)
+        (y_raw,) = read_arrays(header, ("y",))
         _, problems, classes = _labels(y_raw, d.outputs)
         if problems:
-            raise _problem_error(path, problems)
+            raise refuse(problems)
         assert classes is not None
         outputs, what = classes, f"labels 0..{classes - 1}"
     else:
@@ -560,9 +569,9 @@ def load_dataset(cfg: Any) -> Dataset:
     task = Task(cfg.model.task)
     dtype = data_dtype(cfg)
     if name == DataName.file:
-        from splitgraph.preflight import data_limit
+        from splitgraph.preflight import bound_name, data_limit
 
-        ds = from_file(cfg.data, task, dtype, data_limit(cfg))
+        ds = from_file(cfg.data, task, dtype, data_limit(cfg), bound_name(cfg))
     else:
         loader = {DataName.synthetic: synthetic, DataName.digits: digits}
         ds = loader[name](cfg.data, task).to(dtype, "cpu")

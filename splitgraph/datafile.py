@@ -88,7 +88,7 @@ class FileHeader:
     file_bytes: int
     names: tuple[str, ...]
     arrays: dict[str, ArrayInfo]
-    mapped: bool = True  # reading X and y allocates only what is copied out of them
+    mapped: bool = False  # .pt mapped onto the file: reading X and y allocates nothing more
 
     def get(self, name: str) -> ArrayInfo | None:
         return self.arrays.get(name)
@@ -120,22 +120,24 @@ def read_header(path: Path, limit: int | None = None) -> FileHeader:
         raise DataError(f"{path} cannot be read as a {path.suffix} file: {_reason(e)}") from e
 
 
-def read_arrays(header: FileHeader, limit: int | None = None) -> tuple[Any, Any]:
-    """X and y as the file holds them: numpy arrays (.npz) or tensors (.pt), not yet copied.
+def read_arrays(header: FileHeader, names: tuple[str, ...] = ("X", "y")) -> list[Any]:
+    """The named arrays as the file holds them: numpy arrays (.npz) or tensors (.pt), not
+    yet copied.
 
-    Call only after `header` passed the memory checks: this is where bytes are read.
+    Call only after `header` passed the memory checks: this is where bytes are read (an
+    .npz member is decompressed only if named).
     """
     path = header.path
     try:
         if header.format == "npz":
             with np.load(path, allow_pickle=False) as z:
-                return z["X"], z["y"]  # each decompressed once, here, and not copied
+                return [z[n] for n in names]  # each decompressed once, here, not copied
         obj = _torch_load(path, header.mapped)
     except DataError:
         raise
     except Exception as e:
         raise DataError(f"{path} cannot be read as a {path.suffix} file: {_reason(e)}") from e
-    return obj["X"], obj["y"]
+    return [obj[n] for n in names]
 
 
 # -- .npz --------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def _npz_header(path: Path) -> FileHeader:
                     f"{path} is damaged: {name} declares {arrays[name].describe()} but its "
                     f"member holds {format_bytes(max(stored, 0))} of data."
                 )
-    return FileHeader(path, "npz", path.stat().st_size, tuple(names), arrays)
+    return FileHeader(path, "npz", path.stat().st_size, tuple(names), arrays, mapped=False)
 
 
 def _npy_header(name: str, f: Any, path: Path) -> tuple[ArrayInfo, int]:

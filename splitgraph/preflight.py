@@ -61,7 +61,8 @@ def data_limit(cfg: Any, machine: int | None = None) -> int:
     return (machine_memory() if machine is None else machine) // 2
 
 
-def _bound_name(cfg: Any, machine: int | None) -> str:
+def bound_name(cfg: Any, machine: int | None = None) -> str:
+    """Where the data bound comes from, for messages."""
     if cfg.data.max_memory is not None:
         return f"data.max_memory={cfg.data.max_memory}"
     m = machine_memory() if machine is None else machine
@@ -239,14 +240,14 @@ def check_launch(
             raise DataError(
                 f"data={cfg.data.name} takes about {format_bytes(per_loader)} on each of "
                 f"{len(loaders)} rank(s) on this node, over the data bound of "
-                f"{format_bytes(limit)} ({_bound_name(cfg, machine)}). Use fewer "
+                f"{format_bytes(limit)} ({bound_name(cfg, machine)}). Use fewer "
                 "data.samples, or raise data.max_memory."
             )
         from splitgraph.data import data_dtype
 
         raise DataError(
             too_big_message(
-                header, per_loader, len(loaders), limit, data_dtype(cfg), _bound_name(cfg, machine)
+                header, per_loader, len(loaders), limit, data_dtype(cfg), bound_name(cfg, machine)
             )
         )
 
