@@ -48,7 +48,7 @@ def check_main(argv: list[str] | None = None) -> int:
 
     from splitgraph import preflight
     from splitgraph.config import load_config, validate
-    from splitgraph.data import fill_shape_from_file, load_dataset, microbatch_sizes
+    from splitgraph.data import load_dataset, microbatch_sizes
     from splitgraph.errors import OutOfMemory
     from splitgraph.partition import make_plan
     from splitgraph.runtime.mesh import layout_of
@@ -56,7 +56,7 @@ def check_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args, fill_data=False)
-        found = fill_shape_from_file(cfg)
+        found = preflight.resolve_data(cfg, nproc, range(per_node))
         validate(cfg, nproc)
         layout = layout_of(cfg, nproc)
         plan = make_plan(cfg, layout.pp)

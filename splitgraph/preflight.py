@@ -139,6 +139,53 @@ def loading_ranks(layout: Any, plan: Any, ranks: Sequence[int]) -> list[int]:
     return [r for r in ranks if layout.coords(r)[1] in ends]
 
 
+def _check_data(cfg: Any, loaders: int, machine: int | None = None) -> int:
+    """Refuse data that `loaders` ranks of one node cannot load within the data bound;
+    returns what one of them takes."""
+    from splitgraph.data import data_dtype, too_big_message
+
+    per_loader, header = data_load_bytes(cfg)
+    limit = data_limit(cfg, machine)
+    if loaders and per_loader * loaders > limit:
+        if header is None:
+            raise DataError(
+                f"data={cfg.data.name} takes about {format_bytes(per_loader)} on each of "
+                f"{loaders} rank(s) on this node, over the data bound of "
+                f"{format_bytes(limit)} ({bound_name(cfg, machine)}). Use fewer "
+                "data.samples, or raise data.max_memory."
+            )
+        raise DataError(
+            too_big_message(
+                header, per_loader, loaders, limit, data_dtype(cfg), bound_name(cfg, machine)
+            )
+        )
+    return per_loader
+
+
+def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
+    """At the entrance (every rank, splitgraph-check): refuse a data file this node cannot
+    load, from its header alone, then read data.features/outputs from it where null.
+
+    The bound comes first, so a file too large for the node is refused before even its
+    labels are read. Returns the line saying what was read from the file (or None).
+    """
+    from splitgraph.data import fill_shape_from_file
+
+    if DataName(cfg.data.name) == DataName.file and cfg.data.path:
+        try:  # which ranks hold the first and last stage needs only the layout
+            from splitgraph.runtime.mesh import layout_of
+
+            layout = layout_of(cfg, world_size)
+            virtual = max(int(cfg.schedule.virtual_stages), 1)
+            ends = {0, (layout.pp * virtual - 1) % layout.pp}
+            loaders = [r for r in node if 0 <= r < layout.world_size]
+            loaders = [r for r in loaders if layout.coords(r)[1] in ends]
+        except (ValueError, ZeroDivisionError):  # an invalid layout: validate names it
+            loaders = list(node)
+        _check_data(cfg, len(loaders))
+    return fill_shape_from_file(cfg)
+
+
 # -- the model ---------------------------------------------------------------------------
 
 
@@ -227,29 +274,12 @@ def check_launch(
     `node`: the global ranks on this machine; `devices`: each one's device (default: the
     CPU); `machine`: this machine's memory in bytes (default: measured).
     """
-    from splitgraph.data import too_big_message
     from splitgraph.runtime import memcap
 
     machine = machine_memory() if machine is None else machine
     devices = list(devices) if devices is not None else [torch.device("cpu")] * len(node)
     loaders = loading_ranks(layout, plan, node)
-    per_loader, header = data_load_bytes(cfg)
-    limit = data_limit(cfg, machine)
-    if loaders and per_loader * len(loaders) > limit:
-        if header is None:
-            raise DataError(
-                f"data={cfg.data.name} takes about {format_bytes(per_loader)} on each of "
-                f"{len(loaders)} rank(s) on this node, over the data bound of "
-                f"{format_bytes(limit)} ({bound_name(cfg, machine)}). Use fewer "
-                "data.samples, or raise data.max_memory."
-            )
-        from splitgraph.data import data_dtype
-
-        raise DataError(
-            too_big_message(
-                header, per_loader, len(loaders), limit, data_dtype(cfg), bound_name(cfg, machine)
-            )
-        )
+    per_loader = _check_data(cfg, len(loaders), machine)
 
     records = price_ranks(cfg, layout, plan)
     cap = memcap.cap_bytes(cfg)
@@ -271,7 +301,7 @@ def check_launch(
         need = sum(b for _, b in items)
         if need > capacity[key]:
             raise _over_machine(key, need, capacity[key], items, records, loaders, per_loader)
-    return Preflight(records, per_loader, loaders, list(node), capacity, limit)
+    return Preflight(records, per_loader, loaders, list(node), capacity, data_limit(cfg, machine))
 
 
 def _device_memory(dev: torch.device) -> int:

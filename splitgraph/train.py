@@ -52,7 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from splitgraph import checkpoint, preflight
 from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
-from splitgraph.data import BatchOrder, Dataset, fill_shape_from_file, load_dataset, replica_rows
+from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.faults import Fault, restart_attempt
@@ -80,7 +80,8 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
     (`run_ranks` in tests makes one with a FileStore and passes `env`).
     """
     env = env or DistEnv.from_environ()
-    found = fill_shape_from_file(cfg)  # data=file: features and outputs the file declares
+    node = preflight.node_ranks(env.rank, env.local_rank, env.local_world_size)
+    found = preflight.resolve_data(cfg, env.world_size, node)  # data=file: bound, then shape
     if found and env.rank == 0:
         log.info("%s", found)
     validate(cfg, env.world_size)
@@ -97,7 +98,6 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
     layout = layout_of(cfg, env.world_size)
     plan = make_plan(cfg, layout.pp)
     try:  # the data file's header and the model's bytes, before either is allocated
-        node = preflight.node_ranks(env.rank, env.local_rank, env.local_world_size)
         preflight.check_launch(cfg, layout, plan, node, preflight.node_devices(cfg, len(node)))
     except OutOfMemory as e:
         raise _out_of_memory(e, cfg, env, torch.device("cpu"), 0) from None
