@@ -263,3 +263,25 @@ def test_check_says_what_it_read_from_the_file(
     assert "data.features=9, data.outputs=4 read from the file" in out
     assert "memory per rank, priced before anything is allocated" in out
     assert re.search(r"rank 1: .* \+ data ", out), out
+
+
+def test_on_gpus_each_rank_is_held_against_its_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU here: the devices are named and their memory given, as place() and
+    torch.cuda would on a node of two GPUs; the host then holds only the data."""
+    cfg = load_config(["model.hidden=[2000,2000]", "optim=adam"])  # 4.5M params: 72 MB each
+    layout, plan = layout_of(cfg, 3), make_plan(cfg, 3)
+    gpus = [torch.device("cuda", r) for r in range(3)]
+    records = preflight.price_ranks(cfg, layout, plan)
+    biggest = max(r["total"] for r in records)
+    monkeypatch.setattr(preflight, "_device_memory", lambda dev: biggest)
+    monkeypatch.setattr(preflight, "machine_memory", lambda: 64 * 2**20)  # host: data only
+    checked = preflight.check_launch(cfg, layout, plan, range(3), gpus)
+    assert set(checked.capacity) == {"host", "cuda:0", "cuda:1", "cuda:2"}
+    monkeypatch.setattr(preflight, "_device_memory", lambda dev: biggest - 1)
+    with pytest.raises(OutOfMemory, match=r"rank \d needs at least .* but cuda:\d has"):
+        preflight.check_launch(cfg, layout, plan, range(3), gpus)
+    # two ranks sharing one GPU (staged transport) are summed on it
+    shared = [torch.device("cuda", 0)] * 3
+    monkeypatch.setattr(preflight, "_device_memory", lambda dev: biggest)
+    with pytest.raises(OutOfMemory, match="the 3 ranks on cuda:0 need at least"):
+        preflight.check_launch(cfg, layout, plan, range(3), shared)
