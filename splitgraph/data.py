@@ -3,6 +3,14 @@
 Only the first stage needs inputs and only the last needs labels; both draw the same
 minibatch indices from `BatchOrder`, seeded by (train.seed, epoch), so no rank ever sends
 data to another and a run is reproducible from (seed, step).
+
+A user's file (`data=file`, docs/data.md) goes header first (datafile.py), then values:
+
+    header -> problems of shape and dtype, bytes to load    nothing read yet
+    values -> labels, X and y gathered into the train/test  chunk by chunk, in the run's dtype
+              split and checked finite in that dtype        (float64 runs keep float64 data)
+    every problem -> one DataError                          each with its fix
+    standardize -> training split's mean/std (float64)      data.standardize
 """
 
 from __future__ import annotations
@@ -433,8 +441,8 @@ def from_file(
 
     The header is read first and checked against the model and against `limit` (bytes this
     process may spend loading; `bound` says where it comes from); then the values, in one
-    pass that converts them. Every
-    problem found is listed in one DataError naming the file and the fix.
+    pass that converts them. Every problem found is listed in one DataError naming the file
+    and the fix.
     """
     path = Path(str(data_cfg.path))
     header = read_header(path, limit)
@@ -509,9 +517,9 @@ def too_big_message(
 def fill_shape_from_file(cfg: Any) -> str | None:
     """data=file: set data.features and data.outputs from the file where they are null.
 
-    Reads the header (and, for classification, the labels: outputs = largest label + 1).
-    Returns a line saying what was found (None: nothing to fill). Raises DataError listing
-    every problem the header shows.
+    Reads the header (and, for classification, the labels: outputs = largest label + 1),
+    after checking that this process could load the file at all. Returns a line saying what
+    was found (None: nothing to fill). Raises DataError listing every problem of the file.
     """
     d = cfg.data
     if DataName(d.name) != DataName.file or not d.path:
