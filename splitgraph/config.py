@@ -592,11 +592,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     if d.name == DataName.file and not d.path:
         errors.append("data=file needs data.path=/path/to/data.pt (or .npz) holding X and y.")
     if d.max_memory is not None:
-        try:
-            if parse_bytes(d.max_memory) <= 0:
-                errors.append(f"data.max_memory={d.max_memory!r} must be > 0 bytes.")
-        except ValueError as e:
-            errors.append(f"data.max_memory={d.max_memory!r}: {e}")
+        errors += _positive_bytes("data.max_memory", d.max_memory, "bytes")
     if d.name == DataName.digits and (d.features != 64 or d.outputs != 10):
         errors.append(
             f"data=digits has 64 features and 10 classes; got data.features={d.features}, "
@@ -686,6 +682,16 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError(errors)
 
 
+def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
+    """The problem with a byte size that must be positive ("10GB", "8GiB"), if any."""
+    try:
+        if parse_bytes(value) <= 0:
+            return [f"{key}={value!r} must be > 0 {unit}."]
+    except ValueError as e:
+        return [f"{key}={value!r}: {e}"]
+    return []
+
+
 def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
     """The planner's inputs: devices, link and profiling settings (splitgraph/costs.py)."""
     errors: list[str] = []
@@ -706,11 +712,7 @@ def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
                 except ValueError as e:
                     errors.append(f"pipeline.devices[{r}].memory={d.memory!r}: {e}")
     if p.bandwidth is not None:
-        try:
-            if parse_bytes(p.bandwidth) <= 0:
-                errors.append(f"pipeline.bandwidth={p.bandwidth!r} must be > 0 bytes/s.")
-        except ValueError as e:
-            errors.append(f"pipeline.bandwidth={p.bandwidth!r}: {e}")
+        errors += _positive_bytes("pipeline.bandwidth", p.bandwidth, "bytes/s")
     if p.latency is not None and p.latency < 0:
         errors.append(f"pipeline.latency={p.latency} must be >= 0 seconds.")
     if c.repeats < 1 or c.warmup < 0:
