@@ -115,7 +115,7 @@ class Preflight:
 # -- the data ----------------------------------------------------------------------------
 
 
-def data_load_bytes(cfg: Any) -> tuple[int, Any]:
+def data_load_bytes(cfg: Any, machine: int | None = None) -> tuple[int, Any]:
     """(bytes one loading rank takes to load the data, the file's header or None)."""
     from splitgraph.data import data_dtype, load_bytes
     from splitgraph.datafile import read_header
@@ -125,7 +125,7 @@ def data_load_bytes(cfg: Any) -> tuple[int, Any]:
     es = torch.empty((), dtype=dtype).element_size()
     name = DataName(d.name)
     if name == DataName.file:
-        header = read_header(Path(str(d.path)), data_limit(cfg))
+        header = read_header(Path(str(d.path)), data_limit(cfg, machine))
         return load_bytes(header, dtype, Task(cfg.model.task)), header
     if name == DataName.synthetic:  # generated in float32, then the run's train/test copy
         per_row = (int(d.features) + int(d.outputs)) * (4 + es)
@@ -144,7 +144,7 @@ def _check_data(cfg: Any, loaders: int, machine: int | None = None) -> int:
     returns what one of them takes."""
     from splitgraph.data import data_dtype, too_big_message
 
-    per_loader, header = data_load_bytes(cfg)
+    per_loader, header = data_load_bytes(cfg, machine)
     limit = data_limit(cfg, machine)
     if loaders and per_loader * loaders > limit:
         if header is None:
@@ -189,20 +189,13 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
 # -- the model ---------------------------------------------------------------------------
 
 
-def optimizer_bytes(optim_cfg: Any, param_bytes: int, tensors: int) -> int:
-    """Optimizer state as torch allocates it at the first step (memcap's rule, from counts)."""
-    from splitgraph.runtime.memcap import optimizer_bytes_for
-
-    return optimizer_bytes_for(optim_cfg, param_bytes, tensors)
-
-
 def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     """Every global rank's accounted bytes, from the plan alone: what
     `memcap.accounting(engine, cap, measured=False)` will say once the model exists."""
     from splitgraph.data import microbatch_sizes
     from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.runtime.dist import torch_dtype
-    from splitgraph.runtime.memcap import cap_bytes
+    from splitgraph.runtime.memcap import cap_bytes, optimizer_bytes_for
     from splitgraph.schedule import build_schedule
 
     dtype = torch_dtype(cfg.runtime.dtype)
@@ -224,7 +217,7 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
         layers = [plan.layers[i] for s in plan.stages_of(p) for i in plan.stage_range(s)]
         params = sum(layer.params for layer in layers) * es
         tensors = sum(2 if layer.bias else 1 for layer in layers)
-        opt = optimizer_bytes(cfg.optim, params, tensors)
+        opt = optimizer_bytes_for(cfg.optim, params, tensors)
         saved = peaks[p] if peaks is not None else None
         records.append(
             {
@@ -244,11 +237,12 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
 def _largest_layer_note(cfg: Any, plan: Any, cap: int) -> str:
     """When one layer alone exceeds the cap, no split can help: say so."""
     from splitgraph.runtime.dist import torch_dtype
+    from splitgraph.runtime.memcap import optimizer_bytes_for
 
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
     layer = max(plan.layers, key=lambda spec: spec.params)
     nbytes = layer.params * es
-    static = 2 * nbytes + optimizer_bytes(cfg.optim, nbytes, 2 if layer.bias else 1)
+    static = 2 * nbytes + optimizer_bytes_for(cfg.optim, nbytes, 2 if layer.bias else 1)
     if static <= cap:
         return ""
     return (
