@@ -100,6 +100,7 @@ def identity(cfg: Any) -> dict[str, Any]:
             else (node.value if hasattr(node, "value") else node)
         )
         _flatten(key, value, out)
+    out.pop("data.max_memory", None)  # a bound on loading, not what is trained on
     return out
 
 

@@ -7,33 +7,56 @@ import sys
 from splitgraph.errors import SplitgraphError
 
 
-def check_main(argv: list[str] | None = None) -> int:
-    """`splitgraph-check --nproc N [overrides...]`: validate a launch before spawning anything.
+def _take_ranks(args: list[str], flag: str) -> int | str | None:
+    """The count after `flag` (removed from args), None if absent, or the complaint."""
+    if flag not in args:
+        return None
+    i = args.index(flag)
+    text = args[i + 1] if i + 1 < len(args) else ""
+    del args[i : i + 2]
+    try:
+        n = int(text)
+    except ValueError:
+        return f"{flag} needs a number of ranks; got {text!r}"
+    if n < 1:
+        return f"{flag} {n}: a launch needs at least 1 rank (one per pipeline stage)"
+    return n
 
-    Composes the config exactly as `splitgraph.train` would, runs `validate` for N ranks,
-    builds the plan and the schedule (which validates it), and prints both. Exit 0 if the
-    launch would start, 2 with the reasons if not. launch/*.sh run it before torchrun.
+
+def check_main(argv: list[str] | None = None) -> int:
+    """`splitgraph-check --nproc N [--nproc-per-node L] [overrides...]`: validate a launch
+    before spawning anything.
+
+    Composes the config exactly as `splitgraph.train` would (reading data.features and
+    data.outputs from a data file that leaves them null), runs `validate` for N ranks, builds
+    the plan and the schedule (which validates it), prices every rank's memory and the data
+    against the cap and this machine (splitgraph/preflight.py; L ranks on this machine,
+    default N), reads the data file and checks every value, and prints what it found. Exit 0
+    if the launch would start, 2 with the reasons if not, 3 if it cannot fit in memory.
+    launch/*.sh run it before torchrun.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    nproc = 1
-    if "--nproc" in args:
-        i = args.index("--nproc")
-        try:
-            nproc = int(args[i + 1])
-        except (IndexError, ValueError):
-            print("splitgraph-check: --nproc needs a number of ranks", file=sys.stderr)
+    nproc = _take_ranks(args, "--nproc")
+    per_node = _take_ranks(args, "--nproc-per-node")
+    for bad in (nproc, per_node):
+        if isinstance(bad, str):
+            print(f"splitgraph-check: {bad}", file=sys.stderr)
             return 2
-        del args[i : i + 2]
+    nproc = 1 if nproc is None else int(nproc)
+    per_node = nproc if per_node is None else min(int(per_node), nproc)
     from hydra.errors import HydraException
 
+    from splitgraph import preflight
     from splitgraph.config import load_config, validate
-    from splitgraph.data import microbatch_sizes
+    from splitgraph.data import load_dataset, microbatch_sizes
+    from splitgraph.errors import OutOfMemory
     from splitgraph.partition import make_plan
     from splitgraph.runtime.mesh import layout_of
     from splitgraph.schedule import build_schedule
 
     try:
-        cfg = load_config(args)
+        cfg = load_config(args, fill_data=False)
+        found = preflight.resolve_data(cfg, nproc, range(per_node))
         validate(cfg, nproc)
         layout = layout_of(cfg, nproc)
         plan = make_plan(cfg, layout.pp)
@@ -42,13 +65,26 @@ def check_main(argv: list[str] | None = None) -> int:
         sched = build_schedule(
             str(cfg.schedule.name), layout.pp, len(sizes), int(cfg.schedule.virtual_stages)
         )
+        try:
+            devices = preflight.node_devices(cfg, per_node)
+        except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
+            raise SplitgraphError(str(e)) from None
+        checked = preflight.check_launch(cfg, layout, plan, range(per_node), devices)
+        dataset = load_dataset(cfg)  # every value, as the ranks will read it
+    except OutOfMemory as e:
+        print(f"splitgraph-check: {e}", file=sys.stderr)
+        return 3
     except (SplitgraphError, HydraException) as e:
         cause = f"\n  ({e.__cause__})" if e.__cause__ else ""
         print(f"splitgraph-check: {e}{cause}", file=sys.stderr)
         return 2
+    if found:
+        print(found)
+    print(dataset.describe())
     print(plan.table(sizes[0]))
     if layout.dp > 1:
         print(layout.describe() + f"\n  each replica runs {rows} rows of every minibatch")
+    print("\n".join(checked.lines()))
     print(f"schedule {sched.name}: {len(sizes)} microbatches {sizes}, valid")
     return 0
 

@@ -44,6 +44,15 @@ class DataName(Enum):
     digits = "digits"
 
 
+class Standardize(Enum):
+    """What the loader standardizes with the training split's mean and std (data.py)."""
+
+    auto = "auto"  # data=file: inputs, and regression targets; built-in sets: nothing
+    none = "none"
+    inputs = "inputs"
+    all = "all"  # inputs and (regression) targets
+
+
 class OptimName(Enum):
     sgd = "sgd"
     adam = "adam"
@@ -94,9 +103,9 @@ PARTITIONS = ("uniform", "params", "manual", "time", "memory", "optimal")
 class ModelConfig:
     """The textbook MLP: Linear layers (no bias by default) with an elementwise activation."""
 
-    in_features: int = II("data.features")
+    in_features: int | None = II("data.features")  # None only until read from a data file
     hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
-    out_features: int = II("data.outputs")
+    out_features: int | None = II("data.outputs")
     activation: Activation = Activation.relu
     bias: bool = False
     task: Task = Task.classification
@@ -106,8 +115,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: DataName = DataName.synthetic
-    features: int = 64
-    outputs: int = 10  # classes for classification, targets for regression
+    # data=file: null reads them from the file (splitgraph.data.fill_shape_from_file)
+    features: int | None = 64
+    outputs: int | None = 10  # classes for classification, targets for regression
     samples: int = 8192  # synthetic only
     test_fraction: float = 0.1
     seed: int = 0
@@ -116,6 +126,11 @@ class DataConfig:
     path: str | None = None  # file only: a .pt or .npz holding X and y
     teacher_hidden: int = 64  # synthetic only: width of the fixed random teacher
     noise: float = 0.0  # synthetic regression only: std of target noise
+    # standardize with the training split's per-column mean and std: auto, none, inputs, all
+    standardize: Standardize = Standardize.auto
+    # most memory loading the data may take on one node, all its loading ranks together
+    # (e.g. "8GiB"); null: half of this machine's memory (splitgraph/preflight.py)
+    max_memory: str | None = None
 
 
 @dataclass
@@ -297,11 +312,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("splitgraph_run_dir", _run_dir, use_cache=True)
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+def load_config(
+    overrides: Sequence[str] = (), config_name: str = "config", fill_data: bool = True
+) -> DictConfig:
     """Compose the config as `splitgraph.train` would, without running anything.
 
     The one way tests, benchmarks and the harness build configs, so they meet the same
-    schema and defaults as users do on the command line.
+    schema and defaults as users do on the command line. `fill_data`: with data=file, set
+    data.features and data.outputs that are null from the file's header (as training does).
     """
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -311,7 +329,12 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> D
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_module(config_module="splitgraph.conf", version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    if fill_data and "data" in cfg:
+        from splitgraph.data import fill_shape_from_file
+
+        fill_shape_from_file(cfg)  # data=file: features and outputs the file knows
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,9 +399,21 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     errors: list[str] = []
     m, t, p = cfg.model, cfg.train, cfg.pipeline
     layers = num_layers(cfg)
+    if ws < 1:
+        errors.append(
+            f"a launch of {ws} ranks: splitgraph needs at least 1 (--nproc / --nproc-per-node)."
+        )
+        ws = 1  # check the rest as for one rank
 
     # model
-    if m.in_features < 1 or m.out_features < 1:
+    unknown = [k for k in ("features", "outputs") if cfg.data[k] is None]
+    if unknown:
+        keys = " and ".join(f"data.{k}" for k in unknown)
+        errors.append(
+            f"{keys} {'is' if len(unknown) == 1 else 'are'} null: data=file reads them from "
+            "data.path; other data sets need a number."
+        )
+    elif m.in_features < 1 or m.out_features < 1:
         errors.append(
             f"model.in_features={m.in_features} and model.out_features={m.out_features} "
             "must be >= 1 (they follow data.features and data.outputs)."
@@ -386,7 +421,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     bad = [w for w in m.hidden if w < 1]
     if bad:
         errors.append(f"model.hidden={list(m.hidden)} has widths < 1: every layer needs >= 1 unit.")
-    if m.task == Task.classification and m.out_features < 2:
+    if not unknown and m.task == Task.classification and m.out_features < 2:
         errors.append(
             f"model.task=classification needs >= 2 classes; got data.outputs={m.out_features}."
         )
@@ -556,6 +591,8 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             )
     if d.name == DataName.file and not d.path:
         errors.append("data=file needs data.path=/path/to/data.pt (or .npz) holding X and y.")
+    if d.max_memory is not None:
+        errors += _positive_bytes("data.max_memory", d.max_memory, "bytes")
     if d.name == DataName.digits and (d.features != 64 or d.outputs != 10):
         errors.append(
             f"data=digits has 64 features and 10 classes; got data.features={d.features}, "
@@ -645,6 +682,16 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError(errors)
 
 
+def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
+    """The problem with a byte size that must be positive ("10GB", "8GiB"), if any."""
+    try:
+        if parse_bytes(value) <= 0:
+            return [f"{key}={value!r} must be > 0 {unit}."]
+    except ValueError as e:
+        return [f"{key}={value!r}: {e}"]
+    return []
+
+
 def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
     """The planner's inputs: devices, link and profiling settings (splitgraph/costs.py)."""
     errors: list[str] = []
@@ -665,11 +712,7 @@ def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
                 except ValueError as e:
                     errors.append(f"pipeline.devices[{r}].memory={d.memory!r}: {e}")
     if p.bandwidth is not None:
-        try:
-            if parse_bytes(p.bandwidth) <= 0:
-                errors.append(f"pipeline.bandwidth={p.bandwidth!r} must be > 0 bytes/s.")
-        except ValueError as e:
-            errors.append(f"pipeline.bandwidth={p.bandwidth!r}: {e}")
+        errors += _positive_bytes("pipeline.bandwidth", p.bandwidth, "bytes/s")
     if p.latency is not None and p.latency < 0:
         errors.append(f"pipeline.latency={p.latency} must be >= 0 seconds.")
     if c.repeats < 1 or c.warmup < 0:

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from splitgraph import checkpoint, runlock
+from splitgraph import checkpoint, preflight, runlock
 from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
@@ -89,16 +89,20 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
     (`run_ranks` in tests makes one with a FileStore and passes `env`).
     """
     env = env or DistEnv.from_environ()
+    node = preflight.node_ranks(env.rank, env.local_rank, env.local_world_size)
+    found = preflight.resolve_data(cfg, env.world_size, node)  # data=file: bound, then shape
+    if found and env.rank == 0:
+        log.info("%s", found)
     validate(cfg, env.world_size)
-    # One job per run dir, before any file is read; SIGINT/SIGTERM stop at a step boundary.
+    # One job per run dir, before anything is written; SIGINT/SIGTERM stop at a step boundary.
     with (
         runlock.hold(cfg.run_dir, env.rank),
         StopSignals(env.rank, on_abort=runlock.release_all) as signals,
     ):
-        return _run(cfg, env, signals)
+        return _run(cfg, env, node, signals)
 
 
-def _run(cfg: DictConfig, env: DistEnv, signals: StopSignals) -> dict[str, Any] | None:
+def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> dict[str, Any] | None:
     placement = place(cfg.runtime, env.local_rank, env.local_world_size)
     device = placement.device
     if cfg.runtime.threads is not None:
@@ -111,9 +115,15 @@ def _run(cfg: DictConfig, env: DistEnv, signals: StopSignals) -> dict[str, Any] 
     # rank at once, and torchrun then stops the others.
     layout = layout_of(cfg, env.world_size)
     plan = make_plan(cfg, layout.pp)
+    try:  # the data file's header and the model's bytes, before either is allocated
+        preflight.check_launch(cfg, layout, plan, node, preflight.node_devices(cfg, len(node)))
+    except OutOfMemory as e:
+        raise _out_of_memory(e, cfg, env, torch.device("cpu"), 0) from None
     _, pp_rank = layout.coords(env.rank)
     needs_data = pp_rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
     dataset = load_dataset(cfg) if needs_data else None
+    if dataset is not None and env.rank == 0:
+        log.info("%s", dataset.describe())
     init_state = None
     if cfg.checkpoint.init_from:
         init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg)
@@ -342,8 +352,9 @@ def _train(
         torch.save(merged, run_dir / "model.pt")
     final = _final_metrics(run_dir)
     if dataset is not None:  # rank 0 holds stage 0, so it has the held-out split
-        final["test"] = evaluate(cfg, merged, dataset.X_test, dataset.y_test, engine.dtype)
-        final["train"] = evaluate(cfg, merged, dataset.X, dataset.y, engine.dtype)
+        scale = dataset.target_std  # regression losses in the targets' own units
+        final["test"] = evaluate(cfg, merged, dataset.X_test, dataset.y_test, engine.dtype, scale)
+        final["train"] = evaluate(cfg, merged, dataset.X, dataset.y, engine.dtype, scale)
     steady = step_times[1:] if len(step_times) > 1 else step_times
     median = statistics.median(steady) if steady else float("nan")
     summary = {
@@ -367,6 +378,7 @@ def _train(
         "resumed_from_step": start or None,
         "steps_run": len(step_times),  # trained by this launch: steps start..steps-1
         "steps_per_epoch": order.steps_per_epoch if order is not None else None,
+        "data": dataset.record() if dataset is not None else None,
         "stopped_by": stopped_by or "steps",
         "train_time_s": elapsed,
         "step_time_median_s": median,
@@ -456,6 +468,7 @@ def _out_of_memory(
     if device.type == "cuda":
         memcap.write_oom(run_dir, e)
     if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         summary = {
             **e.to_dict(),
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
@@ -483,7 +496,7 @@ def _maybe_evaluate(
     _, state = _gather(engine, env, {})
     if env.rank != 0 or dataset is None:
         return {}
-    test = evaluate(cfg, state, dataset.X_test, dataset.y_test, engine.dtype)
+    test = evaluate(cfg, state, dataset.X_test, dataset.y_test, engine.dtype, dataset.target_std)
     out = {f"test_{k}": v for k, v in test.items() if k != "samples"}
     return {**out, "eval_time": time.perf_counter() - t0}
 

@@ -182,7 +182,8 @@ def describe(
     kept = checkpoint_note or "no checkpoint was written"
     lines.append(
         f"  The weights were not updated at step {step} and {kept}. Lower optim.lr, check "
-        "the data, or try runtime.dtype=float64."
+        "the data, standardize it (data.standardize=all: inputs and regression targets, with "
+        "the training split's mean and std), or try runtime.dtype=float64."
     )
     return "\n".join(lines)
 

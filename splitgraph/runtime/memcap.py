@@ -48,12 +48,18 @@ def _nbytes(tensors: Any) -> int:
 
 
 def predicted_optimizer_bytes(optim_cfg: Any, params: list[torch.Tensor]) -> int:
-    """Optimizer state as torch allocates it at the first step: SGD keeps a momentum buffer
-    (when momentum > 0); Adam keeps two moments per parameter and a float32 step counter."""
+    """Optimizer state as torch allocates it at the first step (`optimizer_bytes_for`)."""
+    return optimizer_bytes_for(optim_cfg, _nbytes(params), len(params))
+
+
+def optimizer_bytes_for(optim_cfg: Any, param_bytes: int, tensors: int) -> int:
+    """SGD keeps a momentum buffer (when momentum > 0); Adam keeps two moments per parameter
+    and a float32 step counter per parameter tensor. From counts, so it prices a model
+    before it exists (splitgraph/preflight.py)."""
     name = OptimName(optim_cfg.name)
     if name == OptimName.sgd:
-        return _nbytes(params) if float(optim_cfg.momentum) > 0 else 0
-    return 2 * _nbytes(params) + 4 * len(params)
+        return param_bytes if float(optim_cfg.momentum) > 0 else 0
+    return 2 * param_bytes + 4 * tensors
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -101,8 +107,9 @@ def accounting(engine: Any, cap: int | None, measured: bool) -> dict[str, Any]:
     }
 
 
-def check(records: list[dict[str, Any]], cap: int | None, phase: str) -> None:
-    """Raise OutOfMemory (the same on every rank) if any rank's accounted total exceeds the cap."""
+def check(records: list[dict[str, Any]], cap: int | None, phase: str, note: str = "") -> None:
+    """Raise OutOfMemory (the same on every rank) if any rank's accounted total exceeds the cap
+    (`note`: a sentence added to the remedy)."""
     if cap is None:
         return
     over = [r for r in records if r["total"] > cap]
@@ -123,7 +130,7 @@ def check(records: list[dict[str, Any]], cap: int | None, phase: str) -> None:
     raise OutOfMemory(
         f"out of memory {phase}: rank {worst['rank']} needs {worst['total']:,} bytes "
         f"({format_bytes(worst['total'])}: {parts}) but pipeline.memory_cap is {cap:,} bytes "
-        f"({format_bytes(cap)}). {_hint(worst, cap)}",
+        f"({format_bytes(cap)}). {_hint(worst, cap)}{note}",
         needed=int(worst["total"]),
         cap=cap,
         rank=int(worst["rank"]),
