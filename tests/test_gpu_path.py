@@ -256,3 +256,17 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     assert {"stage_bf16", "stage_fp32", "pp2_1f1b", "pp4_zb1"} <= set(results)
     assert results["pp2_1f1b"]["transport"] == "staged"
     assert (tmp_path / "runs.tar.gz").stat().st_size > 0
+
+
+# -- issue 19: the GPU path's findings, checked up to the device boundary ---------------------
+
+
+@pytest.mark.timeout(180)
+def test_a_gloo_group_on_a_gpu_machine_stays_unbound_so_the_mesh_builds(tmp_path: Path) -> None:
+    """Ranks sharing a GPU talk gloo. Bound to a device (`device_id`), the default group makes
+    torch split every mesh dimension from it, deep-copying gloo's options, which fails
+    ("cannot pickle '_Options'"); train.py's set-up binds only an NCCL group."""
+    from tests.gpu_workers import bound_mesh_worker
+
+    coords = run_ranks(bound_mesh_worker, 2, str(tmp_path / "store"), timeout=150)
+    assert coords == [(0, 0), (0, 1)]
