@@ -28,7 +28,7 @@ from splitgraph.errors import CheckpointError
 from splitgraph.model import StageModule, add_l2_grad_, build_mlp, l2_term
 from splitgraph.optim import make_optimizer
 from splitgraph.partition import Plan, make_plan
-from splitgraph.runtime.comm import P2P
+from splitgraph.runtime.comm import P2P, schedule_channels
 from splitgraph.runtime.dist import compute_dtype, torch_dtype
 from splitgraph.runtime.executor import Executor
 from splitgraph.runtime.gradsync import GradSync
@@ -100,7 +100,12 @@ class PipelineEngine:
         self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
         p2p_class = StagedP2P if self.transport == "staged" else P2P
         self.p2p = p2p_class(
-            rank, group, verbose=bool(cfg.runtime.verbose), replicas=replicas, channels=channels
+            rank,
+            group,
+            verbose=bool(cfg.runtime.verbose),
+            replicas=replicas,
+            channels=channels,
+            links=schedule_channels(self.schedule),
         )
         self.executor = Executor(
             self.schedule,
