@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from splitgraph import train
 from splitgraph.config import load_config
 from splitgraph.runtime.dist import compute_dtype, place, torch_dtype
 from splitgraph.runtime.memory import draw_memory_over_time
@@ -270,3 +271,82 @@ def test_a_gloo_group_on_a_gpu_machine_stays_unbound_so_the_mesh_builds(tmp_path
 
     coords = run_ranks(bound_mesh_worker, 2, str(tmp_path / "store"), timeout=150)
     assert coords == [(0, 0), (0, 1)]
+
+
+_INJECT = """
+import sys, torch
+where = sys.argv.pop(1)
+def refuse(*a, **k):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (injected)")
+if where == "step":  # in an action of step 1, inside the executor (which wraps other errors)
+    import splitgraph.model as model
+    forward, calls = model.StageModule.forward, []
+    def counting(self, x):
+        calls.append(1)
+        if len(calls) > 1:
+            refuse()
+        return forward(self, x)
+    model.StageModule.forward = counting
+elif where == "engine":  # building the stages
+    import splitgraph.runtime.engine as engine
+    engine.build_mlp = refuse
+elif where == "data":  # moving the dataset to the device
+    import splitgraph.data as data
+    data.Dataset.to = refuse
+from splitgraph.train import main
+main()
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("where", "phase"),
+    [
+        ("step", "at step 1"),
+        ("engine", train.OUTSIDE_STEPS),
+        ("data", train.OUTSIDE_STEPS),
+    ],
+)
+def test_an_allocator_out_of_memory_anywhere_stops_the_run_as_oom(
+    tmp_path: Path, where: str, phase: str
+) -> None:
+    """A torch.OutOfMemoryError raised in a step (through the executor), while building the
+    engine or while moving the data becomes the run's OutOfMemory: exit code 3, the rank's
+    oom_rank<r>.json, a summary with status "oom", and the harness records "oom"."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from splitgraph.compare import runner
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "runtime.device=cpu",
+        "model.hidden=[16,16]",
+        "data.samples=256",
+        "train.batch_size=32",
+        "pipeline.microbatches=1",
+        "train.steps=3",
+        "train.progress=false",
+        "checkpoint.save=false",
+        "checkpoint.every=null",
+        "costs.report=false",
+        f"run_dir={run_dir}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, "-c", _INJECT, where, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert res.returncode == 3, res.stderr[-3000:]
+    rec = json.loads((run_dir / "oom_rank0.json").read_text())
+    assert rec["status"] == "oom" and rec["phase"] == phase, rec
+    assert rec["needed_bytes"] == 20 * 2**20  # nothing allocated on the CPU + the request
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "oom"
+    assert "out of memory" in res.stderr
+    assert runner.read(run_dir, res.returncode).status == "oom"
