@@ -350,3 +350,58 @@ def test_an_allocator_out_of_memory_anywhere_stops_the_run_as_oom(
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "oom"
     assert "out of memory" in res.stderr
     assert runner.read(run_dir, res.returncode).status == "oom"
+
+
+def test_validate_refuses_gpu_caps_below_what_the_caching_allocator_can_honour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from splitgraph.config import validate
+    from splitgraph.errors import ConfigError
+    from splitgraph.runtime.allocator import min_cap, segment_bytes
+
+    MiB = 2**20
+    assert [segment_bytes(n) for n in (1, MiB, MiB + 1, 10 * MiB - 1, 10 * MiB, 11 * MiB)] == [
+        2 * MiB,
+        2 * MiB,
+        20 * MiB,
+        20 * MiB,
+        10 * MiB,
+        12 * MiB,
+    ]
+    # too_large's model on a GPU: its largest tensor is the 7.2 MiB of training inputs kept
+    # on the device: a 20 MiB segment, plus a 2 MiB one for the small tensors
+    too_large = [
+        "model.hidden=[256,256,256,256]",
+        "data.samples=32768",
+        "train.batch_size=1024",
+        "pipeline.microbatches=4",
+    ]
+    cfg = load_config([*too_large, "runtime.device=cuda", "pipeline.memory_cap=4.5MiB"])
+    assert min_cap(cfg)[0] == 22 * MiB
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, 1)
+    text = str(info.value)
+    assert "pipeline.memory_cap=4.5MiB" in text and "23,068,672 bytes" in text
+    assert "20 MiB segment" in text and "training inputs on the device" in text
+    validate(load_config([*too_large, "runtime.device=cuda", "pipeline.memory_cap=22MiB"]), 1)
+    # the same cap on the CPU is an accounting, not an allocator: allowed
+    validate(load_config([*too_large, "runtime.device=cpu", "pipeline.memory_cap=4.5MiB"]), 1)
+    # device=auto on a machine with a GPU is a GPU run
+    _fake_gpus(monkeypatch, 1)
+    with pytest.raises(ConfigError, match="caching allocator"):
+        validate(load_config([*too_large, "pipeline.memory_cap=4.5MiB"]), 1)
+    # the data kept on the host: the largest tensor is now a weight, in the small pool
+    host = load_config([*too_large, "data.on_device=false", "pipeline.memory_cap=4.5MiB"])
+    assert min_cap(host)[0] == 2 * MiB
+    validate(host, 1)
+
+
+def test_the_gpu_experiment_fits_the_allocator() -> None:
+    """conf/experiment/too_large_gpu.yaml (gpu_check's comparison) passes the GPU check."""
+    from splitgraph.compare import config as compare_config
+    from splitgraph.config import validate
+    from splitgraph.units import parse_bytes
+
+    cfg = compare_config.load(["experiment=too_large_gpu", "runtime.device=cuda"])
+    validate(cfg, 2)  # its pipeline variant; the one-device ones hold the same tensors
+    assert parse_bytes(cfg.compare.memory_cap) >= 256 * 2**20  # hundreds of MiB
