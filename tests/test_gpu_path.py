@@ -405,3 +405,20 @@ def test_the_gpu_experiment_fits_the_allocator() -> None:
     cfg = compare_config.load(["experiment=too_large_gpu", "runtime.device=cuda"])
     validate(cfg, 2)  # its pipeline variant; the one-device ones hold the same tensors
     assert parse_bytes(cfg.compare.memory_cap) >= 256 * 2**20  # hundreds of MiB
+
+
+@pytest.mark.timeout(180)
+def test_the_link_is_measured_through_the_engines_own_transport() -> None:
+    """After a run the link is measured between pipeline ranks 0 and 1 through `engine.p2p`
+    (its device, its backend and channel groups, its staging), and the run's traffic
+    counters stay the training's. A plain `dist.send` of a CPU tensor fails on NCCL."""
+    from tests.gpu_workers import link_worker
+
+    for transport, cls in (("direct", "P2P"), ("staged", "StagedP2P")):
+        per_rank = run_ranks(link_worker, 2, transport, timeout=150)
+        for rank, got in enumerate(per_rank):
+            peer = 1 - rank
+            kinds = {("cpu", "act", peer), ("cpu", "grad", peer)}  # 0 -> 1 act, 1 -> 0 grad
+            assert set(got["through_p2p"]) == kinds, got
+            assert got["p2p_class"] == cls and got["counters_kept"]
+            assert got["bandwidth"] > 0 and f"{transport} over gloo on cpu" in got["source"]
