@@ -18,7 +18,9 @@ from splitgraph.runtime.nvml import NvmlSampler
 from splitgraph.runtime.spawn import run_ranks
 from tests.workers import precision_worker
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (and -m gpu: conftest hides it)"
+)
 
 
 def _runtime(**kw: str) -> object:
@@ -422,3 +424,56 @@ def test_the_link_is_measured_through_the_engines_own_transport() -> None:
             assert set(got["through_p2p"]) == kinds, got
             assert got["p2p_class"] == cls and got["counters_kept"]
             assert got["bandwidth"] > 0 and f"{transport} over gloo on cpu" in got["source"]
+
+
+@pytest.mark.timeout(120)
+def test_cuda_tracer_reference_is_shared_across_ranks() -> None:
+    """Rank 1's device still holds 1 s of queued work when the trace window opens. Its events
+    must still land on the clock rank 0's do: an instant both ranks share is at the same
+    trace time on both (CUDA events and synchronize stood in for by host clocks)."""
+    from tests.gpu_workers import tracer_worker
+
+    t0, t1 = run_ranks(tracer_worker, 2, 1.0, timeout=100)
+    assert abs(t0 - t1) < 0.3, (t0, t1)
+
+
+def test_nvml_reads_the_gpu_torch_uses_not_the_one_at_its_index() -> None:
+    class Nvml(_FakeNvml):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[object] = []
+
+        def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+            self.asked.append(i)
+            return i
+
+        def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+            self.asked.append(uuid)
+            if not uuid.startswith("GPU-"):
+                raise RuntimeError("not found")
+            return uuid
+
+    from splitgraph.runtime.nvml import physical_index
+
+    visible = {"CUDA_VISIBLE_DEVICES": "3,1"}
+    assert [physical_index(i, visible) for i in (0, 1)] == [3, 1]
+    assert physical_index(2, {}) == 2
+    with pytest.raises(ValueError, match="not visible"):
+        physical_index(2, visible)
+    nv = Nvml()
+    NvmlSampler(0, interval=0.01, nvml=nv, environ=visible).start().stop()
+    assert nv.asked == [3]  # torch's cuda:0 is the machine's GPU 3
+    nv = Nvml()
+    uuid = "8b0e5f3c-1234-5678-9abc-def012345678"
+    NvmlSampler(0, interval=0.01, nvml=nv, uuid=uuid, environ=visible).start().stop()
+    assert nv.asked == [f"GPU-{uuid}"]  # the UUID names the device whatever the order
+
+
+def test_cpu_tests_are_pinned_to_the_cpu() -> None:
+    """conftest hides CUDA from every test not marked gpu, so `runtime.device=auto` means
+    the CPU here and in every process a test starts, also on a machine with a GPU."""
+    import os
+
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    assert not torch.cuda.is_available()
+    assert str(place(_runtime(), 0, 2).device) == "cpu"
