@@ -241,24 +241,81 @@ def test_gpu_check_script_is_valid_bash() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
-    """The whole GPU check on the CPU with tiny sizes: its plumbing up to the device boundary."""
+    """The whole GPU check on the CPU with tiny sizes: its plumbing up to the device boundary.
+    Every step runs within the script's deadline; what comes back is what the device tool
+    returns (at most 8 files of 16 MiB, no folders), without weights or checkpoints."""
+    import json
     import os
     import subprocess
     import sys
+    import tarfile
 
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
     env = dict(
-        os.environ, GPU_CHECK_DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, OMP_NUM_THREADS="1"
+        os.environ,
+        GPU_CHECK_DRY="1",
+        OUT=str(out),
+        GPU_CHECK_SCRATCH=str(scratch),
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
     )
     res = subprocess.run(
         ["bash", "launch/gpu_check.sh"], env=env, capture_output=True, text=True, timeout=580
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    import json
-
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert {"stage_bf16", "stage_fp32", "pp2_1f1b", "pp4_zb1"} <= set(results)
+    results = json.loads((out / "results.json").read_text())
+    steps = results["steps"]
+    assert len(steps) == 8 and all(s["outcome"] == "ok" for s in steps), steps
+    assert {"stage_bf16", "stage_fp32", "pp2_1f1b", "pp2_zb1", "pp4_1f1b", "pp4_zb1"} <= set(
+        results
+    )
     assert results["pp2_1f1b"]["transport"] == "staged"
-    assert (tmp_path / "runs.tar.gz").stat().st_size > 0
+    assert "staged over gloo" in results["pp4_zb1"]["link"]["source"]
+    assert {r["variant"]: r["status"] for r in results["compare"]["rows"]} == {
+        "full": "oom",
+        "pipeline-1f1b-p2-m4": "ok",
+    }
+    # what comes back: files only, few and small; no weights, no checkpoints
+    back = list(out.iterdir())
+    assert sorted(p.name for p in back) == ["log.txt", "results.json", "runs.tar.gz"]
+    assert all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in back)
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "runs/pp4_zb1/summary.json" in names and "runs/compare/report.md" in names
+    assert not [n for n in names if n.endswith(".pt") or "checkpoints" in n], names
+    for run in scratch.glob("runs/pp*"):  # the pipeline runs wrote none either
+        assert not (run / "model.pt").exists() and not (run / "checkpoints").exists()
+
+
+def test_gpu_check_without_the_hydra_wheels_stops_at_once_with_one_line(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "checkout"  # a checkout without .whl/
+    (root / "launch").mkdir(parents=True)
+    shutil.copy("launch/gpu_check.sh", root / "launch")
+    hidden = tmp_path / "hide" / "hydra"  # an interpreter with torch but no hydra
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('not in the GPU image')\n")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        PYTHONPATH=str(tmp_path / "hide"),
+        OUT=str(tmp_path / "out"),
+        GPU_CHECK_SCRATCH=str(tmp_path / "scratch"),
+    )
+    res = subprocess.run(
+        ["bash", str(root / "launch" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    lines = (res.stdout + res.stderr).strip().splitlines()
+    assert len(lines) == 1 and "launch/gpu_wheels.sh" in lines[0], lines
 
 
 # -- issue 19: the GPU path's findings, checked up to the device boundary ---------------------
