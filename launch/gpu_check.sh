@@ -8,9 +8,10 @@
 #   bash launch/gpu_check.sh        # there, through the device tool (README, "On a GPU"):
 #                                   #   carry [".whl"], timeout_s 570
 #
-# Steps, most telling first. Each runs under `timeout -k` for at most its own limit or what is
-# left of the deadline (less 30 s kept for collecting); one that would get less than its
-# minimum is skipped with a line saying so, and the script goes on after a failed step:
+# Steps, most telling first. Each runs under `timeout -k` for at most its own limit (times
+# GPU_CHECK_SLACK: 1, or 3 in the dry run) or what is left of the deadline (less 30 s kept for
+# collecting); one that would get less than its minimum is skipped with a line saying so, and
+# the script goes on after a failed step:
 #   1. the gpu-marked tests (CUDA gradients fp32 and bf16, CUDA-event tracing)
 #   2. bf16 throughput of one stage against plain PyTorch on the same layers (accept <= 1.10)
 #   3. a 2- and a 4-rank 1F1B pipeline sharing the GPU (staged transport)
@@ -85,6 +86,7 @@ step() {
     status=1
     return
   fi
+  limit=$((limit * SLACK))
   t=$((limit < rest - 15 ? limit : rest - 15))
   start=$SECONDS
   timeout -k 15 "$t" bash -c '"$@"' "$name" "$@"
@@ -103,10 +105,14 @@ step() {
 }
 
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
-  dev=cpu card=dry-run-cpu W=64 B=64 S=3 R=3 staged=runtime.transport=staged
+  # On 2 CPU cores a 4-rank launch alone takes tens of seconds: the steps' own limits are the
+  # GPU's, scaled by SLACK; the deadline is the same
+  SLACK=${GPU_CHECK_SLACK:-3}
+  dev=cpu card=dry-run-cpu W=64 B=64 S=2 R=3 staged=runtime.transport=staged
   compare=(experiment=tiny "compare.variants=[full,pipeline]" "compare.schedules=[1f1b]"
     compare.reference=false compare.timeout=120)  # one run out of memory, one that fits
 else
+  SLACK=${GPU_CHECK_SLACK:-1}
   dev=cuda W=8192 B=8192 S=60 R=20 staged=
   compare=(experiment=too_large_gpu compare.time_budget=null compare.timeout=120)
   timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -129,31 +129,37 @@ def nccl_rule_worker(rank: int, world: int, cases: list[list[str]]) -> dict[str,
     return out
 
 
-def link_worker(rank: int, world: int, transport: str) -> dict[str, Any]:
-    """The end-of-run link measurement as train.py calls it. On a GPU only the engine's own
-    transport can move its tensors (NCCL refuses CPU tensors; gloo CUDA ones, hence staging),
-    so the measurement must go through `engine.p2p`: every tensor it carries recorded."""
+def link_worker(rank: int, world: int, transports: list[str]) -> list[dict[str, Any]]:
+    """The end-of-run link measurement as train.py calls it, once per transport. On a GPU only
+    the engine's own transport can move its tensors (NCCL refuses CPU tensors; gloo CUDA ones,
+    hence staging), so the measurement must go through `engine.p2p`: every tensor it carries
+    is recorded."""
     from splitgraph.prediction_check import measure_link
 
-    cfg = load_config([*GRID, "runtime.device=cpu", f"runtime.transport={transport}"])
-    engine = PipelineEngine(cfg, rank, world)
-    seen: list[tuple[str, str, int]] = []
-    real_post = engine.p2p.post
+    out = []
+    for transport in transports:
+        cfg = load_config([*GRID, "runtime.device=cpu", f"runtime.transport={transport}"])
+        engine = PipelineEngine(cfg, rank, world)
+        seen: list[tuple[str, str, int]] = []
+        real_post = engine.p2p.post
 
-    def post(transfers: list[Any]) -> list[Any]:
-        seen.extend((str(t.tensor.device), t.kind, t.peer) for t in transfers)
-        return real_post(transfers)
+        def post(transfers: list[Any], real_post: Any = real_post, seen: Any = seen) -> list[Any]:
+            seen.extend((str(t.tensor.device), t.kind, t.peer) for t in transfers)
+            return real_post(transfers)
 
-    engine.p2p.post = post  # type: ignore[method-assign]
-    counters = (engine.p2p.bytes_sent, engine.p2p.messages_sent)
-    link = measure_link(cfg, engine)
-    return {
-        "through_p2p": sorted(set(seen)),
-        "p2p_class": type(engine.p2p).__name__,
-        "counters_kept": counters == (engine.p2p.bytes_sent, engine.p2p.messages_sent),
-        "bandwidth": link.bandwidth,
-        "source": link.source,
-    }
+        engine.p2p.post = post  # type: ignore[method-assign]
+        counters = (engine.p2p.bytes_sent, engine.p2p.messages_sent)
+        link = measure_link(cfg, engine)
+        out.append(
+            {
+                "through_p2p": sorted(set(seen)),
+                "p2p_class": type(engine.p2p).__name__,
+                "counters_kept": counters == (engine.p2p.bytes_sent, engine.p2p.messages_sent),
+                "bandwidth": link.bandwidth,
+                "source": link.source,
+            }
+        )
+    return out
 
 
 def tracer_worker(rank: int, world: int, busy_s: float) -> float:

@@ -473,10 +473,11 @@ def test_the_link_is_measured_through_the_engines_own_transport() -> None:
     counters stay the training's. A plain `dist.send` of a CPU tensor fails on NCCL."""
     from tests.gpu_workers import link_worker
 
-    for transport, cls in (("direct", "P2P"), ("staged", "StagedP2P")):
-        per_rank = run_ranks(link_worker, 2, transport, timeout=150)
-        for rank, got in enumerate(per_rank):
-            peer = 1 - rank
+    cases = [("direct", "P2P"), ("staged", "StagedP2P")]
+    per_rank = run_ranks(link_worker, 2, [t for t, _ in cases], timeout=150)
+    for rank, results in enumerate(per_rank):
+        peer = 1 - rank
+        for (transport, cls), got in zip(cases, results):
             kinds = {("cpu", "act", peer), ("cpu", "grad", peer)}  # 0 -> 1 act, 1 -> 0 grad
             assert set(got["through_p2p"]) == kinds, got
             assert got["p2p_class"] == cls and got["counters_kept"]
