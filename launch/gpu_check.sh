@@ -64,6 +64,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 [ -e splitgraph/conf ] || ln -s ../conf splitgraph/conf  # what the package mapping installs
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/log.txt") 2>&1
+TEE=$!
 STEPS=$SCRATCH/steps.tsv
 : >"$STEPS"
 status=0
@@ -167,4 +168,6 @@ echo "=== collect ($(date +%T), $((SECONDS - T0)) s in)"
 timeout -k 5 $((RESERVE - 5)) "$PY" launch/gpu_collect.py "$OUT" "$SCRATCH" "$card" || status=1
 echo "results: $OUT (runs kept in $SCRATCH); $((SECONDS - T0)) s of the $DEADLINE s deadline"
 echo "exit status: $status"
+exec >&- 2>&-
+wait "$TEE" 2>/dev/null  # log.txt is whole before the device tool reads it
 exit $status

@@ -287,6 +287,36 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
         assert not (run / "model.pt").exists() and not (run / "checkpoints").exists()
 
 
+def test_gpu_collect_keeps_the_tarball_under_what_comes_back(tmp_path: Path) -> None:
+    """A run whose trace is too large to come back: the tarball drops the traces (and says
+    so), keeps the summaries, and never holds weights or checkpoints."""
+    import importlib.util
+    import json
+    import os
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("gpu_collect", "launch/gpu_collect.py")
+    assert spec is not None and spec.loader is not None
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    run = scratch / "runs" / "pp2_1f1b"
+    (run / "checkpoints" / "step_2").mkdir(parents=True)
+    out.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "ok", "step_time_median_s": 0.5}))
+    (run / "trace.json").write_bytes(os.urandom(17 * 2**20))  # incompressible, over 16 MiB
+    (run / "model.pt").write_bytes(b"weights")
+    (run / "checkpoints" / "step_2" / "meta.json").write_text("{}")
+    (scratch / "steps.tsv").write_text("pipeline\tok\t12\n")
+    res = collect.collect(out, scratch, "test-card")
+    assert res["tarball"]["left_out_to_fit_16MiB"] == ["traces (trace.json)"]
+    assert (out / "runs.tar.gz").stat().st_size <= 16 * 2**20
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        assert tar.getnames() == ["runs/pp2_1f1b/summary.json"]
+    assert res["pp2_1f1b"]["step_time_median_s"] == 0.5
+    assert res["steps"] == [{"step": "pipeline", "outcome": "ok", "seconds": 12.0}]
+
+
 def test_gpu_check_without_the_hydra_wheels_stops_at_once_with_one_line(tmp_path: Path) -> None:
     import os
     import shutil
