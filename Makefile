@@ -1,12 +1,13 @@
 # make demo: set up and run the default job (2 ranks, CPU/gloo, synthetic data, ~15 s)
 # make test: set up and run the test suite (the command CI runs)
+# make compat: the distributed core on torch 2.11 and 2.14.1, each in its own venv (CI runs it too)
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # torch 2.13.0: a CPU build on the project's machines; set TORCH=torch for the newest.
 TORCH ?= torch==2.13.0
 NPROC ?= 2
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test compat lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +23,9 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+compat:
+	.ci/compat
 
 lint: setup
 	$(VENV)/bin/ruff check splitgraph tests

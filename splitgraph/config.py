@@ -389,6 +389,37 @@ def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def _on_gpu(cfg: Any) -> bool:
+    """Whether this run computes on CUDA (auto: when torch sees a GPU)."""
+    device = Device(cfg.runtime.device)
+    if device == Device.auto:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return device == Device.cuda
+
+
+def _gpu_cap_problems(cfg: Any) -> list[str]:
+    """On GPU the caching allocator enforces the cap in whole segments: a cap below what it
+    can honour for this run fails at its first allocation (runtime/allocator.py)."""
+    if not _on_gpu(cfg):
+        return []
+    from splitgraph.runtime.allocator import min_cap
+    from splitgraph.units import format_bytes
+
+    cap = parse_bytes(cfg.pipeline.memory_cap)
+    floor, why = min_cap(cfg)
+    if cap >= floor:
+        return []
+    return [
+        f"pipeline.memory_cap={cfg.pipeline.memory_cap} ({cap:,} bytes) is below what PyTorch's "
+        f"CUDA caching allocator can honour for this run: {why}, so the cap must be at least "
+        f"{format_bytes(floor)} ({floor:,} bytes). Raise the cap to {format_bytes(floor)} or "
+        "more, or run on the CPU (runtime.device=cpu), where the cap applies to an exact "
+        "accounting of the run's tensors."
+    ]
+
+
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """Check the rules that span fields; raise one ConfigError naming every problem.
 
@@ -463,6 +494,8 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             parse_bytes(p.memory_cap)
         except ValueError as e:
             errors.append(f"pipeline.memory_cap={p.memory_cap!r}: {e}")
+        else:
+            errors += _gpu_cap_problems(cfg)
         if not cfg.runtime.track_memory and cfg.runtime.device != Device.cuda:
             errors.append(
                 f"pipeline.memory_cap={p.memory_cap!r} is enforced on CPU through the "

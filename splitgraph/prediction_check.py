@@ -37,7 +37,12 @@ def shared_plan(cfg: Any, world_size: int) -> Plan:
 
 def measure_link(cfg: Any, engine: Any) -> Any:
     """The configured link, else one measured between ranks 0 and 1 of this run (every rank
-    calls this: it broadcasts)."""
+    calls this: it broadcasts).
+
+    The measurement goes through the engine's own transport (`engine.p2p`): tensors on the
+    engine's device, on its backend and channel groups (activations 0 -> 1, gradients back),
+    staged through host memory when ranks share a GPU. An NCCL group cannot send the CPU
+    tensors a plain `dist.send` would use, and a gloo group cannot send CUDA ones."""
     from splitgraph.costs import Link, link_from_config
 
     if cfg.pipeline.bandwidth is not None or engine.world_size == 1:
@@ -46,10 +51,42 @@ def measure_link(cfg: Any, engine: Any) -> Any:
 
     # Replica 0's first two pipeline ranks (global ranks 0 and 1) measure; the rest wait.
     first = engine.dp_rank == 0 and engine.rank < 2
-    got = ping_pong(engine.rank, 1 - engine.rank) if first else None
+    got = None
+    if first:
+        send, recv, restore = _p2p_pair(engine)
+        try:
+            got = ping_pong(
+                engine.rank, 1 - engine.rank, send=send, recv=recv, device=engine.device
+            )
+        finally:
+            restore()
     box = [got]
     dist.broadcast_object_list(box, src=0)
-    return Link(box[0]["bandwidth"], box[0]["latency"], "measured in this run (ranks 0-1)")
+    what = f"{engine.transport} over {dist.get_backend()} on {engine.device.type}"
+    return Link(box[0]["bandwidth"], box[0]["latency"], f"measured in this run (ranks 0-1, {what})")
+
+
+def _p2p_pair(engine: Any) -> tuple[Any, Any, Any]:
+    """send/recv through `engine.p2p` between pipeline ranks 0 and 1, and a function that puts
+    back its traffic counters (the summary's comm figures are the training's)."""
+    from splitgraph.runtime.comm import Transfer
+
+    p2p = engine.p2p
+    counters = (p2p.bytes_sent, p2p.messages_sent)
+
+    def kind(sender: int) -> str:  # 0 -> 1 carries activations, 1 -> 0 gradients
+        return "act" if sender == 0 else "grad"
+
+    def send(t: Any, peer: int) -> None:
+        p2p.post([Transfer(True, t, peer, kind(engine.rank), "link")])[0].wait()
+
+    def recv(t: Any, peer: int) -> None:
+        p2p.post([Transfer(False, t, peer, kind(peer), "link")])[0].wait()
+
+    def restore() -> None:
+        p2p.bytes_sent, p2p.messages_sent = counters
+
+    return send, recv, restore
 
 
 def _median(values: list[float]) -> float | None:

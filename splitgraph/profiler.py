@@ -9,9 +9,11 @@ threads, torch, dtype, microbatch rows, layer shape), so the planner, every rank
 and the training report read the same numbers; a file lock makes concurrent processes
 measure once.
 
-The link is measured with a ping-pong between two gloo processes (one-way time = half the
-round trip, at a small and a large message): latency and bandwidth of this host's loopback.
-Across nodes, set `pipeline.bandwidth` and `pipeline.latency` instead.
+The link is measured with a ping-pong between two processes (one-way time = half the round
+trip, at a small and a large message). Before a run it is this host's gloo loopback (two
+spawned processes, cached); after a run, `prediction_check.measure_link` measures it between
+the run's pipeline ranks 0 and 1 through the engine's own transport: its device, its backend
+and channel groups, its staging through host memory when ranks share a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,28 +170,45 @@ def profile_layers(
 LINK_SIZES = (1 << 10, 16 << 20)
 
 
-def ping_pong(rank: int, peer: int, repeats: int = 9) -> dict[str, float] | None:
+def ping_pong(
+    rank: int,
+    peer: int,
+    repeats: int = 9,
+    send: Callable[[torch.Tensor, int], None] | None = None,
+    recv: Callable[[torch.Tensor, int], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float] | None:
     """One-way seconds per message between `rank` and `peer` (both call it; the lower rank
     starts), as the fastest of `repeats` round trips halved: on a shared machine the median
     measures the scheduler, the minimum the link. Returns {"latency", "bandwidth"} on the
-    lower rank, None on the other."""
+    lower rank, None on the other.
+
+    `send`/`recv` move one tensor to/from the peer and return when it has moved (default:
+    `dist.send`/`dist.recv` on the default group); the buffers live on `device`, and on a GPU
+    each round trip ends with a synchronize (NCCL's waits return before the data moved)."""
     import torch.distributed as dist
 
+    device = torch.device(device)
+    send = send or (lambda t, p: dist.send(t, p))
+    recv = recv or (lambda t, p: dist.recv(t, p))
     one_way = []
     for size in LINK_SIZES:
-        buf = torch.zeros(size // 4, dtype=torch.float32)
+        buf = torch.zeros(size // 4, dtype=torch.float32, device=device)
         times = []
         for r in range(repeats + 2):
+            _sync(device)
             t0 = time.perf_counter()
             if rank < peer:
-                dist.send(buf, peer)
-                dist.recv(buf, peer)
+                send(buf, peer)
+                recv(buf, peer)
             else:
-                dist.recv(buf, peer)
-                dist.send(buf, peer)
+                recv(buf, peer)
+                send(buf, peer)
+            _sync(device)
             if r >= 2:
                 times.append((time.perf_counter() - t0) / 2)
         one_way.append(min(times))
+        del buf
     if rank > peer:
         return None
     (small, big), (n_small, n_big) = one_way, LINK_SIZES

@@ -37,6 +37,7 @@ waits (exit code 3); `torchrun --max-restarts=N` then restarts it from its last 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -139,7 +141,10 @@ def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> di
         pin_loopback()  # a one-node launch keeps gloo/NCCL sockets on the loopback interface
         init_process_group(placement.backend, float(cfg.runtime.timeout), device)
     try:
-        summary = _train(cfg, env, layout, placement, dataset, init_state, resume, signals)
+        # an allocator's refusal outside the steps (building the engine, moving the data to
+        # the device) stops the run as "oom" too; those in a step say which (_train)
+        with _stop_on_oom(cfg, env, device, lambda: OUTSIDE_STEPS):
+            summary = _train(cfg, env, layout, placement, dataset, init_state, resume, signals)
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
@@ -313,8 +318,11 @@ def _train(
                 signals.last_saved = last_saved
             if stopped_by or signalled:
                 break
-    except (OutOfMemory, torch.cuda.OutOfMemoryError) as e:
-        raise _out_of_memory(e, cfg, env, device, step) from e
+    except Exception as e:  # the allocator's refusal, wherever in the step it came from
+        oom = _oom_in(e)
+        if oom is None:
+            raise
+        raise _out_of_memory(oom, cfg, env, device, f"at step {step}") from e
     finally:
         signals.phase = "finishing"  # a first signal is now only noted; a second stops
         watchdog.stop()
@@ -325,6 +333,12 @@ def _train(
     if signalled:
         _stopped(cfg, env, signalled, step + 1, start, len(step_times), last_saved)
 
+    trained_peaks = cuda_memory(device)  # the training's, before the report allocates
+    if cap is not None and device.type == "cuda" and cfg.costs.report:
+        # The cap bounds the training. The report's link measurement (16 MiB messages) and
+        # layer profiling allocate beside the trained model and would fail under it.
+        memcap.lift_cuda_cap(device)
+        log.info("pipeline.memory_cap lifted after training for the cost report's measurements")
     timeline = window.finish(
         run_dir, is_main, engine.schedule, engine.sizes, step_times, ranks=layout.pipeline(0)
     )
@@ -335,7 +349,7 @@ def _train(
         "stages": sorted(engine.stages),
         "saved_activation_peak_bytes": engine.meter.peak if engine.meter else None,
         "peak_rss_bytes": peak_rss_bytes(),
-        **cuda_memory(device),
+        **trained_peaks,
         "accounted": accounted[env.rank],
         "comm": _comm(engine, len(step_times)),
     }
@@ -453,19 +467,54 @@ def _stopped(
 # -- memory cap, held-out evaluation, communication --------------------------------------
 
 
+#: where an out-of-memory stop that no step caught happened
+OUTSIDE_STEPS = "outside the training steps (building the engine, moving the data, the report)"
+#: what the allocator raises (torch.cuda.OutOfMemoryError is the same class since torch 2.5)
+_ALLOCATOR_OOM = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)
+
+
+def _oom_in(e: BaseException) -> BaseException | None:
+    """The out-of-memory error behind `e`, if any: `e` itself or a cause it wraps."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (OutOfMemory, *_ALLOCATOR_OOM)):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _stop_on_oom(
+    cfg: DictConfig, env: DistEnv, device: torch.device, where: Callable[[], str]
+) -> Iterator[None]:
+    """An out-of-memory error raised inside becomes the run's OutOfMemory stop (exit 3)."""
+    try:
+        yield
+    except OutOfMemory:
+        raise  # recorded where it was raised
+    except Exception as e:
+        oom = _oom_in(e)
+        if oom is None:
+            raise
+        raise _out_of_memory(oom, cfg, env, device, where()) from e
+
+
 def _out_of_memory(
-    e: BaseException, cfg: DictConfig, env: DistEnv, device: torch.device, step: int
+    e: BaseException, cfg: DictConfig, env: DistEnv, device: torch.device, phase: str
 ) -> OutOfMemory:
     """Record an out-of-memory stop where the harness reads it, and return the error to raise.
 
     CPU: every rank raised the same error together, so rank 0 writes summary.json with status
     "oom". GPU: only the rank whose allocator refused knows; it writes oom_rank<r>.json.
     """
+    from_allocator = not isinstance(e, OutOfMemory)  # only this rank knows
     if not isinstance(e, OutOfMemory):
-        allocated = int(torch.cuda.memory_allocated(device))
-        e = memcap.from_cuda_oom(e, allocated, memcap.cap_bytes(cfg), env.rank, step)
+        allocated = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+        e = memcap.from_cuda_oom(e, allocated, memcap.cap_bytes(cfg), env.rank, phase=phase)
     run_dir = Path(cfg.run_dir)
-    if device.type == "cuda":
+    if from_allocator or device.type == "cuda":
         memcap.write_oom(run_dir, e)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -474,6 +523,7 @@ def _out_of_memory(
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         }
         summary["world_size"] = env.world_size
+        run_dir.mkdir(parents=True, exist_ok=True)  # an OOM may come before the run dir exists
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return e
 

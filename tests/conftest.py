@@ -1,5 +1,8 @@
 """Test-wide set-up.
 
+- The tests run on the CPU, also on a machine with a GPU (`runtime.device=auto` would take
+  CUDA there): CUDA is hidden from the test process and every process it starts, unless the
+  run selects the gpu-marked tests (`-m gpu`, as launch/gpu_check.sh does).
 - Profiles and link measurements go to a temporary cache, never ~/.cache (the planner's).
 - Shared launches for the reliability tests (test_resume.py, test_guard.py). Starting
   processes costs seconds on two cores, a training run here milliseconds, so the faults that
@@ -30,6 +33,13 @@ from splitgraph.runtime.spawn import run_ranks
 from tests.fault_workers import TINY, cases
 
 OPTIMS = {"sgd": ["optim.momentum=0.9"], "adam": ["optim=adam", "optim.lr=0.01"]}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    expr = str(config.getoption("markexpr") or "")
+    if "gpu" in expr and "not gpu" not in expr:
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def single_run(overrides: list[str]) -> None:

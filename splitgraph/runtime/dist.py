@@ -98,11 +98,19 @@ def place(runtime_cfg: Any, local_rank: int, local_world_size: int) -> Placement
 
 
 def init_process_group(backend: str, timeout_s: float, device: torch.device) -> None:
-    """torchrun's env:// rendezvous with a timeout that bounds every collective and p2p wait."""
+    """torchrun's env:// rendezvous with a timeout that bounds every collective and p2p wait.
+
+    Only an NCCL group is bound to its device (`device_id`: eager communicator, subgroups by
+    `ncclCommSplit`). A gloo group on a GPU machine (ranks sharing a GPU, staged transport)
+    must stay unbound: torch's `init_device_mesh` splits every mesh dimension from a bound
+    default group with `split_group`, which deep-copies the parent backend's options, and
+    gloo's cannot be copied (`TypeError: cannot pickle '_Options'`, torch 2.13).
+    """
     kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        kwargs["device_id"] = device
+        if backend == "nccl":
+            kwargs["device_id"] = device
     store = restart_safe_store(timeout_s)
     if store is not None:
         env = DistEnv.from_environ()

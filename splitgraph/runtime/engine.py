@@ -29,7 +29,7 @@ from splitgraph.errors import CheckpointError
 from splitgraph.model import StageModule, add_l2_grad_, build_mlp, l2_term
 from splitgraph.optim import make_optimizer
 from splitgraph.partition import Plan, make_plan
-from splitgraph.runtime.comm import P2P
+from splitgraph.runtime.comm import P2P, schedule_channels
 from splitgraph.runtime.dist import compute_dtype, torch_dtype
 from splitgraph.runtime.executor import Executor
 from splitgraph.runtime.gradsync import GradSync
@@ -107,6 +107,7 @@ class PipelineEngine:
             replicas=replicas,
             channels=channels,
             timeout=timedelta(seconds=float(cfg.runtime.timeout)),  # every wait's bound
+            links=schedule_channels(self.schedule),
         )
         self.executor = Executor(
             self.schedule,

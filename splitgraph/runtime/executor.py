@@ -197,6 +197,10 @@ class Executor:
             self.position = None
         except InjectedFault:
             raise
+        except torch.OutOfMemoryError as e:  # keeps its type: train.py stops the run as "oom"
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(f"rank {self.rank} failed at {self._describe(current)}")
+            raise
         except Exception as e:
             raise RuntimeError(f"rank {self.rank} failed at {self._describe(current)}: {e}") from e
         return loss_total

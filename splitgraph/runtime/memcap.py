@@ -184,25 +184,38 @@ def apply_cuda_cap(cap: int | None, device: torch.device) -> None:
     torch.cuda.set_per_process_memory_fraction(cuda_fraction(cap, total), device)
 
 
+def lift_cuda_cap(device: torch.device) -> None:
+    """Give the allocator the whole device again (after training, for the cost report)."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
 _REQUEST = re.compile(r"Tried to allocate ([0-9.]+) ?([KMGT]?i?B)")
 
 
 def from_cuda_oom(
-    exc: BaseException, allocated: int, cap: int | None, rank: int, step: int
+    exc: BaseException,
+    allocated: int,
+    cap: int | None,
+    rank: int,
+    step: int | None = None,
+    phase: str | None = None,
 ) -> OutOfMemory:
-    """Turn the allocator's error into OutOfMemory; needed >= allocated + the refused request."""
+    """Turn the allocator's error into OutOfMemory; needed >= allocated + the refused request.
+    `phase`: where it happened ("at step 3", "building the engine ..."; default from `step`)."""
     m = _REQUEST.search(str(exc))
     request = parse_bytes(m.group(1) + m.group(2)) if m else 0
     needed = allocated + request
+    phase = phase or (f"at step {step}" if step is not None else "before training")
     cap_text = f"{cap:,} bytes ({format_bytes(cap)})" if cap is not None else "the device"
     return OutOfMemory(
-        f"out of memory at step {step}: rank {rank} needs at least {needed:,} bytes "
+        f"out of memory {phase}: rank {rank} needs at least {needed:,} bytes "
         f"({format_bytes(needed)}: {format_bytes(allocated)} allocated + a request of "
         f"{format_bytes(request)}) but the cap is {cap_text}.",
         needed=needed,
         cap=cap,
         rank=rank,
-        phase=f"at step {step}",
+        phase=phase,
         records=[],
     )
 

@@ -18,7 +18,16 @@ from typing import Any
 class NvmlSampler:
     """Samples (t, device used bytes, this process's bytes, GPU utilisation %) every `interval`."""
 
-    def __init__(self, device_index: int, interval: float = 0.2, nvml: Any = None) -> None:
+    def __init__(
+        self,
+        device_index: int,
+        interval: float = 0.2,
+        nvml: Any = None,
+        uuid: str | None = None,
+        environ: Any = None,
+    ) -> None:
+        """`device_index`: torch's CUDA index; `uuid`: the device's UUID (default: torch's,
+        when CUDA is available); `environ`: for CUDA_VISIBLE_DEVICES (default os.environ)."""
         self.interval = interval
         self.samples: list[tuple[float, int, int | None, int | None]] = []
         self.error: str | None = None
@@ -37,7 +46,8 @@ class NvmlSampler:
 
                 self._nvml = pynvml
             self._nvml.nvmlInit()
-            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(device_index)
+            uuid = uuid if uuid is not None else torch_uuid(device_index)
+            self._handle = nvml_handle(self._nvml, device_index, uuid, environ)
         except Exception as e:  # no driver, no GPU, no package: record nothing, say why
             self.error = f"NVML unavailable: {e.__class__.__name__}: {e}"
             self._handle = None
@@ -97,6 +107,55 @@ class NvmlSampler:
             "utilization_mean_pct": _mean([s[3] for s in self.samples if s[3] is not None]),
             "series": self.samples,
         }
+
+
+def torch_uuid(index: int) -> str | None:
+    """The UUID torch reports for its CUDA device `index` (None without CUDA)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # an old torch without the property: the index mapping serves
+        return None
+
+
+def nvml_handle(nvml: Any, index: int, uuid: str | None = None, environ: Any = None) -> Any:
+    """NVML's handle for torch's CUDA device `index`.
+
+    NVML numbers every GPU of the machine; torch numbers the visible ones
+    (CUDA_VISIBLE_DEVICES, in CUDA_DEVICE_ORDER), so `index` alone can name another GPU.
+    The device's UUID names it exactly; without one, CUDA_VISIBLE_DEVICES maps the index.
+    """
+    if uuid:
+        bare = uuid.removeprefix("GPU-").removeprefix("MIG-")
+        errors = []
+        for prefix in ("GPU-", "MIG-"):
+            try:
+                return nvml.nvmlDeviceGetHandleByUUID(prefix + bare)
+            except Exception as e:
+                errors.append(f"{prefix}{bare}: {e}")
+        raise RuntimeError("NVML knows no device " + "; ".join(errors))
+    return nvml.nvmlDeviceGetHandleByIndex(physical_index(index, environ))
+
+
+def physical_index(index: int, environ: Any = None) -> int:
+    """The NVML index of torch's device `index` under CUDA_VISIBLE_DEVICES ("3,1": torch's
+    device 0 is GPU 3). A UUID entry cannot be mapped without NVML's UUIDs: ValueError."""
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not visible.strip():
+        return index
+    entries = [v.strip() for v in visible.split(",") if v.strip()]
+    if index >= len(entries):
+        raise ValueError(f"device {index} is not visible (CUDA_VISIBLE_DEVICES={visible})")
+    entry = entries[index]
+    if not entry.isdigit():
+        raise ValueError(
+            f"CUDA_VISIBLE_DEVICES entry {entry!r} is not an index, and torch gave no UUID"
+        )
+    return int(entry)
 
 
 def _mean(xs: list[int]) -> float | None:

@@ -5,8 +5,9 @@ Every rank records, for a window of steps, the start and end of each action it e
 costs around the schedule (the weight-decay term `L2`, the NaN guard and the step sum of the
 loss and flags `SYNC`, the optimizer `OPT`, with data parallelism the wait on the gradient
 all-reduce `DP`), on a clock that all ranks share: the wall clock (CLOCK_MONOTONIC) on CPU,
-CUDA events on GPU, both relative to an instant every rank takes right after one barrier.
-Rank 0 gathers them and writes:
+CUDA events on GPU placed on that clock by a reference event, both relative to an instant
+every rank takes right after one barrier (on GPU, with its device drained first). Rank 0
+gathers them and writes:
 
 * `trace.json` in the Chrome trace format (open it in https://ui.perfetto.dev or
   chrome://tracing): one process per rank, one slice per action;
@@ -51,23 +52,17 @@ class Tracer:
         self.active = False
         self.t_ref = 0.0
 
+    def quiesce(self) -> None:
+        """Call before the barrier that opens the window: nothing of this rank still running
+        (CUDA: the device's queued work) may delay its reference past its peers'."""
+
     def set_reference(self) -> None:
         """Call right after a barrier on every rank: times are relative to this instant.
 
         CLOCK_MONOTONIC is one clock for every process of a host, so ranks on rank 0's host
         take rank 0's instant (exact); ranks elsewhere keep their own (barrier-aligned).
         """
-        import socket
-
-        import torch.distributed as dist
-
-        self.t_ref = time.perf_counter()
-        if dist.is_initialized():
-            mine = (socket.gethostname(), self.t_ref)
-            everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
-            if everyone[0][0] == mine[0]:
-                self.t_ref = everyone[0][1]
+        self.t_ref = _shared_reference(time.perf_counter())
 
     def begin(self) -> Any:
         return time.perf_counter()
@@ -84,8 +79,12 @@ class Tracer:
 class CudaTracer(Tracer):
     """CUDA events around each action, so the times are the GPU's, not the launch's.
 
-    Events are read back once per recorded step (one synchronize per step while recording);
-    the reference is a CPU instant paired with an event recorded after a synchronize.
+    Events are read back once per recorded step (one synchronize per step while recording).
+    The reference is an event recorded on an idle device and waited for, paired with the host
+    instant right after it, and placed on the clock the ranks share (`_shared_reference`):
+    an event's time is that instant's offset from rank 0's plus its time since the reference
+    event. The device is drained before the window's barrier (`quiesce`), so a rank whose GPU
+    still had queued work does not take its reference later than its peers.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -93,12 +92,20 @@ class CudaTracer(Tracer):
         self.device = device
         self._pending: list[tuple[int, str, str, Any, Any]] = []
         self._ref_event: Any = None
+        self._offset = 0.0  # this rank's reference instant on the shared clock
+
+    def quiesce(self) -> None:
+        torch.cuda.synchronize(self.device)
 
     def set_reference(self) -> None:
         torch.cuda.synchronize(self.device)
-        self.t_ref = time.perf_counter()
-        self._ref_event = torch.cuda.Event(enable_timing=True)
-        self._ref_event.record()
+        ref = torch.cuda.Event(enable_timing=True)
+        ref.record()
+        torch.cuda.synchronize(self.device)  # the event has happened: now is its host instant
+        mine = time.perf_counter()
+        self._ref_event = ref
+        self.t_ref = _shared_reference(mine)
+        self._offset = mine - self.t_ref
 
     def begin(self) -> Any:
         ev = torch.cuda.Event(enable_timing=True)
@@ -114,12 +121,32 @@ class CudaTracer(Tracer):
         if not self._pending:
             return
         torch.cuda.synchronize(self.device)
-        ref = self._ref_event
+        ref, off = self._ref_event, self._offset
         for step, label, kind, start, end in self._pending:
             self.events.append(
-                (step, label, kind, ref.elapsed_time(start) / 1e3, ref.elapsed_time(end) / 1e3)
+                (
+                    step,
+                    label,
+                    kind,
+                    off + ref.elapsed_time(start) / 1e3,
+                    off + ref.elapsed_time(end) / 1e3,
+                )
             )
         self._pending.clear()
+
+
+def _shared_reference(mine: float) -> float:
+    """Rank 0's reference instant for the ranks on its host (CLOCK_MONOTONIC is one clock per
+    host), `mine` elsewhere (aligned by the barrier before it). Collective when distributed."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return mine
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), mine))
+    return float(everyone[0][1]) if everyone[0][0] == socket.gethostname() else mine
 
 
 def make_tracer(device: torch.device) -> Tracer:
@@ -333,6 +360,7 @@ class TraceWindow:
         if tr is None:
             return
         if step == self.first:
+            tr.quiesce()
             if dist.is_initialized():
                 dist.barrier()
             tr.set_reference()
