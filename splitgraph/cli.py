@@ -14,16 +14,21 @@ def check_main(argv: list[str] | None = None) -> int:
     builds the plan and the schedule (which validates it), and prints both. Exit 0 if the
     launch would start, 2 with the reasons if not. launch/*.sh run it before torchrun.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    nproc = 1
-    if "--nproc" in args:
-        i = args.index("--nproc")
-        try:
-            nproc = int(args[i + 1])
-        except (IndexError, ValueError):
-            print("splitgraph-check: --nproc needs a number of ranks", file=sys.stderr)
-            return 2
-        del args[i : i + 2]
+    from splitgraph.usage import parser
+
+    p = parser(
+        "splitgraph-check",
+        "Validate a launch before spawning anything: compose the config exactly as\n"
+        "splitgraph.train would, check it for N ranks, build the plan and the schedule, print\n"
+        "both. Exit 0 if the launch would start, 2 with the reasons if not (launch/train.sh\n"
+        "runs it before torchrun).",
+        "splitgraph-check --nproc 4 schedule=interleaved pipeline.microbatches=8",
+    )
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="ranks the launch would start (1)"
+    )
+    ns = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    nproc, args = ns.nproc, list(ns.overrides)
     from hydra.errors import HydraException
 
     from splitgraph.config import load_config, validate

@@ -292,9 +292,17 @@ def _run_dir() -> str:
     return os.path.join("outputs", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
 
 
+def _train_help() -> str:
+    from splitgraph.usage import train_template
+
+    return train_template()
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("splitgraph_run_dir"):
         OmegaConf.register_new_resolver("splitgraph_run_dir", _run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("splitgraph_help"):  # conf/config.yaml's hydra.help
+        OmegaConf.register_new_resolver("splitgraph_help", _train_help)
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
