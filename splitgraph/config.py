@@ -336,9 +336,10 @@ def world_size_from_env() -> int:
 
 
 def _suggest(value: str, options: Sequence[str]) -> str:
+    """The end of "X is not a Y": a guess if one is close, then every choice, as sentences."""
     close = difflib.get_close_matches(value, options, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{hint} Choose one of: {', '.join(options)}."
+    return f"{hint}. Choose one of: {', '.join(options)}."
 
 
 def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
