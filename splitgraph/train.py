@@ -354,8 +354,8 @@ def _train(
         f", test {k} {v:.4f}" for k, v in final.get("test", {}).items() if k != "samples"
     )
     log.info(
-        "done: %d steps, median step %.4fs (%.0f samples/s)%s; outputs in %s",
-        steps,
+        "done: %s, median step %.4fs (%.0f samples/s)%s; outputs in %s",
+        _steps_done_text(summary["steps"], steps, start, stopped_by, budget),
         median,
         summary["samples_per_s_median"] or 0.0,
         test,
@@ -569,6 +569,17 @@ def _to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | N
 def _layer_key(name: str) -> tuple[int, str]:
     parts = name.split(".")
     return (int(parts[1]), parts[2]) if len(parts) == 3 and parts[1].isdigit() else (1 << 30, name)
+
+
+def _steps_done_text(
+    done: int, planned: int, start: int, stopped_by: str | None, budget: float | None
+) -> str:
+    """The log's count of steps: what ran, and why it stopped short of what was planned."""
+    text = f"{done} step{'s' if done != 1 else ''}"
+    text += f" ({done - start} in this launch)" if start else ""
+    if stopped_by == "time_budget":
+        text += f", stopped by train.time_budget={budget:g}s before the planned {planned}"
+    return text
 
 
 def _sizes_text(sizes: list[int]) -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 
+from splitgraph import train
 from splitgraph.config import load_config, validate
 from splitgraph.errors import ConfigError
 
@@ -25,3 +29,32 @@ def test_refused_choice_is_punctuated(override: str, expected: str) -> None:
     text = str(info.value)
     assert expected in text
     assert text.rstrip().endswith(".")
+
+
+@pytest.mark.timeout(120)
+def test_done_line_counts_the_steps_that_ran(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With train.time_budget the run stops early: the log says how many steps ran, not how
+    many were planned, and why it stopped."""
+    over = [
+        "model.hidden=[16,16]",
+        "data.features=8",
+        "data.samples=256",
+        "train.batch_size=32",
+        "train.steps=1000",
+        "train.time_budget=1e-6",  # spent by the first step
+        "train.progress=false",
+        "trace.enabled=false",
+        "costs.report=false",
+        "checkpoint.every=null",
+        "checkpoint.save=false",
+        f"run_dir={tmp_path}",
+    ]
+    with caplog.at_level(logging.INFO, logger="splitgraph"):
+        summary = train.run(load_config(over))
+    assert summary is not None and summary["steps"] == 1 and summary["stopped_by"] == "time_budget"
+    (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done: ")]
+    assert done.startswith(
+        "done: 1 step, stopped by train.time_budget=1e-06s before the planned 1000"
+    )
