@@ -43,19 +43,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata
 
 from splitgraph.errors import CheckpointError
 from splitgraph.model import layer_dims
-from splitgraph.safeload import SafeReader, load_tensor_dict, read_metadata
+
+# DCP (and safeload, built on it) is imported where a checkpoint is read or written: importing
+# it costs about as much as `import torch`, and a run that starts afresh needs it only for its
+# first save, after training has begun.
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.metadata import Metadata
 
 log = logging.getLogger("splitgraph")
 
@@ -139,6 +142,8 @@ def check_fits(
 
 def load_model_pt(path: str | Path, cfg: Any) -> dict[str, Tensor]:
     """`checkpoint.init_from`: a consolidated model.pt, weights_only, checked against the model."""
+    from splitgraph.safeload import load_tensor_dict
+
     source = f"checkpoint.init_from={str(path)!r}"
     state = load_tensor_dict(path, source)
     check_fits({k: tuple(v.shape) for k, v in state.items()}, param_shapes(cfg), source)
@@ -217,6 +222,13 @@ def find_resume(cfg: Any) -> tuple[Checkpoint, Metadata] | None:
     return one, meta
 
 
+def read_metadata(path: Path) -> Metadata:
+    """DCP's index of a checkpoint (safeload: never plain pickle)."""
+    from splitgraph.safeload import read_metadata as read
+
+    return read(path)
+
+
 def _check_matches(ck: Checkpoint, meta: Metadata, cfg: Any) -> None:
     ident = identity(cfg)
     if cfg.checkpoint.strict and ck.meta.get("config_hash") != config_hash(ident):
@@ -255,6 +267,10 @@ class RankState:
 def read_rank_state(ck: Checkpoint, meta: Metadata, names: Iterable[str], rank: int) -> RankState:
     """The tensors of parameters `names` (and their optimizer state), and this rank's RNG state
     (rank 0's if the checkpoint had fewer ranks), read without any process group."""
+    import torch.distributed.checkpoint as dcp
+
+    from splitgraph.safeload import SafeReader
+
     entries = meta.state_dict_metadata
     names = list(names)
     want: dict[str, Tensor] = {}
@@ -363,9 +379,13 @@ def save(
     keep: int,
     rank: int,
     world_size: int,
-    writer: type[FileSystemWriter] = FileSystemWriter,
+    writer: type[FileSystemWriter] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` atomically; every rank calls it (rank 0 passes `meta`)."""
+    """Write the checkpoint of `step` atomically; every rank calls it (rank 0 passes `meta`).
+    `writer`: DCP's FileSystemWriter unless given (the fault tests pass one that dies)."""
+    import torch.distributed.checkpoint as dcp
+
+    writer = writer or dcp.FileSystemWriter
     distributed = world_size > 1 and dist.is_initialized()
     d = Path(directory)
     final = d / step_dir_name(step)
