@@ -8,11 +8,13 @@ Each launch is `python -m splitgraph.train train.steps=1 ...` (one process) or `
 --standalone --nproc-per-node N -m splitgraph.train train.steps=1 ...`, from a fresh interpreter,
 into a fresh run dir. "first step" is when the first line of metrics.jsonl appears (rank 0
 writes it when every rank has finished step 0; polled every 5 ms), "exit" when the launch
-returns. With `--tree`, each repeat runs every tree in turn (the current checkout first), so
-trees share the machine's load; `-m splitgraph.train` runs from the tree's own directory, so it
-imports that tree's code (the tree needs no install of its own: this interpreter's packages
-serve). Prints medians (and min/max) per tree and launch, and `uptime`'s load before and after:
-numbers under load are not an idle machine's.
+returns; "CPU" is the user + system seconds of every process of the launch (torchrun and its
+ranks), which load inflates far less than wall time. With `--tree`, each repeat runs every
+tree in turn (the current checkout first), so trees share the machine's load; `-m
+splitgraph.train` runs from the tree's own directory, so it imports that tree's code (the tree
+needs no install of its own: this interpreter's packages serve). Prints medians (and min/max)
+per tree and launch, and `uptime`'s load before and after: numbers under load are not an idle
+machine's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,8 +42,11 @@ def _load() -> str:
         return "unknown"
 
 
-def launch(tree: Path, nproc: int, run_dir: Path, overrides: list[str]) -> tuple[float, float]:
-    """(seconds to the first metrics line, seconds to exit) of one launch from `tree`."""
+def launch(
+    tree: Path, nproc: int, run_dir: Path, overrides: list[str]
+) -> tuple[float, float, float]:
+    """(seconds to the first metrics line, seconds to exit, CPU seconds of every process of
+    the launch) of one launch from `tree`."""
     args = [*BASE, f"run_dir={run_dir}", *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "splitgraph.train", *args]
@@ -50,6 +56,7 @@ def launch(tree: Path, nproc: int, run_dir: Path, overrides: list[str]) -> tuple
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     env.pop("SPLITGRAPH_RUN_DIR", None)
     metrics = run_dir / "metrics.jsonl"
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -60,12 +67,14 @@ def launch(tree: Path, nproc: int, run_dir: Path, overrides: list[str]) -> tuple
             first = time.perf_counter() - t0
         time.sleep(0.005)
     total = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
         raise SystemExit(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
     if first is None:  # written in the last poll interval
         first = total
-    return first, total
+    return first, total, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every launch")
     ns = p.parse_intermixed_args(argv)
     trees = [ROOT, *[t.resolve() for t in ns.tree]]
-    rows: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="splitgraph-startup-") as tmp:
         for r in range(ns.repeats):
@@ -94,18 +103,19 @@ def main(argv: list[str] | None = None) -> int:
                     rows.setdefault((str(tree), nproc), []).append(got)
                     print(
                         f"repeat {r + 1}/{ns.repeats}  {tree}  nproc {nproc}: first step "
-                        f"{got[0]:.2f} s, exit {got[1]:.2f} s  (load {_load()})",
+                        f"{got[0]:.2f} s, exit {got[1]:.2f} s, CPU {got[2]:.2f} s  "
+                        f"(load {_load()})",
                         file=sys.stderr,
                     )
     load_after = _load()
     print(f"time to the first step, {ns.repeats} launches each (seconds: median [min-max])")
     print(f"load average before {load_before}, after {load_after}; {os.cpu_count()} CPUs\n")
-    print("| tree | launch | first step | exit |")
-    print("| --- | --- | --- | --- |")
+    print("| tree | launch | first step | exit | CPU (all processes) |")
+    print("| --- | --- | --- | --- | --- |")
     for (tree, nproc), xs in rows.items():
         launch_text = "python -m splitgraph.train" if nproc == 1 else f"torchrun x{nproc}"
-        cells = [_stat([x[0] for x in xs]), _stat([x[1] for x in xs])]
-        print(f"| {tree} | {launch_text} | {cells[0]} | {cells[1]} |")
+        cells = " | ".join(_stat([x[i] for x in xs]) for i in range(3))
+        print(f"| {tree} | {launch_text} | {cells} |")
     if ns.json:
         ns.json.write_text(
             json.dumps(
@@ -114,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                     "load_after": load_after,
                     "overrides": [*BASE, *ns.overrides],
                     "runs": [
-                        {"tree": t, "nproc": n, "first_step_s": a, "exit_s": b}
+                        {"tree": t, "nproc": n, "first_step_s": a, "exit_s": b, "cpu_s": c}
                         for (t, n), xs in rows.items()
-                        for a, b in xs
+                        for a, b, c in xs
                     ],
                 },
                 indent=2,
