@@ -25,7 +25,7 @@ KIND_NAMES = {"F": "forward", "B": "backward", "I": "input grad (I)", "W": "weig
 LEGEND = {
     "wait": ("#C44E52", "waiting (thin, below): for data, or for the last rank at the step sum"),
     "comm": ("#888888", "posting transfers (thin, above): send/receive calls"),
-    "DP": ("#8172B3", "gradient all-reduce across replicas, waited on"),
+    "DP": ("#8172B3", "gradient all-reduce across replicas (a run: the wait on it)"),
     "L2": ("#64B5CD", "weight decay: s and its gradient lambda W"),
     "SYNC": ("#E5C494", "step sum: all-reduce of L, s and the NaN/stop flags"),
     "OPT": ("#BBBBBB", "optimizer step"),
