@@ -56,20 +56,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import Metadata
 
 from splitgraph.errors import CheckpointError
 from splitgraph.model import layer_dims
-from splitgraph.safeload import SafeReader, load_tensor_dict, read_metadata
+
+# DCP (and safeload, built on it) is imported where a checkpoint is read or written: importing
+# it costs about as much as `import torch`, and a run that starts afresh needs it only for its
+# first save, after training has begun.
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.metadata import Metadata
 
 log = logging.getLogger("splitgraph")
 
@@ -155,6 +157,8 @@ def check_fits(
 
 def load_model_pt(path: str | Path, cfg: Any) -> dict[str, Tensor]:
     """`checkpoint.init_from`: a consolidated model.pt, weights_only, checked against the model."""
+    from splitgraph.safeload import load_tensor_dict
+
     source = f"checkpoint.init_from={str(path)!r}"
     state = load_tensor_dict(path, source)
     check_fits({k: tuple(v.shape) for k, v in state.items()}, param_shapes(cfg), source)
@@ -415,6 +419,13 @@ def _warn_unverified(ck: Checkpoint, speak: bool) -> None:
         )
 
 
+def read_metadata(path: Path) -> Metadata:
+    """DCP's index of a checkpoint (safeload: never plain pickle)."""
+    from splitgraph.safeload import read_metadata as read
+
+    return read(path)
+
+
 def _check_matches(ck: Checkpoint, meta: Metadata, cfg: Any) -> None:
     ident = identity(cfg)
     if cfg.checkpoint.strict and ck.meta.get("config_hash") != config_hash(ident):
@@ -454,6 +465,10 @@ def read_rank_state(ck: Checkpoint, meta: Metadata, names: Iterable[str], rank: 
     """The tensors of parameters `names` (and their optimizer state), and this rank's RNG state
     (rank 0's, with a warning, if the checkpoint had fewer ranks), read without any process
     group."""
+    import torch.distributed.checkpoint as dcp
+
+    from splitgraph.safeload import SafeReader
+
     entries = meta.state_dict_metadata
     names = list(names)
     want: dict[str, Tensor] = {}
@@ -572,10 +587,14 @@ def save(
     keep: int,
     rank: int,
     world_size: int,
-    writer: type[FileSystemWriter] = FileSystemWriter,
+    writer: type[FileSystemWriter] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically, with the digest of every file; every rank
-    calls it (rank 0 passes `meta`)."""
+    calls it (rank 0 passes `meta`).
+    `writer`: DCP's FileSystemWriter unless given (the fault tests pass one that dies)."""
+    import torch.distributed.checkpoint as dcp
+
+    writer = writer or dcp.FileSystemWriter
     distributed = world_size > 1 and dist.is_initialized()
     d = Path(directory)
     final = d / step_dir_name(step)
@@ -588,7 +607,7 @@ def save(
         dist.barrier()
     tmp.mkdir(parents=True, exist_ok=True)
     storage = writer(tmp)
-    hashing = _HashingFileSystem()
+    hashing = _hashing_file_system()
     storage.fs = hashing  # DCP opens every file through it: digests while writing
     with _single_process_ok():
         dcp.save(rank_tensors(engine, rank), storage_writer=storage, no_dist=not distributed)
@@ -659,46 +678,53 @@ class _HashingStream:
         return getattr(self.raw, name)
 
 
-class _HashingFileSystem(FileSystem):
-    """DCP's local file system, recording the digest of each file written through it."""
+def _hashing_file_system() -> Any:
+    """DCP's local file system, recording the digest of each file written through it
+    (a class made on first use: DCP is imported only where a checkpoint is written)."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: dict[str, _HashingStream] = {}
+    class HashingFileSystem(FileSystem):
+        """DCP's local file system, recording the digest of each file written through it."""
 
-    @contextmanager
-    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            hashing = _HashingStream(stream)
-            name = Path(path).name
-            # DCP writes `.metadata.tmp` and renames it `.metadata`
-            self.written[name[: -len(".tmp")] if name.endswith(".tmp") else name] = hashing
-            yield hashing
+        def __init__(self) -> None:
+            super().__init__()
+            self.written: dict[str, _HashingStream] = {}
 
-    def checked(self, directory: Path) -> dict[str, dict[str, Any]]:
-        """{file name: {sha256, bytes}} of the files written, each checked against its size
-        on disk; a file whose size differs from the bytes seen (a write that bypassed the
-        stream) is hashed again from disk, so a digest is never wrong."""
-        out = {}
-        for name, stream in self.written.items():
-            path = directory / name
-            size = path.stat().st_size
-            if size == stream.size:
-                out[name] = {HASH: stream.digest.hexdigest(), "bytes": size}
-            else:
-                log.warning(
-                    "checkpoint file %s: %d bytes on disk, %d seen while writing; hashed again "
-                    "from disk (a torch change in how DCP writes?)",
-                    path,
-                    size,
-                    stream.size,
-                )
-                digest, size = hash_file(path)
-                out[name] = {HASH: digest, "bytes": size}
-        return out
+        @contextmanager
+        def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+            with super().create_stream(path, mode) as stream:
+                if "w" not in mode:
+                    yield stream
+                    return
+                hashing = _HashingStream(stream)
+                name = Path(path).name
+                # DCP writes `.metadata.tmp` and renames it `.metadata`
+                self.written[name[: -len(".tmp")] if name.endswith(".tmp") else name] = hashing
+                yield hashing
+
+        def checked(self, directory: Path) -> dict[str, dict[str, Any]]:
+            """{file name: {sha256, bytes}} of the files written, each checked against its size
+            on disk; a file whose size differs from the bytes seen (a write that bypassed the
+            stream) is hashed again from disk, so a digest is never wrong."""
+            out = {}
+            for name, stream in self.written.items():
+                path = directory / name
+                size = path.stat().st_size
+                if size == stream.size:
+                    out[name] = {HASH: stream.digest.hexdigest(), "bytes": size}
+                else:
+                    log.warning(
+                        "checkpoint file %s: %d bytes on disk, %d seen while writing; hashed again "
+                        "from disk (a torch change in how DCP writes?)",
+                        path,
+                        size,
+                        stream.size,
+                    )
+                    digest, size = hash_file(path)
+                    out[name] = {HASH: digest, "bytes": size}
+            return out
+
+    return HashingFileSystem()
 
 
 @contextmanager

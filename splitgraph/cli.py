@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from splitgraph.errors import SplitgraphError
 
 
-def _take_ranks(args: list[str], flag: str) -> int | str | None:
-    """The count after `flag` (removed from args), None if absent, or the complaint."""
-    if flag not in args:
-        return None
-    i = args.index(flag)
-    text = args[i + 1] if i + 1 < len(args) else ""
-    del args[i : i + 2]
+def _ranks(text: str) -> int:
     try:
-        n = int(text)
+        return int(text)
     except ValueError:
-        return f"{flag} needs a number of ranks; got {text!r}"
-    if n < 1:
-        return f"{flag} {n}: a launch needs at least 1 rank (one per pipeline stage)"
-    return n
+        raise argparse.ArgumentTypeError(f"needs a number of ranks; got {text!r}") from None
 
 
 def check_main(argv: list[str] | None = None) -> int:
@@ -35,15 +27,42 @@ def check_main(argv: list[str] | None = None) -> int:
     if the launch would start, 2 with the reasons if not, 3 if it cannot fit in memory.
     launch/*.sh run it before torchrun.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    nproc = _take_ranks(args, "--nproc")
-    per_node = _take_ranks(args, "--nproc-per-node")
-    for bad in (nproc, per_node):
-        if isinstance(bad, str):
-            print(f"splitgraph-check: {bad}", file=sys.stderr)
+    from splitgraph.usage import parser
+
+    p = parser(
+        "splitgraph-check",
+        "Validate a launch before spawning anything: compose the config exactly as\n"
+        "splitgraph.train would (data.features/outputs read from a data file that leaves them\n"
+        "null), check it for N ranks, build the plan and the schedule, price every rank's\n"
+        "memory and the data against the cap and this machine, read the data file and check\n"
+        "every value. Exit 0 if the launch would start, 2 with the reasons if not, 3 if it\n"
+        "cannot fit in memory (launch/*.sh run it before torchrun).",
+        "splitgraph-check --nproc 4 schedule=interleaved pipeline.microbatches=8",
+    )
+    p.add_argument(
+        "--nproc", type=_ranks, default=1, metavar="N", help="ranks the launch would start (1)"
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=_ranks,
+        default=None,
+        metavar="L",
+        help="of them, ranks on this machine, whose memory they share (default: N)",
+    )
+    try:
+        ns = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help (0) or a malformed flag (2, said by argparse)
+        return int(e.code or 0)
+    nproc, args = ns.nproc, list(ns.overrides)
+    for flag, n in (("--nproc", nproc), ("--nproc-per-node", ns.nproc_per_node)):
+        if n is not None and n < 1:
+            print(
+                f"splitgraph-check: {flag} {n}: a launch needs at least 1 rank (one per "
+                "pipeline stage)",
+                file=sys.stderr,
+            )
             return 2
-    nproc = 1 if nproc is None else int(nproc)
-    per_node = nproc if per_node is None else min(int(per_node), nproc)
+    per_node = nproc if ns.nproc_per_node is None else min(int(ns.nproc_per_node), nproc)
     from hydra.errors import HydraException
 
     from splitgraph import preflight

@@ -307,9 +307,17 @@ def _run_dir() -> str:
     return os.path.join("outputs", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
 
 
+def _train_help() -> str:
+    from splitgraph.usage import train_template
+
+    return train_template()
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("splitgraph_run_dir"):
         OmegaConf.register_new_resolver("splitgraph_run_dir", _run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("splitgraph_help"):  # conf/config.yaml's hydra.help
+        OmegaConf.register_new_resolver("splitgraph_help", _train_help)
 
 
 def load_config(
@@ -351,9 +359,10 @@ def world_size_from_env() -> int:
 
 
 def _suggest(value: str, options: Sequence[str]) -> str:
+    """The end of "X is not a Y": a guess if one is close, then every choice, as sentences."""
     close = difflib.get_close_matches(value, options, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{hint} Choose one of: {', '.join(options)}."
+    return f"{hint}. Choose one of: {', '.join(options)}."
 
 
 def recompute_stages(cfg: Any, num_stages: int) -> set[int]:

@@ -20,10 +20,12 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemWriter
+
+if TYPE_CHECKING:  # DCP is imported when a checkpoint is written (see checkpoint.py)
+    from torch.distributed.checkpoint import FileSystemWriter
 
 #: where in the executor's program a schedule fault fires (after the first action ran)
 PROGRAM_INDEX = 1
@@ -82,15 +84,21 @@ class Fault:
         x[-1, 0] = float("nan")
         return x
 
-    def save_writer(self, step: int, rank: int) -> type[FileSystemWriter]:
-        """mode=kill_in_save: a writer that dies after writing this rank's tensors."""
+    def save_writer(self, step: int, rank: int) -> type[FileSystemWriter] | None:
+        """mode=kill_in_save: a writer that dies after writing this rank's tensors; else None
+        (checkpoint.save's own writer)."""
         hit = self.armed and self.mode == "kill_in_save" and step >= (self.step or 0)
-        return _DieAfterWrite if hit and rank == self.rank else FileSystemWriter
+        return _die_after_write() if hit and rank == self.rank else None
 
 
-class _DieAfterWrite(FileSystemWriter):
-    def write_data(self, plan: Any, planner: Any) -> Any:
-        future = super().write_data(plan, planner)
-        future.wait()
-        die()
-        return future  # pragma: no cover - never reached
+def _die_after_write() -> type[FileSystemWriter]:
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class DieAfterWrite(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            future = super().write_data(plan, planner)
+            future.wait()
+            die()
+            return future  # pragma: no cover - never reached
+
+    return DieAfterWrite

@@ -23,24 +23,35 @@ from pathlib import Path
 from splitgraph.errors import SplitgraphError
 
 
-def _take(args: list[str], flag: str, default: str | None) -> str | None:
-    if flag not in args:
-        return default
-    i = args.index(flag)
-    if i + 1 >= len(args):
-        raise SystemExit(f"splitgraph-plan: {flag} needs a value")
-    value = args[i + 1]
-    del args[i : i + 2]
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    nproc_text = _take(args, "--nproc", None)
-    out = Path(_take(args, "--out", "outputs/plan") or "outputs/plan")
-    top = int(_take(args, "--top", "5") or 5)
-    do_search = any(a in ("search=true", "--search") for a in args)
-    args = [a for a in args if a not in ("search=true", "search=false", "--search")]
+    from splitgraph.usage import parser
+
+    p = parser(
+        "splitgraph-plan",
+        "Predict a plan's step time and memory per stage before running it (no process group),\n"
+        "draw its partitioned graph, and optionally rank the alternatives under the memory cap.\n"
+        "Writes plan.json and plan.png to --out. Layer times are measured here and cached.",
+        "splitgraph-plan --nproc 3 model.hidden=[4096,256,256,256,2048] partition=optimal "
+        "pipeline.memory_cap=64MiB",
+    )
+    p.add_argument("--nproc", type=int, metavar="N", help="stages (default: pipeline.stages)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/plan"),
+        help="where plan.json and plan.png go (outputs/plan)",
+    )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="rank schedule x microbatches x recomputation x strategy (also: search=true)",
+    )
+    p.add_argument("--top", type=int, default=5, help="candidates --search prints (5)")
+    ns = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    out, top = ns.out, ns.top
+    nproc_text = None if ns.nproc is None else str(ns.nproc)
+    do_search = ns.search or "search=true" in ns.overrides
+    args = [a for a in ns.overrides if a not in ("search=true", "search=false")]
 
     import torch
     from hydra.errors import HydraException

@@ -31,3 +31,14 @@ def test_scale_projection_writes_its_table(tmp_path: Path) -> None:
     data = json.loads(out.with_suffix(".json").read_text())
     text = out.with_suffix(".md").read_text()
     assert "8" in text and "16" in text and data
+
+
+@pytest.mark.timeout(180)
+def test_startup_bench_times_a_launch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from splitgraph.bench.startup import main
+
+    out = tmp_path / "startup.json"
+    assert main(["--repeats", "1", "--nproc", "1", "--json", str(out), *TINY]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert 0 < run["first_step_s"] <= run["exit_s"] and run["cpu_s"] > 0
+    assert "| python -m splitgraph.train |" in capsys.readouterr().out

@@ -68,8 +68,8 @@ def _one(summary: dict[str, Any]) -> dict[str, float]:
         "pred_ms": 1e3 * tl["predicted"]["step_time_s"],
         "samples_per_s": summary["config"]["train"]["batch_size"]
         / tl["measured"]["step_time_median_s"],
-        "bubble": statistics.mean(tl["measured"]["bubble_per_rank"]),
-        "bubble_pred": statistics.mean(tl["predicted"]["bubble_per_rank"]),
+        "bubble": tl["measured"]["bubble"],  # simulate.idle_share, as the run printed it
+        "bubble_pred": tl["predicted"]["bubble"],
         "ratio": tl["measured_over_predicted_step_time"],
         "span_ratio": tl["measured_over_predicted_span"],
         "saved_kib": [b / 1024 for b in mem],

@@ -21,6 +21,7 @@ Recording costs two clock reads and a list append per action (well under 2% of a
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections import defaultdict
@@ -31,7 +32,9 @@ from typing import Any
 import torch
 
 from splitgraph.schedule.ir import Action, Schedule
-from splitgraph.schedule.simulate import Costs, SimResult, simulate
+from splitgraph.schedule.simulate import Costs, SimResult, idle_share, simulate
+
+log = logging.getLogger("splitgraph")
 
 #: (step, label, kind, start seconds, end seconds) relative to the shared reference instant.
 Event = tuple[int, str, str, float, float]
@@ -206,6 +209,11 @@ class Measured:
     span: float  # median over steps: first action start to last action end, all ranks
     compute_per_rank: list[float]  # median over steps: seconds of F/B/I/W per rank
 
+    @property
+    def bubble_fraction(self) -> float:
+        """The bubble (simulate.idle_share) of the median traced step."""
+        return idle_share(self.compute_per_rank, self.span)
+
     def costs(self, sizes: Sequence[int]) -> Costs:
         mean = sum(sizes) / len(sizes)
         return Costs(
@@ -323,7 +331,7 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
         sync=per_rank_median("SYNC"),
         weight_decay=per_rank_median("L2"),
         dp_wait=per_rank_median("DP"),
-        bubble=[1.0 - c / span if span > 0 else 0.0 for c in compute],
+        bubble=[idle_share([c], span) for c in compute],
         span=span,
         compute_per_rank=compute,
     )
@@ -338,6 +346,26 @@ def _msg_key(a: Action) -> tuple[str, int, int]:
 def predict(measured: Measured, sched: Schedule, sizes: Sequence[int]) -> SimResult:
     """The simulator fed with the run's own measured costs."""
     return simulate(sched, measured.costs(sizes))
+
+
+BUBBLE_DEFINITION = (
+    "idle share of all ranks' time over the schedule's span (first action to last): "
+    "1 - sum(compute) / (ranks x span); the step's fixed costs after the span are not in it"
+)
+
+
+@dataclass(frozen=True)
+class Bubbles:
+    """A run's bubble, measured and predicted (both simulate.idle_share), and the schedule's
+    at equal stage costs without transfers; `text` is how the log and the picture print one."""
+
+    measured: float
+    predicted: float
+    unit_costs: float
+
+    @staticmethod
+    def text(bubble: float) -> str:
+        return f"bubble {bubble:.1%}"
 
 
 class TraceWindow:
@@ -417,7 +445,21 @@ class TraceWindow:
         window = list(step_times[self.first : self.last])
         step_measured = _median(window)
         step_predicted = sim.step_time + sum(fixed.values())
-        _draw(out / "timeline.png", gathered, sched, sim, measured)
+        # the same schedule at equal stage costs (F=1, B=2) and no transfers: the README's
+        # closed forms, for reference beside what this run's costs give
+        unit = simulate(sched, Costs.uniform(sched.num_stages, 1.0, 2.0)).bubble_fraction
+        bubbles = Bubbles(measured.bubble_fraction, sim.bubble_fraction, unit)
+        _draw(out / "timeline.png", gathered, sched, sim, measured, fixed, bubbles)
+        log.info(
+            "timeline: median traced step %.2f ms (schedule span %.2f ms, %s); predicted from "
+            "its measured costs %.2f ms (span %.2f ms, %s); timeline.png",
+            step_measured * 1e3,
+            measured.span * 1e3,
+            bubbles.text(bubbles.measured),
+            step_predicted * 1e3,
+            sim.step_time * 1e3,
+            bubbles.text(bubbles.predicted),
+        )
         return {
             "steps_traced": [self.first, self.first + len(window) - 1],
             "trace": "trace.json",
@@ -425,6 +467,7 @@ class TraceWindow:
             "measured": {
                 "step_time_median_s": step_measured,
                 "schedule_span_median_s": measured.span,
+                "bubble": bubbles.measured,
                 "bubble_per_rank": measured.bubble,
                 "compute_per_rank_s": measured.compute_per_rank,
                 "optimizer_per_rank_s": measured.optimizer,
@@ -444,8 +487,11 @@ class TraceWindow:
                 "step_time_s": step_predicted,
                 "schedule_span_s": sim.step_time,
                 "fixed_per_step_s": fixed,
+                "bubble": bubbles.predicted,
                 "bubble_per_rank": sim.bubble,
             },
+            "bubble_at_unit_costs": bubbles.unit_costs,
+            "bubble_definition": BUBBLE_DEFINITION,
             "measured_over_predicted_step_time": (
                 step_measured / step_predicted if step_predicted > 0 else None
             ),
@@ -462,7 +508,13 @@ def _draw(
     sched: Schedule,
     sim: SimResult,
     measured: Measured,
+    fixed: dict[str, float],
+    bubbles: Bubbles,
 ) -> None:
+    """timeline.png: the prediction above the traced step of median span, each from the start
+    of its schedule on one time axis, each step's fixed costs after its span; waits drawn
+    apart from work (the compute boxes start when their data arrived, and the step sum's wait
+    for the last rank is a wait); the bubble as the log and summary.json give it."""
     from splitgraph.timeline import Box, Panel, draw
 
     # the measured step whose span is the median one
@@ -474,6 +526,12 @@ def _draw(
             spans.append((max(e[4] for e in evs) - min(e[3] for e in evs), step))
     spans.sort()
     step = spans[len(spans) // 2][1] if spans else 0
+    in_sched = [e for row in gathered for e in row if e[0] == step and e[2] not in STEP_KINDS]
+    lo = min((e[3] for e in in_sched), default=0.0)
+    hi = max((e[4] for e in in_sched), default=0.0)
+    # the step sum ends for nobody before the last rank enters it: until then, a rank waits
+    sync_in = [e[3] for row in gathered for e in row if e[0] == step and e[2] == "SYNC"]
+    last_in = max(sync_in, default=None)
     meas = []
     for r, row in enumerate(gathered):
         evs = [e for e in row if e[0] == step]
@@ -484,32 +542,51 @@ def _draw(
                 w = waits.get(f"{a.stage}RECV_{'F' if kind == 'F' else 'B'}{a.mb}")
                 if w is not None and start <= w[3] <= end:
                     start = min(w[4], end)
+            elif kind == "SYNC" and last_in is not None and last_in > start:
+                meas.append(Box(r, "step sum: wait", "wait", start, min(last_in, end)))
+                start = min(last_in, end)
             meas.append(Box(r, label, kind, start, end))
+    # the prediction: the simulated schedule, then the fixed costs it adds, in the run's order
     pred = [
         Box(e.rank, e.action, e.action.lstrip("0123456789")[0], e.start, e.end)
         for row in sim.events
         for e in row
     ]
+    t = sim.step_time
+    for kind, key in (
+        ("DP", "gradient_allreduce_wait_s"),
+        ("L2", "weight_decay_s"),
+        ("SYNC", "step_sum_s"),
+        ("OPT", "optimizer_s"),
+    ):
+        if fixed.get(key, 0.0) > 0:
+            pred += [Box(r, kind, kind, t, t + fixed[key]) for r in range(sched.num_ranks)]
+            t += fixed[key]
     per_rank = sched.num_stages // sched.num_ranks
     draw(
         [
             Panel(
-                f"predicted: the simulator fed with this run's measured costs "
-                f"(span {sim.step_time * 1e3:.2f} ms, bubble {sim.bubble_fraction:.0%})",
+                f"predicted from this run's measured costs: step {t * 1e3:.2f} ms, schedule "
+                f"span {sim.step_time * 1e3:.2f} ms, {Bubbles.text(bubbles.predicted)}",
                 pred,
                 sched.num_ranks,
                 per_rank,
+                t0=0.0,
+                span_end=sim.step_time,
             ),
             Panel(
-                f"measured: step {step}, the median span of the traced steps "
-                f"({measured.span * 1e3:.2f} ms, bubble "
-                f"{sum(measured.bubble) / max(len(measured.bubble), 1):.0%})",
+                f"measured: step {step}, the traced step of median span; median span "
+                f"{measured.span * 1e3:.2f} ms, {Bubbles.text(bubbles.measured)}",
                 meas,
                 sched.num_ranks,
                 per_rank,
+                t0=lo,
+                span_end=hi,
             ),
         ],
         path,
         suptitle=f"{sched.name}: {sched.num_ranks} ranks, {sched.num_stages} stages, "
-        f"{sched.num_microbatches} microbatches",
+        f"{sched.num_microbatches} microbatches. Bubble: idle share of the ranks' time in the "
+        f"schedule's span ({Bubbles.text(bubbles.unit_costs)} at equal stage costs without "
+        "transfers)",
     )

@@ -111,19 +111,37 @@ def draw_schedule(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="splitgraph-schedule", description=__doc__.split("\n")[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. schedule=1f1b")
-    parser.add_argument("--costs", default="1,2,1", help="F,B[,W] per stage (unit costs)")
-    parser.add_argument("--comm", type=float, default=0.0, help="time per transfer")
-    parser.add_argument("--from-run", type=Path, help="use the costs a run measured")
-    parser.add_argument("--out", type=Path, help="PNG path (default: <schedule>.png)")
-    parser.add_argument("--no-picture", action="store_true")
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
-    parser.add_argument("--allreduce", type=float, help="each stage's all-reduce (cost units)")
-    parser.add_argument("--dp-bandwidth", type=float, help="GB/s per rank (with --from-run)")
-    parser.add_argument("--dp-latency-us", type=float, default=0.0, help="per ring step")
+    from splitgraph.usage import parser as make_parser
+
+    parser = make_parser(
+        "splitgraph-schedule",
+        "Simulate a schedule and draw its timeline before running anything: the text picture,\n"
+        "step time, bubble and peak microbatches in flight per stage, and a PNG. Choose it with\n"
+        "the training overrides (pipeline.stages = ranks, schedule.virtual_stages = chunks per\n"
+        "rank); costs are unit costs per stage (--costs) or a run's measured ones (--from-run).",
+        "splitgraph-schedule schedule=zb1 pipeline.stages=4 pipeline.microbatches=8 --costs 1,2,1",
+    )
+    parser.add_argument(
+        "--costs", default="1,2,1", metavar="F,B[,W]", help="unit costs per stage (1,2,1)"
+    )
+    parser.add_argument("--comm", type=float, default=0.0, metavar="T", help="time per transfer")
+    parser.add_argument(
+        "--from-run", type=Path, metavar="RUN_DIR", help="use the costs a run measured"
+    )
+    parser.add_argument("--out", type=Path, metavar="PNG", help="(default: <schedule>.png)")
+    parser.add_argument("--no-picture", action="store_true", help="print only, write no PNG")
+    parser.add_argument("--dp", type=int, default=1, metavar="D", help="data-parallel replicas")
+    parser.add_argument(
+        "--allreduce", type=float, metavar="T", help="each stage's all-reduce (cost units)"
+    )
+    parser.add_argument(
+        "--dp-bandwidth", type=float, metavar="GBPS", help="GB/s per rank (with --from-run)"
+    )
+    parser.add_argument(
+        "--dp-latency-us", type=float, default=0.0, metavar="US", help="per ring step"
+    )
     parser.add_argument("--no-overlap", action="store_true", help="all-reduce after the step")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from hydra.errors import HydraException
 

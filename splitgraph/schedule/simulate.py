@@ -80,6 +80,23 @@ class Costs:
         return 0.0 if self.comm is None else self.comm[boundary] * self.scale(mb)
 
 
+def idle_share(busy: Sequence[float], span: float) -> float:
+    """The bubble: the idle share of all ranks' time over the schedule's span,
+
+        1 - sum(busy) / (ranks x span),
+
+    where a rank is busy while it computes (F, B, I, W; a wait for a neighbour's data inside
+    an action is idle) and the span runs from the schedule's first action to its last, on any
+    rank. The step's fixed costs after the span (weight decay, the step sum, the optimizer)
+    are not part of it. At equal stage costs without transfers it is the README's closed form,
+    (p-1)/(m+p-1) for GPipe and 1F1B. The one definition behind every bubble splitgraph
+    prints: the simulator's, the trace's, the log's, summary.json's and timeline.png's.
+    """
+    if span <= 0 or not busy:
+        return 0.0
+    return 1.0 - sum(busy) / (len(busy) * span)
+
+
 @dataclass(frozen=True)
 class Event:
     rank: int
@@ -102,16 +119,12 @@ class SimResult:
     @property
     def bubble(self) -> list[float]:
         """Per rank: the idle share of the step."""
-        if self.step_time <= 0:
-            return [0.0] * self.num_ranks
-        return [1.0 - b / self.step_time for b in self.busy]
+        return [idle_share([b], self.step_time) for b in self.busy]
 
     @property
     def bubble_fraction(self) -> float:
-        """Idle share of all ranks' time: 1 - sum(busy) / (ranks * step time)."""
-        if self.step_time <= 0:
-            return 0.0
-        return 1.0 - sum(self.busy) / (self.num_ranks * self.step_time)
+        """The bubble (`idle_share`) of the simulated schedule."""
+        return idle_share(self.busy, self.step_time)
 
     def summary(self) -> dict[str, object]:
         return {

@@ -1,0 +1,144 @@
+"""Time to the first step: how long a launch takes before it trains, and to finish a 1-step run.
+
+    python -m splitgraph.bench.startup                     # 5 repeats, 1 process and torchrun 2
+    python -m splitgraph.bench.startup --repeats 9 --nproc 2 4
+    python -m splitgraph.bench.startup --tree /path/to/other/checkout   # A/B, alternating
+
+Each launch is `python -m splitgraph.train train.steps=1 ...` (one process) or `torchrun
+--standalone --nproc-per-node N -m splitgraph.train train.steps=1 ...`, from a fresh interpreter,
+into a fresh run dir. "first step" is when the first line of metrics.jsonl appears (rank 0
+writes it when every rank has finished step 0; polled every 5 ms), "exit" when the launch
+returns; "CPU" is the user + system seconds of every process of the launch (torchrun and its
+ranks), which load inflates far less than wall time. With `--tree`, each repeat runs every
+tree in turn (the current checkout first), so trees share the machine's load; `-m
+splitgraph.train` runs from the tree's own directory, so it imports that tree's code (the tree
+needs no install of its own: this interpreter's packages serve). Prints medians (and min/max)
+per tree and launch, and `uptime`'s load before and after: numbers under load are not an idle
+machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+#: One step, and nothing a first launch on a clean machine would not also do.
+BASE = ["train.steps=1", "train.progress=false", "checkpoint.resume=never"]
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def launch(
+    tree: Path, nproc: int, run_dir: Path, overrides: list[str]
+) -> tuple[float, float, float]:
+    """(seconds to the first metrics line, seconds to exit, CPU seconds of every process of
+    the launch) of one launch from `tree`."""
+    args = [*BASE, f"run_dir={run_dir}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "splitgraph.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc-per-node", str(nproc), "-m", "splitgraph.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    env.pop("SPLITGRAPH_RUN_DIR", None)
+    metrics = run_dir / "metrics.jsonl"
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    first = None
+    while proc.poll() is None:
+        if first is None and metrics.exists() and metrics.read_text().count("\n") >= 1:
+            first = time.perf_counter() - t0
+        time.sleep(0.005)
+    total = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    if first is None:  # written in the last poll interval
+        first = total
+    return first, total, cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m splitgraph.bench.startup",
+        description=__doc__.split("\n")[0],
+        epilog="example: python -m splitgraph.bench.startup --repeats 7 --nproc 2",
+    )
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="launches: 1 = no torchrun")
+    p.add_argument(
+        "--tree", type=Path, action="append", default=[], help="another checkout to compare"
+    )
+    p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every launch")
+    ns = p.parse_intermixed_args(argv)
+    trees = [ROOT, *[t.resolve() for t in ns.tree]]
+    rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    load_before = _load()
+    with tempfile.TemporaryDirectory(prefix="splitgraph-startup-") as tmp:
+        for r in range(ns.repeats):
+            for nproc in ns.nproc:
+                for i, tree in enumerate(trees):
+                    run_dir = Path(tmp) / f"r{r}-n{nproc}-t{i}"
+                    got = launch(tree, nproc, run_dir, ns.overrides)
+                    rows.setdefault((str(tree), nproc), []).append(got)
+                    print(
+                        f"repeat {r + 1}/{ns.repeats}  {tree}  nproc {nproc}: first step "
+                        f"{got[0]:.2f} s, exit {got[1]:.2f} s, CPU {got[2]:.2f} s  "
+                        f"(load {_load()})",
+                        file=sys.stderr,
+                    )
+    load_after = _load()
+    print(f"time to the first step, {ns.repeats} launches each (seconds: median [min-max])")
+    print(f"load average before {load_before}, after {load_after}; {os.cpu_count()} CPUs\n")
+    print("| tree | launch | first step | exit | CPU (all processes) |")
+    print("| --- | --- | --- | --- | --- |")
+    for (tree, nproc), xs in rows.items():
+        launch_text = "python -m splitgraph.train" if nproc == 1 else f"torchrun x{nproc}"
+        cells = " | ".join(_stat([x[i] for x in xs]) for i in range(3))
+        print(f"| {tree} | {launch_text} | {cells} |")
+    if ns.json:
+        ns.json.write_text(
+            json.dumps(
+                {
+                    "load_before": load_before,
+                    "load_after": load_after,
+                    "overrides": [*BASE, *ns.overrides],
+                    "runs": [
+                        {"tree": t, "nproc": n, "first_step_s": a, "exit_s": b, "cpu_s": c}
+                        for (t, n), xs in rows.items()
+                        for a, b, c in xs
+                    ],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+def _stat(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
