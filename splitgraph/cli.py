@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from splitgraph.errors import SplitgraphError
-
-
-def _ranks(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"needs a number of ranks; got {text!r}") from None
 
 
 def check_main(argv: list[str] | None = None) -> int:
@@ -40,21 +32,17 @@ def check_main(argv: list[str] | None = None) -> int:
         "splitgraph-check --nproc 4 schedule=interleaved pipeline.microbatches=8",
     )
     p.add_argument(
-        "--nproc", type=_ranks, default=1, metavar="N", help="ranks the launch would start (1)"
+        "--nproc", type=int, default=1, metavar="N", help="ranks the launch would start (1)"
     )
     p.add_argument(
         "--nproc-per-node",
-        type=_ranks,
+        type=int,
         default=None,
         metavar="L",
         help="of them, ranks on this machine, whose memory they share (default: N)",
     )
-    try:
-        ns = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as e:  # --help (0) or a malformed flag (2, said by argparse)
-        return int(e.code or 0)
-    nproc, args = ns.nproc, list(ns.overrides)
-    for flag, n in (("--nproc", nproc), ("--nproc-per-node", ns.nproc_per_node)):
+    ns = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    for flag, n in (("--nproc", ns.nproc), ("--nproc-per-node", ns.nproc_per_node)):
         if n is not None and n < 1:
             print(
                 f"splitgraph-check: {flag} {n}: a launch needs at least 1 rank (one per "
@@ -62,6 +50,7 @@ def check_main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    nproc, args = int(ns.nproc), list(ns.overrides)
     per_node = nproc if ns.nproc_per_node is None else min(int(ns.nproc_per_node), nproc)
     from hydra.errors import HydraException
 
