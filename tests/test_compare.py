@@ -457,11 +457,20 @@ def test_derived_figures_and_a_conclusion_computed_from_them(tmp_path: Path) -> 
     assert "state take 30 B, within the cap; the 120 B of saved activations put it over" in joined
     assert "here accumulate, small fit on one device." in joined
     big = [{"rank": 0, "params": 40, "grads": 40, "optimizer": 40, "saved_peak": 30, "total": 150}]
-    alone = "\n".join(
-        conclusion.conclude([{**rows[0], "accounted_per_rank": big}], 100, target, 4)
-    )
+    heavy = {**rows[0], "accounted_per_rank": big}
+    alone = "\n".join(conclusion.conclude([heavy, rows[3]], 100, target, 4))
     assert "alone take 120 B: no batch size fits it on one device" in alone
     assert "**The answer here: split the graph.**" in alone and "take 120 B on one" in alone
+    assert "`full` was refused for that reason" in alone
+    slow = [
+        {**r, "time_to_target_s": 9.0} if r["variant"] in ("small", "accumulate") else r
+        for r in rows
+    ]
+    assert conclusion.answer(slow, 100, target).startswith(
+        "**The answer here: either fits; splitting the graph reached the target first.**"
+    )
+    none = conclusion.conclude([heavy], 100, target, 4)[0]
+    assert none.startswith("**The answer here: nothing fits, not even split as tried.**")
     # the activations regime: one-device options fit, and the answer says so with the bytes
     assert text[0].startswith("**The answer here: shrink the activations on one device.**")
     assert "(30 B of the 100 B cap) but not the whole minibatch's 120 B" in text[0]

@@ -109,11 +109,13 @@ def answer(main: list[dict[str, Any]], cap: int | None, target: float | None) ->
         r for r in main if r["kind"] in CONTENDERS and r["devices"] == 1 and r["status"] == "oom"
     ]
     refused_copies = [r for r in main if r["kind"] == "data" and r["status"] == "oom"]
+    first = _best(fit, "time_to_target_s") if target is not None else None
     out = []
     if case == "weights" and rec is not None and cap is not None:
         names = ", ".join(f"`{r['variant']}`" for r in refused_one) or "nothing"
+        head = "split the graph" if many else "nothing fits, not even split as tried"
         out.append(
-            f"**The answer here: split the graph.** Parameters, gradients and optimizer state "
+            f"**The answer here: {head}.** Parameters, gradients and optimizer state "
             f"take {format_bytes(rec['static'])} on one device, over the "
             f"{format_bytes(cap)} cap whatever the batch: {names} "
             f"{'was' if len(refused_one) == 1 else 'were'} refused for that reason"
@@ -127,11 +129,14 @@ def answer(main: list[dict[str, Any]], cap: int | None, target: float | None) ->
         )
     elif case == "activations" and rec is not None and cap is not None:
         saved = int(rec["total"]) - int(rec["static"])
-        head = (
-            "shrink the activations on one device"
-            if one
-            else "split the graph (nothing fit on one device)"
-        )
+        if one and first is not None and first["devices"] > 1:
+            head = "either fits; splitting the graph reached the target first"
+        elif one:
+            head = "shrink the activations on one device"
+        elif many:
+            head = "split the graph (nothing fit on one device)"
+        else:
+            head = "nothing fits"
         out.append(
             f"**The answer here: {head}.** One device holds the parameter state "
             f"({format_bytes(rec['static'])} of the {format_bytes(cap)} cap) but not the "

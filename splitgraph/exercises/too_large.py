@@ -19,6 +19,7 @@ refuses them itself). Every sentence printed is computed from the rows just meas
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -128,11 +129,13 @@ class Exercise5:
     size: str
     regimes: list[Regime]
     summary: str
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at the start and the end
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "size": self.size,
             "summary": self.summary,
+            "load_average": list(self.load),
             "regimes": [r.to_dict() for r in self.regimes],
         }
 
@@ -151,6 +154,7 @@ def run(
     if size not in SIZES:
         raise ValueError(f"--size {size!r}: choose one of {', '.join(SIZES)}")
     show = sys.stderr.isatty() if progress is None else progress
+    load_start = os.getloadavg()[0]
     regimes = []
     for name in EXPERIMENTS.values():
         over = [f"experiment={name}", *SIZES[size][name], *(overrides or [])]
@@ -183,7 +187,7 @@ def run(
                 seconds=seconds,
             )
         )
-    return Exercise5(size, regimes, summary(regimes))
+    return Exercise5(size, regimes, summary(regimes), (load_start, os.getloadavg()[0]))
 
 
 _REGIME_TITLE = {
@@ -224,10 +228,13 @@ def summary(regimes: list[Regime]) -> str:
 
 def render(result: Exercise5) -> str:
     total = sum(g.seconds for g in result.regimes)
+    lo, hi = result.load
     lines = [
         "Can a graph too large for one device be split across several, and how does that",
         "compare with training on a smaller minibatch? Two regimes, each a small version of a",
-        f"committed reference comparison, run now (--size {result.size}, {total:.0f} s):",
+        f"committed reference comparison, run now (--size {result.size}, {total:.0f} s; load",
+        f"average {lo:.2f} at the start, {hi:.2f} at the end, on {os.cpu_count()} cores: times are",
+        "this run's, the memory verdicts exact):",
     ]
     for i, g in enumerate(result.regimes, 1):
         lines += [
