@@ -255,6 +255,12 @@ def test_cli_prints_writes_json_and_refuses_bad_input(
     assert "hiden" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["6"])
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: splitgraph-exercise ") and "--size {small,tiny}" in text
+    assert "useful overrides" in text and "splitgraph-exercise 5 --size tiny" in text
 
 
 @pytest.mark.slow
