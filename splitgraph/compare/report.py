@@ -278,9 +278,11 @@ def markdown(
         f"- Model: {meta['model']}; data: {meta['data']}; minibatch B={meta['batch']}, "
         f"k={meta['k']}; optimizer: {meta['optim']}; dtype {meta['dtype']}.",
         f"- Memory cap: {_b(cap) or 'none'} per device. On CPU the cap is applied to an exact "
-        "accounting per process (parameters + gradients + optimizer state + the peak bytes "
-        "saved for backward, counted by saved-tensor hooks); peak RSS is measured and shown "
-        "beside it but not capped.",
+        "accounting per process (parameters + gradients + optimizer state (+ the all-reduce "
+        "buckets with data parallelism) + the peak bytes saved for backward, counted by "
+        "saved-tensor hooks); peak RSS is measured and shown beside it but not capped. The "
+        "held-out evaluation and the final model.pt gather the weights (parameters only) to "
+        "rank 0's host: the harness's instruments, outside the cap.",
         f"- Budgets: {meta['epochs']} epochs for every variant"
         + (
             f"; and a wall-clock budget of {meta['time_budget']:g} s of training."
