@@ -39,8 +39,8 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "small": {
         "too_large": [
             *_QUICK,
-            "data.samples=8192",
-            "compare.epochs=3",
+            "data.samples=16384",
+            "compare.epochs=4",
             "compare.evals_per_epoch=2",
             "compare.variants=[full,small,accumulate,pipeline]",
             "compare.small_lr=[same]",
@@ -232,9 +232,9 @@ def render(result: Exercise5) -> str:
     lines = [
         "Can a graph too large for one device be split across several, and how does that",
         "compare with training on a smaller minibatch? Two regimes, each a small version of a",
-        f"committed reference comparison, run now (--size {result.size}, {total:.0f} s; load",
-        f"average {lo:.2f} at the start, {hi:.2f} at the end, on {os.cpu_count()} cores: times are",
-        "this run's, the memory verdicts exact):",
+        "committed reference comparison, run now.",
+        f"(--size {result.size}: {total:.0f} s; load average {lo:.2f} at the start and {hi:.2f} "
+        f"at the end on {os.cpu_count()} cores; times are this run's, memory verdicts exact.)",
     ]
     for i, g in enumerate(result.regimes, 1):
         lines += [
