@@ -5,6 +5,7 @@ Per layer `i` (weight out x in, optional bias), for a microbatch of `n` rows:
     parameters      params * e                   e: element size of runtime.dtype
     gradients       params * e                   (.grad, one per parameter)
     optimizer       params * e * k               k: SGD 0, SGD+momentum 1, Adam 2
+                    (+ 4 bytes per tensor for Adam: torch's float32 `step` per parameter)
     saved for B     memory_model.stage_saved     exact, what the meter measures
     FLOPs forward   2 n in out (+ n out bias, + n out phi)
     FLOPs backward  2 n in out for dW (+ 2 n in out for dx unless layer 0, + n out bias)
@@ -38,6 +39,12 @@ def optimizer_slots(optim_cfg: Any) -> int:
     if OptimName(optim_cfg.name) == OptimName.adam:
         return 2
     return 1 if float(optim_cfg.momentum) > 0 else 0
+
+
+def optimizer_scalar_bytes(optim_cfg: Any) -> int:
+    """Optimizer state per parameter *tensor* beside the slots: Adam keeps its step count as a
+    float32 scalar tensor per parameter (torch's default; 4 bytes), SGD nothing."""
+    return 4 if OptimName(optim_cfg.name) == OptimName.adam else 0
 
 
 def flops(layer: LayerSpec, n: int, last: bool) -> tuple[int, int]:
@@ -84,6 +91,7 @@ class ModelCosts:
     devices: tuple[Device, ...]
     optimizer_slots: int
     time_source: str = "measured"
+    optimizer_scalar_bytes: int = 0  # per parameter tensor (Adam's step: 4)
     schedule_name: str = "1f1b"
     recompute: frozenset[int] = frozenset()  # stages that recompute their forward in backward
     _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -131,9 +139,14 @@ class ModelCosts:
     def param_bytes(self, start: int, stop: int) -> int:
         return sum(layer.params for layer in self.layers[start:stop]) * self.shape.element_size
 
+    def param_tensors(self, start: int, stop: int) -> int:
+        return sum(1 + int(layer.bias) for layer in self.layers[start:stop])
+
     def static_bytes(self, start: int, stop: int) -> int:
-        """Parameters + gradients + optimizer state of layers [start, stop)."""
-        return self.param_bytes(start, stop) * (2 + self.optimizer_slots)
+        """Parameters + gradients + optimizer state of layers [start, stop): what the
+        runtime's memory cap counts (`runtime.memcap.accounting`), to the byte."""
+        slots = self.param_bytes(start, stop) * (2 + self.optimizer_slots)
+        return slots + self.optimizer_scalar_bytes * self.param_tensors(start, stop)
 
     def schedule(self, stages: int | None = None) -> Schedule:
         k = self.num_stages if stages is None else stages
@@ -205,7 +218,9 @@ def model_costs(
     dtype = torch_dtype(cfg.runtime.dtype)
     es = torch.empty((), dtype=dtype).element_size()
     layers = layer_specs(cfg)
-    sizes = tuple(microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches)))
+    # each data-parallel replica cuts its own B/dp rows into the microbatches
+    local = int(cfg.train.batch_size) // max(int(cfg.parallel.dp), 1)
+    sizes = tuple(microbatch_sizes(local, int(cfg.pipeline.microbatches)))
     source = TimeSource(cfg.costs.times)
     if not times:
         fwd = bwd = (0.0,) * len(layers)
@@ -230,6 +245,7 @@ def model_costs(
         link=link if link is not None else link_from_config(cfg),
         devices=devices_from_config(cfg, k),
         optimizer_slots=optimizer_slots(cfg.optim),
+        optimizer_scalar_bytes=optimizer_scalar_bytes(cfg.optim),
         time_source=source.value if times else "none",
         schedule_name=str(cfg.schedule.name),
         recompute=frozenset(recompute_stages(cfg, k)),

@@ -214,3 +214,24 @@ def _profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("SPLITGRAPH_CACHE", None)
     else:
         os.environ["SPLITGRAPH_CACHE"] = old
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _results_untouched() -> Iterator[None]:
+    """Nothing a test runs writes into results/ (the committed references, regenerated only by
+    their documented commands): every file there is the same, by size and modification time,
+    after the session; a new or changed file fails the run at teardown, naming it."""
+    root = Path(__file__).resolve().parents[1] / "results"
+    before = _files(root)
+    yield
+    after = _files(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into results/ (commit nothing of it): {changed[:10]}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,9 +33,50 @@ def _env() -> dict[str, str]:
 # -- configuration ---------------------------------------------------------------------------
 
 
-def test_single_runs_write_to_results_only_as_committed() -> None:
-    assert output_dir("too_large") == "results/too_large"
+def test_nothing_writes_into_results_unless_told_to() -> None:
+    """By default a comparison goes to outputs/compare/<name>[/<overrides>]; only an explicit
+    --out (compare.out) names results/."""
+    assert output_dir("too_large") == "outputs/compare/too_large"
     assert output_dir("too_large", "data=digits") == "outputs/compare/too_large/data=digits"
+    assert output_dir("too_large", "a=1", "results/too_large") == "results/too_large"
+    for yaml in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
+        cfg = load([f"experiment={yaml.stem}"])
+        assert not output_dir(cfg.compare.name).startswith("results"), yaml.name
+    # --out becomes compare.out (and the sweep dir of a multirun); the report's command says
+    # --out again, so regenerating a reference is the command printed in it
+    assert main.parse_args(["experiment=x", "--out", "results/x"]) == [
+        "experiment=x",
+        "compare.out=results/x",
+    ]
+    assert main.parse_args(["-m", "--out=a b", "k=1,2"]) == [
+        "-m",
+        "k=1,2",
+        "compare.out='a b'",
+        "hydra.sweep.dir='a b'",
+    ]
+    assert main.command_line(["experiment=x", "compare.out='a b'"]) == (
+        "splitgraph-compare experiment=x --out 'a b'"
+    )
+    with pytest.raises(SystemExit):
+        main.parse_args(["experiment=x", "--out"])
+
+
+def test_help_prints_usage_flags_overrides_and_an_example() -> None:
+    for flag in ("--help", "-h"):
+        res = subprocess.run(
+            [sys.executable, "-m", "splitgraph.compare", flag],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        out = res.stdout
+        assert out.startswith("usage: splitgraph-compare ") and "--out DIR" in out
+        assert "compare.memory_cap=" in out and "experiment=too_large --out results/" in out
+        assert "tiny, too_large, too_large_weights" in out  # read from conf/experiment
+        assert "compare:" not in out  # not Hydra's config dump
 
 
 def test_compare_config_composes_with_the_training_groups() -> None:
@@ -109,6 +151,66 @@ def test_variants_are_the_harness_config_plus_their_own_keys() -> None:
     # evaluated at equal samples seen: every 4 steps of 128, every 16 of 32
     assert by["full"].settings["train.eval_every"] == 4
     assert by["small-same"].settings["train.eval_every"] == 16
+
+
+def test_data_parallel_variants_and_a_device_limit() -> None:
+    over = [
+        "compare.variants=[data,pipeline]",
+        "compare.stages=[2,4]",
+        "compare.schedules=[1f1b]",
+        "compare.microbatches=[2]",
+        "compare.dp=[1,2]",
+        "compare.max_devices=4",
+    ]
+    _, vs, _ = _build(over)
+    by = {v.name: v for v in vs}
+    # p=4 x dp=2 (8 ranks) is over the limit
+    assert list(by) == [
+        "data-dp2",
+        "pipeline-1f1b-p2-m2",
+        "pipeline-1f1b-p4-m2",
+        "pipeline-1f1b-p2-m2-dp2",
+        "reference",
+    ]
+    data, hybrid = by["data-dp2"], by["pipeline-1f1b-p2-m2-dp2"]
+    assert data.nproc == 2 and data.kind == "data"
+    assert (data.settings["parallel.dp"], data.settings["pipeline.stages"]) == (2, 1)
+    assert hybrid.nproc == 4 and hybrid.settings["parallel.dp"] == 2
+    assert hybrid.label == "pipeline 1f1b p=2 m=2 x dp=2"
+    assert "parallel.dp" not in by["pipeline-1f1b-p2-m2"].settings  # train's default
+    for bad, needle in (
+        (["compare.dp=[3]"], "compare.dp=[3]"),  # 3 does not divide B=128
+        (["compare.variants=[data]", "compare.data_parallel=1"], "compare.data_parallel=1"),
+        (["compare.max_devices=1"], "compare.max_devices=1"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            validate_compare(load(["experiment=tiny", *bad]))
+
+
+def test_a_variant_predicted_over_the_cap_is_refused_before_launch(tmp_path: Path) -> None:
+    over = [
+        "experiment=tiny",
+        "compare.variants=[full]",
+        "compare.reference=false",
+        "compare.confirm_refusals=false",
+        "compare.progress=false",
+    ]
+    out = main.compare(load(over), tmp_path, "c")
+    (row,) = out["rows"]
+    assert (row["status"], row["launched"], row["fits"]) == ("oom", False, False)
+    assert row["accounted_source"] == "predicted, not launched"
+    assert not (tmp_path / "runs" / "full" / "output.log").exists()  # nothing was started
+    assert "out of memory before launch (predicted by the harness): rank 0 needs" in row["error"]
+    assert "The saved activations push it over" in row["error"]  # the runtime's own hint
+    assert row["peak_bytes"] == row["predicted_peak_bytes"] > 50 * 1024
+    assert "; refused before launch" in report._status(row)
+    # rebuilt from the record, it is the same verdict
+    again = main.compare(load([*over, "compare.report_only=true"]), tmp_path, "c")["rows"][0]
+    assert (again["status"], again["launched"], again["peak_bytes"]) == (
+        "oom",
+        False,
+        row["peak_bytes"],
+    )
 
 
 def test_no_reference_without_a_cap_and_a_time_budget_variant() -> None:
@@ -287,6 +389,16 @@ def test_derived_figures_and_a_conclusion_computed_from_them(tmp_path: Path) -> 
             status="oom",
             peak_bytes=150,
             fits=False,
+            accounted_per_rank=[
+                {
+                    "rank": 0,
+                    "params": 10,
+                    "grads": 10,
+                    "optimizer": 10,
+                    "saved_peak": 120,
+                    "total": 150,
+                }
+            ],
             step_time_median_s=None,
             final_test_accuracy=None,
             final_test_loss=None,
@@ -342,11 +454,29 @@ def test_derived_figures_and_a_conclusion_computed_from_them(tmp_path: Path) -> 
     assert (
         "needs 150 B by the accounting; the cap is 100 B per device, so it does not fit" in joined
     )
-    assert "state take 30 B, within the cap; the 50 B of saved activations put it over" in joined
+    assert "state take 30 B, within the cap; the 120 B of saved activations put it over" in joined
     assert "here accumulate, small fit on one device." in joined
     big = [{"rank": 0, "params": 40, "grads": 40, "optimizer": 40, "saved_peak": 30, "total": 150}]
-    alone = conclusion.conclude([{**rows[0], "accounted_per_rank": big}], 100, target, 4)[0]
+    heavy = {**rows[0], "accounted_per_rank": big}
+    alone = "\n".join(conclusion.conclude([heavy, rows[3]], 100, target, 4))
     assert "alone take 120 B: no batch size fits it on one device" in alone
+    assert "**The answer here: split the graph.**" in alone and "take 120 B on one" in alone
+    assert "`full` was refused for that reason" in alone
+    slow = [
+        {**r, "time_to_target_s": 9.0} if r["variant"] in ("small", "accumulate") else r
+        for r in rows
+    ]
+    assert conclusion.answer(slow, 100, target).startswith(
+        "**The answer here: either fits; splitting the graph reached the target first.**"
+    )
+    none = conclusion.conclude([heavy], 100, target, 4)[0]
+    assert none.startswith("**The answer here: nothing fits, not even split as tried.**")
+    # the activations regime: one-device options fit, and the answer says so with the bytes
+    assert text[0].startswith("**The answer here: shrink the activations on one device.**")
+    assert "(30 B of the 100 B cap) but not the whole minibatch's 120 B" in text[0]
+    assert "First to the held-out loss 0.6000: small (0.50 s)" in text[0]
+    assert "the best on several devices, pipe, took 8.00x as long" in text[0]
+    assert "Split over 2 devices, 1 variant fit (largest device 60 B)." in text[0]
     assert "**Fastest to the target** (held-out loss 0.6000): small, 0.50 s" in joined
     assert "small 0.50 x 1.00 s, accumulate 1.00 x 4.00 s" in joined
     assert "needs 2.00x fewer epochs and runs them 4.00x faster" in joined
@@ -450,6 +580,13 @@ def test_tiny_experiment_end_to_end(tmp_path: Path) -> None:
     pipe = by["pipeline-1f1b-p2-m4"]
     assert pipe["devices"] == 2 and pipe["comm_bytes_per_step"] == 2 * 128 * 32 * 4
     assert pipe["device_seconds_per_epoch"] > 0 and pipe["time_to_target_s"] is not None
+    # the harness's prediction before launch is what the runtime accounted, on every rank:
+    # measured after the first step, or the runtime's own check of full and GPipe before it
+    for name, r in by.items():
+        assert r["memory_mismatches"] == [], name
+        assert r["predicted_peak_bytes"] == r["peak_bytes"], name
+    assert by["full"]["accounted_source"] == "runtime, before the first step"
+    assert by["accumulate"]["accounted_source"] == "runtime, measured"
     # one stage recomputing its forward in the backward rebuilds the whole graph: full's peak
     assert by["recompute"]["status"] == "oom"
     assert by["recompute"]["peak_bytes"] == by["full"]["peak_bytes"]

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from splitgraph.config import load_config
 from splitgraph.data import microbatch_sizes
-from splitgraph.exercises import bias, first_batch, hessian, memory, shapes
-from splitgraph.exercises.cli import COMPARE_COMMAND, main
+from splitgraph.exercises import bias, first_batch, hessian, memory, shapes, too_large
+from splitgraph.exercises.cli import main
 from splitgraph.model import build_mlp
 from splitgraph.partition import Plan, make_plan
 from splitgraph.runtime.engine import PipelineEngine
@@ -252,17 +253,78 @@ def test_cli_prints_writes_json_and_refuses_bad_input(
     assert json.loads(out.read_text())["all_match"] is True
     assert main(["4", *TINY, "model.hiden=[3]"]) == 2
     assert "hiden" in capsys.readouterr().err
-    assert main(["5"]) == 0
-    text = capsys.readouterr().out
-    assert COMPARE_COMMAND in text and "- Memory cap:" in text
-    assert "Conclusion (measured):" in text and "- **What fits**" in text
-    assert "| variant |" not in text  # the conclusion, not the whole report
     with pytest.raises(SystemExit):
         main(["6"])
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: splitgraph-exercise ") and "--size {small,tiny}" in text
+    assert "useful overrides" in text and "splitgraph-exercise 5 --size tiny" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_exercise5_answers_both_regimes_live(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--size tiny`: the variants that decide each regime, two launches. Every verdict below
+    comes from this run's rows: the regime from full's accounting, the refusals from the
+    memory model, the fits from the runtime."""
+    out = tmp_path / "ex5.json"
+    assert main(["5", "--size", "tiny", "--out", str(tmp_path), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    act, wts = got["regimes"]
+    assert (act["experiment"], act["regime"]) == ("too_large", "activations")
+    assert (wts["experiment"], wts["regime"]) == ("too_large_weights", "weights")
+    a = {r["variant"]: r for r in act["rows"]}
+    w = {r["variant"]: r for r in wts["rows"]}
+    cap_a, cap_w = int(4.5 * 2**20), 20 * 2**20
+    # activations: full is over the cap but its parameter state is not; a smaller batch fits
+    assert a["full"]["status"] == "oom" and a["full"]["launched"] is False
+    assert a["full"]["predicted_peak_bytes"] > cap_a >= a["full"]["predicted_static_bytes"]
+    assert a["small-same"]["status"] == "ok" and a["small-same"]["peak_bytes"] <= cap_a
+    assert act["answer"].startswith("**The answer here: shrink the activations on one device.")
+    # weights: every one-device option is refused for the parameter state alone; 2 stages fit
+    for name in ("full", "small-same", "accumulate"):
+        assert w[name]["status"] == "oom" and w[name]["launched"] is False, name
+        assert w[name]["predicted_static_bytes"] > cap_w, name
+    pipe = w["pipeline-1f1b-p2-m4"]
+    assert pipe["status"] == "ok" and pipe["devices"] == 2 and pipe["peak_bytes"] <= cap_w
+    assert pipe["memory_mismatches"] == [] and a["small-same"]["memory_mismatches"] == []
+    assert wts["answer"].startswith("**The answer here: split the graph.** Parameters, gradients")
+    assert "`full`, `small-same`, `accumulate` were refused for that reason" in wts["answer"]
+    # the printout: both answers, what it ran, and the committed full-size evidence
+    for g in (act, wts):
+        assert g["answer"] in text and g["reference"] in text
+        assert (tmp_path / g["experiment"] / "report.md").exists()
+    assert "Only the activations overflow one device: experiment=too_large" in text
+    assert "The parameter state itself overflows one device: experiment=too_large_weights" in text
+    assert "In short: Where only the activations overflow" in text
+    assert "on one device small (B=256, lr same = 0.1) fit" in got["summary"]
+    assert "nothing fits on one device; 1 multi-device variant fit" in got["summary"]
+
+
+def test_exercise5_sizes_keep_each_experiments_model_batch_and_cap() -> None:
+    """The small and tiny versions shrink epochs, samples and the variant grid, never what
+    decides the regime."""
+    from splitgraph.compare.config import load
+
+    for size, by in too_large.SIZES.items():
+        for name, over in by.items():
+            full, cut = load([f"experiment={name}"]), load([f"experiment={name}", *over])
+            for key in ("model.hidden", "train.batch_size", "compare.memory_cap", "optim.name"):
+                a, b = (OmegaConf.select(c, key) for c in (full, cut))
+                assert a == b, (size, name, key)
+            assert cut.compare.confirm_refusals is False
 
 
 def test_the_docs_show_the_committed_outputs_verbatim() -> None:
     docs = (RESULTS.parents[1] / "docs" / "exercises.md").read_text()
     for txt in sorted(RESULTS.glob("ex[1-4]*.txt")):
         assert txt.read_text().strip() in docs, f"docs/exercises.md does not show {txt.name}"
-    assert "results/too_large/report.md" in docs and COMPARE_COMMAND in docs
+    for name in too_large.EXPERIMENTS.values():
+        assert f"results/{name}/report.md" in docs
+        assert f"splitgraph-compare experiment={name} --out results/{name}" in docs
+    assert "splitgraph-exercise 5" in docs

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from splitgraph import memory_model, train
+from splitgraph.compare import predict
 from splitgraph.config import load_config
 from splitgraph.errors import ConfigError, OutOfMemory
 from splitgraph.runtime import memcap
@@ -24,6 +25,34 @@ SMALL = [
     "train.progress=false",
     "checkpoint.save=false",
 ]
+
+
+ADAM_BIAS = ["optim=adam", "model.bias=true"]
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        ["optim=sgd", "optim.momentum=0"],
+        ["optim=sgd", "optim.momentum=0.9", "schedule.recompute=true"],
+        [*ADAM_BIAS, "schedule=1f1b", "pipeline.microbatches=4"],
+        [*ADAM_BIAS, "runtime.dtype=float64", "model.activation=gelu"],
+    ],
+)
+def test_the_cost_models_bytes_are_the_caps_before_and_after_a_step(over: list[str]) -> None:
+    """What the harness and the planner predict (ModelCosts.static_bytes, the memory model) is
+    what the cap counts, every part, before the first step and measured after it."""
+    cfg = load_config([*SMALL, "pipeline.stages=1", *over])
+    want = predict.per_rank(cfg, 1)
+    engine = PipelineEngine(cfg)
+    assert predict.mismatches(want, [memcap.accounting(engine, None, measured=False)]) == []
+    x = torch.randn(64, 16, dtype=engine.dtype)
+    engine.step(x, torch.randint(0, 10, (64,)))
+    after = memcap.accounting(engine, None, measured=True)
+    assert predict.mismatches(want, [after]) == []
+    assert after["grads"] == after["params"] and after["allreduce_buckets"] == 0
+    if "optim=adam" in over:  # two moments and a float32 step count per parameter tensor
+        assert after["optimizer"] == 2 * after["params"] + 4 * len(engine.parameters())
 
 
 @pytest.mark.parametrize(
@@ -163,6 +192,8 @@ def test_all_ranks_stop_together_on_the_budget_and_on_one_ranks_oom(tmp_path: Pa
             "id": "dp_oom",
             "overrides": [*SMALL, "parallel.dp=2", "train.steps=5", "pipeline.memory_cap=20000"],
         },
+        # ... and its gradients a second time, flattened into the all-reduce buckets (Adam)
+        {"id": "dp", "overrides": [*SMALL, "parallel.dp=2", "train.steps=2", *ADAM_BIAS]},
     ]
     results = run_ranks(train_cases, 2, cases, root, timeout=90)
     assert [r["budget"] for r in results] == ["ok", "ok"]
@@ -192,3 +223,17 @@ def test_all_ranks_stop_together_on_the_budget_and_on_one_ranks_oom(tmp_path: Pa
     records = read_summary(root, "dp_oom")["accounted_per_rank"]
     assert [a["rank"] for a in records] == [0, 1]
     assert all(a["params"] == 2880 * 4 for a in records)
+
+    # The harness's prediction (cost model + memory model) is what the runtime accounts, part
+    # by part and rank by rank: measured after the first step (the budget and dp runs), or
+    # the runtime's own check before it (the OOM runs).
+    assert results[0]["dp"] == "ok"
+    dp_run = [m["accounted"] for m in read_summary(root, "dp")["memory_per_rank"]]
+    assert all(a["allreduce_buckets"] == a["grads"] == a["params"] > 0 for a in dp_run)
+    for case in cases:
+        summary = read_summary(root, case["id"])
+        got = summary.get("accounted_per_rank") or [
+            m["accounted"] for m in summary["memory_per_rank"]
+        ]
+        want = predict.per_rank(load_config(case["overrides"]), 2)
+        assert predict.mismatches(want, got) == [], case["id"]

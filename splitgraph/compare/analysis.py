@@ -12,10 +12,13 @@ from typing import Any
 
 import torch
 
+from splitgraph.compare import predict
 from splitgraph.compare.runner import Outcome
 from splitgraph.compare.variants import Variant
 
-CONTENDERS = ("full", "small", "accumulate", "recompute", "pipeline")
+CONTENDERS = ("full", "small", "accumulate", "recompute", "data", "pipeline")
+#: variants that train on full's update (the same mathematics, summed in another order)
+FULL_BATCH = ("accumulate", "data", "pipeline")
 
 
 @dataclass
@@ -59,6 +62,18 @@ def _per_rank(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [m["accounted"] for m in summary.get("memory_per_rank", []) if m.get("accounted")]
 
 
+def accounted_source(o: Outcome, per_rank: list[dict[str, Any]]) -> str | None:
+    """Where the accounted figures come from: the runtime, measured after the first step (or
+    at the step it stopped), the runtime before its first step, or the prediction alone."""
+    if not per_rank:
+        return None
+    if not o.launched:
+        return "predicted, not launched"
+    if any(r.get("saved_peak_source") == "predicted" for r in per_rank):
+        return "runtime, before the first step"
+    return "runtime, measured"
+
+
 def row(res: Result, num_train: int, cap: int | None, base_lr: float) -> dict[str, Any]:
     v, o = res.variant, res.outcome
     s = o.summary if o.status != "failed" else {}
@@ -71,6 +86,7 @@ def row(res: Result, num_train: int, cap: int | None, base_lr: float) -> dict[st
     med = s.get("step_time_median_s")
     needed = o.needed_bytes if o.status == "oom" else (max(totals) if totals else None)
     comm = s.get("comm_per_rank", [])
+    predicted = o.predicted or []
     out: dict[str, Any] = {
         "variant": v.name,
         "label": v.label,
@@ -90,6 +106,18 @@ def row(res: Result, num_train: int, cap: int | None, base_lr: float) -> dict[st
         "fits": (needed <= cap) if (cap is not None and needed is not None) else None,
         "peak_bytes_per_rank": totals,
         "accounted_per_rank": accounted,
+        "accounted_source": accounted_source(o, accounted),
+        "launched": o.launched,
+        "dp": int(v.settings.get("parallel.dp", 1)),
+        "predicted_peak_bytes": max((r["total"] for r in predicted), default=None),
+        "predicted_static_bytes": max((predict.static_bytes(r) for r in predicted), default=None),
+        "predicted_per_rank": predicted,
+        # part by part, rank by rank: empty when the runtime's figures equal the prediction
+        "memory_mismatches": (
+            predict.mismatches(predicted, accounted)
+            if predicted and accounted and o.launched
+            else None
+        ),
         "peak_rss_bytes": max(
             (m.get("peak_rss_bytes") or 0 for m in s.get("memory_per_rank", [])), default=None
         ),
@@ -152,10 +180,17 @@ def derive(
     return target
 
 
+#: the steps whose training loss says whether two runs compute the same update: step 0's
+#: forward on the same initial weights, then the losses after the first two updates. Later
+#: steps compound rounding (Adam, which moves every weight by about lr * sign(g), flips the
+#: update of a weight whose gradient is near zero on a difference in the last bit).
+EARLY_STEPS = 3
+
+
 def loss_agreement(
     mine: list[tuple[int, float]],
     theirs: list[tuple[int, float]],
-    early: int = 10,
+    early: int = EARLY_STEPS,
     tol: float = 1e-4,
 ) -> dict[str, Any]:
     """How two runs of the same steps agree in training loss: the largest gap over the first

@@ -8,8 +8,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from splitgraph.compare.analysis import CONTENDERS
+from splitgraph.compare.analysis import CONTENDERS, EARLY_STEPS, FULL_BATCH
+from splitgraph.compare.predict import static_bytes
 from splitgraph.units import format_bytes
+
+
+def _n(count: int, noun: str) -> str:
+    """`1 rank`, `3 ranks`: the count and its noun, agreed."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _s(x: float | None) -> str:
@@ -41,16 +47,198 @@ def conclude(
     rows: list[dict[str, Any]], cap: int | None, target: float | None, k: int
 ) -> list[str]:
     main = [r for r in rows if r["phase"] == "epochs"]
-    out = _fit_lines(main, cap)
     fit = fitting(main, cap)
+    out = [answer(main, cap, target)]
+    out += _fit_lines(main, cap)
+    out += _memory_check_lines(main)
     if not fit:
         return [*out, "No variant fits the cap, so there is nothing to compare."]
     if target is not None:
         out += _time_lines(fit, target, k)
     out += _accuracy_lines(fit, [r for r in rows if r["phase"] == "time" and r["status"] == "ok"])
     out += _pipeline_lines(main, fit)
+    out += _recompute_lines(main)
     out += _exactness_lines(main, k)
     out += _noise_lines(main)
+    return out
+
+
+# -- the answer ------------------------------------------------------------------------------
+
+
+def _one_device_record(main: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The accounting of one device holding the whole model and minibatch: `full`'s (or the
+    uncapped reference's, when full was not asked for), its total at least the bytes the run
+    was refused for."""
+    for kind in ("full", "reference"):
+        r = next((x for x in main if x["kind"] == kind and x["accounted_per_rank"]), None)
+        if r is not None:
+            rec = max(r["accounted_per_rank"], key=lambda a: a["total"])
+            total = max(rec["total"], r["peak_bytes"] or 0)
+            return {"static": static_bytes(rec), "total": total}
+    return None
+
+
+def regime(main: list[dict[str, Any]], cap: int | None) -> str | None:
+    """Where one device with the whole minibatch stands against the cap, from its accounting:
+    `weights` (parameters, gradients and optimizer state alone exceed it), `activations` (they
+    fit; the saved activations put it over), `fits`, or None (no cap, or no such record)."""
+    rec = _one_device_record(main)
+    if cap is None or rec is None:
+        return None
+    if rec["static"] > cap:
+        return "weights"
+    return "activations" if rec["total"] > cap else "fits"
+
+
+def _best(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    ranked = _ranked(rows, key)
+    return ranked[0] if ranked else None
+
+
+def answer(main: list[dict[str, Any]], cap: int | None, target: float | None) -> str:
+    """The exercise's answer for this comparison, every clause computed from the rows: which
+    regime it is, what fits on one device and on several, and who reaches the target first
+    and cheapest."""
+    fit = fitting(main, cap)
+    rec = _one_device_record(main)
+    case = regime(main, cap)
+    one = [r for r in fit if r["devices"] == 1]
+    many = [r for r in fit if r["devices"] > 1]
+    refused_one = [
+        r for r in main if r["kind"] in CONTENDERS and r["devices"] == 1 and r["status"] == "oom"
+    ]
+    refused_copies = [r for r in main if r["kind"] == "data" and r["status"] == "oom"]
+    first = _best(fit, "time_to_target_s") if target is not None else None
+    out = []
+    if case == "weights" and rec is not None and cap is not None:
+        names = ", ".join(f"`{r['variant']}`" for r in refused_one) or "nothing"
+        head = "split the graph" if many else "nothing fits, not even split as tried"
+        out.append(
+            f"**The answer here: {head}.** Parameters, gradients and optimizer state "
+            f"take {format_bytes(rec['static'])} on one device, over the "
+            f"{format_bytes(cap)} cap whatever the batch: {names} "
+            f"{'was' if len(refused_one) == 1 else 'were'} refused for that reason"
+            + (
+                f", and so was data parallelism ({', '.join(r['label'] for r in refused_copies)}"
+                "), which copies that state to every replica"
+                if refused_copies
+                else ""
+            )
+            + "."
+        )
+    elif case == "activations" and rec is not None and cap is not None:
+        saved = int(rec["total"]) - int(rec["static"])
+        if one and first is not None and first["devices"] > 1:
+            head = "either fits; splitting the graph reached the target first"
+        elif one:
+            head = "shrink the activations on one device"
+        elif many:
+            head = "split the graph (nothing fit on one device)"
+        else:
+            head = "nothing fits"
+        out.append(
+            f"**The answer here: {head}.** One device holds the parameter state "
+            f"({format_bytes(rec['static'])} of the {format_bytes(cap)} cap) but not the "
+            f"whole minibatch's {format_bytes(saved)} of saved activations"
+            + (f"; {', '.join(r['label'] for r in one)} fit on one device" if one else "")
+            + "."
+        )
+    elif case == "fits":
+        out.append(
+            "**The answer here: nothing needs splitting.** One device with the whole minibatch "
+            "fits the cap."
+        )
+    if many:
+        peaks = [r["peak_bytes"] for r in many if r["peak_bytes"]]
+        stages = sorted({r["devices"] for r in many})
+        lo, hi = (format_bytes(min(peaks)), format_bytes(max(peaks))) if peaks else ("", "")
+        span = lo if lo == hi else f"{lo} to {hi}"
+        out.append(
+            f"Split over {'/'.join(map(str, stages))} devices, {_n(len(many), 'variant')} fit"
+            + (f" (largest device {span})." if peaks else ".")
+        )
+    if target is not None:
+        out.append(_race(fit, main, target))
+    return " ".join(x for x in out if x).strip() or "No cap or no one-device record: no regime."
+
+
+def _race(fit: list[dict[str, Any]], main: list[dict[str, Any]], target: float) -> str:
+    """Who reached the target first and who spent the fewest device-seconds, the best on one
+    device set against the best on several, and the uncapped reference beside them."""
+    first = _best(fit, "time_to_target_s")
+    if first is None:
+        return f"Nobody reached the target loss {target:.4f}."
+    text = (
+        f"First to the held-out loss {target:.4f}: {first['label']} "
+        f"({_s(first['time_to_target_s'])})"
+    )
+    one = _best([r for r in fit if r["devices"] == 1], "time_to_target_s")
+    many = _best([r for r in fit if r["devices"] > 1], "time_to_target_s")
+    other = many if first["devices"] == 1 else one
+    if other is not None and other is not first:
+        ratio = other["time_to_target_s"] / max(first["time_to_target_s"], 1e-12)
+        text += f"; the best on {'several devices' if other is many else 'one device'}, "
+        text += f"{other['label']}, took {ratio:.2f}x as long"
+    cheap = _best(fit, "device_seconds_to_target")
+    if cheap is not None:
+        text += (
+            f"; fewest device-seconds: {cheap['label']} "
+            f"({cheap['device_seconds_to_target']:.2f} device-s)"
+        )
+    ref = next((r for r in main if r["kind"] == "reference" and r.get("time_to_target_s")), None)
+    if ref is not None:
+        text += (
+            f". The uncapped reference (one device, {format_bytes(ref['peak_bytes'] or 0)}, "
+            f"over the cap) took {_s(ref['time_to_target_s'])}"
+        )
+    return text + "."
+
+
+def _memory_check_lines(main: list[dict[str, Any]]) -> list[str]:
+    """The harness's prediction of every launched variant's memory against the runtime's
+    accounting, part by part and rank by rank."""
+    checked = [r for r in main if r.get("memory_mismatches") is not None]
+    if not checked:
+        return []
+    bad = [r for r in checked if r["memory_mismatches"]]
+    ranks = sum(len(r["accounted_per_rank"]) for r in checked)
+    if not bad:
+        return [
+            f"**Memory, predicted before launch = accounted by the runtime**, to the byte, for "
+            f"{_n(len(checked), 'launched variant')} ({_n(ranks, 'rank')}): parameters, gradients, "
+            "optimizer state, all-reduce buckets and the saved-activation peak, each as the "
+            "planner's cost model and memory model price them and as the cap counts them."
+        ]
+    return [
+        "**Memory prediction and runtime disagree:** "
+        + "; ".join(f"{r['label']}: {', '.join(r['memory_mismatches'][:3])}" for r in bad)
+        + "."
+    ]
+
+
+def _recompute_lines(main: list[dict[str, Any]]) -> list[str]:
+    """Each pipeline against its twin with recomputation: memory saved, step time paid."""
+    by = {r["variant"]: r for r in main}
+    out = []
+    for name, r in by.items():
+        twin = by.get(name.removesuffix("-recompute"))
+        if r["kind"] != "pipeline" or twin is None or twin is r:
+            continue
+        if r["status"] != "ok" or not r["peak_bytes"]:
+            continue
+        if twin["status"] == "ok" and twin["step_time_median_s"] and r["step_time_median_s"]:
+            cost = (
+                f"; its median step {r['step_time_median_s'] * 1e3:.1f} ms against "
+                f"{twin['step_time_median_s'] * 1e3:.1f} ms "
+                f"({r['step_time_median_s'] / twin['step_time_median_s']:.2f}x)"
+            )
+        else:
+            cost = f" ({twin['label']} itself {'ran out' if twin['status'] == 'oom' else 'failed'})"
+        out.append(
+            f"**Recomputation, {twin['label']}:** largest device {format_bytes(r['peak_bytes'])} "
+            f"with it against {format_bytes(twin['peak_bytes'] or 0)} without" + cost + "."
+        )
     return out
 
 
@@ -61,7 +249,7 @@ def _noise_lines(main: list[dict[str, Any]]) -> list[str]:
     for r in main:
         if r["status"] == "ok" and r["step_time_median_s"] and r["kind"] in CONTENDERS:
             key = (r["kind"], r["devices"], r["batch"], r["schedule"], r["microbatches"])
-            key += (r.get("recompute"),)
+            key += (r.get("recompute"), r.get("dp"))
             groups.setdefault(key, []).append(r)
     out = []
     for same in groups.values():
@@ -96,11 +284,7 @@ def _fit_lines(main: list[dict[str, Any]], cap: int | None) -> list[str]:
         out.append("**What fits** (largest device): " + "; ".join(parts) + ".")
     oom = [r for r in main if r["status"] == "oom"]
     if oom:
-        out.append(
-            "**Out of memory:** "
-            + "; ".join(f"{r['label']} needs {format_bytes(r['peak_bytes'] or 0)}" for r in oom)
-            + "."
-        )
+        out.append("**Out of memory:** " + "; ".join(_oom_reason(r, cap) for r in oom) + ".")
     failed = [r for r in main if r["status"] == "failed"]
     if failed:
         reasons = [
@@ -110,12 +294,29 @@ def _fit_lines(main: list[dict[str, Any]], cap: int | None) -> list[str]:
     return out
 
 
+def _oom_reason(r: dict[str, Any], cap: int | None) -> str:
+    """`label needs X (why)`: the parameter state alone, or the saved activations on top."""
+    text = f"{r['label']} needs {format_bytes(r['peak_bytes'] or 0)}"
+    per = r["accounted_per_rank"]
+    if per and cap is not None:
+        worst = max(per, key=lambda a: a["total"])
+        static = static_bytes(worst)
+        if static > cap:
+            text += f" (parameter state alone {format_bytes(static)})"
+        else:
+            text += (
+                f" ({format_bytes(static)} parameter state + "
+                f"{format_bytes(worst.get('saved_peak') or 0)} saved activations)"
+            )
+    return text + ("" if r.get("launched", True) else ", refused before launch")
+
+
 def _which_case(full: dict[str, Any], cap: int, fit: list[dict[str, Any]]) -> str:
     """Whether the model itself fits one device (then only activations are over the cap)."""
     per = full.get("accounted_per_rank") or []
     if not per:
         return ""
-    static = max(r["params"] + r["grads"] + r["optimizer"] for r in per)
+    static = max(static_bytes(r) for r in per)
     saved = max((r.get("saved_peak") or 0) for r in per)
     if static > cap:
         return (
@@ -260,17 +461,25 @@ def _pipeline_lines(main: list[dict[str, Any]], fit: list[dict[str, Any]]) -> li
         return []
     out = []
     for r in fit:
-        if r["kind"] != "pipeline" or not r["step_time_median_s"]:
+        if r["kind"] not in ("pipeline", "data") or not r["step_time_median_s"]:
             continue
-        p, m = r["devices"], r["microbatches"] or 1
-        ideal = p * m / (m + p - 1)
+        dp = int(r.get("dp") or 1)
+        p, m = r["devices"] // dp, r["microbatches"] or 1
+        ideal = dp * p * m / (m + p - 1)
         got = one["step_time_median_s"] / r["step_time_median_s"]
+        bound = (
+            f"the bubble allows at most {'dp x ' if dp > 1 else ''}p*m/(m+p-1) = {ideal:.2f}x"
+            if p > 1
+            else f"{dp} replicas allow at most {ideal:.2f}x"
+        )
         out.append(
             f"**{r['label']}** steps {got:.2f}x as fast as {one['label']} (median "
             f"{r['step_time_median_s'] * 1e3:.1f} ms vs {one['step_time_median_s'] * 1e3:.1f} ms); "
-            f"the bubble allows at most p*m/(m+p-1) = {ideal:.2f}x, before the "
+            f"{bound}, before the "
             f"{format_bytes(r['comm_bytes_per_step'] or 0)} of activations and gradients it "
-            "sends per step and the processes' share of the cores."
+            "sends per step"
+            + (", the gradient all-reduce" if dp > 1 else "")
+            + " and the processes' share of the cores."
         )
     return out
 
@@ -281,7 +490,7 @@ def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
     same = [
         r
         for r in main
-        if r["kind"] in ("accumulate", "pipeline") and r.get("loss_early_diff") is not None
+        if r["kind"] in FULL_BATCH and r.get("loss_early_diff") is not None
     ]
     if same:
         basis = "the reference's (`full` without the cap)" if ref is not None else "`full`'s"
@@ -295,9 +504,10 @@ def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
         names = ", ".join(r["label"] for r in same)
         if early <= 1e-5:
             text = (
-                f"**Same mathematics.** {names} train on full's update: over the first 10 steps "
-                f"their training loss matches {basis} to {early:.1e}, float32 rounding (the "
-                "same sums taken in another order)."
+                f"**Same mathematics.** {names} train on full's update: over the first "
+                f"{EARLY_STEPS} steps (the same initial weights, then the first updates) their "
+                f"training loss matches {basis} to {early:.1e}, float32 rounding (the same sums "
+                "taken in another order)."
             )
             if steps is not None:
                 text += (
@@ -312,7 +522,7 @@ def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
         else:
             text = (
                 f"**Not the same numbers.** {names}: training loss differs from {basis} by "
-                f"{early:.1e} within the first 10 steps, more than float32 rounding."
+                f"{early:.1e} within the first {EARLY_STEPS} steps, more than float32 rounding."
             )
         out.append(text)
     for r in main:

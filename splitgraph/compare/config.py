@@ -18,15 +18,17 @@ from splitgraph.config import Config
 from splitgraph.errors import ConfigError
 from splitgraph.units import parse_bytes
 
-#: the options the harness compares, in report order
-KINDS = ("full", "small", "accumulate", "recompute", "pipeline")
+#: the options the harness compares, in report order (`data` is asked for by name only)
+KINDS = ("full", "small", "accumulate", "recompute", "data", "pipeline")
+DEFAULT_KINDS = ("full", "small", "accumulate", "recompute", "pipeline")
 LR_RULES = ("same", "linear")
 
 
 @dataclass
 class CompareConfig:
-    name: str = "default"  # results/<name>/ (experiment files set it)
-    variants: list[str] = field(default_factory=lambda: list(KINDS))
+    name: str = "default"  # outputs/compare/<name>/ (experiment files set it)
+    out: str | None = None  # the report's directory (`--out`); null: outputs/compare/<name>/
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
     memory_cap: str | None = II("pipeline.memory_cap")  # per device, e.g. "64MiB"; null: none
     k: int = 4  # small: batch B/k; accumulate: k micro-steps of B/k
     small_lr: list[str] = field(default_factory=lambda: ["same"])  # same | linear (lr / k)
@@ -34,12 +36,18 @@ class CompareConfig:
     schedules: list[str] | None = None  # null: [schedule.name]
     microbatches: list[int] | None = None  # null: [pipeline.microbatches]
     pipeline_recompute: list[bool] | None = None  # null: [schedule.recompute]; [false, true]
+    dp: list[int] | None = None  # pipeline variants' data-parallel replicas; null: [parallel.dp]
+    max_devices: int | None = None  # leave out pipeline variants of more p x dp ranks
+    data_parallel: int = 2  # the `data` variant: this many replicas of the whole model
     epochs: int = 3  # the epoch budget every variant trains for
     evals_per_epoch: int = 4  # held-out evaluations per epoch (at equal samples seen)
     target_loss: float | None = None  # held-out loss to reach; null: the worst final one
     time_budget: float | None = None  # seconds: also train each fitting variant this long
     time_budget_max_epochs: int = 1000  # the epoch bound of those wall-clock runs
     reference: bool = True  # also run `full` without the cap, to compare weights against
+    # launch a variant the memory model predicts over the cap, so the runtime refuses it
+    # itself (evidence, a few seconds each); false: refuse it here, before launch
+    confirm_refusals: bool = True
     timeout: float = 600.0  # seconds per variant process
     runs_dir: str | None = None  # where variant run dirs go; null: <output dir>/runs
     progress: bool = True
@@ -63,10 +71,13 @@ def register() -> None:
         OmegaConf.register_new_resolver("splitgraph_compare_dir", output_dir)
 
 
-def output_dir(name: str, overrides: str = "") -> str:
-    """Where a single run writes: `results/<name>` for an experiment as committed, else
-    `outputs/compare/<name>/<overrides>` (results/ holds only references)."""
-    return f"results/{name}" if not overrides else f"outputs/compare/{name}/{overrides}"
+def output_dir(name: str, overrides: str = "", out: str | None = None) -> str:
+    """Where a single run writes: `out` (`--out`, compare.out) if given, else
+    `outputs/compare/<name>` for an experiment as is and `outputs/compare/<name>/<overrides>`
+    with overrides. Only an explicit `--out results/<name>` regenerates a committed reference."""
+    if out:
+        return str(out)
+    return f"outputs/compare/{name}" if not overrides else f"outputs/compare/{name}/{overrides}"
 
 
 def load(overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -86,6 +97,12 @@ def pipeline_grid(cfg: Any) -> tuple[list[int], list[str], list[int], list[bool]
     rc = c.pipeline_recompute
     recompute = [bool(x) for x in rc] if rc is not None else [bool(cfg.schedule.recompute)]
     return stages, scheds, mbs, recompute
+
+
+def dp_grid(cfg: Any) -> list[int]:
+    """The pipeline variants' data-parallel replica counts, the default filled in."""
+    dp = cfg.compare.dp
+    return [int(d) for d in dp] if dp is not None else [int(cfg.parallel.dp)]
 
 
 def validate_compare(cfg: Any) -> None:
@@ -137,6 +154,23 @@ def validate_compare(cfg: Any) -> None:
             )
         if any(m < 1 or m > batch for m in mbs):
             errors.append(f"pipeline microbatches {mbs} must lie in 1..train.batch_size={batch}.")
+        dps = dp_grid(cfg)
+        bad_dp = [d for d in dps if d < 1 or batch % d or any(m > batch // d for m in mbs)]
+        if bad_dp or not dps:
+            errors.append(
+                f"compare.dp={dps}: each replica count must be >= 1, divide "
+                f"train.batch_size={batch} and leave every replica at least m={max(mbs)} rows "
+                "(one per microbatch)."
+            )
+    if "data" in kinds:
+        d = int(c.data_parallel)
+        if d < 2 or batch % d:
+            errors.append(
+                f"compare.data_parallel={d}: the `data` variant needs >= 2 replicas that "
+                f"divide train.batch_size={batch}."
+            )
+    if c.max_devices is not None and c.max_devices < 2:
+        errors.append(f"compare.max_devices={c.max_devices} must be >= 2 (or null: no limit).")
     for key, low in (("epochs", 1), ("evals_per_epoch", 1), ("time_budget_max_epochs", 1)):
         if getattr(c, key) < low:
             errors.append(f"compare.{key}={getattr(c, key)} must be >= {low}.")

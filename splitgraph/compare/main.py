@@ -1,14 +1,18 @@
 """`splitgraph-compare`: run every option under one memory cap and write the report.
 
     splitgraph-compare experiment=too_large
+    splitgraph-compare experiment=too_large --out results/too_large     # the committed reference
     splitgraph-compare experiment=too_large pipeline.stages=2 compare.memory_cap=64MiB data=digits
     splitgraph-compare -m experiment=too_large compare.variants=[pipeline] \
         pipeline.stages=2,4 pipeline.microbatches=2,4,8 schedule=gpipe,1f1b
 
-A single run writes into its Hydra run dir (`results/<compare.name>/` by default). A multirun
-(`-m`) makes each sweep point its own comparison in `<sweep dir>/<job>/`, each launching its own
+A single run writes into its Hydra run dir: `--out DIR` (compare.out) if given, else
+`outputs/compare/<compare.name>/` (with overrides, `.../<overrides>/`), so nothing but an
+explicit `--out results/...` writes into results/. A multirun (`-m`) makes each sweep point its
+own comparison in `<sweep dir>/<job>/` (`--out` names the sweep dir), each launching its own
 processes (torchrun for pipelines; no Hydra launcher plugin involved), and after every point
 rewrites `<sweep dir>/sweep.md` and `sweep.csv`, one table of every point's variants.
+`--help` prints the usage; `--hydra-help` Hydra's own page.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from splitgraph.compare import analysis, conclusion, report, runner, sweep, variants
+from splitgraph.compare import analysis, conclusion, predict, report, runner, sweep, variants
 from splitgraph.compare.analysis import Result
 from splitgraph.compare.config import register, validate_compare
 from splitgraph.config import validate
-from splitgraph.errors import ConfigError, SplitgraphError
+from splitgraph.errors import ConfigError, OutOfMemory, SplitgraphError
 from splitgraph.units import format_bytes, parse_bytes
 
 
@@ -45,8 +49,11 @@ def compose_train(overrides: list[str]) -> DictConfig:
     return load_config(overrides)
 
 
-def check_variant(v: variants.Variant, base: dict[str, Any], run_dir: str) -> str | None:
-    """None if the variant's training config composes and validates, else the reason."""
+def check_variant(
+    v: variants.Variant, base: dict[str, Any], run_dir: str
+) -> tuple[DictConfig | None, str | None]:
+    """The variant's training config if it composes and validates (else None), and the reason
+    it was refused (else None)."""
     from hydra.errors import HydraException
 
     try:
@@ -54,7 +61,31 @@ def check_variant(v: variants.Variant, base: dict[str, Any], run_dir: str) -> st
         validate(cfg, v.nproc)
     except (SplitgraphError, HydraException) as e:
         cause = f"\n{e.__cause__}" if e.__cause__ else ""
-        return f"configuration refused before launch: {e}{cause}"
+        return None, f"configuration refused before launch: {e}{cause}"
+    return cfg, None
+
+
+def predict_variant(cfg: DictConfig, nproc: int) -> list[dict[str, Any]] | None:
+    """The memory model's accounting per global rank (None if the plan cannot be made: the
+    variant's own launch then says why)."""
+    try:
+        return predict.per_rank(cfg, nproc)
+    except SplitgraphError:
+        return None
+
+
+def refusal(predicted: list[dict[str, Any]] | None, cap: int | None) -> OutOfMemory | None:
+    """The runtime's own verdict on the predicted figures (memcap.check): the error it would
+    raise before the first step, or None if the variant fits."""
+    from splitgraph.runtime import memcap
+
+    if predicted is None or cap is None:
+        return None
+    records = [r | {"saved_peak_source": "predicted"} for r in predicted]
+    try:
+        memcap.check(records, cap, "before launch (predicted by the harness)")
+    except OutOfMemory as e:
+        return e
     return None
 
 
@@ -81,21 +112,33 @@ def run_all(
     num_train: int,
     progress: bool,
     reuse: bool = False,
+    cap: int | None = None,
+    confirm_refusals: bool = True,
 ) -> list[Result]:
     """Each variant in its own process, one after another; a failure stops only itself.
-    `reuse`: read each variant's recorded run instead of running it (compare.report_only)."""
+    `reuse`: read each variant's recorded run instead of running it (compare.report_only).
+    A variant predicted over `cap` is launched anyway if `confirm_refusals` (the runtime then
+    refuses it itself), else refused here."""
     out: list[Result] = []
     outer = _bar(len(todo), "compare", 0, progress)
     try:
         for v in todo:
             run_dir = runs_dir / v.name
             cmd = variants.command(v, base, str(run_dir))
-            refused = check_variant(v, base, str(run_dir))
+            cfg, refused = check_variant(v, base, str(run_dir))
+            predicted = predict_variant(cfg, v.nproc) if cfg is not None else None
+            over = refusal(predicted, cap if v.capped else None)
             outer.set_postfix_str(v.name)
             if reuse:
                 outcome = runner.load_outcome(run_dir)
             elif refused is not None:
                 outcome = runner.Outcome("failed", error=refused)
+            elif over is not None and not confirm_refusals and _on_cpu(cfg):
+                runner.clear(run_dir)
+                outcome = runner.Outcome(
+                    "oom", error=str(over), needed_bytes=over.needed, launched=False
+                )
+                outcome.summary = {"status": "oom", "accounted_per_rank": predicted or []}
             else:
                 epochs = int(v.settings["train.epochs"])
                 total = epochs * (num_train // v.batch) if v.phase == "epochs" else None
@@ -111,6 +154,7 @@ def run_all(
                     inner.close()
             outcome.command = variants.printable(cmd)
             if not reuse:
+                outcome.predicted = predicted
                 runner.save_outcome(run_dir, outcome)
             out.append(Result(v, outcome, run_dir))
             outer.update(1)
@@ -120,9 +164,23 @@ def run_all(
     return out
 
 
+def _on_cpu(cfg: Any) -> bool:
+    """Whether the variant runs on the CPU, where the cap is the accounting the prediction
+    reproduces (on a GPU the allocator decides, with its own rounding)."""
+    from splitgraph.config import Device
+
+    device = Device(cfg.runtime.device)
+    if device == Device.auto:
+        import torch
+
+        return not torch.cuda.is_available()
+    return device == Device.cpu
+
+
 def _short(o: runner.Outcome) -> str:
     if o.status == "oom":
-        return f", needed {format_bytes(o.needed_bytes or 0)}"
+        how = "" if o.launched else " (predicted; not launched)"
+        return f", needed {format_bytes(o.needed_bytes or 0)}{how}"
     if o.status == "failed":
         return f": {(o.error or '').splitlines()[0][:200]}"
     return f" ({o.wall_s:.1f} s)"
@@ -161,7 +219,9 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
 
     reuse = bool(c.report_only)
-    args = (base, runs_dir, float(c.timeout), num_train, bool(c.progress), reuse)
+    cap = parse_bytes(c.memory_cap) if c.memory_cap is not None else None
+    args = (base, runs_dir, float(c.timeout), num_train, bool(c.progress), reuse, cap)
+    args += (bool(c.confirm_refusals),)
     results = run_all([v for v in todo if v.kind != "reference"], *args)
     full_ran = any(r.variant.kind == "full" and r.outcome.status == "ok" for r in results)
     # `full` within the cap is its own reference: the uncapped twin would repeat it
@@ -176,7 +236,6 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
         ]
         results += run_all(timed, *args)
 
-    cap = parse_bytes(c.memory_cap) if c.memory_cap is not None else None
     lr = float(cfg.optim.lr)
     rows = [analysis.row(r, num_train, cap, lr) for r in results]
     run_dirs = {r.variant.name: r.run_dir for r in results}
@@ -271,6 +330,91 @@ def _task_overrides() -> list[str]:
 
 # -- entry point -----------------------------------------------------------------------------
 
+HELP = """\
+usage: splitgraph-compare [-h] [--out DIR] [-m] [--hydra-help] [key=value ...]
+
+Trains the same model on the same data every way there is under one per-device memory cap
+(full minibatch, smaller minibatch, accumulation, recomputation, data parallelism, pipelines),
+each as a real process (torchrun for several ranks), and writes report.md, summary.csv,
+results.json and figures with a conclusion computed from the measurements.
+
+options:
+  -h, --help         show this help and exit
+  --out DIR          where the report and the runs go (compare.out); default
+                     outputs/compare/<experiment>/ (with overrides: .../<overrides>/);
+                     regenerate a committed reference with --out results/<experiment>
+  -m, --multirun     a sweep: each combination of comma-separated values is a comparison of
+                     its own; one table of all of them in <sweep dir>/sweep.md
+  --hydra-help       Hydra's own help (config groups; --cfg job prints the whole config)
+
+experiments (experiment=NAME): {experiments}
+
+useful overrides (plus every training key: model.hidden=[...], data=digits, optim=adam, ...):
+  compare.variants=[full,small,accumulate,recompute,data,pipeline]   which options to run
+  compare.memory_cap=4.5MiB            the per-device cap (null: none)
+  compare.stages=[2,4] compare.schedules=[gpipe,1f1b] compare.microbatches=[4,8]
+  compare.pipeline_recompute=[false,true] compare.dp=[1,2]          the pipeline grid
+  compare.epochs=6 compare.target_loss=0.8 compare.time_budget=5    the budgets and the target
+  compare.confirm_refusals=false       refuse what the memory model puts over the cap
+                                       without launching it (default: launch it, so the
+                                       runtime refuses it itself)
+  compare.report_only=true             rebuild the report from the recorded runs
+
+examples:
+  splitgraph-compare experiment=tiny                          # every variant, under a minute
+  splitgraph-compare experiment=too_large_weights             # the model itself is too large
+  splitgraph-compare experiment=too_large --out results/too_large   # regenerate a reference
+  splitgraph-compare experiment=too_large data=digits compare.memory_cap=64MiB
+"""
+
+
+def _experiments() -> str:
+    """The experiment files Hydra can compose (conf/experiment/, installed as splitgraph.conf)."""
+    from importlib import resources
+
+    folder = resources.files("splitgraph.conf").joinpath("experiment")
+    return ", ".join(sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")))
+
+
+def parse_args(argv: list[str]) -> list[str] | None:
+    """The harness's own flags out of `argv`, the rest left for Hydra: None for --help (printed
+    here), else the arguments Hydra gets (`--out DIR` becomes compare.out=DIR, and the sweep
+    dir with -m). A flag without its value exits 2."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP.format(experiments=_experiments()), end="")
+        return None
+    rest, out = [], None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--out" or a.startswith("--out="):
+            if a == "--out":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    print("splitgraph-compare: --out needs a directory", file=sys.stderr)
+                    sys.exit(2)
+                out, i = argv[i + 1], i + 2
+            else:
+                out, i = a.split("=", 1)[1], i + 1
+            continue
+        rest.append(a)
+        i += 1
+    if out is not None:
+        rest.append(f"compare.out={variants.hydra_value(out)}")
+        if any(a in ("-m", "--multirun") for a in rest):
+            rest.append(f"hydra.sweep.dir={variants.hydra_value(out)}")
+    return rest
+
+
+def command_line(task_overrides: list[str]) -> str:
+    """The command that regenerates this report, `--out` written as the flag it was given as."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = [o for o in task_overrides if o.startswith("compare.out=")]
+    rest = [o for o in task_overrides if not o.startswith("compare.out=")]
+    value = OverridesParser.create().parse_override(out[-1]).value() if out else None
+    flags = ["--out", str(value)] if value is not None else []
+    return shlex.join(["splitgraph-compare", *rest, *flags])
+
 
 def main() -> None:
     """Console script `splitgraph-compare` and `python -m splitgraph.compare`."""
@@ -278,6 +422,10 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    args = parse_args(sys.argv[1:])
+    if args is None:
+        return
+    sys.argv = [sys.argv[0], *args]
     register()
     # SIGTERM unwinds like Ctrl-C, so the running variant's process group is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -286,7 +434,7 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         hc = HydraConfig.get()
         out_dir = _from_cwd(Path(hc.runtime.output_dir))
-        command = shlex.join(["splitgraph-compare", *hc.overrides.task])
+        command = command_line(list(hc.overrides.task))
         try:
             compare(cfg, out_dir, command)
         except SplitgraphError as e:

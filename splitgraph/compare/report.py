@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from splitgraph.compare.predict import static_bytes
 from splitgraph.units import format_bytes
 
 #: the columns of summary.csv, in order (rows keep more, for results.json)
@@ -23,6 +24,9 @@ CSV_COLUMNS = [
     "lr",
     "cap_bytes",
     "peak_bytes",
+    "predicted_peak_bytes",
+    "predicted_static_bytes",
+    "accounted_source",
     "fits",
     "peak_rss_bytes",
     "steps",
@@ -46,6 +50,9 @@ CSV_COLUMNS = [
     "loss_same_until",
     "loss_max_abs_diff",
     "test_loss_gap",
+    "memory_mismatches",
+    "dp",
+    "launched",
     "error",
 ]
 
@@ -67,6 +74,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]], extra: dict[str, Any] | No
 
 
 def _csv_value(v: Any) -> Any:
+    if isinstance(v, list):
+        return " | ".join(map(str, v))
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, str):
@@ -113,7 +122,8 @@ def _curves_figure(rows: list[dict[str, Any]], x: str, target: float | None, pat
         ax.set_xlabel(xlabel)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    ax_l.legend(fontsize=7)
+    if ax_l.get_legend_handles_labels()[0]:
+        ax_l.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -123,19 +133,26 @@ def _memory_figure(rows: list[dict[str, Any]], cap: int | None, path: Path) -> N
     plt = _plt()
     from matplotlib.patches import Patch
 
-    parts = ("params", "grads", "optimizer", "saved_peak")
-    names = ("parameters", "gradients", "optimizer state", "saved activations (peak)")
-    colors = ("#4c72b0", "#55a868", "#c44e52", "#8172b2")
+    parts = ("params", "grads", "optimizer", "allreduce_buckets", "saved_peak")
+    names = (
+        "parameters",
+        "gradients",
+        "optimizer state",
+        "all-reduce buckets (dp)",
+        "saved activations (peak)",
+    )
+    colors = ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b2")
     labels, stacks, oom = [], [], []
     for r in rows:
-        per = r["accounted_per_rank"]
+        # one replica's ranks: the others hold the same
+        per = r["accounted_per_rank"][: max(r["devices"] // int(r.get("dp") or 1), 1)]
         for rank in per:
             labels.append(f"{r['label']}\nrank {rank['rank']}" if len(per) > 1 else r["label"])
             stacks.append([rank.get(k) or 0 for k in parts])
             oom.append(r["status"] == "oom")
     top = max([sum(s) for s in stacks] + [cap or 0])
     unit, scale = ("MiB", 2**20) if top >= 2**20 else ("KiB", 2**10)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(max(6, 0.5 * len(labels) + 3), 22), 6))
     xs = list(range(len(labels)))
     bottom = [0.0] * len(labels)
     for i, color in enumerate(colors):
@@ -156,7 +173,9 @@ def _memory_figure(rows: list[dict[str, Any]], cap: int | None, path: Path) -> N
     ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(f"{unit} per device (accounting)")
     ax.set_title(
-        "peak memory per device: parameters + gradients + optimizer + saved activations", fontsize=9
+        "peak memory per device (one replica's ranks): parameters + gradients + optimizer "
+        "(+ all-reduce buckets) + saved activations",
+        fontsize=9,
     )
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -207,12 +226,28 @@ def _f(x: Any, spec: str = ".4f") -> str:
 
 def _status(r: dict[str, Any]) -> str:
     if r["status"] == "oom":
-        return f"**OOM**, needed {_b(r['peak_bytes'])}"
+        per = r["accounted_per_rank"]
+        static = max((static_bytes(a) for a in per), default=None)
+        over = r["cap_bytes"] is not None and static is not None and static > r["cap_bytes"]
+        why = f" (parameter state alone {_b(static)})" if over else ""
+        how = "" if r.get("launched", True) else "; refused before launch"
+        return f"**OOM**, needed {_b(r['peak_bytes'])}{why}{how}"
     if r["status"] == "failed":
         return "**failed**"
     if r["fits"] is False:
         return "ran uncapped; over the cap"
     return "fits" if r["fits"] else "ran"
+
+
+def _predicted(r: dict[str, Any]) -> str:
+    """The harness's prediction before launch, and whether the runtime's figures equal it."""
+    if r.get("predicted_peak_bytes") is None:
+        return ""
+    text = _b(r["predicted_peak_bytes"])
+    bad = r.get("memory_mismatches")
+    if bad is None:
+        return text
+    return text + (" (=)" if not bad else " (**differs**)")
 
 
 def _table(rows: list[dict[str, Any]], cols: list[tuple[str, Any]]) -> list[str]:
@@ -243,9 +278,11 @@ def markdown(
         f"- Model: {meta['model']}; data: {meta['data']}; minibatch B={meta['batch']}, "
         f"k={meta['k']}; optimizer: {meta['optim']}; dtype {meta['dtype']}.",
         f"- Memory cap: {_b(cap) or 'none'} per device. On CPU the cap is applied to an exact "
-        "accounting per process (parameters + gradients + optimizer state + the peak bytes "
-        "saved for backward, counted by saved-tensor hooks); peak RSS is measured and shown "
-        "beside it but not capped.",
+        "accounting per process (parameters + gradients + optimizer state (+ the all-reduce "
+        "buckets with data parallelism) + the peak bytes saved for backward, counted by "
+        "saved-tensor hooks); peak RSS is measured and shown beside it but not capped. The "
+        "held-out evaluation and the final model.pt gather the weights (parameters only) to "
+        "rank 0's host: the harness's instruments, outside the cap.",
         f"- Budgets: {meta['epochs']} epochs for every variant"
         + (
             f"; and a wall-clock budget of {meta['time_budget']:g} s of training."
@@ -263,6 +300,7 @@ def markdown(
         ("devices", lambda r: r["devices"]),
         ("memory cap", _status),
         ("peak/device (accounted)", lambda r: _b(r["peak_bytes"])),
+        ("predicted", _predicted),
         ("peak RSS", lambda r: _b(r["peak_rss_bytes"])),
         ("median step", lambda r: _f(r["step_time_median_s"], ".4f")),
         ("samples/s", lambda r: _f(r["samples_per_s"], ".0f")),
@@ -279,7 +317,10 @@ def markdown(
     lines += [
         "",
         "Times are training seconds (the sum of step times; held-out evaluation and process "
-        "start-up excluded; start-up is in summary.csv as `wall_s`). *weights vs ref*: the "
+        "start-up excluded; start-up is in summary.csv as `wall_s`). *predicted*: the largest "
+        "device's bytes as the harness priced them before launch (cost model and memory "
+        "model); (=) where every part on every rank equals the runtime's accounting (measured "
+        "after the first step, or the runtime's own check before it). *weights vs ref*: the "
         "largest relative difference of any weight from the reference after the same epochs.",
         "",
     ]

@@ -4,7 +4,8 @@ what it wrote: status, summary.json, metrics.jsonl, and the error text if it fai
 A variant ends in one of three states:
     ok      exit 0 and summary.json with status "ok"
     oom     stopped by the memory cap: summary.json (CPU accounting) or oom_rank<r>.json (GPU)
-            with the bytes it needed
+            with the bytes it needed; or, not launched, refused by the harness's prediction
+            (`launched` false; compare.confirm_refusals=false)
     failed  anything else (refused config, crash, timeout), with the error text
 """
 
@@ -33,6 +34,9 @@ class Outcome:
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     command: str = ""
+    launched: bool = True
+    #: the memory per global rank the harness predicted before launch (compare/predict.py)
+    predicted: list[dict[str, Any]] | None = None
 
 
 def child_env() -> dict[str, str]:
@@ -42,14 +46,19 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def clear(run_dir: Path) -> None:
+    """An empty run dir: stale files must not pass for this run's."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+
+
 def run(
     cmd: list[str], run_dir: Path, timeout: float, on_progress: Any = None, poll: float = 0.25
 ) -> Outcome:
     """Start `cmd`, wait at most `timeout` seconds (then kill its whole process group), and
     read the run dir. `on_progress(steps_done)` is called while it runs."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # stale files must not pass for this run's
-    run_dir.mkdir(parents=True)
+    clear(run_dir)
     log_path = run_dir / "output.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
@@ -79,7 +88,16 @@ def run(
     return out
 
 
-_SAVED = ("status", "error", "needed_bytes", "returncode", "wall_s", "command")
+_SAVED = (
+    "status",
+    "error",
+    "needed_bytes",
+    "returncode",
+    "wall_s",
+    "command",
+    "launched",
+    "predicted",
+)
 
 
 def save_outcome(run_dir: Path, out: Outcome) -> None:
@@ -96,7 +114,9 @@ def load_outcome(run_dir: Path) -> Outcome:
         return Outcome("failed", error=f"no recorded run in {run_dir}: run it first")
     out = read(run_dir, record.get("returncode"))
     for k in _SAVED:
-        setattr(out, k, record.get(k))
+        setattr(out, k, record.get(k, True if k == "launched" else None))
+    if not out.launched:  # refused before launch: its record is the prediction
+        out.summary = {"status": "oom", "accounted_per_rank": out.predicted or []}
     return out
 
 

@@ -11,7 +11,10 @@ user would type:
                  activations at a time; the gradient is full's (L is the mean over B)
     recompute    one device, minibatch B, activations recomputed in the backward
                  (schedule.recompute=true)
-    pipeline     p ranks under torchrun, for each chosen schedule and m
+    data         d replicas of the whole model under torchrun, B/d rows each, gradients
+                 summed (parallel.dp=d, one stage): full's update on d devices
+    pipeline     p ranks under torchrun, for each chosen schedule and m (and dp replicas of
+                 the pipeline: p x dp ranks)
     reference    `full` without the cap: what the others' weights are compared against
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from splitgraph.compare.config import pipeline_grid
+from splitgraph.compare.config import dp_grid, pipeline_grid
 
 #: keys a variant never inherits from the harness's config (the harness sets them)
 _OWN = ("run_dir",)
@@ -35,7 +38,7 @@ _OWN = ("run_dir",)
 @dataclass(frozen=True)
 class Variant:
     name: str  # unique; names the run directory
-    kind: str  # full | small | accumulate | recompute | pipeline | reference
+    kind: str  # full | small | accumulate | recompute | data | pipeline | reference
     label: str  # for tables and legends
     nproc: int
     batch: int
@@ -115,12 +118,18 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
             "pipeline.memory_cap": cap,
         }
 
+    # parallel.dp is written out only where it is not splitgraph.train's default of 1
+    explicit_dp = int(cfg.parallel.dp) != 1
+
+    def replicas(d: int) -> dict[str, Any]:
+        return {"parallel.dp": d} if d != 1 or explicit_dp else {}
+
     one_device = {
         "pipeline.stages": 1,
         "partition.strategy": "uniform",
         "partition.boundaries": None,
         "schedule.virtual_stages": 1,
-    }
+    } | replicas(1)
     whole = {"schedule.name": "naive", "pipeline.microbatches": 1}
     out: list[Variant] = []
     kinds = list(c.variants)
@@ -147,11 +156,19 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
     if "recompute" in kinds:
         settings = common(B) | one_device | whole | {"schedule.recompute": True}
         out.append(Variant("recompute", "recompute", f"recompute (B={B})", 1, B, settings))
+    if "data" in kinds:
+        d = int(c.data_parallel)
+        settings = common(B) | one_device | whole | replicas(d)
+        label = f"data parallel dp={d} (B/{d} each)"
+        out.append(Variant(f"data-dp{d}", "data", label, d, B, settings))
     if "pipeline" in kinds:
         from splitgraph.schedule import SCHEDULES
 
         stages, scheds, mbs, recomputes = pipeline_grid(cfg)
-        for p, sched, m, rc in itertools.product(stages, scheds, mbs, recomputes):
+        grid = itertools.product(dp_grid(cfg), stages, scheds, mbs, recomputes)
+        for d, p, sched, m, rc in grid:
+            if c.max_devices is not None and p * d > int(c.max_devices):
+                continue
             # model chunks per rank: the configured count for a chunked schedule (2, its
             # group default, if none was chosen), one for the others
             v = int(cfg.schedule.virtual_stages) if SCHEDULES[sched].virtual else 1
@@ -162,13 +179,15 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
                 "schedule.virtual_stages": v,
                 "schedule.recompute": rc,
                 "pipeline.microbatches": m,
-            }
+            } | replicas(d)
             name = f"pipeline-{sched}-p{p}-m{m}" + (f"-v{v}" if v > 1 else "")
             label = f"pipeline {sched} p={p} m={m}" + (f" v={v}" if v > 1 else "")
+            if d > 1:
+                name, label = name + f"-dp{d}", label + f" x dp={d}"
             if rc:
                 name, label = name + "-recompute", label + " + recompute"
-            out.append(Variant(name, "pipeline", label, p, B, settings))
-    if c.reference and cap is not None and set(kinds) & {"full", "small", "accumulate", "pipeline"}:
+            out.append(Variant(name, "pipeline", label, p * d, B, settings))
+    if c.reference and cap is not None and set(kinds) - {"recompute"}:
         settings = common(B) | one_device | whole | {"pipeline.memory_cap": None}
         out.append(Variant("reference", "reference", "full, no cap (reference)", 1, B, settings))
     return out

@@ -60,6 +60,10 @@ class GradSync:
         #: seconds this rank spent, last step, starting all-reduces and blocked waiting for them
         self.launch_s = 0.0
         self.wait_s = 0.0
+        #: bytes of the flattened buckets in flight at once (all of them, at `finish`): a
+        #: second copy of this rank's gradients that the memory cap counts
+        self.in_flight_bytes = 0
+        self.in_flight_peak_bytes = 0
 
     @property
     def num_buckets(self) -> int:
@@ -87,12 +91,14 @@ class GradSync:
         self.wait_s = time.perf_counter() - t0
         self._pending.clear()
         self._launched.clear()
+        self.in_flight_bytes = 0
 
     def begin_step(self) -> None:
         """A fresh step (also forgets one that failed half-way)."""
         self._pending.clear()
         self._launched.clear()
         self.launch_s = self.wait_s = 0.0
+        self.in_flight_bytes = 0
 
     def _launch(self, stage: int) -> None:
         if stage in self._launched:
@@ -104,6 +110,8 @@ class GradSync:
             flat = torch.cat([g.reshape(-1) for g in grads])
             for p, g in zip(params, grads):
                 p.grad = g
+            self.in_flight_bytes += flat.numel() * flat.element_size()
+            self.in_flight_peak_bytes = max(self.in_flight_peak_bytes, self.in_flight_bytes)
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             self._pending.append((work, flat, params))
         self.launch_s += time.perf_counter() - t0

@@ -3,10 +3,13 @@
 `pipeline.memory_cap` ("64MiB") bounds what one process may hold. On CPU there is no allocator
 to refuse, so the cap applies to an exact, deterministic accounting per rank:
 
-    parameters + gradients + optimizer state + peak bytes saved for backward
+    parameters + gradients + optimizer state (+ all-reduce buckets) + peak bytes saved for backward
 
-(conservative: gradients and saved activations are counted as if they coexisted). Before the
-first step the parameter, gradient and optimizer bytes are known and the saved-activation peak
+(conservative: gradients and saved activations are counted as if they coexisted). With data
+parallelism (parallel.dp > 1) each rank also holds its gradients flattened into all-reduce
+buckets while they are summed (runtime/gradsync.py): a second copy of its gradients. Before the
+first step the parameter, gradient, optimizer and bucket bytes are known (the same arithmetic
+as the planner's `ModelCosts.static_bytes`) and the saved-activation peak
 is predicted by the memory model (`splitgraph.memory_model`, exact except under bf16
 autocast), so a run that cannot fit stops before it allocates a single activation; after the
 first step the peak is measured (every step has the same shapes, so the first step's peak is
@@ -88,18 +91,24 @@ def accounting(engine: Any, cap: int | None, measured: bool) -> dict[str, Any]:
     saved-activation peak predicted, once a step has run with both measured."""
     params = engine.parameters()
     p = _nbytes(params)
+    sync = getattr(engine, "gradsync", None)
     if measured:
+        grads = _nbytes([q.grad for q in params if q.grad is not None])
         opt = optimizer_state_bytes(engine.optimizer)
+        buckets = sync.in_flight_peak_bytes if sync is not None else 0
         saved = engine.meter.peak if engine.meter is not None else None
     else:
+        grads = p
         opt = predicted_optimizer_bytes(engine.cfg.optim, params)
+        buckets = p if sync is not None else 0  # every gradient, flattened, at `finish`
         saved = predicted_saved_peak(engine)
-    total = 2 * p + opt + (saved or 0)
+    total = p + grads + opt + buckets + (saved or 0)
     return {
         "rank": dist.get_rank() if dist.is_initialized() else engine.rank,
         "params": p,
-        "grads": p,
+        "grads": grads,
         "optimizer": opt,
+        "allreduce_buckets": buckets,
         "saved_peak": saved,
         "saved_peak_source": "measured" if measured else "predicted" if saved is not None else None,
         "total": total,
@@ -117,9 +126,11 @@ def check(records: list[dict[str, Any]], cap: int | None, phase: str, note: str 
         return
     worst = max(over, key=lambda r: r["total"])
     saved = worst["saved_peak"]
+    buckets = worst.get("allreduce_buckets") or 0
     parts = (
         f"parameters {format_bytes(worst['params'])} + gradients {format_bytes(worst['grads'])} "
         f"+ optimizer state {format_bytes(worst['optimizer'])}"
+        + (f" + all-reduce buckets {format_bytes(buckets)}" if buckets else "")
         + (
             f" + saved activations {format_bytes(saved)}"
             + (f" ({worst['saved_peak_source']})" if worst.get("saved_peak_source") else "")
@@ -141,9 +152,15 @@ def check(records: list[dict[str, Any]], cap: int | None, phase: str, note: str 
 
 def _hint(record: dict[str, Any], cap: int) -> str:
     if record["total"] - (record["saved_peak"] or 0) > cap:
+        dp = (
+            " (data parallelism copies them to every replica, and its all-reduce buckets "
+            "add a second copy of the gradients)"
+            if record.get("allreduce_buckets")
+            else ""
+        )
         return (
-            "Parameters, gradients and optimizer state alone exceed it: split the layers over "
-            "more stages, or use an optimizer with less state."
+            "Parameters, gradients and optimizer state alone exceed it, whatever the batch"
+            f"{dp}: split the layers over more stages, or use an optimizer with less state."
         )
     return (
         "The saved activations push it over: more stages, more microbatches (1F1B), a "
