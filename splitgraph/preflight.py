@@ -219,15 +219,17 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
         tensors = sum(2 if layer.bias else 1 for layer in layers)
         opt = optimizer_bytes_for(cfg.optim, params, tensors)
         saved = peaks[p] if peaks is not None else None
+        buckets = params if layout.dp > 1 else 0  # every gradient, flattened, at the all-reduce
         records.append(
             {
                 "rank": rank,
                 "params": params,
                 "grads": params,
                 "optimizer": opt,
+                "allreduce_buckets": buckets,
                 "saved_peak": saved,
                 "saved_peak_source": "predicted" if saved is not None else None,
-                "total": 2 * params + opt + (saved or 0),
+                "total": 2 * params + opt + buckets + (saved or 0),
                 "cap": cap,
             }
         )

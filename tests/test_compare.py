@@ -75,7 +75,9 @@ def test_help_prints_usage_flags_overrides_and_an_example() -> None:
         out = res.stdout
         assert out.startswith("usage: splitgraph-compare ") and "--out DIR" in out
         assert "compare.memory_cap=" in out and "experiment=too_large --out results/" in out
-        assert "tiny, too_large, too_large_weights" in out  # read from conf/experiment
+        names = sorted(f.stem for f in (REPO / "conf" / "experiment").glob("*.yaml"))
+        assert {"tiny", "too_large", "too_large_weights"} <= set(names)
+        assert f"experiment=NAME): {', '.join(names)}\n" in out  # read from conf/experiment
         assert "compare:" not in out  # not Hydra's config dump
 
 

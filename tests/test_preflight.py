@@ -147,13 +147,22 @@ def test_the_model_is_priced_exactly_before_it_exists(over: list[str]) -> None:
         built = memcap.accounting(engine, None, measured=False)
         assert priced[rank] == {**built, "rank": rank}
         assert priced[rank]["saved_peak"] and priced[rank]["optimizer"] >= 0
-    # data parallel: each replica prices the same stages at B/dp rows
+    # data parallel: each replica prices the same stages at B/dp rows, plus the all-reduce
+    # buckets (a second copy of the gradients), as memcap accounts a GradSync engine
     dp = load_config([*base, *over, "parallel.dp=2"])
     dp_priced = preflight.price_ranks(dp, layout_of(dp, 4), make_plan(dp, 2))
     half = load_config([*base, *over, "train.batch_size=12"])
     half_priced = preflight.price_ranks(half, layout, plan)
     for rank in range(4):
-        assert dp_priced[rank] == {**half_priced[rank % 2], "rank": rank}
+        one = half_priced[rank % 2]
+        assert one["allreduce_buckets"] == 0
+        buckets = one["grads"]
+        assert dp_priced[rank] == {
+            **one,
+            "rank": rank,
+            "allreduce_buckets": buckets,
+            "total": one["total"] + buckets,
+        }
 
 
 _MAXRSS = (
