@@ -20,13 +20,12 @@ and output gradient), not the whole graph.
 
 from __future__ import annotations
 
-from splitgraph.schedule.gpipe import _one_stage_per_rank
-from splitgraph.schedule.ir import Action, F, I, W
+from splitgraph.schedule.ir import Action, F, I, W, one_stage_per_rank
 from splitgraph.schedule.onefoneb import one_f_one_b
 
 
 def zb1(num_ranks: int, num_stages: int, num_microbatches: int) -> list[list[Action]]:
-    _one_stage_per_rank("zb1", num_ranks, num_stages)
+    one_stage_per_rank("zb1", num_ranks, num_stages)
     m = num_microbatches
     out = []
     for s, row in enumerate(one_f_one_b(num_ranks, num_stages, m)):
@@ -43,3 +42,17 @@ def zb1(num_ranks: int, num_stages: int, num_microbatches: int) -> list[list[Act
         acts += [Action(s, W, j) for j in range(next_w, m)]
         out.append(acts)
     return out
+
+
+def zb2(num_ranks: int, num_stages: int, num_microbatches: int) -> list[list[Action]]:
+    """ZB-H2: list scheduling (listsched.py) at F = I = W under a cap of 2p-1 microbatches."""
+    from splitgraph.schedule.listsched import Policy, list_schedule
+    from splitgraph.schedule.simulate import Costs
+
+    one_stage_per_rank("zb2", num_ranks, num_stages)
+    p = num_ranks
+    policy = Policy(cap=(2.0 * p - 1,) * p, split=True)
+    rows = list_schedule(range(p), num_microbatches, Costs.uniform(p, 1.0, 2.0, w=1.0), policy)
+    if rows is None:  # cannot happen: one stage per rank never stalls (listsched.py)
+        raise AssertionError(f"zb2 stalled at p={p}, m={num_microbatches}")
+    return rows
