@@ -184,9 +184,10 @@ def plan_auto(inp: AutoInput) -> AutoResult:
     fitting = [c for c in out if c.fits]
     if not fitting:
         least = min(out, key=lambda c: max(c.peak))
+        shown = sorted({f"{c:.4g}" for c in caps or ()})
         raise ValueError(
-            f"schedule=auto: no schedule fits the cap ({', '.join(f'{c:.4g}' for c in caps or ())}"
-            f" {inp.unit} per rank) with {m} microbatches on {p} ranks x {v} chunks; the "
+            f"schedule=auto: no schedule fits the cap ({', '.join(shown)} {inp.unit} per rank)"
+            f" with {m} microbatches on {p} ranks x {v} chunks; the "
             f"least memory is {least.name}'s {max(least.peak):.4g}. Raise the cap, use more "
             "stages or smaller microbatches, or recompute (schedule.recompute=true)."
         )

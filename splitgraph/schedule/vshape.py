@@ -28,10 +28,16 @@ does. The blocks are the authors' (their `stable_pattern_v_half` / `_v_min`):
     vmin   F0 at r,  F1 at 2p-r-1, I1 at 2p+g+r,    I0 at 4p+g-r-1   (g = 2 when 3 | p)
 
 A shorter block keeps fewer microbatches alive. Counted with W freeing the activations (as
-this simulator and the authors' own count do), `vmin` holds p chunk-microbatches per rank
-for even p and p+1 for odd p: half of 1F1B's peak; `vhalf` holds p+2 (p+1 for odd p), half
-plus one stage's worth, and idles a little less from p = 6 on. `vhalf` at p = 3, m = 2,
-then `vmin` at p = 2, m = 3::
+this simulator and the authors' own count do), for m >= 2p each rank holds at most
+
+    vhalf  2(floor(p/2) + 1)       chunk-microbatches = (floor(p/2) + 1)/p of 1F1B's peak
+    vmin   2(floor((p+1)/3) + 1)   chunk-microbatches = (floor((p+1)/3) + 1)/p of it
+
+against 1F1B's 2p (p microbatches of a stage twice as large): about a half and a third,
+plus one stage's worth (vhalf 3/4 at p = 4, 5/8 at p = 8; vmin 1/2 at p = 4, 1/2 at p = 8,
+5/12 at p = 12). Both take less time than 1F1B at F = I = W; which of the two idles less
+depends on p (vmin at p = 2 and 4, vhalf at 3, 5, 6, 8). `vhalf` at p = 3, m = 2, then
+`vmin` at p = 2, m = 3::
 
     rank 0 | 0F0 0F1 .   .   .   5F0 5I0 5W0 .   .   5F1 5I1 5W1 0I0 0W0 .   .   0I1 0W1
     rank 1 | .   1F0 .   .   4F0 1F1 .   4I0 4W0 4F1 .   1I0 4I1 1W0 4W1 .   1I1 1W1 .
