@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitgraph.schedule import SCHEDULES, Costs, build_schedule, simulate, validate
+from splitgraph.schedule import SCHEDULES, Costs, build_schedule, render_ascii, simulate, validate
 from splitgraph.schedule.auto import AutoInput, plan_auto
 from splitgraph.schedule.cli import main as schedule_main
 from splitgraph.schedule.ir import I, make_schedule, round_robin, v_shape
@@ -169,3 +169,14 @@ def test_schedule_command_shows_why_auto_is_better(capsys: pytest.CaptureFixture
         assert f"\n{name} " in out
     assert schedule_main(["1f1b", "pipeline.stages=2", "--cap", "1", "--no-picture"]) == 2
     assert "--cap is auto's memory cap" in capsys.readouterr().err
+
+
+def test_the_docstring_picture_auto_against_zb1() -> None:
+    costs = Costs.uniform(3, 1.0, 2.0, w=1.0, comm=1.0)
+    result = plan_auto(AutoInput(3, 5, costs, 1, cap=1.5))
+    assert result.best_fixed() is not None and result.best_fixed().name == "zb1"  # type: ignore[union-attr]
+    assert render_ascii(simulate(result.schedule, costs)).splitlines() == [
+        "rank 0 | F0 F1 F2 F3 .  .  .  .  .  I0 W0 I1 F4 I2 W1 I3 W2 W3 .  .  .  I4 W4",
+        "rank 1 | .  .  F0 F1 F2 F3 .  I0 W0 I1 W1 I2 W2 I3 F4 W3 .  .  .  I4 W4 .  .",
+        "rank 2 | .  .  .  .  F0 I0 F1 I1 F2 I2 F3 I3 W0 W1 W2 W3 F4 I4 W4 .  .  .  .",
+    ]

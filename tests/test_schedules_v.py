@@ -9,13 +9,14 @@ rank holds, in whole-model microbatches (1F1B's first rank holds exactly 1).
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
 from splitgraph.config import load_config
 from splitgraph.config import validate as validate_config
 from splitgraph.errors import ConfigError
-from splitgraph.schedule import SCHEDULES, Costs, build_schedule, simulate
+from splitgraph.schedule import SCHEDULES, Costs, build_schedule, render_ascii, simulate
 from splitgraph.schedule.ir import RECV_F, SEND_F, round_robin, v_shape
 from splitgraph.schedule.simulate import peak_activation
 
@@ -186,3 +187,46 @@ def test_listed_grid_is_what_the_readme_table_says() -> None:
         "vhalf": (60.0, 0.75),
         "vmin": (59.0, 0.5),
     }
+
+
+def test_zb2_exact_picture() -> None:
+    """The picture in zerobubble.py's docstring."""
+    sim = simulate(build_schedule("zb2", 4, 8), _unit(4, 1))
+    assert render_ascii(sim).splitlines() == [
+        "rank 0 | F0 F1 F2 F3 F4 F5 F6 I0 W0 I1 F7 I2 W1 I3 W2 I4 W3 I5 W4 I6 W5 W6 I7 W7 .  .  .",
+        "rank 1 | .  F0 F1 F2 F3 F4 I0 F5 I1 F6 I2 W0 I3 F7 I4 W1 I5 W2 I6 W3 W4 I7 W5 W6 W7 .  .",
+        "rank 2 | .  .  F0 F1 F2 I0 F3 I1 F4 I2 F5 I3 F6 I4 W0 I5 F7 I6 W1 W2 I7 W3 W4 W5 W6 W7 .",
+        "rank 3 | .  .  .  F0 I0 F1 I1 F2 I2 F3 I3 F4 I4 F5 I5 F6 I6 W0 F7 I7 W1 W2 W3 W4 W5 W6 W7",
+    ]
+
+
+def test_v_pictures_in_the_docstring() -> None:
+    zbv = simulate(build_schedule("zbv", 2, 3, 2), _unit(2, 2))
+    assert render_ascii(zbv).splitlines() == [
+        "rank 0 | 0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0I0 0W0 3F2 3I2 3W2 0I1 0W1 0I2 0W2 .",
+        "rank 1 | .   1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1I1 2I2 1I2 1W1 2W2 1W2",
+    ]
+    vhalf = simulate(build_schedule("vhalf", 3, 2, 2), _unit(3, 2))
+    assert render_ascii(vhalf).splitlines() == [
+        "rank 0 | 0F0 0F1 .   .   .   5F0 5I0 5W0 .   .   5F1 5I1 5W1 0I0 0W0 .   .   0I1 0W1",
+        "rank 1 | .   1F0 .   .   4F0 1F1 .   4I0 4W0 4F1 .   1I0 4I1 1W0 4W1 .   1I1 1W1 .",
+        "rank 2 | .   .   2F0 3F0 .   .   2F1 3F1 3I0 3W0 2I0 2W0 .   3I1 3W1 2I1 2W1 .   .",
+    ]
+    vmin = render_ascii(simulate(build_schedule("vmin", 2, 3, 2), _unit(2, 2))).splitlines()
+    assert vmin[0].startswith("rank 0 | 0F0 .   .   3F0 3I0 3W0 0F1 0I0 0W0 3F1 3I1 3W1 0F2 0I1")
+    assert vmin[1].endswith("2F2 2W1 1W1 2I2 1I2 2W2 1W2")
+
+
+def test_schedule_command_draws_and_exports_every_new_schedule(tmp_path: Path) -> None:
+    from splitgraph.schedule.cli import main as schedule_main
+    from splitgraph.schedule.interop import load_csv
+
+    for name, v in (("zb2", 1), ("zbv", 2), ("vhalf", 2), ("vmin", 2), ("auto", 2)):
+        png, csv = tmp_path / f"{name}.png", tmp_path / f"{name}.csv"
+        args = [name, "pipeline.stages=2", "pipeline.microbatches=4"]
+        args += [f"schedule.virtual_stages={v}", "--out", str(png), "--to-csv", str(csv)]
+        assert schedule_main(args) == 0
+        assert png.stat().st_size > 10_000
+        assert load_csv(csv, 2, 4, v).num_stages == 2 * v
+    assert schedule_main(["schedule=csv", f"schedule.path={tmp_path / 'zbv.csv'}",
+                          "--no-picture"]) == 0

@@ -23,6 +23,19 @@ Memory is whatever `AutoInput.memory` returns per rank: by default `peak_activat
 saved bytes of a real model (memory_model.predict_saved_peak; see costs.ModelCosts.
 auto_input) with `cap` in bytes.
 
+3 ranks, 5 microbatches, F = I = W = 1 and a transfer costs 1, room for 1.5x 1F1B's
+activations: zb2 (1.67) does not fit; the best fixed schedule that does, zb1, takes 25;
+auto's list schedule takes 23, holding 1.33 (`splitgraph-schedule auto pipeline.stages=3
+pipeline.microbatches=5 --costs 1,2,1 --comm 1 --cap 1.5`)::
+
+    zb1      rank 0 | F0 F1 F2 .  .  .  .  .  .  I0 W0 F3 I1 W1 F4 .  I2 W2 .  .  I3 W3 .  I4 W4
+             rank 1 | .  .  F0 F1 .  .  .  I0 F2 I1 W0 .  .  F3 I2 W1 F4 .  I3 W2 .  I4 W3 W4 .
+             rank 2 | .  .  .  .  F0 I0 F1 I1 .  .  F2 I2 W0 .  .  F3 I3 W1 F4 I4 W2 W3 W4 .  .
+
+    auto     rank 0 | F0 F1 F2 F3 .  .  .  .  .  I0 W0 I1 F4 I2 W1 I3 W2 W3 .  .  .  I4 W4
+             rank 1 | .  .  F0 F1 F2 F3 .  I0 W0 I1 W1 I2 W2 I3 F4 W3 .  .  .  I4 W4 .  .
+             rank 2 | .  .  .  .  F0 I0 F1 I1 F2 I2 F3 I3 W0 W1 W2 W3 F4 I4 W4 .  .  .  .
+
           AutoInput(ranks, m, v, costs, cap, memory)
                       |
       fixed schedules + list schedules  ->  validate, simulate, memory
