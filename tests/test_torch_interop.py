@@ -43,8 +43,10 @@ def _torch_class(name: str) -> Any:
 
 
 def _rank0_stages(p: int, v: int, style: str) -> list[_FakeStage]:
-    from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
-
+    try:
+        from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+    except ImportError:
+        pytest.skip(f"torch {torch.__version__} has no generate_stage_to_rank_mapping")
     place = generate_stage_to_rank_mapping(p, p * v, style=style)
     return [_FakeStage(s, p * v, p) for s in range(p * v) if place[s] == 0]
 
@@ -147,7 +149,10 @@ def test_torchs_csv_with_bubbles_loads_here(tmp_path: Path) -> None:
     cls = _torch_class("ScheduleInterleaved1F1B")
     theirs = cls(_rank0_stages(2, 2, "loop"), 4)
     path = tmp_path / "torch.csv"
-    theirs._dump_csv(str(path), format="compute_only")
+    try:
+        theirs._dump_csv(str(path), format="compute_only")
+    except TypeError:  # a torch whose _dump_csv writes the compute-only order and takes no format
+        theirs._dump_csv(str(path))
     text = path.read_text()
     assert ",," in text  # torch wrote its bubbles
     assert load_csv(path, 2, 4, 2).actions == build_schedule("interleaved", 2, 4, 2).actions
