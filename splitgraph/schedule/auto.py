@@ -1,6 +1,6 @@
 """`schedule=auto`: the schedule that simulates fastest for this run's costs, within its memory.
 
-A small search, every candidate validated and simulated like any schedule:
+A small search, every candidate simulated with the run's costs:
 
 * every fixed schedule defined for the run's ranks, chunks and microbatches (`SCHEDULES`:
   gpipe, 1f1b, zb1, zb2; with two chunks per rank also interleaved, loopedbfs, zbv, vhalf,
@@ -13,7 +13,10 @@ A small search, every candidate validated and simulated like any schedule:
 
 A candidate fits if `memory(schedule)` is within `cap` on every rank; the winner is the
 fitting candidate with the shortest simulated step (then the smaller peak, then the
-simpler: fixed before list-built). The fixed schedules are candidates, so auto is never
+simpler: fixed before list-built). The fixed schedules are validated as they are built;
+a list schedule is valid by construction (tests validate every one over a grid of
+placements, caps and policies), and the winner is validated again before it is returned.
+The fixed schedules are candidates, so auto is never
 slower in the simulator than the best fixed schedule that fits: `AutoResult.table()` shows
 each one's step and peak beside the winner's, which is what `splitgraph-schedule
 schedule=auto` prints.
