@@ -147,6 +147,7 @@ class ScheduleConfig:
     virtual_stages: int = 1  # model chunks per rank (interleaved, loopedbfs)
     recompute: bool = False  # keep only each stage's input; recompute the forward in backward
     recompute_stages: list[int] | None = None  # with recompute: only these stages (None: all)
+    path: str | None = None  # schedule=csv: a torch.distributed.pipelining compute-only CSV
 
 
 @dataclass
@@ -551,6 +552,16 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         )
     elif p.microbatches >= 1:
         errors.extend(SCHEDULES[sched].problems(stages, v, int(p.microbatches)))
+    if sched in SCHEDULES and not SCHEDULES[sched].trainable:
+        runs = ", ".join(n for n, spec in SCHEDULES.items() if spec.trainable)
+        errors.append(
+            f"schedule={sched} is built, validated and simulated by splitgraph-schedule (draw it, "
+            "compare it, export it with --to-csv), but the trainer cannot run it yet: it places "
+            "stage s on rank s % p and builds schedules from (ranks, microbatches) alone. "
+            f"Train with one of: {runs}."
+        )
+    if cfg.schedule.path is not None and sched != "csv":
+        errors.append(f"schedule.path is only read with schedule=csv (got schedule={sched}).")
     rs = cfg.schedule.recompute_stages
     if rs is not None:
         if not cfg.schedule.recompute:

@@ -20,7 +20,7 @@ simulator's `Costs`, and into the memory each rank needs under a schedule.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -175,6 +175,43 @@ class ModelCosts:
 
     def cap(self, stage: int) -> int | None:
         return self.devices[stage].memory
+
+    def auto_input(self, bounds: Sequence[int], ranks: int, split_overhead: float = 1.0) -> Any:
+        """schedule=auto's input for a plan (`bounds`, ranks x chunks stages): the planner's
+        per-stage costs, each rank's memory in bytes (static bytes of the stages the
+        schedule puts on it + the exact saved-activation peak) and its cap.
+
+        The profiler measures B, not I and W: each is priced at B/2 x `split_overhead` (the
+        measured I+W over B, 1.17-1.60 on the small default model, results/schedules/).
+        Returns a schedule.auto.AutoInput; `plan_auto(...)` builds the schedule."""
+        from splitgraph.memory_model import plan_walk
+        from splitgraph.schedule.auto import AutoInput
+
+        stages = len(bounds) - 1
+        if stages % ranks:
+            raise ValueError(f"{stages} stages do not spread over {ranks} ranks")
+        if stages > ranks and len({d.speed for d in self.devices}) > 1:
+            raise ValueError(
+                "schedule=auto with several chunks per rank prices every stage at one speed; "
+                "pipeline.devices gives different speeds (the stage's rank depends on the "
+                "placement auto chooses)"
+            )
+        one_speed = replace(self, devices=(self.devices[0],) * stages, _memo={})
+        sim = (self if stages == ranks else one_speed).sim_costs(bounds)
+        half = [b / 2 * split_overhead for b in sim.backward]
+        costs = Costs(sim.forward, sim.backward, half, half, sim.comm, sim.mb_scale)
+        walk = plan_walk(self.shape, bounds, self.sizes, self.recompute)
+        static = [self.static_bytes(bounds[s], bounds[s + 1]) for s in range(stages)]
+
+        def memory(sched: Schedule) -> list[float]:
+            saved = predict_saved_peak(sched, walk)
+            return [saved[r] + sum(static[s] for s in sched.stages_of(r)) for r in range(ranks)]
+
+        caps = [self.devices[r].memory if r < len(self.devices) else None for r in range(ranks)]
+        cap = None
+        if any(c is not None for c in caps):
+            cap = [float("inf") if c is None else float(c) for c in caps]
+        return AutoInput(ranks, len(self.sizes), costs, stages // ranks, cap, memory, "bytes")
 
 
 def devices_from_config(cfg: Any, stages: int) -> tuple[Device, ...]:

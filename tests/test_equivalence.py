@@ -25,6 +25,7 @@ SCHEDULES = [
     ("gpipe", 1),
     ("1f1b", 1),
     ("zb1", 1),
+    ("zb2", 1),
     ("interleaved", 2),
     ("loopedbfs", 2),
     ("interleaved", 3),
@@ -43,9 +44,7 @@ def _manual(stages: int) -> list[int]:
 def _microbatches(name: str, p: int) -> list[int]:
     if name == "naive":
         return [1]
-    if name == "interleaved" and p > 1:
-        return [m for m in (1, 2, 3, 4, 8) if m % p == 0] or [p]
-    return [1, 2, 3, 4, 8]
+    return [1, 2, 3, 4, 8]  # interleaved too: any m, not only multiples of p
 
 
 def _base(p: int, sched: str, v: int, part: str, m: int) -> list[str]:
@@ -166,11 +165,17 @@ def test_matches_single_device(p: int, case: dict[str, Any]) -> None:
 def test_grid_covers_the_required_combinations() -> None:
     ids = {c["id"] for _, c in ALL}
     for p, sched, part, m in itertools.product(
-        (1, 2, 3, 4), ("gpipe", "1f1b", "zb1"), ("uniform", "params", "manual"), (1, 2, 3, 4, 8)
+        (1, 2, 3, 4),
+        ("gpipe", "1f1b", "zb1", "zb2"),
+        ("uniform", "params", "manual"),
+        (1, 2, 3, 4, 8),
     ):
         assert any(i.startswith(f"p{p}-{sched}-{part}-m{m}-") for i in ids), (p, sched, part, m)
     for p in (1, 2, 3, 4):
         for sched in ("interleaved2", "loopedbfs2"):
             assert any(i.startswith(f"p{p}-{sched}-manual-") for i in ids)
             assert any(i.startswith(f"p{p}-{sched}-") and "recompute-stage0" in i for i in ids)
+    # interleaved with m not a multiple of p (torch's uneven rounds and ours)
+    assert any(i.startswith("p4-interleaved2-uniform-m3-") for i in ids)
+    assert any(i.startswith("p3-interleaved2-manual-m4-") for i in ids)
     assert sum(1 for i in ids if "regre" in i) > 50

@@ -96,11 +96,11 @@ def test_schedule_command_refuses_bad_input(capsys: pytest.CaptureFixture[str]) 
     assert "pipeline.stages=P" in capsys.readouterr().err
     assert (
         schedule_main(
-            ["schedule=interleaved", "pipeline.stages=4", "pipeline.microbatches=6", "--no-picture"]
+            ["schedule=zbv", "pipeline.stages=4", "schedule.virtual_stages=1", "--no-picture"]
         )
         == 2
     )
-    assert "multiple of 4" in capsys.readouterr().err
+    assert "Set schedule.virtual_stages=2" in capsys.readouterr().err
     assert (
         schedule_main(["schedule=1f1b", "pipeline.stages=2", "--costs", "1", "--no-picture"]) == 2
     )

@@ -274,11 +274,9 @@ def _parse(schedule: str) -> tuple[str, int]:
 
 
 def feasible(a: Assumptions, dp: int, pp: int, schedule: str) -> bool:
-    name, v = _parse(schedule)
+    _, v = _parse(schedule)
     m = a.batch // (dp * a.microbatch) if a.batch % (dp * a.microbatch) == 0 else 0
-    if m < 1 or a.layers % (pp * v):
-        return False
-    return not (name == "interleaved" and pp > 1 and m % pp)
+    return m >= 1 and a.layers % (pp * v) == 0
 
 
 def project_layout(a: Assumptions, dp: int, pp: int, schedule: str, overlap: bool) -> dict:

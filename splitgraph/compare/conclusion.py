@@ -487,11 +487,7 @@ def _pipeline_lines(main: list[dict[str, Any]], fit: list[dict[str, Any]]) -> li
 def _exactness_lines(main: list[dict[str, Any]], k: int) -> list[str]:
     out = []
     ref = next((r for r in main if r["kind"] == "reference" and r["status"] == "ok"), None)
-    same = [
-        r
-        for r in main
-        if r["kind"] in FULL_BATCH and r.get("loss_early_diff") is not None
-    ]
+    same = [r for r in main if r["kind"] in FULL_BATCH and r.get("loss_early_diff") is not None]
     if same:
         basis = "the reference's (`full` without the cap)" if ref is not None else "`full`'s"
         early = max(r["loss_early_diff"] for r in same)

@@ -173,13 +173,17 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
             # group default, if none was chosen), one for the others
             v = int(cfg.schedule.virtual_stages) if SCHEDULES[sched].virtual else 1
             v = 2 if SCHEDULES[sched].virtual and v == 1 else v
-            settings = common(B) | {
-                "pipeline.stages": p,
-                "schedule.name": sched,
-                "schedule.virtual_stages": v,
-                "schedule.recompute": rc,
-                "pipeline.microbatches": m,
-            } | replicas(d)
+            settings = (
+                common(B)
+                | {
+                    "pipeline.stages": p,
+                    "schedule.name": sched,
+                    "schedule.virtual_stages": v,
+                    "schedule.recompute": rc,
+                    "pipeline.microbatches": m,
+                }
+                | replicas(d)
+            )
             name = f"pipeline-{sched}-p{p}-m{m}" + (f"-v{v}" if v > 1 else "")
             label = f"pipeline {sched} p={p} m={m}" + (f" v={v}" if v > 1 else "")
             if d > 1:

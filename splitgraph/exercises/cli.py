@@ -64,9 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("exercise", type=int, choices=sorted(TITLES), help="exercise number (1-5)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.hidden=[32]")
     p.add_argument("--nproc", type=int, default=2, help="exercise 3: stages/ranks (default 2)")
-    p.add_argument(
-        "--repeats", type=int, default=20, help="exercise 4: timed repeats (default 20)"
-    )
+    p.add_argument("--repeats", type=int, default=20, help="exercise 4: timed repeats (default 20)")
     p.add_argument(
         "--size",
         choices=("small", "tiny"),

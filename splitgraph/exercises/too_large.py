@@ -220,9 +220,7 @@ def summary(regimes: list[Regime]) -> str:
             if timed
             else "nobody reached the target"
         )
-        where = (
-            f"on one device {', '.join(one)} fit" if one else "nothing fits on one device"
-        )
+        where = f"on one device {', '.join(one)} fit" if one else "nothing fits on one device"
         several = f"{len(many)} multi-device variant{'' if len(many) == 1 else 's'} fit"
         title = _REGIME_TITLE[g.regime]
         parts.append(f"Where {title} ({g.experiment}): {where}; {several}; {first}.")

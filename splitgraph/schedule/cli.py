@@ -7,8 +7,13 @@
     splitgraph-schedule schedule=interleaved pipeline.stages=2 --dp 4 --allreduce 3
     splitgraph-schedule schedule=1f1b pipeline.stages=2 --from-run RUN --dp 4 --dp-bandwidth 40
 
+    splitgraph-schedule zbv pipeline.stages=4 pipeline.microbatches=8 --to-csv zbv.csv
+    splitgraph-schedule auto pipeline.stages=4 schedule.virtual_stages=2 --cap 0.75
+    splitgraph-schedule schedule=csv schedule.path=zbv.csv            # a torch.pp CSV file
+
 Hydra overrides choose the schedule exactly as for training (`pipeline.stages` is the number
-of ranks; `schedule.virtual_stages` the chunks per rank). Costs are unit costs per stage,
+of ranks; `schedule.virtual_stages` the chunks per rank); a bare first word names the
+schedule (`zbv` is `schedule=zbv`). Costs are unit costs per stage,
 `--costs F,B[,W]` (default 1,2,1: a backward is twice a forward, W half of it), plus `--comm`
 per transfer; or the costs a run measured (`--from-run RUN_DIR`, its summary.json). Prints the
 picture in text, step time, bubble and peak in-flight microbatches per stage, and writes a PNG.
@@ -17,6 +22,10 @@ picture in text, step time, bubble and peak in-flight microbatches per stage, an
 either `--allreduce T`, each stage's all-reduce in the costs' own unit, or, with costs in
 seconds (`--from-run`), `--dp-bandwidth GB/s [--dp-latency-us]`, from which each stage's
 all-reduce is the ring time of its gradient bytes (the plan's parameters x runtime.dtype).
+`schedule=auto` builds the fastest schedule that fits `--cap` (activations per rank, in
+whole-model microbatches: 1F1B's first rank holds 1) for these costs and prints it beside
+every fixed schedule. `schedule=csv` reads a torch.distributed.pipelining compute-only CSV
+(its ranks, microbatches and chunks are the file's); `--to-csv FILE` writes one.
 Also runnable as `python -m splitgraph.schedule.cli`.
 """
 
@@ -67,7 +76,12 @@ def describe(sched: Schedule, sim: SimResult, unit: str, dp: DataParallelStep | 
         f"step time        {sim.step_time:.6g} {unit}",
         f"bubble           {sim.bubble_fraction:.1%} of all ranks' time",
         "bubble per rank  " + " ".join(f"{b:.1%}" for b in sim.bubble),
+        "idle in span     " + " ".join(f"{x:.4g}" for x in sim.span_idle) + f" {unit} per rank "
+        "(between its first and last action)",
         "peak in flight   " + " ".join(map(str, sim.peak_inflight)) + " microbatches per stage",
+        "peak activations "
+        + " ".join(f"{x:.3g}" for x in sim.peak_activation)
+        + " per rank, in whole-model microbatches (1F1B's first rank: 1)",
     ]
     if dp is not None:
         windows = " ".join(f"{a:.4g}-{b:.4g}" for _, (a, b) in sorted(dp.windows.items()))
@@ -141,51 +155,99 @@ def main(argv: list[str] | None = None) -> int:
         "--dp-latency-us", type=float, default=0.0, metavar="US", help="per ring step"
     )
     parser.add_argument("--no-overlap", action="store_true", help="all-reduce after the step")
+    parser.add_argument(
+        "--cap",
+        help="schedule=auto: activations each rank may hold, in whole-model microbatches "
+        "(1F1B's first rank holds 1); one number, or one per rank: 0.5,0.5,1,1",
+    )
+    parser.add_argument("--to-csv", type=Path, help="write the schedule as a torch.pp CSV file")
     args = parser.parse_intermixed_args(argv)
 
     from hydra.errors import HydraException
 
     from splitgraph.config import load_config
 
+    auto_table = None
     try:
-        cfg = load_config(args.overrides)
-        ranks = cfg.pipeline.stages
-        if ranks is None:
-            raise ValueError("pass pipeline.stages=P: the number of ranks to simulate")
+        cfg = load_config(_schedule_shorthand(args.overrides))
         name, v, m = str(cfg.schedule.name), int(cfg.schedule.virtual_stages), 0
         if name not in SCHEDULES:
             raise ValueError(f"schedule {name!r} is not one of {', '.join(SCHEDULES)}")
-        m = int(cfg.pipeline.microbatches)
-        sched = build_schedule(name, int(ranks), m, v)
-        if args.from_run is not None:
-            costs, costs_text = _costs_from_run(args.from_run, sched.num_stages)
-            unit = "s"
-        else:
-            parts = [float(x) for x in args.costs.split(",")]
-            if len(parts) not in (2, 3):
-                raise ValueError(f"--costs {args.costs!r}: give F,B or F,B,W")
-            f, b = parts[0], parts[1]
-            w = parts[2] if len(parts) == 3 else b / 2
-            costs = Costs.uniform(sched.num_stages, f, b, w=w, comm=args.comm)
-            costs_text = f"F={f:g} B={b:g} (I={b - w:g} W={w:g})" + (
-                f" comm={args.comm:g}" if args.comm else ""
-            )
-            unit = ""
+        if args.cap is not None and name != "auto":
+            raise ValueError(f"--cap is auto's memory cap; schedule={name} has its own memory")
+        if name == "csv":
+            sched = _load_csv(cfg)
+        ranks = cfg.pipeline.stages if name != "csv" else sched.num_ranks
+        if ranks is None:
+            raise ValueError("pass pipeline.stages=P: the number of ranks to simulate")
+        m = int(cfg.pipeline.microbatches) if name != "csv" else sched.num_microbatches
+        stages = int(ranks) * v if name != "csv" else sched.num_stages
+        costs, costs_text, unit = _costs(args, stages)
+        if name == "auto":
+            from splitgraph.schedule.auto import AutoInput, plan_auto
+
+            caps = [float(x) for x in args.cap.split(",")] if args.cap else None
+            cap = caps[0] if caps is not None and len(caps) == 1 else caps
+            result = plan_auto(AutoInput(int(ranks), m, costs, v, cap=cap))
+            sched, auto_table = result.schedule, result.table()
+        elif name != "csv":
+            sched = build_schedule(name, int(ranks), m, v)
         sim = simulate(sched, costs)
         dp = _data_parallel(args, cfg, sched, sim) if args.dp != 1 else None
         if dp is not None:
             costs_text += f", dp={args.dp}"
+        if args.to_csv is not None:
+            from splitgraph.schedule.interop import write_csv
+
+            write_csv(sched, args.to_csv)
     except (ValueError, HydraException) as e:
         print(f"splitgraph-schedule: {e}", file=sys.stderr)
         return 2
+    if auto_table is not None:
+        print(auto_table + "\n")
     print(describe(sched, sim, unit or "units", dp))
+    if args.to_csv is not None:
+        print(f"torch.distributed.pipelining CSV: {args.to_csv}")
     if not args.from_run and all(float(x).is_integer() for x in args.costs.split(",")):
         print(render_ascii(sim))
     if not args.no_picture:
-        out = args.out or Path(f"{name}.png")
+        out = args.out or Path(f"{sched.name.split()[0]}.png")
         draw_schedule(sched, sim, out, costs_text, unit, dp)
         print(f"picture: {out}")
     return 0
+
+
+def _schedule_shorthand(overrides: list[str]) -> list[str]:
+    """`zbv pipeline.stages=4` -> `schedule=zbv pipeline.stages=4`: a bare first word names
+    the schedule."""
+    if overrides and "=" not in overrides[0] and not overrides[0].startswith(("+", "~")):
+        return [f"schedule={overrides[0]}", *overrides[1:]]
+    return list(overrides)
+
+
+def _load_csv(cfg: Any) -> Schedule:
+    from splitgraph.schedule.interop import load_csv
+
+    path = cfg.schedule.path
+    if path is None:
+        raise ValueError("schedule=csv reads a file: add schedule.path=FILE.csv")
+    stages = cfg.pipeline.stages
+    return load_csv(str(path), num_ranks=None if stages is None else int(stages))
+
+
+def _costs(args: argparse.Namespace, stages: int) -> tuple[Costs, str, str]:
+    """The costs to simulate with, how to name them, and their unit ("" for unit costs)."""
+    if args.from_run is not None:
+        costs, text = _costs_from_run(args.from_run, stages)
+        return costs, text, "s"
+    parts = [float(x) for x in args.costs.split(",")]
+    if len(parts) not in (2, 3):
+        raise ValueError(f"--costs {args.costs!r}: give F,B or F,B,W")
+    f, b = parts[0], parts[1]
+    w = parts[2] if len(parts) == 3 else b / 2
+    costs = Costs.uniform(stages, f, b, w=w, comm=args.comm)
+    text = f"F={f:g} B={b:g} (I={b - w:g} W={w:g})" + (f" comm={args.comm:g}" if args.comm else "")
+    return costs, text, ""
 
 
 def _data_parallel(

@@ -42,19 +42,21 @@ class Op(str, Enum):
 
     @property
     def is_compute(self) -> bool:
-        return self in (Op.F, Op.B, Op.I, Op.W)
+        return _KIND[self][0]
 
     @property
     def is_comm(self) -> bool:
-        return not self.is_compute
+        return not _KIND[self][0]
 
     @property
     def is_send(self) -> bool:
-        return self in (Op.SEND_F, Op.SEND_B)
+        return _KIND[self][1]
 
 
 F, B, I, W = Op.F, Op.B, Op.I, Op.W
 SEND_F, RECV_F, SEND_B, RECV_B = Op.SEND_F, Op.RECV_F, Op.SEND_B, Op.RECV_B
+#: op -> (is compute, is send), looked up rather than compared: the simulators ask often
+_KIND = {op: (op in (F, B, I, W), op in (SEND_F, SEND_B)) for op in Op}
 
 _ACTION_RE = re.compile(r"^(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)$")
 
@@ -121,6 +123,14 @@ class Schedule:
     def compute(self, rank: int) -> list[Action]:
         return [a for a in self.actions[rank] if a.op.is_compute]
 
+    @property
+    def split_backward(self) -> bool:
+        """Whether the backward runs as I and W (the stages must keep W's inputs)."""
+        return any(a.op in (I, W) for row in self.actions for a in row)
+
+    def stages_of(self, rank: int) -> list[int]:
+        return [s for s, r in enumerate(self.stage_to_rank) if r == rank]
+
     def grid(self, marks: dict[tuple[int, int], str] | None = None) -> str:
         return format_grid(self.actions, marks)
 
@@ -170,6 +180,42 @@ def make_schedule(
         stage_to_rank=tuple(stage_to_rank),
         actions=lower(compute, stage_to_rank),
     )
+
+
+def one_stage_per_rank(name: str, num_ranks: int, num_stages: int) -> None:
+    """Refuse a stage count other than the rank count, for the single-chunk schedules."""
+    if num_stages != num_ranks:
+        raise ValueError(f"{name} runs one stage per rank: {num_stages} stages on {num_ranks}")
+
+
+def chunks_per_rank(name: str, num_ranks: int, num_stages: int) -> int:
+    """v, the model chunks each rank holds; refuses stages that do not spread evenly."""
+    if num_stages % num_ranks:
+        raise ValueError(f"{name}: {num_stages} stages do not spread evenly over {num_ranks}")
+    return num_stages // num_ranks
+
+
+def round_robin(num_ranks: int, num_stages: int) -> tuple[int, ...]:
+    """Stage s on rank s % p (torch.distributed.pipelining's "loop" style)::
+
+    p = 2, 4 stages     rank 0: 0 . 2 .     rank 1: . 1 . 3
+    """
+    return tuple(s % num_ranks for s in range(num_stages))
+
+
+def v_shape(num_ranks: int, num_stages: int) -> tuple[int, ...]:
+    """Stages go down the ranks and back up (torch.distributed.pipelining's "v" style): with
+    two chunks per rank, stage s and stage 2p-1-s share rank s, so the first and the last
+    stage live on rank 0 and the turn (stages p-1 and p) on rank p-1 hands over locally::
+
+        p = 3, 6 stages     rank 0: 0 . . . . 5     rank 1: . 1 . . 4 .     rank 2: . . 2 3 . .
+    """
+    chunks_per_rank("v placement", num_ranks, num_stages)
+    out = []
+    for s in range(num_stages):
+        k, i = divmod(s, num_ranks)
+        out.append(i if k % 2 == 0 else num_ranks - 1 - i)
+    return tuple(out)
 
 
 def format_grid(

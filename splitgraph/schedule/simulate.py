@@ -22,7 +22,7 @@ and `Deadlock` names each stuck rank's action.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitgraph.schedule.ir import Action, B, F, I, Message, Op, Schedule, W, message
 
@@ -111,6 +111,8 @@ class SimResult:
     step_time: float
     busy: list[float]  # per rank: seconds of compute
     peak_inflight: list[int]  # per stage: most microbatches whose activations are held
+    #: per rank: most activations held at once, in whole-model microbatches (see peak_activation)
+    peak_activation: list[float] = field(default_factory=list)
 
     @property
     def num_ranks(self) -> int:
@@ -126,12 +128,26 @@ class SimResult:
         """The bubble (`idle_share`) of the simulated schedule."""
         return idle_share(self.busy, self.step_time)
 
+    @property
+    def span_idle(self) -> list[float]:
+        """Per rank: idle time between its own first start and last end.
+
+        The zero-bubble papers' bubble: what a rank cannot hide by starting the next step
+        early. `step_time - busy` adds the wait before a rank's first action (the fill, at
+        least one forward per hop) and after its last."""
+        return [
+            (evs[-1].end - evs[0].start) - b if evs else 0.0
+            for evs, b in zip(self.events, self.busy)
+        ]
+
     def summary(self) -> dict[str, object]:
         return {
             "step_time": self.step_time,
             "bubble_fraction": self.bubble_fraction,
             "bubble_per_rank": self.bubble,
+            "span_idle_per_rank": self.span_idle,
             "peak_inflight_per_stage": self.peak_inflight,
+            "peak_activation_per_rank": self.peak_activation,
         }
 
 
@@ -232,6 +248,7 @@ def simulate(sched: Schedule, costs: Costs | None = None, strict: bool = False) 
         step_time=max(clock, default=0.0),
         busy=busy,
         peak_inflight=peak_inflight(sched),
+        peak_activation=peak_activation(sched),
     )
 
 
@@ -273,6 +290,31 @@ def peak_inflight(sched: Schedule) -> list[int]:
             elif a.op == B or (a.op == W and (a.stage, a.mb) in split):
                 live[a.stage] -= 1
     return peak
+
+
+def peak_activation(sched: Schedule, weight: Sequence[float] | None = None) -> list[float]:
+    """Per rank: the most activations held at once, in whole-model microbatches.
+
+    A stage's activations of a microbatch are held from its F to its B (or W, when the
+    backward is split: W is what needs them last) and weigh `weight[stage]`, by default
+    1/S of the model (equal stages). In this unit 1F1B's first rank holds 1 (p microbatches
+    of 1/p of the model), whatever p and however many chunks a rank holds, so schedules
+    with different numbers of stages compare directly; the exact bytes of a real model are
+    memory_model's."""
+    S = sched.num_stages
+    w = [1.0 / S] * S if weight is None else [float(x) for x in weight]
+    out = []
+    for row in sched.actions:
+        split = {(a.stage, a.mb) for a in row if a.op == W}
+        live = peak = 0.0
+        for a in row:
+            if a.op == F:
+                live += w[a.stage]
+                peak = max(peak, live)
+            elif a.op == B or (a.op == W and (a.stage, a.mb) in split):
+                live -= w[a.stage]
+        out.append(peak)
+    return out
 
 
 def render_ascii(result: SimResult, unit: float = 1.0) -> str:

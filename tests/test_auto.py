@@ -1,0 +1,193 @@
+"""schedule=auto and the list scheduler: never worse than the best fixed schedule that fits,
+always valid, and honest about why."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from splitgraph.schedule import SCHEDULES, Costs, build_schedule, render_ascii, simulate, validate
+from splitgraph.schedule.auto import AutoInput, plan_auto
+from splitgraph.schedule.cli import main as schedule_main
+from splitgraph.schedule.ir import I, make_schedule, round_robin, v_shape
+from splitgraph.schedule.listsched import Policy, list_schedule
+from splitgraph.schedule.simulate import peak_activation
+
+
+def _best_fixed(inp: AutoInput, cap: float | None) -> tuple[float, str] | None:
+    """Independently of auto: the fastest fixed schedule whose peak fits `cap`."""
+    best = None
+    for name, spec in SCHEDULES.items():
+        if spec.generate is None or spec.problems(inp.ranks, inp.virtual, inp.microbatches):
+            continue
+        sched = build_schedule(name, inp.ranks, inp.microbatches, inp.virtual)
+        if cap is not None and max(peak_activation(sched)) > cap + 1e-9:
+            continue
+        step = simulate(sched, inp.costs).step_time
+        if best is None or step < best[0]:
+            best = (step, name)
+    return best
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> tuple[AutoInput, float | None]:
+    p = draw(st.integers(1, 4))
+    v = draw(st.sampled_from([1, 2]))
+    m = draw(st.integers(1, 8))
+    n = p * v
+    cost = st.floats(0.2, 3.0, allow_nan=False)
+    f = draw(st.lists(cost, min_size=n, max_size=n))
+    i = draw(st.lists(cost, min_size=n, max_size=n))
+    w = draw(st.lists(cost, min_size=n, max_size=n))
+    b = [x + y * draw(st.floats(0.6, 1.0)) for x, y in zip(i, w)]  # B <= I + W
+    comm = draw(st.lists(st.floats(0.0, 1.0), min_size=n - 1, max_size=n - 1))
+    cap = draw(st.one_of(st.none(), st.floats(0.25, 2.5)))
+    return AutoInput(p, m, Costs(f, b, i, w, comm), v, cap=cap), cap
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(runs())
+def test_auto_is_never_slower_than_the_best_fixed_schedule_that_fits(
+    run: tuple[AutoInput, float | None],
+) -> None:
+    inp, cap = run
+    best = _best_fixed(inp, cap)
+    try:
+        result = plan_auto(inp)
+    except ValueError as e:
+        assert best is None, f"auto refused ({e}) but {best} fits"
+        assert "no schedule fits the cap" in str(e)
+        return
+    sched = result.schedule
+    validate(sched)
+    step = simulate(sched, inp.costs).step_time
+    assert step == pytest.approx(result.chosen.step_time)
+    if cap is not None:
+        assert max(peak_activation(sched)) <= cap + 1e-9
+    if best is not None:
+        assert step <= best[0] + 1e-9, (result.chosen.name, best)
+        assert result.best_fixed() is not None
+        assert result.best_fixed().step_time == pytest.approx(best[0])  # type: ignore[union-attr]
+
+
+def test_auto_beats_every_fixed_schedule_where_memory_lies_between_them() -> None:
+    """F = I = W with transfers of half a forward, and room for 1.5x 1F1B's activations:
+    zb2 (1.75) does not fit, zb1 and 1F1B leave the transfers exposed; the list scheduler
+    uses the extra room to hide them, 10% faster than the best fixed schedule that fits."""
+    inp = AutoInput(4, 8, Costs.uniform(4, 1.0, 2.0, w=1.0, comm=0.5), 1, cap=1.5)
+    result, best = plan_auto(inp), _best_fixed(inp, 1.5)
+    assert best == (33.0, "zb1")
+    assert not result.chosen.fixed
+    assert result.chosen.step_time == pytest.approx(30.0)
+    assert max(result.chosen.peak) <= 1.5
+    table = result.table()
+    assert table.splitlines()[0].startswith("schedule=auto (cap 1.5 1.5 1.5 1.5;")
+    assert f"than the best fixed schedule that fits ({best[1]})" in table
+    for name in ("1f1b", "zb1", "zb2", "gpipe"):
+        assert f"\n{name} " in table
+
+
+def test_auto_refuses_a_cap_nothing_fits_naming_the_least_memory() -> None:
+    why = r"no schedule fits the cap \(0\.1 model-microbatches per rank\).* the least memory is"
+    with pytest.raises(ValueError, match=why):
+        plan_auto(AutoInput(2, 4, Costs.uniform(2), 1, cap=0.1))
+
+
+@pytest.mark.parametrize(
+    ("place_name", "p", "v"),
+    [("one", p, 1) for p in (1, 2, 3, 4)]
+    + [("rr", p, 2) for p in (2, 3)]
+    + [("v", p, 2) for p in (2, 3, 4)],
+)
+def test_list_schedules_are_valid_or_refuse(place_name: str, p: int, v: int) -> None:
+    """Every list schedule validates (strict dry run included) under every cap and policy;
+    with one stage per rank or the V it never stalls while one microbatch fits."""
+    S = p * v
+    place = v_shape(p, S) if place_name == "v" else round_robin(p, S)
+    f = [1.0 + 0.3 * s for s in range(S)]
+    costs = Costs(f, [2.0] * S, [1.2] * S, [0.7] * S, [0.4] * (S - 1))
+    for m, k, split, late_b, late_f in itertools.product(
+        (1, 3, 6), (1, 2, p, 2 * p), (True, False), (True, False), (True, False)
+    ):
+        cap = (float(k * v),) * p
+        policy = Policy(cap, split=split, late_backward=late_b, late_forward=late_f)
+        rows = list_schedule(place, m, costs, policy)
+        if rows is None:
+            assert place_name == "rr", "one stage per rank and the V never stall"
+            continue
+        sched = make_schedule("list", rows, place, m)
+        validate(sched)
+        held = max(peak_activation(sched)) * S  # in stage-microbatches
+        assert held <= k * v + 1e-9
+
+
+def test_zb2_is_the_list_scheduler_at_unit_costs() -> None:
+    rows = list_schedule(range(3), 5, Costs.uniform(3, 1.0, 2.0, w=1.0), Policy(cap=(5.0,) * 3))
+    assert rows is not None
+    assert [list(map(str, r)) for r in rows] == [
+        [str(a) for a in build_schedule("zb2", 3, 5).compute(r)] for r in range(3)
+    ]
+
+
+def test_planner_input_prices_exact_bytes_under_the_schedules_placement() -> None:
+    """ModelCosts.auto_input: memory is static bytes of the rank's stages + the memory
+    model's saved peak; auto's choice fits the byte cap."""
+    from splitgraph.config import load_config
+    from splitgraph.costs import Link, model_costs
+    from splitgraph.memory_model import plan_walk, predict_saved_peak
+
+    cfg = load_config(
+        [
+            "costs.times=flops",
+            "pipeline.microbatches=4",
+            "pipeline.memory_cap=1MiB",
+            "model.hidden=[32,32,32]",
+        ]
+    )
+    mc = model_costs(cfg, stages=2, link=Link(1e9))
+    bounds = [0, 1, 2, 3, 4]
+    inp = mc.auto_input(bounds, 2, split_overhead=1.2)
+    assert inp.virtual == 2 and inp.cap == [2.0**20, 2.0**20] and inp.unit == "bytes"
+    zbv = build_schedule("zbv", 2, 4, 2)
+    saved = predict_saved_peak(zbv, plan_walk(mc.shape, bounds, mc.sizes))
+    static = [mc.static_bytes(bounds[s], bounds[s + 1]) for s in range(4)]
+    want = [saved[0] + static[0] + static[3], saved[1] + static[1] + static[2]]
+    assert list(inp.peaks(zbv)) == want
+    assert inp.costs.compute(I, 0, 0) == pytest.approx(inp.costs.backward[0] / 2 * 1.2)
+    result = plan_auto(inp)
+    assert max(result.chosen.peak) <= 2**20
+
+
+def test_schedule_command_shows_why_auto_is_better(capsys: pytest.CaptureFixture[str]) -> None:
+    code = schedule_main(
+        [
+            "auto",
+            "pipeline.stages=2",
+            "pipeline.microbatches=4",
+            "schedule.virtual_stages=2",
+            "--cap",
+            "1",
+            "--no-picture",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "auto = zbv" in out and "vs auto" in out
+    for name in ("interleaved", "loopedbfs", "vhalf", "vmin"):
+        assert f"\n{name} " in out
+    assert schedule_main(["1f1b", "pipeline.stages=2", "--cap", "1", "--no-picture"]) == 2
+    assert "--cap is auto's memory cap" in capsys.readouterr().err
+
+
+def test_the_docstring_picture_auto_against_zb1() -> None:
+    costs = Costs.uniform(3, 1.0, 2.0, w=1.0, comm=1.0)
+    result = plan_auto(AutoInput(3, 5, costs, 1, cap=1.5))
+    assert result.best_fixed() is not None and result.best_fixed().name == "zb1"  # type: ignore[union-attr]
+    assert render_ascii(simulate(result.schedule, costs)).splitlines() == [
+        "rank 0 | F0 F1 F2 F3 .  .  .  .  .  I0 W0 I1 F4 I2 W1 I3 W2 W3 .  .  .  I4 W4",
+        "rank 1 | .  .  F0 F1 F2 F3 .  I0 W0 I1 W1 I2 W2 I3 F4 W3 .  .  .  I4 W4 .  .",
+        "rank 2 | .  .  .  .  F0 I0 F1 I1 F2 I2 F3 I3 W0 W1 W2 W3 F4 I4 W4 .  .  .  .",
+    ]
