@@ -108,10 +108,11 @@ def failing_worker(rank: int, world: int, fail_rank: int, steps: int) -> str:
 
 
 def stalled_worker(rank: int, world: int, stall_rank: int) -> str:
-    """`stall_rank` never starts its step; the others must give up at the group timeout."""
+    """`stall_rank` never starts its step; the others must give up at the group timeout
+    (runtime.timeout bounds the engine's channel groups: 3 s, as the test's process group)."""
     import time
 
-    cfg = load_config(TINY + ["pipeline.microbatches=2"])
+    cfg = load_config(TINY + ["pipeline.microbatches=2", "runtime.timeout=3"])
     engine = PipelineEngine(cfg, rank, world)
     x, y = _batch(cfg, torch.float32)
     if rank == stall_rank:
