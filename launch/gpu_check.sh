@@ -5,7 +5,7 @@
 # minutes of device time.
 #
 #   launch/gpu_wheels.sh            # first, here: hydra-core, omegaconf, antlr4 wheels in .whl/
-#   bash launch/gpu_check.sh        # there, through the device tool (README, "On a GPU"):
+#   bash launch/gpu_check.sh        # there, through the device tool (docs/gpus.md):
 #                                   #   carry [".whl"], timeout_s 570
 #
 # Steps, most telling first. Each runs under `timeout -k` for at most its own limit (times

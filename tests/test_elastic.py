@@ -107,7 +107,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tmp_path: Path
     """Rank 1 is SIGKILLed inside step 3 of the first attempt; torchrun restarts both ranks,
     which resume from the step-2 checkpoint and end with the weights of a run never killed.
     While it runs, every socket the ranks listen on is bound to loopback (torchrun's own
-    store is not ours to bind: see README)."""
+    store is not ours to bind: see docs/reliability.md, "Network")."""
     over = [*TINY, "train.steps=6", "checkpoint.every=2"]
     t0 = time.monotonic()
     proc = _torchrun(

@@ -79,7 +79,7 @@ def test_train_help(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
 
 
 def test_python_m_train_help() -> None:
-    """The form the README shows, in a fresh process."""
+    """The `python -m splitgraph.train` form (docs/configuration.md), in a fresh process."""
     proc = subprocess.run(
         [sys.executable, "-m", "splitgraph.train", "--help"],
         capture_output=True,

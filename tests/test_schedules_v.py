@@ -172,7 +172,7 @@ def test_schedule_path_is_only_for_csv() -> None:
 
 
 def test_listed_grid_is_what_the_readme_table_says() -> None:
-    """The README's schedule table quotes these (p = 4, m = 8, unit costs)."""
+    """The schedule tables (README, docs/schedules.md) quote these (p = 4, m = 8, unit costs)."""
     got = {}
     for name, v in itertools.chain(
         (("1f1b", 1), ("zb1", 1), ("zb2", 1)), (("zbv", 2), ("vhalf", 2), ("vmin", 2))

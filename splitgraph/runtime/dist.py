@@ -154,7 +154,7 @@ def pin_loopback(environ: Any = None) -> dict[str, str]:
     rank is on this host (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE) nothing needs to be, so
     GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME are set to the loopback interface unless the
     user set them. (torchrun's own TCPStore listens on every interface whatever its
-    --rdzv-endpoint says: torch offers no bind address; see README, "Hostile inputs".)
+    --rdzv-endpoint says: torch offers no bind address; see docs/reliability.md, "Hostile inputs".)
     """
     env = os.environ if environ is None else environ
     world = env.get("WORLD_SIZE")
