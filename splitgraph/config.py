@@ -96,7 +96,6 @@ class NanCheck(Enum):
 
 #: debug.fail_mode: how the injected fault of debug.fail_at_step shows itself (splitgraph/faults.py)
 FAIL_MODES = ("raise", "kill", "stall", "nan", "kill_in_save", "sigterm", "sigint")
-PARTITIONS = ("uniform", "params", "manual", "time", "memory", "optimal")
 
 
 @dataclass
@@ -575,10 +574,12 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
                 f"0..{chunks - 1}."
             )
     # partition
+    from splitgraph.partition import STRATEGIES
+
     strat = str(cfg.partition.strategy)
-    if strat not in PARTITIONS:
+    if strat not in STRATEGIES:
         errors.append(
-            f"partition.strategy={strat!r} is not a strategy{_suggest(strat, PARTITIONS)}"
+            f"partition.strategy={strat!r} is not a strategy{_suggest(strat, tuple(STRATEGIES))}"
         )
     bounds = cfg.partition.boundaries
     if strat == "manual":
