@@ -519,11 +519,14 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"train.batch_size={lo})."
         )
     errors += _pipeline_cost_problems(cfg, stages)
+    from splitgraph.partition import STRATEGIES
+
     costed = str(cfg.partition.strategy)
-    if costed in ("time", "memory", "optimal") and v > 1:
+    if costed in STRATEGIES and STRATEGIES[costed].costed and v > 1:
+        *rest, last = [n for n, spec in STRATEGIES.items() if not spec.costed]
         errors.append(
             f"partition={costed} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
-            "on each. Use partition=uniform, params or manual with virtual stages."
+            f"on each. Use partition={', '.join(rest)} or {last} with virtual stages."
         )
     if p.microbatches < 1:
         errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
@@ -574,8 +577,6 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
                 f"0..{chunks - 1}."
             )
     # partition
-    from splitgraph.partition import STRATEGIES
-
     strat = str(cfg.partition.strategy)
     if strat not in STRATEGIES:
         errors.append(

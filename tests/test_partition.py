@@ -113,3 +113,21 @@ def test_config_accepts_and_lists_exactly_the_registry() -> None:
         str(e.value)
     )
     assert f"partition={'|'.join(STRATEGIES)}\n" in usage.OVERRIDES
+
+
+def test_costed_strategies_refuse_virtual_stages_and_name_the_others() -> None:
+    """The cost model prices one stage per rank: the registry's costed strategies are
+    refused with two chunks per rank, and the message offers every one that is not."""
+    free = [n for n, s in STRATEGIES.items() if not s.costed]
+    offer = f"Use partition={', '.join(free[:-1])} or {free[-1]} with virtual stages."
+    chunked = ["schedule=interleaved", "schedule.virtual_stages=2", "pipeline.microbatches=4"]
+    for name, spec in STRATEGIES.items():
+        over = [f"partition={name}", *TINY, "model.hidden=[8,8,8,8,8]", *chunked]
+        if spec.user_cuts:
+            over.append("partition.boundaries=[1,2,3]")
+        if not spec.costed:
+            validate(load_config(over), 2)
+            continue
+        with pytest.raises(ConfigError, match="prices one stage per rank") as e:
+            validate(load_config(over), 2)
+        assert offer in str(e.value)
