@@ -96,7 +96,6 @@ class NanCheck(Enum):
 
 #: debug.fail_mode: how the injected fault of debug.fail_at_step shows itself (splitgraph/faults.py)
 FAIL_MODES = ("raise", "kill", "stall", "nan", "kill_in_save", "sigterm", "sigint")
-PARTITIONS = ("uniform", "params", "manual", "time", "memory", "optimal")
 
 
 @dataclass
@@ -520,11 +519,14 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"train.batch_size={lo})."
         )
     errors += _pipeline_cost_problems(cfg, stages)
+    from splitgraph.partition import STRATEGIES
+
     costed = str(cfg.partition.strategy)
-    if costed in ("time", "memory", "optimal") and v > 1:
+    if costed in STRATEGIES and STRATEGIES[costed].costed and v > 1:
+        *rest, last = [n for n, spec in STRATEGIES.items() if not spec.costed]
         errors.append(
             f"partition={costed} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
-            "on each. Use partition=uniform, params or manual with virtual stages."
+            f"on each. Use partition={', '.join(rest)} or {last} with virtual stages."
         )
     if p.microbatches < 1:
         errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
@@ -576,9 +578,9 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             )
     # partition
     strat = str(cfg.partition.strategy)
-    if strat not in PARTITIONS:
+    if strat not in STRATEGIES:
         errors.append(
-            f"partition.strategy={strat!r} is not a strategy{_suggest(strat, PARTITIONS)}"
+            f"partition.strategy={strat!r} is not a strategy{_suggest(strat, tuple(STRATEGIES))}"
         )
     bounds = cfg.partition.boundaries
     if strat == "manual":

@@ -16,6 +16,7 @@ from omegaconf import open_dict
 
 from splitgraph.costs import Link, model_costs
 from splitgraph.errors import PartitionError
+from splitgraph.partition import STRATEGIES as REGISTRY
 from splitgraph.partition import Plan, costed_bounds, layer_specs, make_plan
 from splitgraph.planner import Prediction, predict
 from splitgraph.units import format_bytes
@@ -24,7 +25,8 @@ from splitgraph.units import format_bytes
 SCHEDULES: tuple[str, ...] = ("naive", "gpipe", "1f1b", "zb1")
 #: Recomputation options searched (its memory rule: memory_model._apply).
 RECOMPUTE: tuple[bool, ...] = (False, True)
-STRATEGIES: tuple[str, ...] = ("uniform", "params", "time", "memory", "optimal")
+#: Strategies searched: every registered one but those that need the user's cut points.
+STRATEGIES: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if not s.user_cuts)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def _variant(cfg: Any, schedule: str, m: int, recompute: bool, strategy: str) ->
         c.schedule.name = schedule
         c.pipeline.microbatches = m
         c.partition.strategy = strategy
-        if strategy != "manual":
+        if not REGISTRY[strategy].user_cuts:
             c.partition.boundaries = None
         if recompute:
             c.schedule.recompute = True
@@ -87,8 +89,9 @@ def _variant(cfg: Any, schedule: str, m: int, recompute: bool, strategy: str) ->
 def search(cfg: Any, stages: int, link: Link, device: Any = "cpu") -> list[Candidate]:
     """Every candidate, best first."""
     strategies = list(STRATEGIES)
-    if str(cfg.partition.strategy) == "manual":
-        strategies.append("manual")
+    own = REGISTRY.get(str(cfg.partition.strategy))
+    if own is not None and own.user_cuts:  # the user's cut points: one more candidate
+        strategies.append(own.name)
     batch = int(cfg.train.batch_size)
     found: dict[tuple[Any, ...], Candidate] = {}
     for schedule in SCHEDULES:
@@ -102,7 +105,7 @@ def search(cfg: Any, stages: int, link: Link, device: Any = "cpu") -> list[Candi
                 for strategy in strategies:
                     c = _variant(cfg, schedule, m, recompute, strategy)
                     try:
-                        if strategy in ("time", "memory", "optimal"):
+                        if REGISTRY[strategy].costed:
                             bounds = costed_bounds(strategy, c, stages, costs, check=False)
                             plan = Plan(layer_specs(c), bounds, strategy, stages)
                         else:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 
+from splitgraph.partition import STRATEGIES  # imports no torch: --help stays quick
+
+_PARTITIONS = "|".join(STRATEGIES)
+
 #: The overrides a newcomer needs first; every key of the config is listed by `--cfg job`.
-OVERRIDES = """\
+OVERRIDES = f"""\
 common overrides (key=value, Hydra syntax; every key: python -m splitgraph.train --cfg job):
   model.hidden=[512,512,256]     hidden widths: len(hidden)+1 layers
   data=synthetic|digits|file     data.path=X.npz (or .pt) with data=file
-  partition=uniform|params|time|memory|optimal|manual
+  partition={_PARTITIONS}
                                  how layers are cut into stages (partition.boundaries=[2,5])
   schedule=1f1b|gpipe|zb1|interleaved|loopedbfs|naive
   pipeline.microbatches=8        microbatches per minibatch

@@ -28,12 +28,13 @@ def per_rank(cfg: Any, nproc: int) -> list[dict[str, Any]]:
     from splitgraph.config import recompute_stages
     from splitgraph.costs import model_costs
     from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
-    from splitgraph.partition import COSTED, make_plan
+    from splitgraph.partition import STRATEGIES, make_plan
     from splitgraph.schedule import build_schedule
 
     dp = max(int(cfg.parallel.dp), 1)
     pp = nproc // dp
-    timed = "times" in COSTED.get(str(cfg.partition.strategy), "")  # else no profiling
+    spec = STRATEGIES.get(str(cfg.partition.strategy))
+    timed = spec is not None and "times" in spec.costs  # else no profiling
     costs = model_costs(cfg, pp, times=timed)  # sizes: each replica's B/dp rows
     plan = make_plan(cfg, pp, costs)
     sched = build_schedule(

@@ -1,7 +1,20 @@
-"""Where to cut the graph: strategies -> `Plan`."""
+"""Where to cut the graph: a registered strategy -> `Plan`.
+
+Every strategy is registered in `STRATEGIES` with a one-line summary, what it reads from the
+cost model, and its split `(layers, stages, cfg, costs) -> bounds`. It is the one place that
+names them: `make_plan` dispatches through it, and `config.validate`, `--help`
+(splitgraph/usage.py), the planner's search and the compare harness read it, so a new
+strategy is plannable, accepted and listed once it is registered (and has its
+`conf/partition/<name>.yaml`; tests/test_partition.py checks both).
+
+This package imports no torch (plan.py reads the model's widths lazily), so `--help` and the
+registry stay cheap; the costed strategies import their cost model when they run.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from splitgraph.partition.plan import LayerSpec, Plan, layer_specs
@@ -10,31 +23,105 @@ from splitgraph.partition.strategies import balanced, manual, uniform
 if TYPE_CHECKING:
     from splitgraph.costs import ModelCosts
 
-__all__ = ["LayerSpec", "Plan", "balanced", "layer_specs", "make_plan", "manual", "uniform"]
+__all__ = [
+    "STRATEGIES",
+    "LayerSpec",
+    "Plan",
+    "StrategySpec",
+    "balanced",
+    "costed_bounds",
+    "layer_specs",
+    "make_plan",
+    "manual",
+    "uniform",
+]
+
+#: (layers, stages, cfg, cost model or None) -> cut points `(0, ..., len(layers))`
+Split = Callable[[tuple[LayerSpec, ...], int, Any, "ModelCosts | None"], tuple[int, ...]]
 
 
-#: Strategies that read the cost model (splitgraph/costs.py): name -> what they need.
-COSTED = {"time": "times", "memory": "memory", "optimal": "times+link"}
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    summary: str
+    split: Split
+    #: what it reads from the cost model (splitgraph/costs.py): "times" (per-layer times,
+    #: profiled or FLOP-priced), "memory" (bytes only, no profiling), "link" (the link,
+    #: measured when pipeline.bandwidth is unset); () reads no cost model
+    costs: tuple[str, ...] = ()
+    #: reads the user's cut points (partition.boundaries), so a search cannot try it alone
+    user_cuts: bool = False
+
+    @property
+    def costed(self) -> bool:
+        return bool(self.costs)
+
+
+def _uniform(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+    return uniform(len(layers), stages)
+
+
+def _params(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+    return balanced([layer.params for layer in layers], stages)
+
+
+def _manual(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+    return manual(cfg.partition.boundaries or [], len(layers), stages)
+
+
+def _time(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+    from splitgraph.partition.costed import time_bounds
+
+    return time_bounds(costs, stages)
+
+
+def _memory(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+    from splitgraph.partition.costed import memory_bounds
+
+    return memory_bounds(costs, stages)
+
+
+def _optimal(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+    from splitgraph.partition.costed import optimal_bounds
+
+    return optimal_bounds(costs, stages)
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    s.name: s
+    for s in (
+        StrategySpec("uniform", "equal layer counts", _uniform),
+        StrategySpec("params", "balanced parameter counts (exact min-max split)", _params),
+        StrategySpec(
+            "manual", "the user's cut points: partition.boundaries", _manual, user_cuts=True
+        ),
+        StrategySpec("time", "the fastest slowest stage (measured times)", _time, ("times",)),
+        StrategySpec("memory", "the smallest largest stage memory", _memory, ("memory",)),
+        StrategySpec(
+            "optimal",
+            "the fastest simulated step that fits the memory caps",
+            _optimal,
+            ("times", "link"),
+        ),
+    )
+}
 
 
 def make_plan(cfg: Any, num_ranks: int, costs: ModelCosts | None = None) -> Plan:
     """The plan for `cfg` on `num_ranks` ranks, `schedule.virtual_stages` stages per rank.
 
-    `time`, `memory` and `optimal` need the cost model; pass `costs` to reuse one (else it is
-    built here: `time`/`optimal` profile the layers, cached on disk)."""
+    A costed strategy (`time`, `memory`, `optimal`) reads the cost model; pass `costs` to
+    reuse one (else it is built here: `time`/`optimal` profile the layers, cached on disk)."""
     layers = layer_specs(cfg)
-    n, stages = len(layers), num_ranks * int(cfg.schedule.virtual_stages)
+    stages = num_ranks * int(cfg.schedule.virtual_stages)
     strategy = str(cfg.partition.strategy)
-    if strategy == "uniform":
-        bounds = uniform(n, stages)
-    elif strategy == "params":
-        bounds = balanced([layer.params for layer in layers], stages)
-    elif strategy == "manual":
-        bounds = manual(cfg.partition.boundaries or [], n, stages)
-    elif strategy in COSTED:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown partition strategy {strategy!r}")
+    spec = STRATEGIES[strategy]
+    if spec.costed:
         bounds = costed_bounds(strategy, cfg, stages, costs)
     else:
-        raise ValueError(f"unknown partition strategy {strategy!r}")
+        bounds = spec.split(layers, stages, cfg, None)
     return Plan(layers=layers, bounds=bounds, strategy=strategy, num_ranks=num_ranks)
 
 
@@ -43,18 +130,18 @@ def costed_bounds(
 ) -> tuple[int, ...]:
     """Bounds from a strategy that reads the cost model (splitgraph/partition/costed.py).
 
-    With a memory cap, `time` and `memory` refuse a split that exceeds it (`check=False`:
-    return it anyway, for a search that ranks it); `optimal` only returns splits that fit."""
+    With a memory cap, a split that exceeds it is refused (`check=False`: return it anyway,
+    for a search that ranks it); `optimal` only returns splits that fit."""
     from splitgraph.costs import link_from_config, model_costs
-    from splitgraph.partition.costed import check_fits, memory_bounds, optimal_bounds, time_bounds
+    from splitgraph.partition.costed import check_fits
 
+    spec = STRATEGIES[strategy]
+    if not spec.costed:
+        raise ValueError(f"partition strategy {strategy!r} reads no cost model")
     if costs is None:
-        need = COSTED[strategy]
-        link = None if "link" in need else link_from_config(cfg, measure=False)
-        costs = model_costs(cfg, stages, link=link, times="times" in need)
-    if strategy == "optimal":
-        return optimal_bounds(costs, stages)
-    bounds = memory_bounds(costs, stages) if strategy == "memory" else time_bounds(costs, stages)
+        link = None if "link" in spec.costs else link_from_config(cfg, measure=False)
+        costs = model_costs(cfg, stages, link=link, times="times" in spec.costs)
+    bounds = spec.split(layer_specs(cfg), stages, cfg, costs)
     if check:
         check_fits(costs, bounds)
     return bounds

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from splitgraph.model import layer_dims
-
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -28,6 +26,8 @@ class LayerSpec:
 
 
 def layer_specs(cfg: Any) -> tuple[LayerSpec, ...]:
+    from splitgraph.model import layer_dims  # here: the partition package imports no torch
+
     m = cfg.model if hasattr(cfg, "model") else cfg
     dims = layer_dims(m)
     return tuple(LayerSpec(i, dims[i], dims[i + 1], bool(m.bias)) for i in range(len(dims) - 1))
