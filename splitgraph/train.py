@@ -122,7 +122,11 @@ def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> di
     try:  # the data file's header and the model's bytes, before either is allocated
         preflight.check_launch(cfg, layout, plan, node, preflight.node_devices(cfg, len(node)))
     except OutOfMemory as e:
-        raise _out_of_memory(e, cfg, env, torch.device("cpu"), 0) from None
+        # Every rank reaches this verdict alone and exits; torchrun may stop rank 0 before it
+        # writes summary.json, so each rank leaves the record the harness reads (atomically).
+        memcap.write_oom(Path(cfg.run_dir), e)
+        phase = "before any parameter is allocated"
+        raise _out_of_memory(e, cfg, env, torch.device("cpu"), phase) from None
     _, pp_rank = layout.coords(env.rank)
     needs_data = pp_rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
     dataset = load_dataset(cfg) if needs_data else None

@@ -218,6 +218,27 @@ def test_an_oversize_model_is_refused_before_any_parameter_exists(
         train.run(cfg)
 
 
+def test_every_rank_leaves_the_oom_record_the_harness_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank refuses alone, before any process group; torchrun may stop rank 0 before it
+    writes summary.json (a flaky 'failed' in the compare harness), so rank 1 leaves the record
+    too, and the harness reads the run as "oom" from it alone."""
+    from splitgraph.compare import runner
+    from splitgraph.runtime.dist import DistEnv
+
+    monkeypatch.setattr(preflight, "machine_memory", lambda: 24 * 2**30)
+    run_dir = tmp_path / "r1"
+    over = ["model.hidden=[64,64]", "pipeline.memory_cap=64KiB", f"run_dir={run_dir}"]
+    cfg = load_config([*over, "train.steps=1"])
+    with pytest.raises(OutOfMemory, match=r"pipeline\.memory_cap is 65,536 bytes"):
+        train.run(cfg, DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2))
+    assert not (run_dir / "summary.json").exists()  # rank 1 never writes it
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith("oom_")] == ["oom_rank0.json"]
+    outcome = runner.read(run_dir, 3)
+    assert outcome.status == "oom" and (outcome.needed_bytes or 0) > 65536
+
+
 # -- splitgraph-check and launch/train.sh --------------------------------------------------
 
 

@@ -26,6 +26,7 @@ allocated plus the request it refused.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -241,5 +242,9 @@ def write_oom(run_dir: Path, err: OutOfMemory) -> Path:
     """What the harness reads when the rank that ran out could not reach rank 0 (GPU)."""
     path = Path(run_dir) / f"oom_rank{err.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(err.to_dict(), indent=2) + "\n")
+    # several ranks may write the same verdict, and torchrun may stop one mid-write: a file
+    # of this process's own, renamed into place, is never seen half-written
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(err.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
     return path
