@@ -1,4 +1,4 @@
-# make demo: set up and run the default job (2 ranks, CPU/gloo, synthetic data, ~20 s)
+# make demo: set up and run the default job (2 ranks, CPU/gloo, synthetic data, ~30 s)
 # make test: set up and run the test suite (the command CI runs)
 # make compat: the distributed core on torch 2.11 and 2.14.1, each in its own venv (CI runs it too)
 VENV  ?= .venv
