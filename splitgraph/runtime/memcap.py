@@ -239,7 +239,8 @@ def from_cuda_oom(
 
 
 def write_oom(run_dir: Path, err: OutOfMemory) -> Path:
-    """What the harness reads when the rank that ran out could not reach rank 0 (GPU)."""
+    """What the harness reads when rank 0 may not write summary.json: the rank that ran out
+    on a GPU, or every rank refusing alone before the process group (named for the rank over)."""
     path = Path(run_dir) / f"oom_rank{err.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     # several ranks may write the same verdict, and torchrun may stop one mid-write: a file
