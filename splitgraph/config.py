@@ -234,7 +234,7 @@ class TraceConfig:
 
 @dataclass
 class CostsConfig:
-    """Where the planner's per-layer times come from (splitgraph/costs.py, profiler.py)."""
+    """Where the planner's per-layer times come from (splitgraph/cost/costs.py, profiler.py)."""
 
     times: TimeSource = TimeSource.measured
     flops_per_s: float = 1e10  # times=flops only
@@ -748,7 +748,7 @@ def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
 
 
 def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
-    """The planner's inputs: devices, link and profiling settings (splitgraph/costs.py)."""
+    """The planner's inputs: devices, link and profiling settings (splitgraph/cost/costs.py)."""
     errors: list[str] = []
     p, c = cfg.pipeline, cfg.costs
     if p.devices is not None:

@@ -192,8 +192,8 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
 def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     """Every global rank's accounted bytes, from the plan alone: what
     `memcap.accounting(engine, cap, measured=False)` will say once the model exists."""
+    from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.data import microbatch_sizes
-    from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.runtime.dist import torch_dtype
     from splitgraph.runtime.memcap import cap_bytes, optimizer_bytes_for
     from splitgraph.schedule import build_schedule

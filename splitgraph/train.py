@@ -63,7 +63,7 @@ from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.faults import Fault, restart_attempt
 from splitgraph.partition import make_plan
-from splitgraph.prediction_check import compare, measure_link, shared_plan
+from splitgraph.planner.check import compare, measure_link, shared_plan
 from splitgraph.runtime import memcap
 from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
 from splitgraph.runtime.engine import PipelineEngine

@@ -134,7 +134,7 @@ def link_worker(rank: int, world: int, transports: list[str]) -> list[dict[str, 
     the engine's own transport can move its tensors (NCCL refuses CPU tensors; gloo CUDA ones,
     hence staging), so the measurement must go through `engine.p2p`: every tensor it carries
     is recorded."""
-    from splitgraph.prediction_check import measure_link
+    from splitgraph.planner.check import measure_link
 
     out = []
     for transport in transports:

@@ -9,10 +9,10 @@ import random
 import pytest
 
 from splitgraph.config import Activation, Task, load_config, validate
-from splitgraph.costs import Device, Link, ModelCosts, flops, model_costs, optimizer_slots
+from splitgraph.cost.costs import Device, Link, ModelCosts, flops, model_costs, optimizer_slots
+from splitgraph.cost.memory_model import ModelShape
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import ConfigError, PartitionError
-from splitgraph.memory_model import ModelShape
 from splitgraph.partition import make_plan
 from splitgraph.partition.costed import (
     fits,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from splitgraph.cli import check_main
-from splitgraph.plan_cmd import main as plan_main
+from splitgraph.planner.cli import main as plan_main
 from splitgraph.schedule.cli import main as schedule_main
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {

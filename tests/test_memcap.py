@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitgraph import memory_model, train
+from splitgraph import train
 from splitgraph.compare import predict
 from splitgraph.config import load_config
+from splitgraph.cost import memory_model
 from splitgraph.errors import ConfigError, OutOfMemory
 from splitgraph.runtime import memcap
 from splitgraph.runtime.engine import PipelineEngine

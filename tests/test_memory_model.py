@@ -16,13 +16,13 @@ import torch
 from omegaconf import OmegaConf
 
 from splitgraph.config import Activation, Task, load_config, recompute_stages
-from splitgraph.data import microbatch_sizes
-from splitgraph.memory_model import (
+from splitgraph.cost.memory_model import (
     ModelShape,
     predict_for_plan,
     stage_saved,
     stage_saved_bytes,
 )
+from splitgraph.data import microbatch_sizes
 from splitgraph.partition import make_plan
 from splitgraph.runtime.dist import torch_dtype
 from splitgraph.runtime.spawn import run_ranks
@@ -149,7 +149,7 @@ def test_prediction_equals_the_meter_with_two_chunks_per_rank(case: dict[str, An
 
 
 def test_bf16_autocast_is_measured_not_predicted() -> None:
-    from splitgraph.memory_model import predictable
+    from splitgraph.cost.memory_model import predictable
 
     assert predictable(load_config(["runtime.dtype=float32"]))
     assert not predictable(load_config(["runtime.dtype=bfloat16"]))
@@ -204,7 +204,7 @@ def test_hand_counts_per_op() -> None:
 def test_a_tensor_shared_by_two_stages_on_one_rank_counts_once() -> None:
     """Stage s-1's ReLU output is stage s's input when both live on one rank (handed over
     without a copy): the walk counts it once, as the meter's dedup does."""
-    from splitgraph.memory_model import plan_walk, predict_saved_peak
+    from splitgraph.cost.memory_model import plan_walk, predict_saved_peak
     from splitgraph.schedule.ir import Action, B, F, make_schedule
 
     shape = ModelShape((6, 5, 4), Activation.relu, Task.classification, 8)

@@ -10,7 +10,7 @@ import pytest
 from splitgraph.config import load_config
 from splitgraph.partition import make_plan
 from splitgraph.partition.draw import layout
-from splitgraph.plan_cmd import main
+from splitgraph.planner.cli import main
 
 UNBALANCED = [
     "model.hidden=[4096,256,256,256,2048]",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitgraph import profiler
 from splitgraph.config import load_config
-from splitgraph.costs import link_from_config, model_costs
+from splitgraph.cost import profiler
+from splitgraph.cost.costs import link_from_config, model_costs
 
 SMALL = ["model.hidden=[32,16]", "data.features=8", "data.outputs=4", "costs.repeats=3"]
 

@@ -57,7 +57,7 @@ def prepare(out: Path) -> list[str]:
     import torch
 
     from splitgraph.config import load_config
-    from splitgraph.costs import link_from_config, model_costs
+    from splitgraph.cost.costs import link_from_config, model_costs
 
     torch.set_num_threads(1)
     # the fastest of 25 timings per layer: on a shared machine the median measures the load
@@ -220,10 +220,10 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def predicted_elsewhere(shared: list[str]) -> list[dict[str, Any]]:
     """What the model predicts for settings this 2-core machine cannot measure."""
     from splitgraph.config import load_config
-    from splitgraph.costs import model_costs
+    from splitgraph.cost.costs import model_costs
     from splitgraph.errors import PartitionError
     from splitgraph.partition import make_plan
-    from splitgraph.planner import predict
+    from splitgraph.planner.predict import predict
 
     settings = [
         ("2 stages (the measured setting)", 2, []),
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     side_by_side = paired(shared, plans, args.rounds)
     for name, a in agg.items():
         a["paired"] = side_by_side[name]
-    from splitgraph.plan_cmd import main as plan_main
+    from splitgraph.planner.cli import main as plan_main
 
     plan_main(["--nproc", "2", *MODEL, *shared, "partition=optimal", "--out", str(out / "plan")])
     result = {

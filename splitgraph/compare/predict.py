@@ -26,8 +26,8 @@ PARTS = ("params", "grads", "optimizer", "allreduce_buckets", "saved_peak", "tot
 def per_rank(cfg: Any, nproc: int) -> list[dict[str, Any]]:
     """The accounting every global rank of this training config will report, predicted."""
     from splitgraph.config import recompute_stages
-    from splitgraph.costs import model_costs
-    from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.partition import STRATEGIES, make_plan
     from splitgraph.schedule import build_schedule
 

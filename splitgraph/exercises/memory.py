@@ -13,7 +13,7 @@ Prediction (inference) keeps the parameters and nothing for a backward pass: run
                           (GPipe: all m; 1F1B: min(p - i, m) on stage i)
 
 The first three are exact formulas (`predict_state`). Saved activations are predicted by the
-memory model (`predict_saved`, from splitgraph/memory_model.py); `run` takes any function
+memory model (`predict_saved`, from splitgraph/cost/memory_model.py); `run` takes any function
 `(cfg, plan, schedule, sizes) -> bytes per stage` as `predict_saved`, and prints `n/a` without.
 
 Measured: for each schedule, one launch of `nproc` ranks (`run_ranks`, gloo) runs one training
@@ -49,7 +49,7 @@ ONE_STAGE_PER_RANK = tuple(name for name, spec in SCHEDULES.items() if not spec.
 def predict_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: Sequence[int]) -> list[int]:
     """The memory model's saved-activation peak per stage (one stage per rank here)."""
     from splitgraph.config import recompute_stages
-    from splitgraph.memory_model import ModelShape, predict_for_plan
+    from splitgraph.cost.memory_model import ModelShape, predict_for_plan
 
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
     recompute = recompute_stages(cfg, plan.num_stages)
@@ -324,7 +324,7 @@ def render(result: MemoryResult) -> str:
     lines.append(
         "training  = parameters + gradients + optimizer state + peak saved activations; "
         + (
-            "saved activations predicted by splitgraph.memory_model"
+            "saved activations predicted by splitgraph.cost.memory_model"
             if predicted
             else "saved activations not predicted (n/a)"
         )

@@ -21,7 +21,7 @@ from splitgraph.partition.plan import LayerSpec, Plan, layer_specs
 from splitgraph.partition.strategies import balanced, manual, uniform
 
 if TYPE_CHECKING:
-    from splitgraph.costs import ModelCosts
+    from splitgraph.cost.costs import ModelCosts
 
 __all__ = [
     "STRATEGIES",
@@ -45,7 +45,7 @@ class StrategySpec:
     name: str
     summary: str
     split: Split
-    #: what it reads from the cost model (splitgraph/costs.py): "times" (per-layer times,
+    #: what it reads from the cost model (splitgraph/cost/costs.py): "times" (per-layer times,
     #: profiled or FLOP-priced), "memory" (bytes only, no profiling), "link" (the link,
     #: measured when pipeline.bandwidth is unset); () reads no cost model
     costs: tuple[str, ...] = ()
@@ -132,7 +132,7 @@ def costed_bounds(
 
     With a memory cap, a split that exceeds it is refused (`check=False`: return it anyway,
     for a search that ranks it); `optimal` only returns splits that fit."""
-    from splitgraph.costs import link_from_config, model_costs
+    from splitgraph.cost.costs import link_from_config, model_costs
     from splitgraph.partition.costed import check_fits
 
     spec = STRATEGIES[strategy]

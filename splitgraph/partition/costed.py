@@ -27,7 +27,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from splitgraph.costs import ModelCosts
+from splitgraph.cost.costs import ModelCosts
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import PartitionError
 from splitgraph.partition.steptime import StepTimer

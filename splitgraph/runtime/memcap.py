@@ -10,7 +10,7 @@ parallelism (parallel.dp > 1) each rank also holds its gradients flattened into 
 buckets while they are summed (runtime/gradsync.py): a second copy of its gradients. Before the
 first step the parameter, gradient, optimizer and bucket bytes are known (the same arithmetic
 as the planner's `ModelCosts.static_bytes`) and the saved-activation peak
-is predicted by the memory model (`splitgraph.memory_model`, exact except under bf16
+is predicted by the memory model (`splitgraph.cost.memory_model`, exact except under bf16
 autocast), so a run that cannot fit stops before it allocates a single activation; after the
 first step the peak is measured (every step has the same shapes, so the first step's peak is
 every step's) and checked again. Every rank checks every rank's figures at both points (one
@@ -77,7 +77,7 @@ def predicted_saved_peak(engine: Any) -> int | None:
     """The memory model's saved-activation peak for this rank's actions (None under bf16
     autocast, where it is not exact)."""
     from splitgraph.config import recompute_stages
-    from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
+    from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
 
     if not predictable(engine.cfg):
         return None

@@ -9,7 +9,7 @@ stage and the predicted step, writes `plan.json` and `plan.png` (the partitioned
 `--out` (default outputs/plan). `search=true` also ranks schedule x microbatches x
 recomputation x strategy under the memory cap and prints the best `--top` (default 5).
 
-Layer times are measured here (cached; see splitgraph/profiler.py) with the thread count
+Layer times are measured here (cached; see splitgraph/cost/profiler.py) with the thread count
 training uses: runtime.threads, else OMP_NUM_THREADS, else 1 (as launch/train.sh).
 """
 
@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
 
     from splitgraph.config import load_config, validate
-    from splitgraph.costs import link_from_config, model_costs
+    from splitgraph.cost.costs import link_from_config, model_costs
     from splitgraph.partition import make_plan
     from splitgraph.partition.draw import draw_graph
-    from splitgraph.planner import predict
+    from splitgraph.planner.predict import predict
 
     try:
         cfg = load_config(args)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         result = prediction.to_dict()
         print(prediction.table())
         if do_search:
-            from splitgraph import search
+            from splitgraph.planner import search
 
             ranked = search.search(cfg, nproc, link)
             print(f"\nsearch: {len(ranked)} candidates, best first")

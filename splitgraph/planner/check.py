@@ -43,11 +43,11 @@ def measure_link(cfg: Any, engine: Any) -> Any:
     engine's device, on its backend and channel groups (activations 0 -> 1, gradients back),
     staged through host memory when ranks share a GPU. An NCCL group cannot send the CPU
     tensors a plain `dist.send` would use, and a gloo group cannot send CUDA ones."""
-    from splitgraph.costs import Link, link_from_config
+    from splitgraph.cost.costs import Link, link_from_config
 
     if cfg.pipeline.bandwidth is not None or engine.world_size == 1:
         return link_from_config(cfg, measure=False)
-    from splitgraph.profiler import ping_pong
+    from splitgraph.cost.profiler import ping_pong
 
     # Replica 0's first two pipeline ranks (global ranks 0 and 1) measure; the rest wait.
     first = engine.dp_rank == 0 and engine.rank < 2
@@ -103,8 +103,8 @@ def compare(
 ) -> dict[str, Any]:
     """Rank 0: the prediction for this run's plan, set against what the run measured."""
     from splitgraph.config import recompute_stages
-    from splitgraph.costs import model_costs
-    from splitgraph.memory_model import ModelShape, predict_for_plan, predictable
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
 
     plan, sched, sizes = engine.plan, engine.schedule, engine.sizes
     # replica 0's ranks are the pipeline's ranks 0..pp-1 (the replicas measure the same)
@@ -132,7 +132,7 @@ def compare(
     if plan.num_stages != plan.num_ranks:
         out["times"] = "not predicted: the cost model prices one stage per rank"
         return out
-    from splitgraph.planner import predict
+    from splitgraph.planner.predict import predict
 
     costs = model_costs(cfg, plan.num_stages, link=link, device=engine.device)
     pred = predict(plan, costs)

@@ -227,7 +227,7 @@ def _link_worker(rank: int, world: int) -> dict[str, float] | None:
 
 def measured_link(cfg: Any) -> Any:
     """This host's gloo loopback (two spawned processes), measured once and cached."""
-    from splitgraph.costs import Link
+    from splitgraph.cost.costs import Link
     from splitgraph.runtime.spawn import run_ranks
 
     key = f"link|gloo|{platform.node()}|torch {torch.__version__}"

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from splitgraph.config import OptimName, TimeSource, num_stages, recompute_stages
+from splitgraph.cost.memory_model import ModelShape, Walk, predict_for_plan, predict_saved_peak
 from splitgraph.data import microbatch_sizes
-from splitgraph.memory_model import ModelShape, Walk, predict_for_plan, predict_saved_peak
 from splitgraph.partition.plan import LayerSpec, layer_specs
 from splitgraph.runtime.dist import torch_dtype
 from splitgraph.schedule import Costs, Schedule, build_schedule
@@ -184,7 +184,7 @@ class ModelCosts:
         The profiler measures B, not I and W: each is priced at B/2 x `split_overhead` (the
         measured I+W over B, 1.17-1.60 on the small default model, results/schedules/).
         Returns a schedule.auto.AutoInput; `plan_auto(...)` builds the schedule."""
-        from splitgraph.memory_model import plan_walk
+        from splitgraph.cost.memory_model import plan_walk
         from splitgraph.schedule.auto import AutoInput
 
         stages = len(bounds) - 1
@@ -233,7 +233,7 @@ def link_from_config(cfg: Any, measure: bool = True) -> Link:
         return Link(float(parse_bytes(p.bandwidth)), float(p.latency or 0.0), "configured")
     if not measure:
         return Link(float("inf"), float(p.latency or 0.0), "none (pipeline.bandwidth unset)")
-    from splitgraph.profiler import measured_link
+    from splitgraph.cost.profiler import measured_link
 
     link = measured_link(cfg)
     if p.latency is not None:
@@ -268,7 +268,7 @@ def model_costs(
         fwd = tuple(f / rate for f, _ in pairs)
         bwd = tuple(b / rate for _, b in pairs)
     else:
-        from splitgraph.profiler import profile_layers
+        from splitgraph.cost.profiler import profile_layers
 
         times = profile_layers(cfg, sizes[0], dtype, torch.device(device))
         fwd = tuple(t[0] for t in times)

@@ -8,7 +8,7 @@
         the step: the simulator's step time and bubble for the chosen schedule.
 
 `splitgraph-plan` prints it and writes it as plan.json; training compares it with what it
-measured (splitgraph/prediction_check.py).
+measured (splitgraph/planner/check.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from splitgraph.costs import ModelCosts, predicted_saved_peaks
+from splitgraph.cost.costs import ModelCosts, predicted_saved_peaks
 from splitgraph.partition import Plan
 from splitgraph.schedule import simulate
 from splitgraph.units import format_bytes

@@ -14,11 +14,11 @@ from typing import Any
 
 from omegaconf import open_dict
 
-from splitgraph.costs import Link, model_costs
+from splitgraph.cost.costs import Link, model_costs
 from splitgraph.errors import PartitionError
 from splitgraph.partition import STRATEGIES as REGISTRY
 from splitgraph.partition import Plan, costed_bounds, layer_specs, make_plan
-from splitgraph.planner import Prediction, predict
+from splitgraph.planner.predict import Prediction, predict
 from splitgraph.units import format_bytes
 
 #: Schedules searched (one stage per rank: the cost model prices a stage alone).
