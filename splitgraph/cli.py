@@ -14,7 +14,7 @@ def check_main(argv: list[str] | None = None) -> int:
     Composes the config exactly as `splitgraph.train` would (reading data.features and
     data.outputs from a data file that leaves them null), runs `validate` for N ranks, builds
     the plan and the schedule (which validates it), prices every rank's memory and the data
-    against the cap and this machine (splitgraph/preflight.py; L ranks on this machine,
+    against the cap and this machine (splitgraph/reliability/preflight.py; L ranks on this machine,
     default N), reads the data file and checks every value, and prints what it found. Exit 0
     if the launch would start, 2 with the reasons if not, 3 if it cannot fit in memory.
     launch/*.sh run it before torchrun.
@@ -54,11 +54,11 @@ def check_main(argv: list[str] | None = None) -> int:
     per_node = nproc if ns.nproc_per_node is None else min(int(ns.nproc_per_node), nproc)
     from hydra.errors import HydraException
 
-    from splitgraph import preflight
     from splitgraph.config import load_config, validate
     from splitgraph.data import load_dataset, microbatch_sizes
     from splitgraph.errors import OutOfMemory
     from splitgraph.partition import make_plan
+    from splitgraph.reliability import preflight
     from splitgraph.runtime.mesh import layout_of
     from splitgraph.schedule import build_schedule
 

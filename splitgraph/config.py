@@ -88,13 +88,14 @@ class TimeSource(Enum):
 
 
 class NanCheck(Enum):
-    """Where the numerical guard looks for non-finite values (runtime/guard.py)."""
+    """Where the numerical guard looks for non-finite values (reliability/guard.py)."""
 
     step = "step"  # losses and parameter gradients each step; a failure replays the step
     microbatch = "microbatch"  # every activation, loss and gradient of every microbatch
 
 
-#: debug.fail_mode: how the injected fault of debug.fail_at_step shows itself (splitgraph/faults.py)
+#: debug.fail_mode: how the injected fault of debug.fail_at_step shows itself
+#: (splitgraph/reliability/faults.py)
 FAIL_MODES = ("raise", "kill", "stall", "nan", "kill_in_save", "sigterm", "sigint")
 
 
@@ -128,7 +129,7 @@ class DataConfig:
     # standardize with the training split's per-column mean and std: auto, none, inputs, all
     standardize: Standardize = Standardize.auto
     # most memory loading the data may take on one node, all its loading ranks together
-    # (e.g. "8GiB"); null: half of this machine's memory (splitgraph/preflight.py)
+    # (e.g. "8GiB"); null: half of this machine's memory (splitgraph/reliability/preflight.py)
     max_memory: str | None = None
 
 
@@ -220,7 +221,7 @@ class RuntimeConfig:
     tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs (float32 runs)
     nvml_interval: float = 0.2  # seconds between NVML samples on GPU (0: off)
     hang_timeout: float | None = None  # seconds without a finished action; None: timeout / 2
-    nan_check: NanCheck = NanCheck.step  # numerical guard granularity (runtime/guard.py)
+    nan_check: NanCheck = NanCheck.step  # numerical guard granularity (reliability/guard.py)
 
 
 @dataclass
@@ -249,7 +250,8 @@ class CostsConfig:
 class CheckpointConfig:
     init_from: str | None = None  # a model.pt written by a run (any partition)
     save: bool = True  # write the consolidated model.pt at the end
-    # Training checkpoints (splitgraph/checkpoint.py): torch.distributed.checkpoint, global names.
+    # Training checkpoints (splitgraph/reliability/checkpoint.py): torch.distributed.checkpoint,
+    # global names.
     dir: str = "${run_dir}/checkpoints"  # stable across torchrun restarts (same run dir)
     every: int | None = 100  # steps between checkpoints (and one at the end); null: none
     keep: int = 2  # newest checkpoints kept; older ones are deleted after a save commits

@@ -526,7 +526,7 @@ def fill_shape_from_file(cfg: Any) -> str | None:
         return None
     if d.features is not None and d.outputs is not None:
         return None
-    from splitgraph.preflight import bound_name, data_limit
+    from splitgraph.reliability.preflight import bound_name, data_limit
 
     task = Task(cfg.model.task)
     path = Path(str(d.path))
@@ -577,7 +577,7 @@ def load_dataset(cfg: Any) -> Dataset:
     task = Task(cfg.model.task)
     dtype = data_dtype(cfg)
     if name == DataName.file:
-        from splitgraph.preflight import bound_name, data_limit
+        from splitgraph.reliability.preflight import bound_name, data_limit
 
         ds = from_file(cfg.data, task, dtype, data_limit(cfg), bound_name(cfg))
     else:

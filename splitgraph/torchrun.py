@@ -7,7 +7,7 @@ On SIGINT or SIGTERM, torchrun forwards the signal to every worker, waits for th
 (`--shutdown-timeout`, default 30 s) and then dies of its own `SignalException`: three
 warnings and a 24-line traceback after the workers' own stop line, exit status 1, whatever
 the workers did. The workers here finish their step, commit a checkpoint and exit with
-EXIT_STOPPED (runtime/signals.py), and each writes its stop line into a file this launcher
+EXIT_STOPPED (reliability/signals.py), and each writes its stop line into a file this launcher
 names (SPLITGRAPH_STOP_FILE, per node). This launcher then drops torchrun's shutdown
 warnings and traceback and exits with EXIT_STOPPED when the workers stopped cleanly, else
 with 128 + the signal number (they stopped at once, or never started). The same applies when
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from splitgraph.runtime.signals import EXIT_STOPPED, STOP_FILE_ENV
+from splitgraph.reliability.signals import EXIT_STOPPED, STOP_FILE_ENV
 
 #: torchrun's log lines about a shutdown that the workers' own stop line already explains
 _QUIET = ("Received %s death signal, shutting down workers", "Sending process %s closing signal")

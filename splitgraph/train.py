@@ -56,32 +56,31 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from splitgraph import checkpoint, preflight, runlock
 from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
-from splitgraph.faults import Fault, restart_attempt
 from splitgraph.partition import make_plan
 from splitgraph.planner.check import compare, measure_link, shared_plan
-from splitgraph.runtime import memcap
-from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
-from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.executor import InjectedFault
-from splitgraph.runtime.guard import FiniteGuard, raise_if_any
-from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
-from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
-from splitgraph.runtime.nvml import NvmlSampler
-from splitgraph.runtime.signals import (
+from splitgraph.reliability import checkpoint, memcap, preflight, runlock
+from splitgraph.reliability.faults import Fault, restart_attempt
+from splitgraph.reliability.guard import FiniteGuard, raise_if_any
+from splitgraph.reliability.signals import (
     EXIT_STOPPED,
     Stopped,
     StopSignals,
     exit_at_once_while_starting,
     write_stop_file,
 )
+from splitgraph.reliability.watchdog import Watchdog, default_store
+from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
+from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.runtime.executor import InjectedFault
+from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
+from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
+from splitgraph.runtime.nvml import NvmlSampler
 from splitgraph.runtime.stepsum import StepSum
 from splitgraph.runtime.trace import TraceWindow, make_tracer
-from splitgraph.runtime.watchdog import Watchdog, default_store
 
 log = logging.getLogger("splitgraph")
 

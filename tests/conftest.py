@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from splitgraph import checkpoint, train
+from splitgraph import train
 from splitgraph.config import load_config
 from splitgraph.errors import RankFailure
+from splitgraph.reliability import checkpoint
 from splitgraph.runtime.dist import DistEnv
 from splitgraph.runtime.spawn import run_ranks
 from tests.fault_workers import TINY, cases

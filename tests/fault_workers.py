@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from splitgraph import checkpoint, train
+from splitgraph import train
 from splitgraph.config import load_config
 from splitgraph.errors import SplitgraphError
 from splitgraph.partition import make_plan
+from splitgraph.reliability import checkpoint
 from splitgraph.runtime.dist import DistEnv
 from splitgraph.runtime.engine import PipelineEngine
 from tests import workers
@@ -111,7 +112,7 @@ def cases(rank: int, world: int, items: list[tuple[str, list[str], str | None]])
 def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
     """One step in which stage 1's backward of microbatch 1 sends back a NaN gradient."""
     from splitgraph.data import BatchOrder, load_dataset
-    from splitgraph.runtime.guard import FiniteGuard, raise_if_any
+    from splitgraph.reliability.guard import FiniteGuard, raise_if_any
 
     cfg = load_config(TINY + overrides)
     engine = PipelineEngine(cfg, rank, world)

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from splitgraph import checkpoint
 from splitgraph.config import load_config, validate
 from splitgraph.errors import CheckpointError, ConfigError
-from splitgraph.safeload import load_tensor_dict, read_metadata
+from splitgraph.reliability import checkpoint
+from splitgraph.reliability.safeload import load_tensor_dict, read_metadata
 from tests.conftest import assert_resumed, single_run
 from tests.fault_workers import TINY
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from splitgraph import checkpoint
 from splitgraph.errors import NonFiniteError
-from splitgraph.runtime.guard import describe, first_event
+from splitgraph.reliability import checkpoint
+from splitgraph.reliability.guard import describe, first_event
 from tests.conftest import single_run
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from splitgraph import checkpoint
 from splitgraph.config import load_config
 from splitgraph.errors import CheckpointError
+from splitgraph.reliability import checkpoint
 from tests.conftest import assert_resumed, single_run
 from tests.fault_workers import TINY
 

@@ -13,7 +13,7 @@ from splitgraph.compare import predict
 from splitgraph.config import load_config
 from splitgraph.cost import memory_model
 from splitgraph.errors import ConfigError, OutOfMemory
-from splitgraph.runtime import memcap
+from splitgraph.reliability import memcap
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.spawn import run_ranks
 from tests.cap_workers import read_summary, train_cases
@@ -134,7 +134,7 @@ def test_single_process_stops_before_or_after_the_first_step(
         assert summary["needed_bytes"] == rec["total"]
         return rec
 
-    # priced from the plan (splitgraph/preflight.py): stopped before any parameter exists ...
+    # priced from the plan (splitgraph/reliability/preflight.py): stopped before any parameter exists ...
     static = stop("static", 30_000, "before any parameter is allocated")
     assert static["saved_peak"] > 0 and static["saved_peak_source"] == "predicted"
     # ... activations predicted by the memory model: stopped before any is allocated ...

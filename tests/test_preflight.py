@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from splitgraph import preflight, train
+from splitgraph import train
 from splitgraph.cli import check_main
 from splitgraph.config import load_config
 from splitgraph.data import load_dataset
 from splitgraph.datafile import read_header
 from splitgraph.errors import DataError, OutOfMemory
 from splitgraph.partition import make_plan
-from splitgraph.runtime import memcap
+from splitgraph.reliability import memcap, preflight
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.mesh import layout_of
 from tests.test_e2e import REPO, launch_script

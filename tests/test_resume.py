@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from splitgraph import checkpoint
 from splitgraph.config import load_config
+from splitgraph.reliability import checkpoint
 from tests.conftest import OPTIMS, assert_resumed, single_run, step3
 from tests.fault_workers import TINY
 from tests.reference import weights_rel_err

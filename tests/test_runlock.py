@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph import runlock
 from splitgraph.errors import RunDirError
+from splitgraph.reliability import runlock
 from tests.conftest import single_run
 
 

@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 import torch
 
-from splitgraph import checkpoint, runlock
-from splitgraph.runtime import signals
-from splitgraph.runtime.signals import EXIT_STOPPED, StopSignals
+from splitgraph.reliability import checkpoint, runlock, signals
+from splitgraph.reliability.signals import EXIT_STOPPED, StopSignals
 from tests.conftest import assert_resumed, single_run
 from tests.fault_workers import TINY
 from tests.reference import weights_rel_err
@@ -99,7 +98,7 @@ def test_the_handlers_are_installed_for_the_block_only() -> None:
 _BLOCKED = textwrap.dedent(
     """
     import os, signal, socket, sys, threading, time
-    from splitgraph.runtime.signals import StopSignals
+    from splitgraph.reliability.signals import StopSignals
     s = StopSignals(rank=0, on_abort=lambda: print("released", file=sys.stderr, flush=True))
     s.__enter__()
     s.phase, s.step, s.last_saved = "training", 12, "run/checkpoints/step_00000010"

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from splitgraph.errors import RankFailure
+from splitgraph.reliability.watchdog import Watchdog
 from splitgraph.runtime.executor import _compile
 from splitgraph.runtime.spawn import run_ranks
-from splitgraph.runtime.watchdog import Watchdog
 from splitgraph.schedule import build_schedule
 from tests.fault_workers import STALL, train_runs
 
@@ -105,7 +105,7 @@ def test_a_failing_store_or_position_keeps_hang_detection_on_and_says_so(
     assert "cannot read where this rank is in its schedule" in capsys.readouterr().err
     # and it still fires: the report says what it knows, then the rank exits with code 3
     fired: list[int] = []
-    monkeypatch.setattr("splitgraph.runtime.watchdog.os._exit", fired.append)
+    monkeypatch.setattr("splitgraph.reliability.watchdog.os._exit", fired.append)
     w.start()
     w._thread.join(timeout=10)
     assert fired == [3]

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from splitgraph import checkpoint
 from splitgraph.config import load_config
 from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.partition import make_plan
+from splitgraph.reliability import checkpoint
+from splitgraph.reliability.guard import FiniteGuard
 from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.guard import FiniteGuard
 
 
 def _step_time(engine: PipelineEngine, guard: FiniteGuard | None, batches: list[Any]) -> float:

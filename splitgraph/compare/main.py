@@ -77,7 +77,7 @@ def predict_variant(cfg: DictConfig, nproc: int) -> list[dict[str, Any]] | None:
 def refusal(predicted: list[dict[str, Any]] | None, cap: int | None) -> OutOfMemory | None:
     """The runtime's own verdict on the predicted figures (memcap.check): the error it would
     raise before the first step, or None if the variant fits."""
-    from splitgraph.runtime import memcap
+    from splitgraph.reliability import memcap
 
     if predicted is None or cap is None:
         return None

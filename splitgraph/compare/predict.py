@@ -6,7 +6,7 @@ The harness prices a variant with the planner's cost model, not with the runtime
     all-reduce buckets (parallel.dp > 1)     a second copy of the rank's gradients
     saved activations                        memory_model.predict_for_plan under its schedule
 
-which are the parts the runtime's memory cap counts (runtime/memcap.py: measured after the
+which are the parts the runtime's memory cap counts (reliability/memcap.py: measured after the
 first step). `mismatches` sets the two side by side, part by part and rank by rank, so the
 report can say "predicted = accounted" or name what differs. A variant whose prediction is
 over the cap is refused without a launch unless `compare.confirm_refusals` (then the runtime

@@ -123,10 +123,10 @@ class Executor:
         self.tracer: Tracer | None = None
         #: called with a stage once its weight gradients of the step are final (data parallel)
         self.on_grads_final: Callable[[int], None] | None = None
-        #: the watchdog's view (runtime/watchdog.py): (index into `program` in progress,
+        #: the watchdog's view (reliability/watchdog.py): (index into `program` in progress,
         #: time.monotonic() when it started); None between steps
         self.position: tuple[int, float] | None = None
-        #: the numerical guard (runtime/guard.py): `guard.after(action, outputs, grads)`
+        #: the numerical guard (reliability/guard.py): `guard.after(action, outputs, grads)`
         #: after each compute action
         self.guard: Any = None
 

@@ -157,7 +157,7 @@ def check_fits(
 
 def load_model_pt(path: str | Path, cfg: Any) -> dict[str, Tensor]:
     """`checkpoint.init_from`: a consolidated model.pt, weights_only, checked against the model."""
-    from splitgraph.safeload import load_tensor_dict
+    from splitgraph.reliability.safeload import load_tensor_dict
 
     source = f"checkpoint.init_from={str(path)!r}"
     state = load_tensor_dict(path, source)
@@ -421,7 +421,7 @@ def _warn_unverified(ck: Checkpoint, speak: bool) -> None:
 
 def read_metadata(path: Path) -> Metadata:
     """DCP's index of a checkpoint (safeload: never plain pickle)."""
-    from splitgraph.safeload import read_metadata as read
+    from splitgraph.reliability.safeload import read_metadata as read
 
     return read(path)
 
@@ -467,7 +467,7 @@ def read_rank_state(ck: Checkpoint, meta: Metadata, names: Iterable[str], rank: 
     group."""
     import torch.distributed.checkpoint as dcp
 
-    from splitgraph.safeload import SafeReader
+    from splitgraph.reliability.safeload import SafeReader
 
     entries = meta.state_dict_metadata
     names = list(names)

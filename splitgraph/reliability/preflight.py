@@ -10,7 +10,7 @@ never starts torchrun for a run that cannot fit)::
              machine's memory (the rest is the model's, the interpreters' and the system's)
     model    per rank, from the plan alone (no tensor exists): parameters + gradients +
              optimizer state + the memory model's saved-activation peak, exactly the
-             accounting runtime/memcap.py checks after the model is built, against
+             accounting reliability/memcap.py checks after the model is built, against
              pipeline.memory_cap
     machine  the model's bytes of this node's ranks on each device (CPU: + their data)
              against that device's memory: this machine's (physical, or the cgroup's limit)
@@ -194,8 +194,8 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     `memcap.accounting(engine, cap, measured=False)` will say once the model exists."""
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.data import microbatch_sizes
+    from splitgraph.reliability.memcap import cap_bytes, optimizer_bytes_for
     from splitgraph.runtime.dist import torch_dtype
-    from splitgraph.runtime.memcap import cap_bytes, optimizer_bytes_for
     from splitgraph.schedule import build_schedule
 
     dtype = torch_dtype(cfg.runtime.dtype)
@@ -238,8 +238,8 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
 
 def _largest_layer_note(cfg: Any, plan: Any, cap: int) -> str:
     """When one layer alone exceeds the cap, no split can help: say so."""
+    from splitgraph.reliability.memcap import optimizer_bytes_for
     from splitgraph.runtime.dist import torch_dtype
-    from splitgraph.runtime.memcap import optimizer_bytes_for
 
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
     layer = max(plan.layers, key=lambda spec: spec.params)
@@ -270,7 +270,7 @@ def check_launch(
     `node`: the global ranks on this machine; `devices`: each one's device (default: the
     CPU); `machine`: this machine's memory in bytes (default: measured).
     """
-    from splitgraph.runtime import memcap
+    from splitgraph.reliability import memcap
 
     machine = machine_memory() if machine is None else machine
     devices = list(devices) if devices is not None else [torch.device("cpu")] * len(node)

@@ -59,7 +59,7 @@ def predicted_optimizer_bytes(optim_cfg: Any, params: list[torch.Tensor]) -> int
 def optimizer_bytes_for(optim_cfg: Any, param_bytes: int, tensors: int) -> int:
     """SGD keeps a momentum buffer (when momentum > 0); Adam keeps two moments per parameter
     and a float32 step counter per parameter tensor. From counts, so it prices a model
-    before it exists (splitgraph/preflight.py)."""
+    before it exists (splitgraph/reliability/preflight.py)."""
     name = OptimName(optim_cfg.name)
     if name == OptimName.sgd:
         return param_bytes if float(optim_cfg.momentum) > 0 else 0
