@@ -60,6 +60,9 @@ from splitgraph.config import NanCheck, register_configs, register_resolvers, va
 from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
+from splitgraph.observe.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
+from splitgraph.observe.nvml import NvmlSampler
+from splitgraph.observe.trace import TraceWindow, make_tracer
 from splitgraph.partition import make_plan
 from splitgraph.planner.check import compare, measure_link, shared_plan
 from splitgraph.reliability import checkpoint, memcap, preflight, runlock
@@ -76,11 +79,8 @@ from splitgraph.reliability.watchdog import Watchdog, default_store
 from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.executor import InjectedFault
-from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
 from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
-from splitgraph.runtime.nvml import NvmlSampler
 from splitgraph.runtime.stepsum import StepSum
-from splitgraph.runtime.trace import TraceWindow, make_tracer
 
 log = logging.getLogger("splitgraph")
 

@@ -166,7 +166,7 @@ def tracer_worker(rank: int, world: int, busy_s: float) -> float:
     """The CUDA tracer's reference with rank 1's device still busy when the window opens
     (`busy_s` of queued work): CUDA events and synchronize are stood in for by host clocks.
     Returns when (in this rank's trace time) an instant all ranks share happened."""
-    from splitgraph.runtime.trace import CudaTracer, TraceWindow
+    from splitgraph.observe.trace import CudaTracer, TraceWindow
 
     state = {"busy_until": 0.0}
 

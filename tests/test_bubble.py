@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 from PIL import Image
 
-from splitgraph.runtime.trace import Bubbles, Tracer, TraceWindow
+from splitgraph.observe.trace import Bubbles, Tracer, TraceWindow
 from splitgraph.schedule import build_schedule, simulate
 from splitgraph.schedule.simulate import Costs, idle_share
 
@@ -93,13 +93,13 @@ def test_the_step_sum_wait_is_drawn_as_a_wait(
 ) -> None:
     """Rank 1 reaches the step sum before rank 0: its wait for rank 0 is a wait box, and only
     the sum after rank 0 arrives is a step-sum box; rank 0 waits for nobody."""
-    from splitgraph.runtime import trace
-    from splitgraph.timeline import Box
+    from splitgraph.observe import trace
+    from splitgraph.observe.timeline import Box
 
     rows, _ = _two_rank_trace(delay=0.0)
     drawn: list[list[Box]] = []
     monkeypatch.setattr(
-        "splitgraph.timeline.draw",
+        "splitgraph.observe.timeline.draw",
         lambda panels, path, suptitle="": drawn.extend([list(p.boxes) for p in panels]),
     )
     m = trace.measure(rows, build_schedule("1f1b", 2, 4), [8] * 4)

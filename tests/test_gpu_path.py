@@ -12,9 +12,9 @@ import torch
 
 from splitgraph import train
 from splitgraph.config import load_config
+from splitgraph.observe.memory import draw_memory_over_time
+from splitgraph.observe.nvml import NvmlSampler
 from splitgraph.runtime.dist import compute_dtype, place, torch_dtype
-from splitgraph.runtime.memory import draw_memory_over_time
-from splitgraph.runtime.nvml import NvmlSampler
 from splitgraph.runtime.spawn import run_ranks
 from tests.reference import worst
 from tests.workers import precision_worker
@@ -192,7 +192,7 @@ def test_cuda_single_device_gradients(dtype: str) -> None:
 @cuda
 @pytest.mark.gpu
 def test_cuda_tracer_times_actions() -> None:
-    from splitgraph.runtime.trace import CudaTracer
+    from splitgraph.observe.trace import CudaTracer
 
     tr = CudaTracer(torch.device("cuda", 0))
     tr.set_reference()
@@ -548,7 +548,7 @@ def test_nvml_reads_the_gpu_torch_uses_not_the_one_at_its_index() -> None:
                 raise RuntimeError("not found")
             return uuid
 
-    from splitgraph.runtime.nvml import physical_index
+    from splitgraph.observe.nvml import physical_index
 
     visible = {"CUDA_VISIBLE_DEVICES": "3,1"}
     assert [physical_index(i, visible) for i in (0, 1)] == [3, 1]

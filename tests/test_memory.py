@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from splitgraph.config import load_config
+from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.memory import SavedTensorMeter
 from splitgraph.runtime.spawn import run_ranks
 from tests.workers import TINY, _batch, memory_worker
 

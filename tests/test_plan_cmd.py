@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from splitgraph.config import load_config
+from splitgraph.observe.draw import layout
 from splitgraph.partition import make_plan
-from splitgraph.partition.draw import layout
 from splitgraph.planner.cli import main
 
 UNBALANCED = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph.runtime.trace import chrome_trace, measure
+from splitgraph.observe.trace import chrome_trace, measure
 from splitgraph.schedule import build_schedule, simulate
 from splitgraph.schedule.cli import main as schedule_main
 from splitgraph.schedule.simulate import Costs
@@ -162,7 +162,7 @@ def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Pat
     prediction = simulated span + weight decay + step sum + optimizer."""
     from types import SimpleNamespace
 
-    from splitgraph.runtime.trace import Tracer, TraceWindow
+    from splitgraph.observe.trace import Tracer, TraceWindow
 
     ms = 1e-3
     sched = build_schedule("gpipe", 1, 2)

@@ -43,8 +43,8 @@ from splitgraph.bench.torchpp import PEER_SCHEDULES, TorchPipeline, peer_problem
 from splitgraph.config import Task, load_config
 from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.model import build_mlp, objective
+from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.memory import SavedTensorMeter
 from splitgraph.runtime.spawn import run_ranks
 from splitgraph.schedule import SCHEDULES
 

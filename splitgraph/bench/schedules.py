@@ -8,7 +8,7 @@ Each configuration (schedule x microbatches, at fixed ranks) is a real `torchrun
 `splitgraph.train`. Every round runs every configuration once, in a rotated order, so drift
 on the machine lands on all of them; the table reports the median over rounds of each
 launch's median step. The prediction is the simulator fed with that launch's own measured
-per-stage costs (see runtime/trace.py). `--overhead` alternates the default run with tracing
+per-stage costs (see observe/trace.py). `--overhead` alternates the default run with tracing
 on (every step recorded) and off, and reports the ratio of median step times.
 """
 
@@ -168,7 +168,7 @@ def backward_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def event_cost(n: int = 200_000) -> float:
     """Seconds one recorded event costs (`Tracer.begin` + `Tracer.end`), median of 5 runs."""
-    from splitgraph.runtime.trace import Tracer
+    from splitgraph.observe.trace import Tracer
 
     tr = Tracer()
     tr.active = True

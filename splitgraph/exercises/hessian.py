@@ -33,7 +33,7 @@ from torch import Tensor
 
 from splitgraph.exercises import first_batch
 from splitgraph.model import StageModule, build_mlp, objective
-from splitgraph.runtime.memory import SavedTensorMeter
+from splitgraph.observe.memory import SavedTensorMeter
 
 
 def _J(model: StageModule, x: Tensor, y: Tensor, cfg: Any) -> Tensor:

@@ -35,9 +35,9 @@ from splitgraph.config import OptimName, load_config, validate
 from splitgraph.data import microbatch_sizes
 from splitgraph.exercises import first_batch, table
 from splitgraph.model import build_mlp
+from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.partition import Plan, make_plan
 from splitgraph.runtime.dist import torch_dtype
-from splitgraph.runtime.memory import SavedTensorMeter
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
 from splitgraph.schedule.simulate import peak_inflight
 from splitgraph.units import format_bytes

@@ -1,11 +1,11 @@
 """Training checks the planner: predicted vs measured, into summary.json's `prediction`.
 
 * Saved activations, per rank: the memory model's peak (memory_model.py) against the
-  meter's (runtime/memory.py). The accounting is deterministic, so they must be equal;
+  meter's (observe/memory.py). The accounting is deterministic, so they must be equal;
   `equal: false` is a bug in one of them. (Not priced under bf16 autocast: see
   `memory_model.predictable`.)
 * Times, per stage: the cost model's forward and backward seconds per microbatch (the layer
-  profile, costs.py) against the run's own, measured from its trace (runtime/trace.py:
+  profile, costs.py) against the run's own, measured from its trace (observe/trace.py:
   compute only, the wait for a neighbour's data excluded).
 * The step: the simulator's step time for the plan and the cost model, against the run's
   schedule span (first action to last, all ranks) and its median step (which adds the

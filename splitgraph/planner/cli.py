@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from splitgraph.config import load_config, validate
     from splitgraph.cost.costs import link_from_config, model_costs
+    from splitgraph.observe.draw import draw_graph
     from splitgraph.partition import make_plan
-    from splitgraph.partition.draw import draw_graph
     from splitgraph.planner.predict import predict
 
     try:

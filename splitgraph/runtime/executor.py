@@ -44,9 +44,9 @@ from torch import Tensor
 
 from splitgraph.config import Task
 from splitgraph.model import StageModule, WeightGradStore, deferring, loss_sum
+from splitgraph.observe.memory import SavedTensorMeter
+from splitgraph.observe.trace import Tracer
 from splitgraph.runtime.comm import P2P, Transfer
-from splitgraph.runtime.memory import SavedTensorMeter
-from splitgraph.runtime.trace import Tracer
 from splitgraph.schedule.ir import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule, W
 
 
@@ -119,7 +119,7 @@ class Executor:
         self._grads_final = _last_weight_grad(self.program)
         self.last = schedule.num_stages - 1
         self._rank_of = schedule.stage_to_rank
-        #: records each action's start and end while `tracer.active` (runtime/trace.py)
+        #: records each action's start and end while `tracer.active` (observe/trace.py)
         self.tracer: Tracer | None = None
         #: called with a stage once its weight gradients of the step are final (data parallel)
         self.on_grads_final: Callable[[int], None] | None = None

@@ -101,7 +101,7 @@ def draw_schedule(
     unit: str,
     dp: DataParallelStep | None = None,
 ) -> Path:
-    from splitgraph.timeline import Box, Panel, draw
+    from splitgraph.observe.timeline import Box, Panel, draw
 
     boxes = [
         Box(e.rank, e.action, e.action.lstrip("0123456789")[0], e.start, e.end)

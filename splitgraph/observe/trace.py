@@ -515,7 +515,7 @@ def _draw(
     of its schedule on one time axis, each step's fixed costs after its span; waits drawn
     apart from work (the compute boxes start when their data arrived, and the step sum's wait
     for the last rank is a wait); the bubble as the log and summary.json give it."""
-    from splitgraph.timeline import Box, Panel, draw
+    from splitgraph.observe.timeline import Box, Panel, draw
 
     # the measured step whose span is the median one
     steps = sorted({e[0] for evs in gathered for e in evs})
