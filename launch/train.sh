@@ -4,7 +4,7 @@
 #   launch/train.sh 4 schedule=gpipe pipeline.microbatches=8
 #   = splitgraph-check --nproc 4 schedule=gpipe pipeline.microbatches=8 &&
 #     SPLITGRAPH_RUN_DIR=outputs/<date>/<time>-np4 OMP_NUM_THREADS=1 \
-#     python -m splitgraph.torchrun --standalone --nproc-per-node 4 -m splitgraph.train \
+#     python -m splitgraph.train.torchrun --standalone --nproc-per-node 4 -m splitgraph.train \
 #       schedule=gpipe ...   (torchrun, with a quiet, resumable stop on Ctrl-C or SIGTERM)
 #
 # Pins one run directory for all ranks (override with SPLITGRAPH_RUN_DIR=...), sets
@@ -19,7 +19,7 @@ nproc=$1; shift
 py=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export SPLITGRAPH_RUN_DIR=${SPLITGRAPH_RUN_DIR:-outputs/$(date +%Y-%m-%d)/$(date +%H-%M-%S)-np${nproc}}
-"$py" -m splitgraph.cli --nproc "$nproc" "$@" >/dev/null
+"$py" -m splitgraph.train.cli --nproc "$nproc" "$@" >/dev/null
 echo "run dir: $SPLITGRAPH_RUN_DIR" >&2
-# splitgraph.torchrun is torchrun whose stop on Ctrl-C/SIGTERM is one line and exit code 75
-exec "$py" -m splitgraph.torchrun --standalone --nproc-per-node "$nproc" -m splitgraph.train "$@"
+# splitgraph.train.torchrun is torchrun whose stop on Ctrl-C/SIGTERM is one line and exit code 75
+exec "$py" -m splitgraph.train.torchrun --standalone --nproc-per-node "$nproc" -m splitgraph.train "$@"

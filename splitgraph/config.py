@@ -310,7 +310,7 @@ def _run_dir() -> str:
 
 
 def _train_help() -> str:
-    from splitgraph.usage import train_template
+    from splitgraph.train.usage import train_template
 
     return train_template()
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from splitgraph import train
 from splitgraph.config import load_config, validate
 from splitgraph.data import load_dataset
 from splitgraph.errors import OutOfMemory
 from splitgraph.partition import make_plan
 from splitgraph.runtime.dist import DistEnv, Placement
 from splitgraph.runtime.mesh import layout_of
+from splitgraph.train import run as train
 
 
 def train_cases(rank: int, world: int, cases: list[dict[str, Any]], root: str) -> dict[str, Any]:

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from splitgraph import train
 from splitgraph.config import load_config
 from splitgraph.errors import RankFailure
 from splitgraph.reliability import checkpoint
 from splitgraph.runtime.dist import DistEnv
 from splitgraph.runtime.spawn import run_ranks
+from splitgraph.train import run as train
 from tests.fault_workers import TINY, cases
 
 OPTIMS = {"sgd": ["optim.momentum=0.9"], "adam": ["optim=adam", "optim.lr=0.01"]}

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from splitgraph import train
 from splitgraph.config import load_config
 from splitgraph.errors import SplitgraphError
 from splitgraph.partition import make_plan
 from splitgraph.reliability import checkpoint
 from splitgraph.runtime.dist import DistEnv
 from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.train import run as train
 from tests import workers
 
 #: the 6-layer model of tests/workers.py, in float64, quiet, with checkpoints every 3 steps

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph import train
 from splitgraph.bench.partition import aggregate
 from splitgraph.config import load_config
+from splitgraph.train import run as train
 
 SMALL = [
     "model.hidden=[32,48,16]",

@@ -115,7 +115,7 @@ def test_stages_default_to_world_over_dp() -> None:
 
 
 def test_check_command_prints_the_layout(capsys: pytest.CaptureFixture[str]) -> None:
-    from splitgraph.cli import check_main
+    from splitgraph.train.cli import check_main
 
     assert check_main(["--nproc", "4", "parallel.dp=2", "schedule=interleaved"]) == 0
     out = capsys.readouterr().out

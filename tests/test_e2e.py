@@ -163,7 +163,7 @@ def test_launch_script_refuses_before_spawning(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_check_command() -> None:
-    from splitgraph.cli import check_main
+    from splitgraph.train.cli import check_main
 
     assert check_main(["--nproc", "2", "schedule=gpipe"]) == 0
     assert check_main(["--nproc", "2", "schedule=interleaved", "model.hidden=[8,8,8]"]) == 0

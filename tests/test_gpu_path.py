@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from splitgraph import train
 from splitgraph.config import load_config
 from splitgraph.observe.memory import draw_memory_over_time
 from splitgraph.observe.nvml import NvmlSampler
 from splitgraph.runtime.dist import compute_dtype, place, torch_dtype
 from splitgraph.runtime.spawn import run_ranks
+from splitgraph.train import run as train
 from tests.reference import worst
 from tests.workers import precision_worker
 
@@ -389,7 +389,7 @@ elif where == "data":  # moving the dataset to the device (the loader's own .to 
             refuse()
         return to(self, *args, **kwargs)
     data.Dataset.to = moving
-from splitgraph.train import main
+from splitgraph.train.run import main
 main()
 """
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph.cli import check_main
 from splitgraph.planner.cli import main as plan_main
 from splitgraph.schedule.cli import main as schedule_main
+from splitgraph.train.cli import check_main
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {
     "splitgraph-check": (check_main, ["--nproc"]),
@@ -63,7 +63,7 @@ def test_bad_flag_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
 def test_train_help(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     """Hydra's app help with splitgraph's template: usage with torchrun, flags, the config
     groups Hydra lists, the common overrides, an example (-h here, --help below)."""
-    from splitgraph import train
+    from splitgraph.train import run as train
 
     monkeypatch.setattr(sys, "argv", ["splitgraph-train", "-h"])
     page = _page(capsys, train.main)

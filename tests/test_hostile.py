@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from splitgraph import train
 from splitgraph.config import load_config, validate
 from splitgraph.data import load_dataset
 from splitgraph.errors import ConfigError, DataError, SplitgraphError
 from splitgraph.partition import make_plan
 from splitgraph.runtime.dist import DistEnv, pin_loopback
 from splitgraph.schedule import build_schedule
+from splitgraph.train import run as train
 
 SETTINGS = settings(
     max_examples=20,

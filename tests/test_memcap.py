@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitgraph import train
 from splitgraph.compare import predict
 from splitgraph.config import load_config
 from splitgraph.cost import memory_model
@@ -16,6 +15,7 @@ from splitgraph.errors import ConfigError, OutOfMemory
 from splitgraph.reliability import memcap
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.spawn import run_ranks
+from splitgraph.train import run as train
 from tests.cap_workers import read_summary, train_cases
 
 SMALL = [
@@ -134,7 +134,7 @@ def test_single_process_stops_before_or_after_the_first_step(
         assert summary["needed_bytes"] == rec["total"]
         return rec
 
-    # priced from the plan (splitgraph/reliability/preflight.py): stopped before any parameter exists ...
+    # priced from the plan (reliability/preflight.py): stopped before any parameter exists ...
     static = stop("static", 30_000, "before any parameter is allocated")
     assert static["saved_peak"] > 0 and static["saved_peak_source"] == "predicted"
     # ... activations predicted by the memory model: stopped before any is allocated ...

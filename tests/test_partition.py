@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph import usage
 from splitgraph.config import load_config, validate
 from splitgraph.errors import ConfigError, PartitionError
 from splitgraph.partition import STRATEGIES, balanced, make_plan, manual, uniform
+from splitgraph.train import usage
 
 #: 4 layers; costed strategies price FLOPs and a configured link (nothing profiled or measured)
 TINY = [

@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from splitgraph import train
-from splitgraph.cli import check_main
 from splitgraph.config import load_config
 from splitgraph.data import load_dataset
 from splitgraph.datafile import read_header
@@ -27,6 +25,8 @@ from splitgraph.partition import make_plan
 from splitgraph.reliability import memcap, preflight
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.mesh import layout_of
+from splitgraph.train import run as train
+from splitgraph.train.cli import check_main
 from tests.test_e2e import REPO, launch_script
 
 GiB = 2**30
@@ -169,7 +169,7 @@ _MAXRSS = (
     "import atexit, resource, sys\n"
     "atexit.register(lambda: print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF)"
     ".ru_maxrss, file=sys.stderr))\n"
-    "from splitgraph.train import main\n"
+    "from splitgraph.train.run import main\n"
     "main()\n"
 )
 

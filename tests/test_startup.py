@@ -24,7 +24,7 @@ HEAVY = ("torch._dynamo", "torch.distributed.checkpoint", "sympy", "matplotlib")
 
 SCRIPT = """
 import json, sys
-from splitgraph import train
+from splitgraph.train import run as train
 from splitgraph.config import load_config
 from splitgraph.runtime.engine import PipelineEngine
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph import train
 from splitgraph.config import load_config, validate
 from splitgraph.errors import ConfigError
+from splitgraph.train import run as train
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 Every strategy is registered in `STRATEGIES` with a one-line summary, what it reads from the
 cost model, and its split `(layers, stages, cfg, costs) -> bounds`. It is the one place that
 names them: `make_plan` dispatches through it, and `config.validate`, `--help`
-(splitgraph/usage.py), the planner's search and the compare harness read it, so a new
+(splitgraph/train/usage.py), the planner's search and the compare harness read it, so a new
 strategy is plannable, accepted and listed once it is registered (and has its
 `conf/partition/<name>.yaml`; tests/test_partition.py checks both).
 

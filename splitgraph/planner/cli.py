@@ -24,7 +24,7 @@ from splitgraph.errors import SplitgraphError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from splitgraph.usage import parser
+    from splitgraph.train.usage import parser
 
     p = parser(
         "splitgraph-plan",

@@ -49,7 +49,7 @@ EXIT_STOPPED = 75
 #: copies of one signal arriving within this many seconds count once
 DEDUPE_S = 2.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: a file the launcher (splitgraph.torchrun) reads to learn that the workers stopped cleanly
+#: a file the launcher (splitgraph.train.torchrun) reads to learn that the workers stopped cleanly
 STOP_FILE_ENV = "SPLITGRAPH_STOP_FILE"
 
 
@@ -193,7 +193,7 @@ def exit_at_once_while_starting(rank: int, on_abort: Callable[[], None] | None =
 
 
 def write_stop_file(line: str) -> None:
-    """Tell the launcher (splitgraph.torchrun) that this rank stopped cleanly, and how."""
+    """Tell the launcher (splitgraph.train.torchrun) that this rank stopped cleanly, and how."""
     path = os.environ.get(STOP_FILE_ENV)
     if not path:
         return

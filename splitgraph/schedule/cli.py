@@ -125,7 +125,7 @@ def draw_schedule(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from splitgraph.usage import parser as make_parser
+    from splitgraph.train.usage import parser as make_parser
 
     parser = make_parser(
         "splitgraph-schedule",

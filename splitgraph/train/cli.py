@@ -19,7 +19,7 @@ def check_main(argv: list[str] | None = None) -> int:
     if the launch would start, 2 with the reasons if not, 3 if it cannot fit in memory.
     launch/*.sh run it before torchrun.
     """
-    from splitgraph.usage import parser
+    from splitgraph.train.usage import parser
 
     p = parser(
         "splitgraph-check",

@@ -1,7 +1,7 @@
-"""torchrun, with a quiet and resumable stop: `python -m splitgraph.torchrun` takes torchrun's
+"""torchrun, with a quiet and resumable stop: `python -m splitgraph.train.torchrun` takes torchrun's
 arguments (launch/train.sh and launch/slurm.sbatch use it).
 
-    python -m splitgraph.torchrun --standalone --nproc-per-node 4 -m splitgraph.train ...
+    python -m splitgraph.train.torchrun --standalone --nproc-per-node 4 -m splitgraph.train ...
 
 On SIGINT or SIGTERM, torchrun forwards the signal to every worker, waits for them
 (`--shutdown-timeout`, default 30 s) and then dies of its own `SignalException`: three

@@ -59,7 +59,6 @@ from omegaconf import DictConfig, OmegaConf
 from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
 from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
-from splitgraph.evaluate import evaluate
 from splitgraph.observe.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
 from splitgraph.observe.nvml import NvmlSampler
 from splitgraph.observe.trace import TraceWindow, make_tracer
@@ -81,6 +80,7 @@ from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.executor import InjectedFault
 from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
 from splitgraph.runtime.stepsum import StepSum
+from splitgraph.train.evaluate import evaluate
 
 log = logging.getLogger("splitgraph")
 

@@ -1,0 +1,11 @@
+"""One training run, and the doors into it.
+
+    run.py       the Hydra entry (`splitgraph-train`, `python -m splitgraph.train`) and the loop:
+                 plan, engine, steps, evaluation, checkpoints, summary.json
+    evaluate.py  held-out metrics of the consolidated weights
+    cli.py       `splitgraph-check`: the config and plan checked before torchrun starts
+    torchrun.py  torchrun with a quiet, resumable stop (launch/*.sh use it)
+    usage.py     every command's --help page
+
+This file imports nothing: `splitgraph-check`, the launcher and --help stay light.
+"""
