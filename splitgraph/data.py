@@ -131,7 +131,7 @@ class Dataset:
 def data_dtype(cfg: Any) -> torch.dtype:
     """The dtype data is held in: the run's parameter dtype (float64 runs keep float64 data;
     float32 and bf16-autocast runs hold float32)."""
-    from splitgraph.runtime.dist import torch_dtype
+    from splitgraph.model import torch_dtype
 
     return torch_dtype(cfg.runtime.dtype)
 

@@ -24,7 +24,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splitgraph.config import Activation, Task
+from splitgraph.config import Activation, DType, Task
+
+#: runtime.dtype -> (parameter dtype, compute dtype). bfloat16 is autocast: the weights and
+#: their gradients stay float32 (the master copy the optimizer updates), matmuls run in bf16
+#: and the activations and gradients between stages travel in bf16.
+PRECISION = {
+    DType.float32: (torch.float32, torch.float32),
+    DType.float64: (torch.float64, torch.float64),
+    DType.bfloat16: (torch.float32, torch.bfloat16),
+}
+
+
+def torch_dtype(name: DType | str) -> torch.dtype:
+    """The parameter (and data) dtype for `runtime.dtype`."""
+    return PRECISION[DType(name)][0]
+
+
+def compute_dtype(name: DType | str) -> torch.dtype:
+    """The dtype of activations between stages (bf16 under autocast)."""
+    return PRECISION[DType(name)][1]
+
 
 _ACTIVATIONS = {
     Activation.relu: torch.relu,

@@ -29,7 +29,7 @@ from splitgraph.config import load_config
 from splitgraph.errors import RankFailure
 from splitgraph.reliability import checkpoint
 from splitgraph.runtime.dist import DistEnv
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.spawn import run_ranks
 from splitgraph.train import run as train
 from tests.fault_workers import TINY, cases
 

@@ -12,7 +12,7 @@ import torch
 
 from splitgraph.config import load_config
 from splitgraph.data import replica_rows
-from splitgraph.runtime.dist import torch_dtype
+from splitgraph.model import torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.mesh import Layout, build_mesh
 from tests.reference import global_names, max_rel_err, objective, plain_mlp, reference_grads

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from splitgraph.config import load_config
-from splitgraph.runtime.dist import torch_dtype
+from splitgraph.model import torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 from tests.reference import reference_grads
 from tests.workers import GRID, _batch, make_cfg

@@ -136,7 +136,8 @@ def test_planner_input_prices_exact_bytes_under_the_schedules_placement() -> Non
     """ModelCosts.auto_input: memory is static bytes of the rank's stages + the memory
     model's saved peak; auto's choice fits the byte cap."""
     from splitgraph.config import load_config
-    from splitgraph.cost.costs import Link, model_costs
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.cost.link import Link
     from splitgraph.cost.memory_model import plan_walk, predict_saved_peak
 
     cfg = load_config(

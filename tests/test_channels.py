@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from splitgraph.runtime.comm import neighbour_channels, schedule_channels
-from splitgraph.runtime.spawn import run_ranks
 from splitgraph.schedule import build_schedule
+from splitgraph.spawn import run_ranks
 from tests.gpu_workers import nccl_rule_worker
 
 

@@ -9,7 +9,8 @@ import random
 import pytest
 
 from splitgraph.config import Activation, Task, load_config, validate
-from splitgraph.cost.costs import Device, Link, ModelCosts, flops, model_costs, optimizer_slots
+from splitgraph.cost.costs import Device, ModelCosts, flops, model_costs, optimizer_slots
+from splitgraph.cost.link import Link
 from splitgraph.cost.memory_model import ModelShape
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import ConfigError, PartitionError
@@ -21,8 +22,8 @@ from splitgraph.partition.costed import (
     smallest_cap,
     time_bounds,
 )
-from splitgraph.partition.plan import LayerSpec
 from splitgraph.partition.steptime import StepTimer
+from splitgraph.plan import LayerSpec
 from splitgraph.schedule import Costs, build_schedule, simulate
 
 FLOPS = ["costs.times=flops", "pipeline.bandwidth=1GB"]

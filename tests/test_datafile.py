@@ -18,7 +18,7 @@ from splitgraph.data import _split_indices, fill_shape_from_file, load_dataset
 from splitgraph.errors import DataError, NonFiniteError
 from splitgraph.model import build_mlp
 from splitgraph.runtime.dist import DistEnv
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.spawn import run_ranks
 from splitgraph.train import run as train
 from splitgraph.train.evaluate import evaluate
 from tests.reference import global_names, objective, plain_mlp

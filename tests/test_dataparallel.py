@@ -20,7 +20,6 @@ from splitgraph.data import replica_rows
 from splitgraph.runtime.executor import _compile, _last_weight_grad
 from splitgraph.runtime.gradsync import buckets
 from splitgraph.runtime.mesh import Layout
-from splitgraph.runtime.spawn import run_ranks
 from splitgraph.schedule import Costs, build_schedule, simulate
 from splitgraph.schedule.allreduce import (
     Link,
@@ -28,6 +27,7 @@ from splitgraph.schedule.allreduce import (
     stage_allreduce_times,
     with_allreduce,
 )
+from splitgraph.spawn import run_ranks
 from tests.dp_workers import dp_grid_worker
 from tests.reference import worst
 from tests.test_config import problems

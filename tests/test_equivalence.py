@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.spawn import run_ranks
 from tests.reference import worst
 from tests.workers import grid_worker
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from splitgraph.errors import RankFailure
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.spawn import run_ranks
 from tests.workers import failing_worker, stalled_worker
 
 

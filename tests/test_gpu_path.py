@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from splitgraph.config import load_config
+from splitgraph.model import compute_dtype, torch_dtype
 from splitgraph.observe.memory import draw_memory_over_time
 from splitgraph.observe.nvml import NvmlSampler
-from splitgraph.runtime.dist import compute_dtype, place, torch_dtype
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.runtime.dist import place
+from splitgraph.spawn import run_ranks
 from splitgraph.train import run as train
 from tests.reference import worst
 from tests.workers import precision_worker

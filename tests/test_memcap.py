@@ -14,7 +14,7 @@ from splitgraph.cost import memory_model
 from splitgraph.errors import ConfigError, OutOfMemory
 from splitgraph.reliability import memcap
 from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.spawn import run_ranks
 from splitgraph.train import run as train
 from tests.cap_workers import read_summary, train_cases
 

@@ -8,7 +8,7 @@ import torch
 from splitgraph.config import load_config
 from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.spawn import run_ranks
 from tests.workers import TINY, _batch, memory_worker
 
 # TINY: 6 -> 5 -> 9 -> 4 -> 8 -> 3 -> 3, relu, no bias, cross-entropy, batch 12, float64.

@@ -23,10 +23,10 @@ from splitgraph.cost.memory_model import (
     stage_saved_bytes,
 )
 from splitgraph.data import microbatch_sizes
+from splitgraph.model import torch_dtype
 from splitgraph.partition import make_plan
-from splitgraph.runtime.dist import torch_dtype
-from splitgraph.runtime.spawn import run_ranks
 from splitgraph.schedule import build_schedule
+from splitgraph.spawn import run_ranks
 from tests.workers import TINY, saved_peak_worker
 
 MANUAL = {1: [], 2: [2], 3: [1, 4]}

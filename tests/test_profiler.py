@@ -52,7 +52,7 @@ def test_link_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.Mo
     def no_spawning(*args: object, **kwargs: object) -> None:
         raise AssertionError("measured the link again")
 
-    import splitgraph.runtime.spawn as spawn
+    import splitgraph.spawn as spawn
 
     monkeypatch.setattr(spawn, "run_ranks", no_spawning)
     assert link_from_config(cfg) == link

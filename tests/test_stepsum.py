@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitgraph.runtime.spawn import run_ranks
 from splitgraph.runtime.stepsum import StepSum
+from splitgraph.spawn import run_ranks
 from tests.workers import step_sums
 
 

@@ -21,7 +21,7 @@ import torch
 
 from splitgraph.config import load_config
 from splitgraph.model import build_mlp, loss_sum, objective
-from splitgraph.runtime.spawn import run_ranks
+from splitgraph.spawn import run_ranks
 from splitgraph.textbook import (
     backprop,
     loss_and_grad,

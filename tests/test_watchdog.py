@@ -13,8 +13,8 @@ import pytest
 from splitgraph.errors import RankFailure
 from splitgraph.reliability.watchdog import Watchdog
 from splitgraph.runtime.executor import _compile
-from splitgraph.runtime.spawn import run_ranks
 from splitgraph.schedule import build_schedule
+from splitgraph.spawn import run_ranks
 from tests.fault_workers import STALL, train_runs
 
 

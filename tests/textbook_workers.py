@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from splitgraph.config import load_config
+from splitgraph.model import torch_dtype
 from splitgraph.runtime.comm import Transfer
-from splitgraph.runtime.dist import torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.schedule.ir import SEND_B, Action
 from tests.workers import _batch, make_cfg

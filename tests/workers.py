@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from splitgraph.config import load_config
 from splitgraph.data import BatchOrder, load_dataset
-from splitgraph.runtime.dist import torch_dtype
+from splitgraph.model import torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 from tests.reference import global_names, max_rel_err, objective, plain_mlp, reference_grads
 

@@ -143,7 +143,7 @@ def _paired_worker(
 
 def paired(shared: list[str], plans: dict[str, tuple[int, ...]], rounds: int) -> dict[str, Any]:
     """Step times of every strategy measured side by side; the first round is dropped."""
-    from splitgraph.runtime.spawn import run_ranks
+    from splitgraph.spawn import run_ranks
 
     for key, value in ENV.items():
         os.environ.setdefault(key, value)

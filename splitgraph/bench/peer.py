@@ -45,8 +45,8 @@ from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.model import build_mlp, objective
 from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.runtime.engine import PipelineEngine
-from splitgraph.runtime.spawn import run_ranks
 from splitgraph.schedule import SCHEDULES
+from splitgraph.spawn import run_ranks
 
 #: The benchmark's model: the default widths and batch, 8 layers so 4 ranks x 2 chunks fit.
 MODEL = ["model.hidden=[256,256,256,256,256,256,256]"]

@@ -171,7 +171,7 @@ def paired(
 ) -> list[dict[str, Any]]:
     import os
 
-    from splitgraph.runtime.spawn import run_ranks
+    from splitgraph.spawn import run_ranks
 
     os.environ.update(ALLOCATOR)  # read by glibc in the spawned ranks
     configs = [(label, [*extra, *ov]) for label, ov in configurations(nproc)]

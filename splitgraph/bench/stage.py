@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitgraph.config import load_config
-from splitgraph.model import layer_dims
-from splitgraph.runtime.dist import compute_dtype, torch_dtype
+from splitgraph.model import compute_dtype, layer_dims, torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 
 _PHI = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from splitgraph.config import OptimName, TimeSource, num_stages, recompute_stages
+from splitgraph.cost.link import Link
 from splitgraph.cost.memory_model import ModelShape, Walk, predict_for_plan, predict_saved_peak
 from splitgraph.data import microbatch_sizes
-from splitgraph.partition.plan import LayerSpec, layer_specs
-from splitgraph.runtime.dist import torch_dtype
+from splitgraph.model import torch_dtype
+from splitgraph.plan import LayerSpec, layer_specs
 from splitgraph.schedule import Costs, Schedule, build_schedule
 from splitgraph.units import parse_bytes
 
@@ -54,18 +55,6 @@ def flops(layer: LayerSpec, n: int, last: bool) -> tuple[int, int]:
     fwd = mm + (vec if layer.bias else 0) + (0 if last else vec)
     bwd = mm + (mm if layer.index > 0 else 0) + (vec if layer.bias else 0) + (0 if last else vec)
     return fwd, bwd
-
-
-@dataclass(frozen=True)
-class Link:
-    """Time of one message between adjacent stages: latency + bytes / bandwidth."""
-
-    bandwidth: float  # bytes per second
-    latency: float = 0.0  # seconds
-    source: str = "configured"
-
-    def time(self, nbytes: float) -> float:
-        return self.latency + nbytes / self.bandwidth
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from splitgraph.config import Task
+from splitgraph.cost.link import Link
 from splitgraph.model import build_mlp, loss_sum
 
 
@@ -225,10 +226,9 @@ def _link_worker(rank: int, world: int) -> dict[str, float] | None:
     return ping_pong(rank, 1 - rank)
 
 
-def measured_link(cfg: Any) -> Any:
+def measured_link(cfg: Any) -> Link:
     """This host's gloo loopback (two spawned processes), measured once and cached."""
-    from splitgraph.cost.costs import Link
-    from splitgraph.runtime.spawn import run_ranks
+    from splitgraph.spawn import run_ranks
 
     key = f"link|gloo|{platform.node()}|torch {torch.__version__}"
     with _Cache(cache_dir(cfg)).locked() as data:

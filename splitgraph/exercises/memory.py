@@ -34,10 +34,9 @@ import torch
 from splitgraph.config import OptimName, load_config, validate
 from splitgraph.data import microbatch_sizes
 from splitgraph.exercises import first_batch, table
-from splitgraph.model import build_mlp
+from splitgraph.model import build_mlp, torch_dtype
 from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.partition import Plan, make_plan
-from splitgraph.runtime.dist import torch_dtype
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
 from splitgraph.schedule.simulate import peak_inflight
 from splitgraph.units import format_bytes
@@ -205,7 +204,7 @@ def run(
     timeout: float = 300.0,
 ) -> MemoryResult:
     """Predict and measure every schedule's per-stage memory on `nproc` ranks."""
-    from splitgraph.runtime.spawn import run_ranks
+    from splitgraph.spawn import run_ranks
 
     base = load_config(list(overrides))
     runs, cfgs, plans, scheds, sizes_of = [], {}, {}, {}, {}

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from splitgraph.partition.plan import LayerSpec, Plan, layer_specs
 from splitgraph.partition.strategies import balanced, manual, uniform
+from splitgraph.plan import LayerSpec, Plan, layer_specs
 
 if TYPE_CHECKING:
     from splitgraph.cost.costs import ModelCosts

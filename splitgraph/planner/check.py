@@ -43,7 +43,8 @@ def measure_link(cfg: Any, engine: Any) -> Any:
     engine's device, on its backend and channel groups (activations 0 -> 1, gradients back),
     staged through host memory when ranks share a GPU. An NCCL group cannot send the CPU
     tensors a plain `dist.send` would use, and a gloo group cannot send CUDA ones."""
-    from splitgraph.cost.costs import Link, link_from_config
+    from splitgraph.cost.costs import link_from_config
+    from splitgraph.cost.link import Link
 
     if cfg.pipeline.bandwidth is not None or engine.world_size == 1:
         return link_from_config(cfg, measure=False)

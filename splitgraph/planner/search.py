@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import open_dict
 
-from splitgraph.cost.costs import Link, model_costs
+from splitgraph.cost.costs import model_costs
+from splitgraph.cost.link import Link
 from splitgraph.errors import PartitionError
 from splitgraph.partition import STRATEGIES as REGISTRY
 from splitgraph.partition import Plan, costed_bounds, layer_specs, make_plan

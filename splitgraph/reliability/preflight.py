@@ -194,8 +194,8 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     `memcap.accounting(engine, cap, measured=False)` will say once the model exists."""
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.data import microbatch_sizes
+    from splitgraph.model import torch_dtype
     from splitgraph.reliability.memcap import cap_bytes, optimizer_bytes_for
-    from splitgraph.runtime.dist import torch_dtype
     from splitgraph.schedule import build_schedule
 
     dtype = torch_dtype(cfg.runtime.dtype)
@@ -238,8 +238,8 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
 
 def _largest_layer_note(cfg: Any, plan: Any, cap: int) -> str:
     """When one layer alone exceeds the cap, no split can help: say so."""
+    from splitgraph.model import torch_dtype
     from splitgraph.reliability.memcap import optimizer_bytes_for
-    from splitgraph.runtime.dist import torch_dtype
 
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
     layer = max(plan.layers, key=lambda spec: spec.params)

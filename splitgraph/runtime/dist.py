@@ -10,26 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from splitgraph.config import Backend, Device, DType, Transport
-
-#: runtime.dtype -> (parameter dtype, compute dtype). bfloat16 is autocast: the weights and
-#: their gradients stay float32 (the master copy the optimizer updates), matmuls run in bf16
-#: and the activations and gradients between stages travel in bf16.
-PRECISION = {
-    DType.float32: (torch.float32, torch.float32),
-    DType.float64: (torch.float64, torch.float64),
-    DType.bfloat16: (torch.float32, torch.bfloat16),
-}
-
-
-def torch_dtype(name: DType | str) -> torch.dtype:
-    """The parameter (and data) dtype for `runtime.dtype`."""
-    return PRECISION[DType(name)][0]
-
-
-def compute_dtype(name: DType | str) -> torch.dtype:
-    """The dtype of activations between stages (bf16 under autocast)."""
-    return PRECISION[DType(name)][1]
+from splitgraph.config import Backend, Device, Transport
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,18 @@ from torch import Tensor
 from splitgraph.config import Task, Transport, recompute_stages
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import CheckpointError
-from splitgraph.model import StageModule, add_l2_grad_, build_mlp, l2_term
+from splitgraph.model import (
+    StageModule,
+    add_l2_grad_,
+    build_mlp,
+    compute_dtype,
+    l2_term,
+    torch_dtype,
+)
 from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.optim import make_optimizer
 from splitgraph.partition import Plan, make_plan
 from splitgraph.runtime.comm import P2P, schedule_channels
-from splitgraph.runtime.dist import compute_dtype, torch_dtype
 from splitgraph.runtime.executor import Executor
 from splitgraph.runtime.gradsync import GradSync
 from splitgraph.runtime.staged import StagedP2P

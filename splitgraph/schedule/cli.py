@@ -266,8 +266,8 @@ def _data_parallel(
                 "--dp-bandwidth gives seconds, but --costs are unit costs: add --from-run RUN_DIR "
                 "(measured seconds), or give each stage's all-reduce as --allreduce T in units"
             )
+        from splitgraph.model import torch_dtype
         from splitgraph.partition import make_plan
-        from splitgraph.runtime.dist import torch_dtype
 
         plan = make_plan(cfg, sched.num_ranks)
         size = torch_dtype(cfg.runtime.dtype).itemsize
