@@ -74,7 +74,7 @@ def prepare(out: Path) -> list[str]:
 
 
 #: Launches that failed and were retried: (strategy, repeat, stderr tail). A gloo rank
-#: occasionally aborts in teardown on this machine (docs/architecture.md); it is recorded.
+#: occasionally aborts in teardown on this machine (docs/design.md); it is recorded.
 FAILURES: list[dict[str, str]] = []
 
 

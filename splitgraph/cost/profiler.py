@@ -11,7 +11,7 @@ measure once.
 
 The link is measured with a ping-pong between two processes (one-way time = half the round
 trip, at a small and a large message). Before a run it is this host's gloo loopback (two
-spawned processes, cached); after a run, `prediction_check.measure_link` measures it between
+spawned processes, cached); after a run, `planner.check.measure_link` measures it between
 the run's pipeline ranks 0 and 1 through the engine's own transport: its device, its backend
 and channel groups, its staging through host memory when ranks share a GPU.
 """
