@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -345,6 +345,28 @@ def load_config(
     return cfg
 
 
+def typed(cfg: DictConfig | Config) -> Config:
+    """The composed config as the typed dataclasses above, resolved once at the entrance.
+
+    Entry points call it after the composed config is final (data=file shapes filled in,
+    `validate` passed); below them every value has its schema's type (an int is an int, an
+    enum an enum), so no layer casts, and interpolations such as checkpoint.dir are resolved.
+    """
+    if isinstance(cfg, Config):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj
+
+
+def as_container(cfg: DictConfig | Config) -> dict[str, Any]:
+    """The config as plain data (enums as their names): what summary.json records."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    out = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------------------
 # Cross-field validation
 # ---------------------------------------------------------------------------------------
@@ -376,8 +398,8 @@ def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
 def num_stages(cfg: Any, world_size: int) -> int:
     """Pipeline ranks per replica: pipeline.stages, else world size / parallel.dp."""
     if cfg.pipeline.stages is not None:
-        return int(cfg.pipeline.stages)
-    return max(world_size // max(int(cfg.parallel.dp), 1), 1)
+        return cfg.pipeline.stages
+    return max(world_size // max(cfg.parallel.dp, 1), 1)
 
 
 def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
@@ -429,24 +451,57 @@ def _gpu_cap_problems(cfg: Any) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """The derived numbers several sections' rules share, computed once."""
+
+    ranks: int  # the world size checked against (at least 1)
+    stages: int  # pipeline ranks per replica
+    virtual: int  # schedule.virtual_stages
+    chunks: int  # model chunks in all: stages x virtual stages
+    layers: int  # Linear layers of the model
+    dp: int  # data-parallel replicas
+
+
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """Check the rules that span fields; raise one ConfigError naming every problem.
 
     Pure and cheap: no process group, no data loading (file shapes are checked by the
-    loader, which names the file). Every rank calls it before `init_process_group`.
+    loader, which names the file). Every rank calls it before `init_process_group`. Each
+    section's rules are one function returning its messages; this only concatenates them.
     """
     ws = world_size_from_env() if world_size is None else world_size
-    errors: list[str] = []
-    m, t, p = cfg.model, cfg.train, cfg.pipeline
-    layers = num_layers(cfg)
-    if ws < 1:
-        errors.append(
-            f"a launch of {ws} ranks: splitgraph needs at least 1 (--nproc / --nproc-per-node)."
-        )
-        ws = 1  # check the rest as for one rank
+    errors = _world_problems(ws)
+    ranks = max(ws, 1)  # check the rest as for one rank
+    stages = num_stages(cfg, ranks)
+    virtual = cfg.schedule.virtual_stages
+    shape = _Shape(
+        ranks=ranks,
+        stages=stages,
+        virtual=virtual,
+        chunks=stages * max(virtual, 1),
+        layers=num_layers(cfg),
+        dp=cfg.parallel.dp,
+    )
+    for check in _CHECKS:
+        errors += check(cfg, shape)
+    errors += _non_finite_floats(cfg)
+    if errors:
+        raise ConfigError(errors)
 
-    # model
-    unknown = [k for k in ("features", "outputs") if cfg.data[k] is None]
+
+def _world_problems(ws: int) -> list[str]:
+    if ws < 1:
+        return [
+            f"a launch of {ws} ranks: splitgraph needs at least 1 (--nproc / --nproc-per-node)."
+        ]
+    return []
+
+
+def _model_problems(cfg: Any, shape: _Shape) -> list[str]:
+    errors: list[str] = []
+    m = cfg.model
+    unknown = [k for k in ("features", "outputs") if getattr(cfg.data, k) is None]
     if unknown:
         keys = " and ".join(f"data.{k}" for k in unknown)
         errors.append(
@@ -458,102 +513,129 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"model.in_features={m.in_features} and model.out_features={m.out_features} "
             "must be >= 1 (they follow data.features and data.outputs)."
         )
-    bad = [w for w in m.hidden if w < 1]
-    if bad:
+    if any(w < 1 for w in m.hidden):
         errors.append(f"model.hidden={list(m.hidden)} has widths < 1: every layer needs >= 1 unit.")
     if not unknown and m.task == Task.classification and m.out_features < 2:
         errors.append(
             f"model.task=classification needs >= 2 classes; got data.outputs={m.out_features}."
         )
+    return errors
 
-    # pipeline
-    v = int(cfg.schedule.virtual_stages)
-    stages = num_stages(cfg, ws)
-    chunks = stages * max(v, 1)
-    dp = int(cfg.parallel.dp)
+
+def _replica_problems(cfg: Any, shape: _Shape) -> list[str]:
+    """parallel.dp against the world size and pipeline.stages."""
+    ws, dp, stages = shape.ranks, shape.dp, cfg.pipeline.stages
     if dp < 1:
-        errors.append(f"parallel.dp={dp} must be >= 1 (1: a single pipeline, no replicas).")
-    elif p.stages is not None and p.stages * dp != ws:
+        return [f"parallel.dp={dp} must be >= 1 (1: a single pipeline, no replicas)."]
+    if stages is not None and stages * dp != ws:
         fix = f"set pipeline.stages={ws // dp} (or leave it unset)" if ws % dp == 0 else ""
         if not fix:
             fix = f"set parallel.dp to a divisor of {ws}"
-        errors.append(
-            f"pipeline.stages={p.stages} x parallel.dp={dp} = {p.stages * dp} ranks but the "
+        return [
+            f"pipeline.stages={stages} x parallel.dp={dp} = {stages * dp} ranks but the "
             f"world size is {ws}: splitgraph runs one stage per rank, once per data-parallel "
-            f"replica. Launch with --nproc-per-node {p.stages * dp} or {fix}."
-        )
-    elif ws % dp:
+            f"replica. Launch with --nproc-per-node {stages * dp} or {fix}."
+        ]
+    if ws % dp:
         divisors = [d for d in range(1, ws + 1) if ws % d == 0]
-        errors.append(
+        return [
             f"parallel.dp={dp} does not divide the world size {ws}: world size = parallel.dp "
             f"x pipeline.stages. Use parallel.dp in {divisors}, or launch a multiple of {dp} "
             "processes."
+        ]
+    return []
+
+
+def _memory_cap_problems(cfg: Any, shape: _Shape) -> list[str]:
+    cap = cfg.pipeline.memory_cap
+    if cap is None:
+        return []
+    errors: list[str] = []
+    try:
+        parse_bytes(cap)
+    except ValueError as e:
+        errors.append(f"pipeline.memory_cap={cap!r}: {e}")
+    else:
+        errors += _gpu_cap_problems(cfg)
+    if not cfg.runtime.track_memory and cfg.runtime.device != Device.cuda:
+        errors.append(
+            f"pipeline.memory_cap={cap!r} is enforced on CPU through the "
+            "saved-activation accounting, which runtime.track_memory=false turns off. "
+            "Set runtime.track_memory=true or drop the cap."
         )
+    return errors
+
+
+def _microbatch_problems(cfg: Any, shape: _Shape) -> list[str]:
+    """pipeline.microbatches against the (per-replica) batch."""
+    mb, batch, dp = cfg.pipeline.microbatches, cfg.train.batch_size, shape.dp
+    if mb < 1:
+        return [f"pipeline.microbatches={mb} must be >= 1."]
+    if dp <= 1 and mb > batch:
+        return [
+            f"pipeline.microbatches={mb} exceeds train.batch_size={batch}: "
+            "a microbatch would be empty. Use at most one microbatch per sample."
+        ]
+    if dp > 1 and mb > batch // dp:
+        return [
+            f"pipeline.microbatches={mb} exceeds the per-replica batch "
+            f"train.batch_size/parallel.dp = {batch}/{dp} = {batch // dp}: a "
+            "microbatch would be empty. Use fewer microbatches or a larger batch."
+        ]
+    return []
+
+
+def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
+    """Stages, replicas, memory cap, microbatches: how the work is cut across ranks."""
+    from splitgraph.partition import STRATEGIES
+
+    errors = _replica_problems(cfg, shape)
+    stages, v, dp = shape.stages, shape.virtual, shape.dp
+    batch = cfg.train.batch_size
     if stages < 1:
         errors.append(f"pipeline.stages={stages} must be >= 1.")
-    if chunks > layers:
+    if shape.chunks > shape.layers:
         what = f"{stages} stages" if v == 1 else f"{stages} ranks x {v} virtual stages"
         errors.append(
-            f"{what} but the model has only {layers} layers (model.hidden has "
-            f"{len(m.hidden)} entries + the output layer): every stage needs >= 1 layer. "
+            f"{what} but the model has only {shape.layers} layers (model.hidden has "
+            f"{len(cfg.model.hidden)} entries + the output layer): every stage needs >= 1 layer. "
             f"Use fewer stages or add layers to model.hidden."
         )
-    if p.memory_cap is not None:
-        try:
-            parse_bytes(p.memory_cap)
-        except ValueError as e:
-            errors.append(f"pipeline.memory_cap={p.memory_cap!r}: {e}")
-        else:
-            errors += _gpu_cap_problems(cfg)
-        if not cfg.runtime.track_memory and cfg.runtime.device != Device.cuda:
-            errors.append(
-                f"pipeline.memory_cap={p.memory_cap!r} is enforced on CPU through the "
-                "saved-activation accounting, which runtime.track_memory=false turns off. "
-                "Set runtime.track_memory=true or drop the cap."
-            )
-    if dp > 1 and t.batch_size % dp:
-        lo = max(t.batch_size // dp * dp, dp)
+    errors += _memory_cap_problems(cfg, shape)
+    if dp > 1 and batch % dp:
+        lo = max(batch // dp * dp, dp)
         errors.append(
-            f"train.batch_size={t.batch_size} is not divisible by parallel.dp={dp}: each "
+            f"train.batch_size={batch} is not divisible by parallel.dp={dp}: each "
             f"replica takes an equal share of every minibatch. Use a multiple of {dp} (e.g. "
             f"train.batch_size={lo})."
         )
     errors += _pipeline_cost_problems(cfg, stages)
-    from splitgraph.partition import STRATEGIES
-
-    costed = str(cfg.partition.strategy)
-    if costed in STRATEGIES and STRATEGIES[costed].costed and v > 1:
+    strat = cfg.partition.strategy
+    if strat in STRATEGIES and STRATEGIES[strat].costed and v > 1:
         *rest, last = [n for n, spec in STRATEGIES.items() if not spec.costed]
         errors.append(
-            f"partition={costed} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
+            f"partition={strat} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
             f"on each. Use partition={', '.join(rest)} or {last} with virtual stages."
         )
-    if p.microbatches < 1:
-        errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
-    elif dp <= 1 and p.microbatches > t.batch_size:
-        errors.append(
-            f"pipeline.microbatches={p.microbatches} exceeds train.batch_size={t.batch_size}: "
-            "a microbatch would be empty. Use at most one microbatch per sample."
-        )
-    elif dp > 1 and p.microbatches > t.batch_size // dp:
-        errors.append(
-            f"pipeline.microbatches={p.microbatches} exceeds the per-replica batch "
-            f"train.batch_size/parallel.dp = {t.batch_size}/{dp} = {t.batch_size // dp}: a "
-            "microbatch would be empty. Use fewer microbatches or a larger batch."
-        )
+    errors += _microbatch_problems(cfg, shape)
     if cfg.parallel.bucket_mb <= 0:
         errors.append(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0 (MiB).")
+    return errors
 
-    # schedule
+
+def _schedule_problems(cfg: Any, shape: _Shape) -> list[str]:
     from splitgraph.schedule import SCHEDULES
 
-    sched = str(cfg.schedule.name)
+    errors: list[str] = []
+    s = cfg.schedule
+    sched = str(s.name)
+    mb = cfg.pipeline.microbatches
     if sched not in SCHEDULES:
         errors.append(
             f"schedule.name={sched!r} is not a schedule{_suggest(sched, tuple(SCHEDULES))}"
         )
-    elif p.microbatches >= 1:
-        errors.extend(SCHEDULES[sched].problems(stages, v, int(p.microbatches)))
+    elif mb >= 1:
+        errors.extend(SCHEDULES[sched].problems(shape.stages, shape.virtual, int(mb)))
     if sched in SCHEDULES and not SCHEDULES[sched].trainable:
         runs = ", ".join(n for n, spec in SCHEDULES.items() if spec.trainable)
         errors.append(
@@ -562,22 +644,29 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             "stage s on rank s % p and builds schedules from (ranks, microbatches) alone. "
             f"Train with one of: {runs}."
         )
-    if cfg.schedule.path is not None and sched != "csv":
+    if s.path is not None and sched != "csv":
         errors.append(f"schedule.path is only read with schedule=csv (got schedule={sched}).")
-    rs = cfg.schedule.recompute_stages
+    rs = s.recompute_stages
     if rs is not None:
-        if not cfg.schedule.recompute:
+        if not s.recompute:
             errors.append(
                 f"schedule.recompute_stages={list(rs)} is only read with schedule.recompute=true."
             )
-        bad_stages = [s for s in rs if not 0 <= s < chunks]
-        if bad_stages:
+        outside = [st for st in rs if not 0 <= st < shape.chunks]
+        if outside:
             errors.append(
-                f"schedule.recompute_stages={list(rs)} names stages {bad_stages} outside "
-                f"0..{chunks - 1}."
+                f"schedule.recompute_stages={list(rs)} names stages {outside} outside "
+                f"0..{shape.chunks - 1}."
             )
-    # partition
-    strat = str(cfg.partition.strategy)
+    return errors
+
+
+def _partition_problems(cfg: Any, shape: _Shape) -> list[str]:
+    from splitgraph.partition import STRATEGIES
+
+    errors: list[str] = []
+    chunks, layers = shape.chunks, shape.layers
+    strat = cfg.partition.strategy
     if strat not in STRATEGIES:
         errors.append(
             f"partition.strategy={strat!r} is not a strategy{_suggest(strat, tuple(STRATEGIES))}"
@@ -607,8 +696,13 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"partition.boundaries={list(bounds)} is only read by partition=manual; "
             f"partition.strategy is {strat!r}. Drop it or use partition=manual."
         )
+    return errors
 
-    # train
+
+def _train_problems(cfg: Any, shape: _Shape) -> list[str]:
+    """The train section, and the trace window it measures."""
+    errors: list[str] = []
+    t = cfg.train
     if t.batch_size < 1:
         errors.append(f"train.batch_size={t.batch_size} must be >= 1.")
     if (t.steps is None) == (t.epochs is None):
@@ -617,9 +711,9 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             "must be null (e.g. train.epochs=3 train.steps=null)."
         )
     for key in ("steps", "epochs"):
-        v = getattr(t, key)
-        if v is not None and v < 1:
-            errors.append(f"train.{key}={v} must be >= 1.")
+        count = getattr(t, key)
+        if count is not None and count < 1:
+            errors.append(f"train.{key}={count} must be >= 1.")
     if cfg.trace.warmup < 0 or cfg.trace.steps < 1:
         errors.append(
             f"trace.warmup={cfg.trace.warmup} must be >= 0 and trace.steps={cfg.trace.steps} "
@@ -631,16 +725,19 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         errors.append(f"train.eval_every={t.eval_every} must be >= 1 step (or null: no evals).")
     if t.time_budget is not None and t.time_budget <= 0:
         errors.append(f"train.time_budget={t.time_budget} must be > 0 seconds (or null).")
+    return errors
 
-    # data
-    d = cfg.data
+
+def _data_problems(cfg: Any, shape: _Shape) -> list[str]:
+    errors: list[str] = []
+    d, batch = cfg.data, cfg.train.batch_size
     if not 0.0 <= d.test_fraction < 1.0:
         errors.append(f"data.test_fraction={d.test_fraction} must be in [0, 1).")
     if d.name == DataName.synthetic and 0.0 <= d.test_fraction < 1.0:
         n_train = d.samples - int(d.samples * d.test_fraction)
-        if n_train < t.batch_size:
+        if n_train < batch:
             errors.append(
-                f"train.batch_size={t.batch_size} exceeds the {n_train} training samples "
+                f"train.batch_size={batch} exceeds the {n_train} training samples "
                 f"(data.samples={d.samples}, data.test_fraction={d.test_fraction}). "
                 "Lower the batch or raise data.samples."
             )
@@ -653,8 +750,11 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"data=digits has 64 features and 10 classes; got data.features={d.features}, "
             f"data.outputs={d.outputs}. Leave them at the data=digits defaults."
         )
+    return errors
 
-    # optimizer
+
+def _optim_problems(cfg: Any, shape: _Shape) -> list[str]:
+    errors: list[str] = []
     o = cfg.optim
     if o.lr <= 0:
         errors.append(f"optim.lr={o.lr} must be > 0.")
@@ -666,8 +766,11 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         errors.append(f"optim.weight_decay={o.weight_decay} must be >= 0.")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         errors.append(f"optim.betas={list(o.betas)} must be two numbers in [0, 1).")
+    return errors
 
-    # runtime
+
+def _runtime_problems(cfg: Any, shape: _Shape) -> list[str]:
+    errors: list[str] = []
     r = cfg.runtime
     if r.timeout <= 0:
         errors.append(f"runtime.timeout={r.timeout} must be > 0 seconds.")
@@ -679,7 +782,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     if (
         r.backend == Backend.gloo
         and r.device == Device.cuda
-        and ws > 1
+        and shape.ranks > 1
         and r.transport != Transport.staged
     ):
         errors.append(
@@ -702,8 +805,11 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"runtime.timeout={r.timeout}, so the watchdog reports a hang before the process "
             "group times out (null: half of runtime.timeout)."
         )
+    return errors
 
-    # checkpoints
+
+def _checkpoint_problems(cfg: Any, shape: _Shape) -> list[str]:
+    errors: list[str] = []
     c = cfg.checkpoint
     if c.every is not None and c.every < 1:
         errors.append(f"checkpoint.every={c.every} must be >= 1 (or null: no checkpoints).")
@@ -711,30 +817,47 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         errors.append(f"checkpoint.keep={c.keep} must be >= 1.")
     if not str(c.resume).strip():
         errors.append("checkpoint.resume is empty: use auto, never, or a checkpoint path.")
+    return errors
 
-    # fault injection
+
+def _debug_problems(cfg: Any, shape: _Shape) -> list[str]:
+    """Fault injection (splitgraph/faults.py)."""
+    errors: list[str] = []
     dbg = cfg.debug
     if dbg.fail_at_step is not None:
-        if not 0 <= dbg.fail_rank < ws:
-            errors.append(f"debug.fail_rank={dbg.fail_rank} is not a rank of this {ws}-rank run.")
+        if not 0 <= dbg.fail_rank < shape.ranks:
+            errors.append(
+                f"debug.fail_rank={dbg.fail_rank} is not a rank of this {shape.ranks}-rank run."
+            )
         if dbg.fail_at_step < 0:
             errors.append(f"debug.fail_at_step={dbg.fail_at_step} must be >= 0.")
     if dbg.fail_mode not in FAIL_MODES:
         errors.append(
             f"debug.fail_mode={dbg.fail_mode!r} is not a fault{_suggest(dbg.fail_mode, FAIL_MODES)}"
         )
-    elif dbg.fail_mode == "kill_in_save" and c.every is None:
+    elif dbg.fail_mode == "kill_in_save" and cfg.checkpoint.every is None:
         errors.append(
             "debug.fail_mode=kill_in_save kills a rank while it writes a checkpoint, but "
             "checkpoint.every=null writes none. Set checkpoint.every."
         )
     if dbg.fail_attempt < 0:
         errors.append(f"debug.fail_attempt={dbg.fail_attempt} must be >= 0.")
+    return errors
 
-    errors += _non_finite_floats(cfg)
 
-    if errors:
-        raise ConfigError(errors)
+#: one check per config section, in the order their messages are listed
+_CHECKS: tuple[Callable[[Any, _Shape], list[str]], ...] = (
+    _model_problems,
+    _pipeline_problems,
+    _schedule_problems,
+    _partition_problems,
+    _train_problems,
+    _data_problems,
+    _optim_problems,
+    _runtime_problems,
+    _checkpoint_problems,
+    _debug_problems,
+)
 
 
 def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
