@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -483,8 +483,16 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         layers=num_layers(cfg),
         dp=cfg.parallel.dp,
     )
-    for check in _CHECKS:
-        errors += check(cfg, shape)
+    errors += _model_problems(cfg.model, cfg.data)
+    errors += _pipeline_problems(cfg, shape)
+    errors += _schedule_problems(cfg.schedule, cfg.pipeline.microbatches, shape)
+    errors += _partition_problems(cfg.partition, shape)
+    errors += _train_problems(cfg.train, cfg.trace)
+    errors += _data_problems(cfg.data, cfg.train.batch_size)
+    errors += _optim_problems(cfg.optim)
+    errors += _runtime_problems(cfg.runtime, shape.ranks)
+    errors += _checkpoint_problems(cfg.checkpoint)
+    errors += _debug_problems(cfg.debug, cfg.checkpoint.every, shape.ranks)
     errors += _non_finite_floats(cfg)
     if errors:
         raise ConfigError(errors)
@@ -498,10 +506,9 @@ def _world_problems(ws: int) -> list[str]:
     return []
 
 
-def _model_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _model_problems(m: ModelConfig, data: DataConfig) -> list[str]:
     errors: list[str] = []
-    m = cfg.model
-    unknown = [k for k in ("features", "outputs") if getattr(cfg.data, k) is None]
+    unknown = [k for k in ("features", "outputs") if getattr(data, k) is None]
     if unknown:
         keys = " and ".join(f"data.{k}" for k in unknown)
         errors.append(
@@ -522,9 +529,9 @@ def _model_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _replica_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _replica_problems(stages: int | None, shape: _Shape) -> list[str]:
     """parallel.dp against the world size and pipeline.stages."""
-    ws, dp, stages = shape.ranks, shape.dp, cfg.pipeline.stages
+    ws, dp = shape.ranks, shape.dp
     if dp < 1:
         return [f"parallel.dp={dp} must be >= 1 (1: a single pipeline, no replicas)."]
     if stages is not None and stages * dp != ws:
@@ -566,9 +573,8 @@ def _memory_cap_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _microbatch_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _microbatch_problems(mb: int, batch: int, dp: int) -> list[str]:
     """pipeline.microbatches against the (per-replica) batch."""
-    mb, batch, dp = cfg.pipeline.microbatches, cfg.train.batch_size, shape.dp
     if mb < 1:
         return [f"pipeline.microbatches={mb} must be >= 1."]
     if dp <= 1 and mb > batch:
@@ -589,7 +595,7 @@ def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
     """Stages, replicas, memory cap, microbatches: how the work is cut across ranks."""
     from splitgraph.partition import STRATEGIES
 
-    errors = _replica_problems(cfg, shape)
+    errors = _replica_problems(cfg.pipeline.stages, shape)
     stages, v, dp = shape.stages, shape.virtual, shape.dp
     batch = cfg.train.batch_size
     if stages < 1:
@@ -617,19 +623,17 @@ def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
             f"partition={strat} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
             f"on each. Use partition={', '.join(rest)} or {last} with virtual stages."
         )
-    errors += _microbatch_problems(cfg, shape)
+    errors += _microbatch_problems(cfg.pipeline.microbatches, cfg.train.batch_size, dp)
     if cfg.parallel.bucket_mb <= 0:
         errors.append(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0 (MiB).")
     return errors
 
 
-def _schedule_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _schedule_problems(s: ScheduleConfig, mb: int, shape: _Shape) -> list[str]:
     from splitgraph.schedule import SCHEDULES
 
     errors: list[str] = []
-    s = cfg.schedule
-    sched = str(s.name)
-    mb = cfg.pipeline.microbatches
+    sched = s.name
     if sched not in SCHEDULES:
         errors.append(
             f"schedule.name={sched!r} is not a schedule{_suggest(sched, tuple(SCHEDULES))}"
@@ -661,17 +665,17 @@ def _schedule_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _partition_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _partition_problems(part: PartitionConfig, shape: _Shape) -> list[str]:
     from splitgraph.partition import STRATEGIES
 
     errors: list[str] = []
     chunks, layers = shape.chunks, shape.layers
-    strat = cfg.partition.strategy
+    strat = part.strategy
     if strat not in STRATEGIES:
         errors.append(
             f"partition.strategy={strat!r} is not a strategy{_suggest(strat, tuple(STRATEGIES))}"
         )
-    bounds = cfg.partition.boundaries
+    bounds = part.boundaries
     if strat == "manual":
         if bounds is None:
             example = [round(i * layers / chunks) for i in range(1, chunks)]
@@ -699,10 +703,9 @@ def _partition_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _train_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _train_problems(t: TrainConfig, trace: TraceConfig) -> list[str]:
     """The train section, and the trace window it measures."""
     errors: list[str] = []
-    t = cfg.train
     if t.batch_size < 1:
         errors.append(f"train.batch_size={t.batch_size} must be >= 1.")
     if (t.steps is None) == (t.epochs is None):
@@ -714,9 +717,9 @@ def _train_problems(cfg: Any, shape: _Shape) -> list[str]:
         count = getattr(t, key)
         if count is not None and count < 1:
             errors.append(f"train.{key}={count} must be >= 1.")
-    if cfg.trace.warmup < 0 or cfg.trace.steps < 1:
+    if trace.warmup < 0 or trace.steps < 1:
         errors.append(
-            f"trace.warmup={cfg.trace.warmup} must be >= 0 and trace.steps={cfg.trace.steps} "
+            f"trace.warmup={trace.warmup} must be >= 0 and trace.steps={trace.steps} "
             ">= 1 (or trace.enabled=false)."
         )
     if t.log_every < 1:
@@ -728,9 +731,8 @@ def _train_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _data_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _data_problems(d: DataConfig, batch: int) -> list[str]:
     errors: list[str] = []
-    d, batch = cfg.data, cfg.train.batch_size
     if not 0.0 <= d.test_fraction < 1.0:
         errors.append(f"data.test_fraction={d.test_fraction} must be in [0, 1).")
     if d.name == DataName.synthetic and 0.0 <= d.test_fraction < 1.0:
@@ -753,9 +755,8 @@ def _data_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _optim_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _optim_problems(o: OptimConfig) -> list[str]:
     errors: list[str] = []
-    o = cfg.optim
     if o.lr <= 0:
         errors.append(f"optim.lr={o.lr} must be > 0.")
     if not 0.0 <= o.momentum < 1.0:
@@ -769,9 +770,8 @@ def _optim_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _runtime_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _runtime_problems(r: RuntimeConfig, ranks: int) -> list[str]:
     errors: list[str] = []
-    r = cfg.runtime
     if r.timeout <= 0:
         errors.append(f"runtime.timeout={r.timeout} must be > 0 seconds.")
     if r.backend == Backend.nccl and r.device == Device.cpu:
@@ -782,7 +782,7 @@ def _runtime_problems(cfg: Any, shape: _Shape) -> list[str]:
     if (
         r.backend == Backend.gloo
         and r.device == Device.cuda
-        and shape.ranks > 1
+        and ranks > 1
         and r.transport != Transport.staged
     ):
         errors.append(
@@ -808,9 +808,8 @@ def _runtime_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _checkpoint_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
     errors: list[str] = []
-    c = cfg.checkpoint
     if c.every is not None and c.every < 1:
         errors.append(f"checkpoint.every={c.every} must be >= 1 (or null: no checkpoints).")
     if c.keep < 1:
@@ -820,14 +819,13 @@ def _checkpoint_problems(cfg: Any, shape: _Shape) -> list[str]:
     return errors
 
 
-def _debug_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _debug_problems(dbg: DebugConfig, checkpoint_every: int | None, ranks: int) -> list[str]:
     """Fault injection (splitgraph/faults.py)."""
     errors: list[str] = []
-    dbg = cfg.debug
     if dbg.fail_at_step is not None:
-        if not 0 <= dbg.fail_rank < shape.ranks:
+        if not 0 <= dbg.fail_rank < ranks:
             errors.append(
-                f"debug.fail_rank={dbg.fail_rank} is not a rank of this {shape.ranks}-rank run."
+                f"debug.fail_rank={dbg.fail_rank} is not a rank of this {ranks}-rank run."
             )
         if dbg.fail_at_step < 0:
             errors.append(f"debug.fail_at_step={dbg.fail_at_step} must be >= 0.")
@@ -835,7 +833,7 @@ def _debug_problems(cfg: Any, shape: _Shape) -> list[str]:
         errors.append(
             f"debug.fail_mode={dbg.fail_mode!r} is not a fault{_suggest(dbg.fail_mode, FAIL_MODES)}"
         )
-    elif dbg.fail_mode == "kill_in_save" and cfg.checkpoint.every is None:
+    elif dbg.fail_mode == "kill_in_save" and checkpoint_every is None:
         errors.append(
             "debug.fail_mode=kill_in_save kills a rank while it writes a checkpoint, but "
             "checkpoint.every=null writes none. Set checkpoint.every."
@@ -843,21 +841,6 @@ def _debug_problems(cfg: Any, shape: _Shape) -> list[str]:
     if dbg.fail_attempt < 0:
         errors.append(f"debug.fail_attempt={dbg.fail_attempt} must be >= 0.")
     return errors
-
-
-#: one check per config section, in the order their messages are listed
-_CHECKS: tuple[Callable[[Any, _Shape], list[str]], ...] = (
-    _model_problems,
-    _pipeline_problems,
-    _schedule_problems,
-    _partition_problems,
-    _train_problems,
-    _data_problems,
-    _optim_problems,
-    _runtime_problems,
-    _checkpoint_problems,
-    _debug_problems,
-)
 
 
 def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
