@@ -68,13 +68,13 @@ def check_main(argv: list[str] | None = None) -> int:
         validate(cfg, nproc)
         layout = layout_of(cfg, nproc)
         plan = make_plan(cfg, layout.pp)
-        rows = int(cfg.train.batch_size) // layout.dp
-        sizes = microbatch_sizes(rows, int(cfg.pipeline.microbatches))
+        rows = cfg.train.batch_size // layout.dp
+        sizes = microbatch_sizes(rows, cfg.pipeline.microbatches)
         sched = build_schedule(
-            str(cfg.schedule.name), layout.pp, len(sizes), int(cfg.schedule.virtual_stages)
+            cfg.schedule.name, layout.pp, len(sizes), cfg.schedule.virtual_stages
         )
         try:
-            devices = preflight.node_devices(cfg, per_node)
+            devices = preflight.node_devices(cfg.runtime, per_node)
         except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
             raise SplitgraphError(str(e)) from None
         checked = preflight.check_launch(cfg, layout, plan, range(per_node), devices)

@@ -372,8 +372,8 @@ def as_container(cfg: DictConfig | Config) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def num_layers(cfg: Any) -> int:
-    return len(cfg.model.hidden) + 1
+def num_layers(model: ModelConfig) -> int:
+    return len(model.hidden) + 1
 
 
 def world_size_from_env() -> int:
@@ -387,11 +387,11 @@ def _suggest(value: str, options: Sequence[str]) -> str:
     return f"{hint}. Choose one of: {', '.join(options)}."
 
 
-def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
+def recompute_stages(schedule: ScheduleConfig, num_stages: int) -> set[int]:
     """The stages that recompute their forward in backward (`schedule.recompute*`)."""
-    if not cfg.schedule.recompute:
+    if not schedule.recompute:
         return set()
-    chosen = cfg.schedule.recompute_stages
+    chosen = schedule.recompute_stages
     return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
 
 
@@ -420,9 +420,9 @@ def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def _on_gpu(cfg: Any) -> bool:
+def _on_gpu(runtime: RuntimeConfig) -> bool:
     """Whether this run computes on CUDA (auto: when torch sees a GPU)."""
-    device = Device(cfg.runtime.device)
+    device = Device(runtime.device)
     if device == Device.auto:
         import torch
 
@@ -433,7 +433,7 @@ def _on_gpu(cfg: Any) -> bool:
 def _gpu_cap_problems(cfg: Any) -> list[str]:
     """On GPU the caching allocator enforces the cap in whole segments: a cap below what it
     can honour for this run fails at its first allocation (runtime/allocator.py)."""
-    if not _on_gpu(cfg):
+    if not _on_gpu(cfg.runtime):
         return []
     from splitgraph.runtime.allocator import min_cap
     from splitgraph.units import format_bytes
@@ -480,7 +480,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         stages=stages,
         virtual=virtual,
         chunks=stages * max(virtual, 1),
-        layers=num_layers(cfg),
+        layers=num_layers(cfg.model),
         dp=cfg.parallel.dp,
     )
     errors += _model_problems(cfg.model, cfg.data)
@@ -615,7 +615,7 @@ def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
             f"replica takes an equal share of every minibatch. Use a multiple of {dp} (e.g. "
             f"train.batch_size={lo})."
         )
-    errors += _pipeline_cost_problems(cfg, stages)
+    errors += _pipeline_cost_problems(cfg.pipeline, cfg.costs, stages)
     strat = cfg.partition.strategy
     if strat in STRATEGIES and STRATEGIES[strat].costed and v > 1:
         *rest, last = [n for n, spec in STRATEGIES.items() if not spec.costed]
@@ -853,10 +853,9 @@ def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
     return []
 
 
-def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
+def _pipeline_cost_problems(p: PipelineConfig, c: CostsConfig, stages: int) -> list[str]:
     """The planner's inputs: devices, link and profiling settings (splitgraph/costs.py)."""
     errors: list[str] = []
-    p, c = cfg.pipeline, cfg.costs
     if p.devices is not None:
         devices = list(p.devices)
         if len(devices) != stages:

@@ -56,9 +56,9 @@ def loaded_state(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
     assert found is not None, "no checkpoint to resume"
     ck, meta = found
     plan = make_plan(cfg, world)
-    state = checkpoint.read_rank_state(ck, meta, checkpoint.names_held(cfg, plan, rank), rank)
+    state = checkpoint.read_rank_state(ck, meta, checkpoint.names_held(cfg.model, plan, rank), rank)
     engine = PipelineEngine(cfg, rank, world)
-    checkpoint.apply_state(engine, state, cfg)
+    checkpoint.apply_state(engine, state, cfg.optim.name)
     named = engine.named_parameters()
     return {
         "step": ck.step,

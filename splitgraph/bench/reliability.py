@@ -53,7 +53,7 @@ def guard_cost(overrides: list[str], microbatches: int, steps: int, repeats: int
     cfg = load_config([*overrides, f"pipeline.microbatches={microbatches}"])
     engine = PipelineEngine(cfg)
     ds = load_dataset(cfg).to(engine.dtype, "cpu")
-    order = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, 0)
+    order = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0)
     batches = [(ds.X[order.indices(i)], ds.y[order.indices(i)]) for i in range(steps)]
     guards = {
         "off": None,
@@ -73,7 +73,7 @@ def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
     cfg = load_config(overrides)
     engine = PipelineEngine(cfg)
     ds = load_dataset(cfg).to(engine.dtype, "cpu")
-    idx = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, 0).indices(0)
+    idx = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0).indices(0)
     engine.step(ds.X[idx], ds.y[idx])  # optimizer state exists
     saves, loads, verifies, hashes = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
@@ -91,7 +91,7 @@ def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
             for b in blobs:
                 hashlib.sha256(b).hexdigest()
             hashes.append(time.perf_counter() - t0)
-            names = checkpoint.names_held(cfg, make_plan(cfg, 1), 0)
+            names = checkpoint.names_held(cfg.model, make_plan(cfg, 1), 0)
             t0 = time.perf_counter()
             checkpoint.read_rank_state(ck, checkpoint.read_metadata(ck.path), names, 0)
             loads.append(time.perf_counter() - t0)

@@ -101,7 +101,7 @@ def eval_every_samples(batch: int, num_train: int, evals_per_epoch: int) -> int:
 def build(cfg: Any, num_train: int) -> list[Variant]:
     """The variants `cfg.compare` asks for, in report order (the reference last)."""
     c = cfg.compare
-    B, k, lr = int(cfg.train.batch_size), int(c.k), float(cfg.optim.lr)
+    B, k, lr = cfg.train.batch_size, int(c.k), cfg.optim.lr
     cap = c.memory_cap
     every = eval_every_samples(B, num_train, int(c.evals_per_epoch))
 
@@ -119,7 +119,7 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
         }
 
     # parallel.dp is written out only where it is not splitgraph.train's default of 1
-    explicit_dp = int(cfg.parallel.dp) != 1
+    explicit_dp = cfg.parallel.dp != 1
 
     def replicas(d: int) -> dict[str, Any]:
         return {"parallel.dp": d} if d != 1 or explicit_dp else {}
@@ -171,7 +171,7 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
                 continue
             # model chunks per rank: the configured count for a chunked schedule (2, its
             # group default, if none was chosen), one for the others
-            v = int(cfg.schedule.virtual_stages) if SCHEDULES[sched].virtual else 1
+            v = cfg.schedule.virtual_stages if SCHEDULES[sched].virtual else 1
             v = 2 if SCHEDULES[sched].virtual and v == 1 else v
             settings = (
                 common(B)

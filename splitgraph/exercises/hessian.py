@@ -37,7 +37,7 @@ from splitgraph.runtime.memory import SavedTensorMeter
 
 
 def _J(model: StageModule, x: Tensor, y: Tensor, cfg: Any) -> Tensor:
-    return objective(model, x, y, cfg.model.task, float(cfg.optim.weight_decay))[1]
+    return objective(model, x, y, cfg.model.task, cfg.optim.weight_decay)[1]
 
 
 def gradient(model: StageModule, x: Tensor, y: Tensor, cfg: Any) -> list[Tensor]:

@@ -52,7 +52,7 @@ def predict_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: Sequence[int]) -
     from splitgraph.memory_model import ModelShape, predict_for_plan
 
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
-    recompute = recompute_stages(cfg, plan.num_stages)
+    recompute = recompute_stages(cfg.schedule, plan.num_stages)
     shape = ModelShape.from_config(cfg, es)
     return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
 
@@ -145,9 +145,9 @@ def predict_state(cfg: Any, plan: Plan, stage: int) -> tuple[int, int, int]:
     return params * elem, params * elem, like_params * elem + scalars * step_bytes
 
 
-def schedule_overrides(name: str, cfg: Any) -> list[str]:
+def schedule_overrides(name: str, microbatches: int) -> list[str]:
     """The overrides that select schedule `name` (naive runs one microbatch)."""
-    m = 1 if name == "naive" else int(cfg.pipeline.microbatches)
+    m = 1 if name == "naive" else microbatches
     return [f"schedule={name}", f"pipeline.microbatches={m}"]
 
 
@@ -210,11 +210,15 @@ def run(
     base = load_config(list(overrides))
     runs, cfgs, plans, scheds, sizes_of = [], {}, {}, {}, {}
     for name in schedules:
-        ov = [*overrides, *schedule_overrides(name, base), "runtime.track_memory=true"]
+        ov = [
+            *overrides,
+            *schedule_overrides(name, base.pipeline.microbatches),
+            "runtime.track_memory=true",
+        ]
         cfgs[name] = cfg = load_config(ov)
         validate(cfg, nproc)
         plans[name] = make_plan(cfg, nproc)
-        sizes_of[name] = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
+        sizes_of[name] = microbatch_sizes(cfg.train.batch_size, cfg.pipeline.microbatches)
         scheds[name] = build_schedule(name, nproc, len(sizes_of[name]))
         runs.append(ov)
     per_rank = run_ranks(measure_rank, nproc, runs, timeout=timeout)

@@ -75,8 +75,8 @@ class PipelineEngine:
             "staged" if Transport(cfg.runtime.transport) == Transport.staged else "direct"
         )
         self.task = Task(cfg.model.task)
-        self.batch_size = int(cfg.train.batch_size)  # the global minibatch B
-        self.weight_decay = float(cfg.optim.weight_decay)
+        self.batch_size = cfg.train.batch_size  # the global minibatch B
+        self.weight_decay = cfg.optim.weight_decay
         self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         if self.batch_size % self.dp:
@@ -84,10 +84,10 @@ class PipelineEngine:
         #: rows of each minibatch this replica runs: [dp_rank * local, (dp_rank + 1) * local)
         self.local_batch = self.batch_size // self.dp
         self.plan: Plan = plan if plan is not None else make_plan(cfg, world_size)
-        self.sizes = microbatch_sizes(self.local_batch, int(cfg.pipeline.microbatches))
-        name = str(cfg.schedule.name)
+        self.sizes = microbatch_sizes(self.local_batch, cfg.pipeline.microbatches)
+        name = cfg.schedule.name
         self.schedule: Schedule = build_schedule(
-            name, world_size, len(self.sizes), int(cfg.schedule.virtual_stages)
+            name, world_size, len(self.sizes), cfg.schedule.virtual_stages
         )
         split = SCHEDULES[name].split_backward
         self.stages: dict[int, StageModule] = {}
@@ -96,17 +96,17 @@ class PipelineEngine:
             self.stages[s] = build_mlp(cfg, r.start, r.stop, self.dtype, self.device)
             for layer in self.stages[s].layers.values():
                 layer.split_backward = split
-        self.recompute = recompute_stages(cfg, self.plan.num_stages) & set(self.stages)
+        self.recompute = recompute_stages(cfg.schedule, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(cfg.optim, self.parameters())
         self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
         p2p_class = StagedP2P if self.transport == "staged" else P2P
         self.p2p = p2p_class(
             rank,
             group,
-            verbose=bool(cfg.runtime.verbose),
+            verbose=cfg.runtime.verbose,
             replicas=replicas,
             channels=channels,
-            timeout=timedelta(seconds=float(cfg.runtime.timeout)),  # every wait's bound
+            timeout=timedelta(seconds=cfg.runtime.timeout),  # every wait's bound
             links=schedule_channels(self.schedule),
         )
         self.executor = Executor(
@@ -126,8 +126,8 @@ class PipelineEngine:
             self.gradsync = GradSync(
                 {s: list(st.parameters()) for s, st in self.stages.items()},
                 dp_group,
-                int(float(cfg.parallel.bucket_mb) * 2**20),
-                overlap=bool(cfg.parallel.overlap),
+                int(cfg.parallel.bucket_mb * 2**20),
+                overlap=cfg.parallel.overlap,
             )
             self.executor.on_grads_final = self.gradsync.stage_done
 

@@ -27,12 +27,15 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from splitgraph.schedule.ir import Action, Schedule
 from splitgraph.schedule.simulate import Costs, SimResult, idle_share, simulate
+
+if TYPE_CHECKING:
+    from splitgraph.config import TraceConfig
 
 log = logging.getLogger("splitgraph")
 
@@ -376,10 +379,10 @@ class TraceWindow:
     events, writes trace.json and timeline.png, and returns the summary's `timeline` entry.
     """
 
-    def __init__(self, cfg: Any, tracer: Tracer | None, total_steps: int) -> None:
+    def __init__(self, trace: TraceConfig, tracer: Tracer | None, total_steps: int) -> None:
         self.tracer = tracer
-        self.first = min(int(cfg.warmup), max(total_steps - 1, 0))
-        self.last = self.first + int(cfg.steps)  # exclusive
+        self.first = min(trace.warmup, max(total_steps - 1, 0))
+        self.last = self.first + trace.steps  # exclusive
 
     def before_step(self, step: int) -> None:
         import torch.distributed as dist

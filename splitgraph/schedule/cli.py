@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     auto_table = None
     try:
         cfg = load_config(_schedule_shorthand(args.overrides))
-        name, v, m = str(cfg.schedule.name), int(cfg.schedule.virtual_stages), 0
+        name, v, m = cfg.schedule.name, cfg.schedule.virtual_stages, 0
         if name not in SCHEDULES:
             raise ValueError(f"schedule {name!r} is not one of {', '.join(SCHEDULES)}")
         if args.cap is not None and name != "auto":
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         ranks = cfg.pipeline.stages if name != "csv" else sched.num_ranks
         if ranks is None:
             raise ValueError("pass pipeline.stages=P: the number of ranks to simulate")
-        m = int(cfg.pipeline.microbatches) if name != "csv" else sched.num_microbatches
+        m = cfg.pipeline.microbatches if name != "csv" else sched.num_microbatches
         stages = int(ranks) * v if name != "csv" else sched.num_stages
         costs, costs_text, unit = _costs(args, stages)
         if name == "auto":
@@ -273,7 +273,7 @@ def _data_parallel(
         size = torch_dtype(cfg.runtime.dtype).itemsize
         link = Link("given", args.dp_bandwidth * 1e9, args.dp_latency_us * 1e-6)
         nbytes = [plan.stage_params(s) * size for s in range(sched.num_stages)]
-        times = stage_allreduce_times(nbytes, args.dp, link, float(cfg.parallel.bucket_mb) * 2**20)
+        times = stage_allreduce_times(nbytes, args.dp, link, cfg.parallel.bucket_mb * 2**20)
     else:
         raise ValueError("--dp needs --allreduce T (cost units) or --dp-bandwidth GB/s")
     return with_allreduce(sim, sched, times, overlap=not args.no_overlap)
