@@ -61,7 +61,6 @@ from splitgraph import checkpoint, preflight, runlock
 from splitgraph.config import (
     CheckpointConfig,
     Config,
-    NanCheck,
     TrainConfig,
     as_container,
     register_configs,
@@ -295,7 +294,10 @@ def _setup(
     collaborator of the steps; rank 0 announces the plan."""
     device, backend = placement.device, placement.backend
     torch.manual_seed(cfg.train.seed)
-    engine = _engine(cfg, layout, placement)
+    tracer = make_tracer(device, enabled=cfg.trace.enabled)
+    engine = _engine(cfg, layout, placement, tracer)
+    guard = engine.guard
+    assert guard is not None  # asked for: nan_check
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
     start = 0
@@ -317,8 +319,6 @@ def _setup(
         run_dir.mkdir(parents=True, exist_ok=True)
         _announce(cfg.checkpoint, engine, env, layout, backend, device, steps, start, resume)
     rt = cfg.runtime
-    guard = FiniteGuard(engine.stages, env.rank, rt.nan_check == NanCheck.microbatch)
-    engine.executor.guard = guard
     watchdog = Watchdog(
         engine.schedule,
         env.rank,
@@ -332,8 +332,6 @@ def _setup(
     sampler = (
         NvmlSampler(device.index or 0, rt.nvml_interval).start() if device.type == "cuda" else None
     )
-    tracer = make_tracer(device) if cfg.trace.enabled else None
-    engine.executor.tracer = tracer
     wait = timedelta(seconds=rt.timeout)
     return _Run(
         config=cfg,
@@ -384,15 +382,30 @@ def _data_order(
     return dataset, order, steps
 
 
-def _engine(cfg: Config, layout: Layout, placement: Placement) -> PipelineEngine:
+def _engine(cfg: Config, layout: Layout, placement: Placement, tracer: Tracer) -> PipelineEngine:
     """This rank's engine on rank 0's plan; on a DeviceMesh when there are several ranks."""
     plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
     device, backend = placement.device, placement.backend
     if layout.world_size > 1:  # DeviceMesh's device type follows the backend (gloo: "cpu")
         wait = timedelta(seconds=cfg.runtime.timeout)  # every group's bound on a wait
         mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu", timeout=wait)
-        return PipelineEngine.from_mesh(cfg, mesh, device, transport=placement.transport, plan=plan)
-    return PipelineEngine(cfg, device=device, transport=placement.transport, plan=plan)
+        return PipelineEngine.from_mesh(
+            cfg,
+            mesh,
+            device,
+            transport=placement.transport,
+            plan=plan,
+            tracer=tracer,
+            nan_check=cfg.runtime.nan_check,
+        )
+    return PipelineEngine(
+        cfg,
+        device=device,
+        transport=placement.transport,
+        plan=plan,
+        tracer=tracer,
+        nan_check=cfg.runtime.nan_check,
+    )
 
 
 # -- one step ------------------------------------------------------------------------------
@@ -416,13 +429,10 @@ def _step(run: _Run, st: _Progress, signals: StopSignals, step: int) -> bool:
         stats = engine.forward_backward(x, y, fail_at=run.fault.program_index(step, rank))
     except InjectedFault as e:
         run.fault.surface(e)
-    tr = run.tracer if run.tracer is not None and run.tracer.active else None
-    t_sync = tr.begin() if tr is not None else None
-    bad = run.guard.finish()
-    run.watchdog.beat(step, "the step sum of loss and flags")
-    parts = _step_sum(run, st, signals, stats, bad, t0)  # ends when every rank has finished
-    if tr is not None:  # the step's fixed cost beside the optimizer: traced as SYNC
-        tr.end(t_sync, "step sum", "SYNC")
+    with run.tracer.span("step sum", "SYNC"):  # the step's fixed cost beside the optimizer
+        bad = run.guard.finish()
+        run.watchdog.beat(step, "the step sum of loss and flags")
+        parts = _step_sum(run, st, signals, stats, bad, t0)  # ends when every rank has finished
     if parts[2] > 0:  # before the optimizer step: the weights stay finite
         _stop_non_finite(engine, run.guard, step, x, y, run.env.world_size, st.last_saved)
     engine.update()

@@ -104,7 +104,7 @@ def draw_schedule(
     from splitgraph.timeline import Box, Panel, draw
 
     boxes = [
-        Box(e.rank, e.action, e.action.lstrip("0123456789")[0], e.start, e.end)
+        Box(e.rank, str(e.action), e.action.op.value, e.start, e.end)
         for row in sim.events
         for e in row
     ]
@@ -124,7 +124,8 @@ def draw_schedule(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """splitgraph-schedule's flags (the overrides choose the schedule, as for training)."""
     from splitgraph.usage import parser as make_parser
 
     parser = make_parser(
@@ -161,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         "(1F1B's first rank holds 1); one number, or one per rank: 0.5,0.5,1,1",
     )
     parser.add_argument("--to-csv", type=Path, help="write the schedule as a torch.pp CSV file")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
 
     from hydra.errors import HydraException
 
