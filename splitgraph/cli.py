@@ -19,39 +19,10 @@ def check_main(argv: list[str] | None = None) -> int:
     if the launch would start, 2 with the reasons if not, 3 if it cannot fit in memory.
     launch/*.sh run it before torchrun.
     """
-    from splitgraph.usage import parser
-
-    p = parser(
-        "splitgraph-check",
-        "Validate a launch before spawning anything: compose the config exactly as\n"
-        "splitgraph.train would (data.features/outputs read from a data file that leaves them\n"
-        "null), check it for N ranks, build the plan and the schedule, price every rank's\n"
-        "memory and the data against the cap and this machine, read the data file and check\n"
-        "every value. Exit 0 if the launch would start, 2 with the reasons if not, 3 if it\n"
-        "cannot fit in memory (launch/*.sh run it before torchrun).",
-        "splitgraph-check --nproc 4 schedule=interleaved pipeline.microbatches=8",
-    )
-    p.add_argument(
-        "--nproc", type=int, default=1, metavar="N", help="ranks the launch would start (1)"
-    )
-    p.add_argument(
-        "--nproc-per-node",
-        type=int,
-        default=None,
-        metavar="L",
-        help="of them, ranks on this machine, whose memory they share (default: N)",
-    )
-    ns = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    for flag, n in (("--nproc", ns.nproc), ("--nproc-per-node", ns.nproc_per_node)):
-        if n is not None and n < 1:
-            print(
-                f"splitgraph-check: {flag} {n}: a launch needs at least 1 rank (one per "
-                "pipeline stage)",
-                file=sys.stderr,
-            )
-            return 2
-    nproc, args = int(ns.nproc), list(ns.overrides)
-    per_node = nproc if ns.nproc_per_node is None else min(int(ns.nproc_per_node), nproc)
+    parsed = _check_args(sys.argv[1:] if argv is None else argv)
+    if parsed is None:
+        return 2
+    nproc, per_node, args = parsed
     from hydra.errors import HydraException
 
     from splitgraph import preflight
@@ -95,6 +66,45 @@ def check_main(argv: list[str] | None = None) -> int:
     print("\n".join(checked.lines()))
     print(f"schedule {sched.name}: {len(sizes)} microbatches {sizes}, valid")
     return 0
+
+
+def _check_args(argv: list[str]) -> tuple[int, int, list[str]] | None:
+    """splitgraph-check's flags: (ranks, ranks on this machine, overrides); None (after
+    saying why) for a launch of fewer than one rank."""
+    from splitgraph.usage import parser
+
+    p = parser(
+        "splitgraph-check",
+        "Validate a launch before spawning anything: compose the config exactly as\n"
+        "splitgraph.train would (data.features/outputs read from a data file that leaves them\n"
+        "null), check it for N ranks, build the plan and the schedule, price every rank's\n"
+        "memory and the data against the cap and this machine, read the data file and check\n"
+        "every value. Exit 0 if the launch would start, 2 with the reasons if not, 3 if it\n"
+        "cannot fit in memory (launch/*.sh run it before torchrun).",
+        "splitgraph-check --nproc 4 schedule=interleaved pipeline.microbatches=8",
+    )
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="ranks the launch would start (1)"
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="L",
+        help="of them, ranks on this machine, whose memory they share (default: N)",
+    )
+    ns = p.parse_intermixed_args(argv)
+    for flag, n in (("--nproc", ns.nproc), ("--nproc-per-node", ns.nproc_per_node)):
+        if n is not None and n < 1:
+            print(
+                f"splitgraph-check: {flag} {n}: a launch needs at least 1 rank (one per "
+                "pipeline stage)",
+                file=sys.stderr,
+            )
+            return None
+    nproc = int(ns.nproc)
+    per_node = nproc if ns.nproc_per_node is None else min(int(ns.nproc_per_node), nproc)
+    return nproc, per_node, list(ns.overrides)
 
 
 if __name__ == "__main__":
