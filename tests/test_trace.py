@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -170,8 +171,6 @@ def test_the_steps_fixed_costs_are_measured_apart_from_the_span() -> None:
 def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Path) -> None:
     """One process (no process group): the traced step, its measured step time and the
     prediction = simulated span + weight decay + step sum + optimizer."""
-    from types import SimpleNamespace
-
     from splitgraph.runtime.trace import Tracer, TraceWindow
 
     ms = 1e-3
@@ -197,3 +196,31 @@ def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Pat
     assert out["measured"]["step_time_median_s"] == pytest.approx(9 * ms)  # the traced step
     assert out["measured_over_predicted_step_time"] == pytest.approx(9 / 8)
     assert out["measured_over_predicted_span"] == pytest.approx(1.0)
+
+
+def test_a_span_records_its_block_only_while_the_window_is_open() -> None:
+    """`with tracer.span(...)`: one event with the label object itself while active; nothing
+    outside the window, nothing for a block that raised; NULL_TRACER never records."""
+    from splitgraph.runtime.trace import NULL_TRACER, Tracer, TraceWindow, label_text
+
+    tr = Tracer()
+    group = (Action.parse("0SEND_F0"), Action.parse("0RECV_B1"))
+    with tr.span(group, "comm"):
+        pass
+    assert tr.events == []  # the window is closed
+    tr.active = True
+    with tr.span(group, "comm"):
+        pass
+    with pytest.raises(RuntimeError), tr.span("OPT", "OPT"):
+        raise RuntimeError("a failed step is not timed")
+    assert [(e[1], e[2]) for e in tr.events] == [(group, "comm")]
+    assert tr.events[0][3] <= tr.events[0][4]
+    assert label_text(group) == "0SEND_F0 0RECV_B1"
+    NULL_TRACER.active = True
+    assert not NULL_TRACER.active
+    with NULL_TRACER.span("OPT", "OPT"):
+        pass
+    assert NULL_TRACER.events == []
+    window = TraceWindow(SimpleNamespace(warmup=0, steps=1), NULL_TRACER, 3)
+    window.before_step(0)  # no barrier, no reference: the window never opens
+    assert window.finish(".", True, build_schedule("1f1b", 1, 1), [1], [0.1]) is None
