@@ -240,7 +240,7 @@ def link_from_config(cfg: Any, measure: bool = True) -> Link:
         return Link(float("inf"), float(p.latency or 0.0), "none (pipeline.bandwidth unset)")
     from splitgraph.profiler import measured_link
 
-    link = measured_link(cfg)
+    link = measured_link(cfg.costs)
     if p.latency is not None:
         link = Link(link.bandwidth, float(p.latency), link.source + ", configured latency")
     return link

@@ -241,15 +241,15 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     return records
 
 
-def _largest_layer_note(cfg: Any, plan: Any, cap: int) -> str:
+def _largest_layer_note(runtime: RuntimeConfig, optim: Any, plan: Any, cap: int) -> str:
     """When one layer alone exceeds the cap, no split can help: say so."""
     from splitgraph.runtime.dist import torch_dtype
     from splitgraph.runtime.memcap import optimizer_bytes_for
 
-    es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
+    es = torch.empty((), dtype=torch_dtype(runtime.dtype)).element_size()
     layer = max(plan.layers, key=lambda spec: spec.params)
     nbytes = layer.params * es
-    static = 2 * nbytes + optimizer_bytes_for(cfg.optim, nbytes, 2 if layer.bias else 1)
+    static = 2 * nbytes + optimizer_bytes_for(optim, nbytes, 2 if layer.bias else 1)
     if static <= cap:
         return ""
     return (
@@ -285,7 +285,7 @@ def check_launch(
     records = price_ranks(cfg, layout, plan)
     cap = memcap.cap_bytes(cfg.pipeline)
     if cap is not None:
-        note = _largest_layer_note(cfg, plan, cap)
+        note = _largest_layer_note(cfg.runtime, cfg.optim, plan, cap)
         memcap.check(records, cap, PHASE, note=note)
 
     # Each device of this node against its own memory; the data is held on the host.

@@ -224,13 +224,13 @@ def _link_worker(rank: int, world: int) -> dict[str, float] | None:
     return ping_pong(rank, 1 - rank)
 
 
-def measured_link(cfg: Any) -> Any:
+def measured_link(costs: CostsConfig) -> Any:
     """This host's gloo loopback (two spawned processes), measured once and cached."""
     from splitgraph.costs import Link
     from splitgraph.runtime.spawn import run_ranks
 
     key = f"link|gloo|{platform.node()}|torch {torch.__version__}"
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+    with _Cache(cache_dir(costs)).locked() as data:
         if key not in data:
             data[key] = run_ranks(_link_worker, 2, timeout=120)[0]
         got = data[key]

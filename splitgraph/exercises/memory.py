@@ -134,13 +134,14 @@ def optimizer_state_elements(optim_cfg: Any, params: int, tensors: int) -> tuple
     return 2 * params, tensors
 
 
-def predict_state(cfg: Any, plan: Plan, stage: int) -> tuple[int, int, int]:
-    """(parameter, gradient, optimizer-state) bytes of `stage`: exact, from the layer shapes."""
-    elem = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
+def predict_state(optim: Any, dtype: Any, plan: Plan, stage: int) -> tuple[int, int, int]:
+    """(parameter, gradient, optimizer-state) bytes of `stage`: exact, from the layer shapes
+    (`optim`: the optim section; `dtype`: runtime.dtype)."""
+    elem = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     layers = [plan.layers[i] for i in plan.stage_range(stage)]
     params = sum(layer.params for layer in layers)
     tensors = sum(2 if layer.bias else 1 for layer in layers)
-    like_params, scalars = optimizer_state_elements(cfg.optim, params, tensors)
+    like_params, scalars = optimizer_state_elements(optim, params, tensors)
     step_bytes = torch.empty((), dtype=torch.get_default_dtype()).element_size()
     return params * elem, params * elem, like_params * elem + scalars * step_bytes
 
@@ -234,7 +235,7 @@ def run(
         for s in range(plan.num_stages):
             m = per_rank[plan.rank_of(s)][k]
             assert m["stages"] == [s], "one stage per rank"
-            params_p, grads_p, optim_p = predict_state(cfg, plan, s)
+            params_p, grads_p, optim_p = predict_state(cfg.optim, cfg.runtime.dtype, plan, s)
             r = plan.stage_range(s)
             stages.append(
                 StageMemory(
