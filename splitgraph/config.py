@@ -553,7 +553,8 @@ def _replica_problems(stages: int | None, shape: _Shape) -> list[str]:
     return []
 
 
-def _memory_cap_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _memory_cap_problems(cfg: Any) -> list[str]:
+    """pipeline.memory_cap: a size, and (GPU) one the caching allocator can honour."""
     cap = cfg.pipeline.memory_cap
     if cap is None:
         return []
@@ -607,7 +608,7 @@ def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
             f"{len(cfg.model.hidden)} entries + the output layer): every stage needs >= 1 layer. "
             f"Use fewer stages or add layers to model.hidden."
         )
-    errors += _memory_cap_problems(cfg, shape)
+    errors += _memory_cap_problems(cfg)
     if dp > 1 and batch % dp:
         lo = max(batch // dp * dp, dp)
         errors.append(
