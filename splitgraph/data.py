@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from splitgraph.config import DataName, Standardize, Task
+from splitgraph.config import DataName, RuntimeConfig, Standardize, Task
 from splitgraph.datafile import ArrayInfo, FileHeader, read_arrays, read_header
 from splitgraph.errors import DataError
 from splitgraph.units import format_bytes
@@ -128,12 +128,12 @@ class Dataset:
         }
 
 
-def data_dtype(cfg: Any) -> torch.dtype:
+def data_dtype(runtime: RuntimeConfig) -> torch.dtype:
     """The dtype data is held in: the run's parameter dtype (float64 runs keep float64 data;
     float32 and bf16-autocast runs hold float32)."""
     from splitgraph.model import torch_dtype
 
-    return torch_dtype(cfg.runtime.dtype)
+    return torch_dtype(runtime.dtype)
 
 
 def _split_indices(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -530,17 +530,19 @@ def fill_shape_from_file(cfg: Any) -> str | None:
 
     task = Task(cfg.model.task)
     path = Path(str(d.path))
-    limit = data_limit(cfg)
+    limit = data_limit(cfg.data)
     header = read_header(path, limit)
 
     def refuse(problems: list[str]) -> DataError:
         """The whole file's problems (values too), as loading it would list them."""
-        from_file(d, task, data_dtype(cfg), limit, bound_name(cfg))
+        from_file(d, task, data_dtype(cfg.runtime), limit, bound_name(cfg.data))
         return _problem_error(path, problems)
 
-    need = load_bytes(header, data_dtype(cfg), task)
+    need = load_bytes(header, data_dtype(cfg.runtime), task)
     if need > limit:  # a file too big to load is refused before any of it is read
-        raise DataError(too_big_message(header, need, 1, limit, data_dtype(cfg), bound_name(cfg)))
+        raise DataError(
+            too_big_message(header, need, 1, limit, data_dtype(cfg.runtime), bound_name(cfg.data))
+        )
     problems = header_problems(header, d.features, d.outputs, task)
     if problems:
         raise refuse(problems)
@@ -571,19 +573,19 @@ def fill_shape_from_file(cfg: Any) -> str | None:
 
 
 def load_dataset(cfg: Any) -> Dataset:
-    """The configured dataset (CPU, in `data_dtype(cfg)`, standardized as `data.standardize`
+    """The configured dataset (CPU, in `data_dtype(cfg.runtime)`, standardized as `data.standardize`
     says); raises DataError if it cannot feed this model."""
     name = DataName(cfg.data.name)
     task = Task(cfg.model.task)
-    dtype = data_dtype(cfg)
+    dtype = data_dtype(cfg.runtime)
     if name == DataName.file:
         from splitgraph.reliability.preflight import bound_name, data_limit
 
-        ds = from_file(cfg.data, task, dtype, data_limit(cfg), bound_name(cfg))
+        ds = from_file(cfg.data, task, dtype, data_limit(cfg.data), bound_name(cfg.data))
     else:
         loader = {DataName.synthetic: synthetic, DataName.digits: digits}
         ds = loader[name](cfg.data, task).to(dtype, "cpu")
-    if ds.num_train < int(cfg.train.batch_size):
+    if ds.num_train < cfg.train.batch_size:
         raise DataError(
             f"train.batch_size={cfg.train.batch_size} exceeds the {ds.num_train} training "
             f"samples of data={name.value}; lower the batch or data.test_fraction."

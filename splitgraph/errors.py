@@ -72,4 +72,4 @@ class OutOfMemory(SplitgraphError, MemoryError):
 
 class NonFiniteError(SplitgraphError, FloatingPointError):
     """A NaN or infinity in a loss, an activation or a gradient; the message names the step,
-    stage and microbatch where it first appeared (reliability/guard.py)."""
+    stage and microbatch where it first appeared (runtime/guard.py)."""

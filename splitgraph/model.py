@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splitgraph.config import Activation, DType, Task
+from splitgraph.config import Activation, DType, ModelConfig, Task
 
 #: runtime.dtype -> (parameter dtype, compute dtype). bfloat16 is autocast: the weights and
 #: their gradients stay float32 (the master copy the optimizer updates), matmuls run in bf16
@@ -54,13 +54,14 @@ _ACTIVATIONS = {
 }
 
 
-def _model_cfg(cfg: Any) -> Any:
-    return cfg.model if hasattr(cfg, "model") else cfg
+def _model_cfg(given: Any) -> ModelConfig:
+    """The model section; callers may hand a whole config (tests, notebooks) for brevity."""
+    return given.model if hasattr(given, "model") else given
 
 
-def layer_dims(cfg: Any) -> list[int]:
+def layer_dims(model: ModelConfig) -> list[int]:
     """Widths of every variable in the chain: [in_features, *hidden, out_features]."""
-    m = _model_cfg(cfg)
+    m = _model_cfg(model)
     return [int(m.in_features), *(int(h) for h in m.hidden), int(m.out_features)]
 
 
@@ -191,9 +192,9 @@ class Layer(nn.Module):
 class StageModule(nn.Module):
     """Layers `[start, stop)` of the MLP under their global names (`layers.<i>.*`)."""
 
-    def __init__(self, cfg: Any, start: int = 0, stop: int | None = None) -> None:
+    def __init__(self, model: ModelConfig, start: int = 0, stop: int | None = None) -> None:
         super().__init__()
-        m = _model_cfg(cfg)
+        m = _model_cfg(model)
         dims = layer_dims(m)
         n = len(dims) - 1
         stop = n if stop is None else stop
@@ -244,15 +245,15 @@ def init_layer_(layer: Layer, index: int, seed: int) -> None:
 
 
 def build_mlp(
-    cfg: Any,
+    model: ModelConfig,
     start: int = 0,
     stop: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> StageModule:
     """Build layers `[start, stop)` (default: the whole model) with the seeded initial weights."""
-    module = StageModule(cfg, start, stop)
-    seed = int(_model_cfg(cfg).init_seed)
+    module = StageModule(model, start, stop)
+    seed = _model_cfg(model).init_seed
     for name, layer in module.layers.items():
         init_layer_(layer, int(name), seed)
     return module.to(dtype=dtype, device=device)

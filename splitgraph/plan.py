@@ -8,7 +8,10 @@ prediction) reads the plan; nothing re-derives where the graph was cut.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from splitgraph.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,11 @@ class LayerSpec:
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
 
-def layer_specs(cfg: Any) -> tuple[LayerSpec, ...]:
+def layer_specs(model: ModelConfig) -> tuple[LayerSpec, ...]:
+    """Every layer's shape (a whole config may be given for its model section)."""
     from splitgraph.model import layer_dims  # here: the partition package imports no torch
 
-    m = cfg.model if hasattr(cfg, "model") else cfg
+    m = model.model if hasattr(model, "model") else model
     dims = layer_dims(m)
     return tuple(LayerSpec(i, dims[i], dims[i + 1], bool(m.bias)) for i in range(len(dims) - 1))
 

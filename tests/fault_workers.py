@@ -57,9 +57,9 @@ def loaded_state(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
     assert found is not None, "no checkpoint to resume"
     ck, meta = found
     plan = make_plan(cfg, world)
-    state = checkpoint.read_rank_state(ck, meta, checkpoint.names_held(cfg, plan, rank), rank)
+    state = checkpoint.read_rank_state(ck, meta, checkpoint.names_held(cfg.model, plan, rank), rank)
     engine = PipelineEngine(cfg, rank, world)
-    checkpoint.apply_state(engine, state, cfg)
+    checkpoint.apply_state(engine, state, cfg.optim.name)
     named = engine.named_parameters()
     return {
         "step": ck.step,
@@ -111,11 +111,12 @@ def cases(rank: int, world: int, items: list[tuple[str, list[str], str | None]])
 
 def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
     """One step in which stage 1's backward of microbatch 1 sends back a NaN gradient."""
+    from splitgraph.config import NanCheck
     from splitgraph.data import BatchOrder, load_dataset
-    from splitgraph.reliability.guard import FiniteGuard, raise_if_any
+    from splitgraph.runtime.guard import raise_if_any
 
     cfg = load_config(TINY + overrides)
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(cfg, rank, world, nan_check=NanCheck.microbatch)
     calls = {"n": 0}
 
     def poison(module: Any, grad_in: Any, grad_out: Any) -> Any:
@@ -124,8 +125,8 @@ def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
 
     if 1 in engine.stages:
         engine.stages[1].register_full_backward_hook(poison)
-    guard = FiniteGuard(engine.stages, rank, full=True)
-    engine.executor.guard = guard
+    guard = engine.guard
+    assert guard is not None
     ds = load_dataset(cfg).to(torch.float64, "cpu")
     idx = BatchOrder(ds.num_train, 12, True, 0).indices(0)
     guard.begin()

@@ -39,7 +39,7 @@ def _two_rank_trace(delay: float) -> tuple[list[list[tuple]], float]:
         for r, row in enumerate(sim.events):
             for e in row:
                 shift = delay if e.start >= 5 * MS else 0.0
-                kind = e.action.lstrip("0123456789")[0]
+                kind = e.action.op.value
                 rows[r].append((step, e.action, kind, base + e.start + shift, base + e.end + shift))
         end = base + sim.step_time + delay
         for r in (0, 1):

@@ -285,7 +285,7 @@ def test_losses_are_reported_in_the_targets_own_units(tmp_path: Path) -> None:
     ds = load_dataset(cfg)
     assert ds.scaling is not None and ds.target_std is not None
     state = build_mlp(cfg, dtype=torch.float64).state_dict()
-    got = evaluate(cfg, state, ds.X_test, ds.y_test, torch.float64, ds.target_std)
+    got = evaluate(cfg.model, state, ds.X_test, ds.y_test, torch.float64, ds.target_std)
     # independently: predictions back in the file's units against the file's own y
     _, test_rows = _split_indices(200, float(cfg.data.test_fraction), 0)
     model = build_mlp(cfg, dtype=torch.float64)

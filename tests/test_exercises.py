@@ -131,7 +131,7 @@ def test_exercise3_state_formulas_are_exact(extra: list[str]) -> None:
     cfg = load_config([*TINY, "runtime.dtype=float64", *extra])
     engine = PipelineEngine(cfg)
     engine.step(*_batch(cfg, engine.dtype))
-    params, grads, optim = memory.predict_state(cfg, engine.plan, 0)
+    params, grads, optim = memory.predict_state(cfg.optim, cfg.runtime.dtype, engine.plan, 0)
     state = engine.optimizer.state
     nbytes = memory.tensor_bytes
     assert nbytes(engine.parameters()) == params
@@ -224,8 +224,8 @@ def test_exercise4_weight_decay_adds_lambda_v() -> None:
     model = build_mlp(cfg0, dtype=torch.float64)
     x, y = _batch(cfg0, torch.float64)
     v = hessian.random_direction(model, 3)
-    h0 = hessian.hvp(model, x, y, cfg0, v)
-    h1 = hessian.hvp(model, x, y, cfg1, v)
+    h0 = hessian.hvp(model, x, y, hessian.Objective.of(cfg0.model, cfg0.optim), v)
+    h1 = hessian.hvp(model, x, y, hessian.Objective.of(cfg1.model, cfg1.optim), v)
     for (name, _), a, b, vi in zip(model.named_parameters(), h0, h1, v):
         assert torch.allclose(b - a, 0.5 * vi, atol=1e-13), name
 
@@ -236,8 +236,14 @@ def test_exercise4_memory_matches_its_committed_output(name: str) -> None:
     model = build_mlp(cfg, dtype=torch.float64)
     x, y = first_batch(cfg, torch.float64)
     committed = _committed(name)
-    assert hessian.saved_bytes(model, x, y, cfg, False) == committed["gradient_saved"]
-    assert hessian.saved_bytes(model, x, y, cfg, True) == committed["hvp_saved"]
+    assert (
+        hessian.saved_bytes(model, x, y, hessian.Objective.of(cfg.model, cfg.optim), False)
+        == committed["gradient_saved"]
+    )
+    assert (
+        hessian.saved_bytes(model, x, y, hessian.Objective.of(cfg.model, cfg.optim), True)
+        == committed["hvp_saved"]
+    )
     assert committed["hvp_vs_finite_difference"] < 1e-6
 
 

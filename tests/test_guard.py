@@ -11,7 +11,7 @@ import torch
 
 from splitgraph.errors import NonFiniteError
 from splitgraph.reliability import checkpoint
-from splitgraph.reliability.guard import describe, first_event
+from splitgraph.runtime.guard import describe, first_event
 from tests.conftest import single_run
 
 

@@ -216,8 +216,11 @@ def test_no_import_cycle_among_module_level_imports() -> None:
 
 def test_nothing_imports_upward() -> None:
     found = upward_imports()
-    new = [f"{a} imports {b} ({LAYERS[layer_of(a)][0]} -> {LAYERS[layer_of(b)][0]})"
-           for a, b in found if (a, b) not in KNOWN_UPWARD]
+    new = [
+        f"{a} imports {b} ({LAYERS[layer_of(a)][0]} -> {LAYERS[layer_of(b)][0]})"
+        for a, b in found
+        if (a, b) not in KNOWN_UPWARD
+    ]
     assert new == [], "upward imports:\n  " + "\n  ".join(new)
     stale = sorted(set(KNOWN_UPWARD) - set(found))
     assert stale == [], f"no longer imported upward, delete from KNOWN_UPWARD: {stale}"

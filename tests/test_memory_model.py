@@ -92,7 +92,7 @@ def predicted(p: int, overrides: list[str]) -> list[int]:
     sched = build_schedule(str(cfg.schedule.name), p, len(sizes), int(cfg.schedule.virtual_stages))
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
     shape = ModelShape.from_config(cfg, es)
-    recompute = recompute_stages(cfg, plan.num_stages)
+    recompute = recompute_stages(cfg.schedule, plan.num_stages)
     return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
 
 
@@ -151,8 +151,8 @@ def test_prediction_equals_the_meter_with_two_chunks_per_rank(case: dict[str, An
 def test_bf16_autocast_is_measured_not_predicted() -> None:
     from splitgraph.cost.memory_model import predictable
 
-    assert predictable(load_config(["runtime.dtype=float32"]))
-    assert not predictable(load_config(["runtime.dtype=bfloat16"]))
+    assert predictable(load_config(["runtime.dtype=float32"]).runtime)
+    assert not predictable(load_config(["runtime.dtype=bfloat16"]).runtime)
 
 
 def test_grid_covers_schedules_activations_tasks_and_uneven_microbatches() -> None:

@@ -47,7 +47,7 @@ def test_resume_on_4_stages_continues_the_same_weights_and_optimizer_state(
     ck = checkpoint._committed(step3(fault_launches["tmp"], opt))
     assert ck is not None and ck.meta["world_size"] == 2
     meta = checkpoint.read_metadata(ck.path)
-    saved = checkpoint.read_rank_state(ck, meta, list(checkpoint.param_shapes(_cfg())), 0)
+    saved = checkpoint.read_rank_state(ck, meta, list(checkpoint.param_shapes(_cfg().model)), 0)
     per_rank = fault_launches["four"][opt]
     model = {n: t for r in per_rank for n, t in r["model"].items()}
     optim = {n: st for r in per_rank for n, st in r["optim"].items()}

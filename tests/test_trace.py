@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from splitgraph.observe.trace import chrome_trace, measure
 from splitgraph.schedule import build_schedule, simulate
 from splitgraph.schedule.cli import main as schedule_main
+from splitgraph.schedule.ir import Action
 from splitgraph.schedule.simulate import Costs
+
+
+def _recorded(rows: list[list[tuple]]) -> list[list[tuple]]:
+    """Hand-written traces name actions as text; the tracer records the Action itself (a
+    transfer group as a tuple of Actions), and measure reads those, never text."""
+
+    def label(text: str, kind: str) -> object:
+        if kind == "comm":
+            return tuple(Action.parse(t) for t in text.split())
+        return Action.parse(text) if kind in ("F", "B", "I", "W", "wait") else text
+
+    return [[(st, label(lb, k), k, a, b) for st, lb, k, a, b in row] for row in rows]
 
 
 def _synthetic_trace(name: str, p: int, m: int, costs: Costs) -> list[list[tuple]]:
     """What a perfect run of the simulator's own timeline would record, in seconds."""
     sched = build_schedule(name, p, m)
     sim = simulate(sched, costs)
-    return [
-        [(0, e.action, e.action.lstrip("0123456789")[0], e.start, e.end) for e in row]
-        for row in sim.events
-    ]
+    return [[(0, e.action, e.action.op.value, e.start, e.end) for e in row] for row in sim.events]
 
 
 def test_measure_recovers_the_costs_and_bubble_of_a_known_timeline() -> None:
@@ -52,7 +63,7 @@ def test_measure_separates_waiting_from_compute_and_estimates_transfer_time() ->
             (0, "1SEND_B0", "comm", 3.5 * ms, 3.5 * ms),
         ],
     ]
-    meas = measure(trace, build_schedule("1f1b", 2, 1), [4])
+    meas = measure(_recorded(trace), build_schedule("1f1b", 2, 1), [4])
     assert meas.forward == pytest.approx([0.8 * ms, 1.0 * ms])
     assert meas.comm == pytest.approx([0.7 * ms])
     assert meas.span == pytest.approx(5 * ms)
@@ -125,7 +136,7 @@ def test_w_actions_are_not_charged_for_their_is_wait() -> None:
             (0, "1W0", "W", 3 * ms, 4 * ms),
         ],
     ]
-    meas = measure(trace, build_schedule("zb1", 2, 1), [4])
+    meas = measure(_recorded(trace), build_schedule("zb1", 2, 1), [4])
     assert meas.weight == pytest.approx([1 * ms, 1 * ms])
     assert meas.backward_input == pytest.approx([1 * ms, 1 * ms])
 
@@ -160,8 +171,6 @@ def test_the_steps_fixed_costs_are_measured_apart_from_the_span() -> None:
 def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Path) -> None:
     """One process (no process group): the traced step, its measured step time and the
     prediction = simulated span + weight decay + step sum + optimizer."""
-    from types import SimpleNamespace
-
     from splitgraph.observe.trace import Tracer, TraceWindow
 
     ms = 1e-3
@@ -187,3 +196,31 @@ def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Pat
     assert out["measured"]["step_time_median_s"] == pytest.approx(9 * ms)  # the traced step
     assert out["measured_over_predicted_step_time"] == pytest.approx(9 / 8)
     assert out["measured_over_predicted_span"] == pytest.approx(1.0)
+
+
+def test_a_span_records_its_block_only_while_the_window_is_open() -> None:
+    """`with tracer.span(...)`: one event with the label object itself while active; nothing
+    outside the window, nothing for a block that raised; NULL_TRACER never records."""
+    from splitgraph.observe.trace import NULL_TRACER, Tracer, TraceWindow, label_text
+
+    tr = Tracer()
+    group = (Action.parse("0SEND_F0"), Action.parse("0RECV_B1"))
+    with tr.span(group, "comm"):
+        pass
+    assert tr.events == []  # the window is closed
+    tr.active = True
+    with tr.span(group, "comm"):
+        pass
+    with pytest.raises(RuntimeError), tr.span("OPT", "OPT"):
+        raise RuntimeError("a failed step is not timed")
+    assert [(e[1], e[2]) for e in tr.events] == [(group, "comm")]
+    assert tr.events[0][3] <= tr.events[0][4]
+    assert label_text(group) == "0SEND_F0 0RECV_B1"
+    NULL_TRACER.active = True
+    assert not NULL_TRACER.active
+    with NULL_TRACER.span("OPT", "OPT"):
+        pass
+    assert NULL_TRACER.events == []
+    window = TraceWindow(SimpleNamespace(warmup=0, steps=1), NULL_TRACER, 3)
+    window.before_step(0)  # no barrier, no reference: the window never opens
+    assert window.finish(".", True, build_schedule("1f1b", 1, 1), [1], [0.1]) is None

@@ -121,7 +121,7 @@ def _paired_worker(
 
     cfg = load_config(overrides)
     data = load_dataset(cfg)
-    order = BatchOrder(data.num_train, int(cfg.train.batch_size), True, 0)
+    order = BatchOrder(data.num_train, cfg.train.batch_size, True, 0)
     engines = {
         name: PipelineEngine(cfg, rank, world, plan=Plan(layer_specs(cfg), bounds, name, world))
         for name, bounds in plans.items()

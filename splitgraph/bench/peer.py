@@ -140,7 +140,7 @@ def check_gradients(cfg: Any, rank: int, world: int, x: Tensor, y: Tensor) -> di
     x = x.double()
     y = y.double() if y.is_floating_point() else y
     full = build_mlp(cfg, dtype=torch.float64)
-    _, J = objective(full, x, y, Task(cfg.model.task), float(cfg.optim.weight_decay))
+    _, J = objective(full, x, y, Task(cfg.model.task), cfg.optim.weight_decay)
     J.backward()
     ref = {k: p.grad for k, p in full.named_parameters()}
     engine = PipelineEngine(cfg, rank, world)
@@ -174,7 +174,7 @@ def prepare(
     """Check gradients, build both systems, warm them up and count memory; returns the row
     so far and one step function per timed system."""
     cfg = _with(base, case.overrides())
-    order = BatchOrder(data.num_train, int(cfg.train.batch_size), True, int(cfg.train.seed))
+    order = BatchOrder(data.num_train, cfg.train.batch_size, True, cfg.train.seed)
     batches = [(data.X[order.indices(s)], data.y[order.indices(s)]) for s in range(4)]
     row: dict[str, Any] = {}
     if spec.check:

@@ -24,18 +24,17 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import NanCheck, load_config
 from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.partition import make_plan
 from splitgraph.reliability import checkpoint
-from splitgraph.reliability.guard import FiniteGuard
 from splitgraph.runtime.engine import PipelineEngine
 
 
-def _step_time(engine: PipelineEngine, guard: FiniteGuard | None, batches: list[Any]) -> float:
-    """Median CPU seconds per step over `batches` with this guard setting (process time, not
-    wall time: on a shared machine other processes' load barely moves it)."""
-    engine.executor.guard = guard
+def _step_time(engine: PipelineEngine, batches: list[Any]) -> float:
+    """Median CPU seconds per step over `batches` with the engine's guard setting (process
+    time, not wall time: on a shared machine other processes' load barely moves it)."""
+    guard = engine.guard
     times = []
     for x, y in batches:
         t0 = time.process_time()
@@ -51,20 +50,20 @@ def _step_time(engine: PipelineEngine, guard: FiniteGuard | None, batches: list[
 
 def guard_cost(overrides: list[str], microbatches: int, steps: int, repeats: int) -> dict:
     cfg = load_config([*overrides, f"pipeline.microbatches={microbatches}"])
-    engine = PipelineEngine(cfg)
-    ds = load_dataset(cfg).to(engine.dtype, "cpu")
-    order = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, 0)
-    batches = [(ds.X[order.indices(i)], ds.y[order.indices(i)]) for i in range(steps)]
-    guards = {
-        "off": None,
-        "step": FiniteGuard(engine.stages, 0, full=False),
-        "microbatch": FiniteGuard(engine.stages, 0, full=True),
+    engines = {  # the same seeded model three times, each with its guard built in
+        "off": PipelineEngine(cfg),
+        "step": PipelineEngine(cfg, nan_check=NanCheck.step),
+        "microbatch": PipelineEngine(cfg, nan_check=NanCheck.microbatch),
     }
-    _step_time(engine, None, batches[:3])  # warm-up
-    runs: dict[str, list[float]] = {k: [] for k in guards}
+    ds = load_dataset(cfg).to(engines["off"].dtype, "cpu")
+    order = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0)
+    batches = [(ds.X[order.indices(i)], ds.y[order.indices(i)]) for i in range(steps)]
+    for engine in engines.values():
+        _step_time(engine, batches[:3])  # warm-up
+    runs: dict[str, list[float]] = {k: [] for k in engines}
     for _ in range(repeats):
-        for name, guard in guards.items():
-            runs[name].append(_step_time(engine, guard, batches))
+        for name, engine in engines.items():
+            runs[name].append(_step_time(engine, batches))
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {"microbatches": microbatches, **med}
 
@@ -73,7 +72,7 @@ def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
     cfg = load_config(overrides)
     engine = PipelineEngine(cfg)
     ds = load_dataset(cfg).to(engine.dtype, "cpu")
-    idx = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, 0).indices(0)
+    idx = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0).indices(0)
     engine.step(ds.X[idx], ds.y[idx])  # optimizer state exists
     saves, loads, verifies, hashes = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
@@ -91,7 +90,7 @@ def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
             for b in blobs:
                 hashlib.sha256(b).hexdigest()
             hashes.append(time.perf_counter() - t0)
-            names = checkpoint.names_held(cfg, make_plan(cfg, 1), 0)
+            names = checkpoint.names_held(cfg.model, make_plan(cfg, 1), 0)
             t0 = time.perf_counter()
             checkpoint.read_rank_state(ck, checkpoint.read_metadata(ck.path), names, 0)
             loads.append(time.perf_counter() - t0)

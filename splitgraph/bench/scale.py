@@ -145,7 +145,7 @@ def paired_worker(
             meshes[(layout.dp, layout.pp)] = build_mesh(layout, "cpu")
         engine = PipelineEngine.from_mesh(cfg, meshes[(layout.dp, layout.pp)])
         ds = load_dataset(cfg).to(engine.dtype, "cpu")
-        order = BatchOrder(ds.num_train, engine.batch_size, True, int(cfg.train.seed))
+        order = BatchOrder(ds.num_train, engine.batch_size, True, cfg.train.seed)
         runs.append((engine, ds, order))
     times: dict[str, list[float]] = {label: [] for label, _ in configs}
     step = 0

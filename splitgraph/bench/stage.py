@@ -39,7 +39,7 @@ def plain_model(cfg: Any, device: torch.device) -> nn.Sequential:
     act = str(cfg.model.activation.value)
     mods: list[nn.Module] = []
     for i in range(len(dims) - 1):
-        mods.append(nn.Linear(dims[i], dims[i + 1], bias=bool(cfg.model.bias)))
+        mods.append(nn.Linear(dims[i], dims[i + 1], bias=cfg.model.bias))
         if i < len(dims) - 2:
             mods.append(_PHI[act]())
     return nn.Sequential(*mods).to(device=device, dtype=torch_dtype(cfg.runtime.dtype))
@@ -65,12 +65,12 @@ def measure(overrides: list[str], device: str, repeats: int, warmup: int) -> dic
     dev = torch.device(device)
     base = [*overrides, "schedule=naive", f"runtime.device={dev.type}", "trace.enabled=false"]
     cfg = load_config(base)
-    B, d = int(cfg.train.batch_size), int(cfg.model.in_features)
+    B, d = cfg.train.batch_size, cfg.model.in_features
     dtype = torch_dtype(cfg.runtime.dtype)
     autocast = compute_dtype(cfg.runtime.dtype) != dtype
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, d, generator=g).to(dev, dtype)
-    y = torch.randint(0, int(cfg.model.out_features), (B,), generator=g).to(dev)
+    y = torch.randint(0, cfg.model.out_features, (B,), generator=g).to(dev)
 
     plain = plain_model(cfg, dev)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=1e-6)

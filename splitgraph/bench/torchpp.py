@@ -51,11 +51,11 @@ class TorchPipeline:
     def __init__(self, cfg: Any, rank: int, world: int, dtype: torch.dtype) -> None:
         from torch.distributed import pipelining as pp
 
-        name = str(cfg.schedule.name)
+        name = cfg.schedule.name
         cls_name, _ = PEER_SCHEDULES[name]
         plan = make_plan(cfg, world)
-        m = int(cfg.pipeline.microbatches)
-        batch = int(cfg.train.batch_size)
+        m = cfg.pipeline.microbatches
+        batch = cfg.train.batch_size
         task = Task(cfg.model.task)
         problem = peer_problem(name, world, m, batch)
         if problem:
@@ -78,7 +78,7 @@ class TorchPipeline:
         )
         self.holds_first = 0 in self.modules
         self.holds_last = plan.num_stages - 1 in self.modules
-        self.weight_decay = float(cfg.optim.weight_decay)
+        self.weight_decay = cfg.optim.weight_decay
         self.optimizer = make_optimizer(cfg.optim, self.parameters())
 
     def parameters(self) -> list[torch.nn.Parameter]:

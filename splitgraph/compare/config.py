@@ -92,23 +92,23 @@ def pipeline_grid(cfg: Any) -> tuple[list[int], list[str], list[int], list[bool]
     """The pipeline variants' (stages, schedules, microbatches, recompute), defaults filled in."""
     c = cfg.compare
     stages = list(c.stages) if c.stages is not None else [cfg.pipeline.stages]
-    scheds = list(c.schedules) if c.schedules is not None else [str(cfg.schedule.name)]
+    scheds = list(c.schedules) if c.schedules is not None else [cfg.schedule.name]
     mbs = list(c.microbatches) if c.microbatches is not None else [cfg.pipeline.microbatches]
     rc = c.pipeline_recompute
-    recompute = [bool(x) for x in rc] if rc is not None else [bool(cfg.schedule.recompute)]
+    recompute = [bool(x) for x in rc] if rc is not None else [cfg.schedule.recompute]
     return stages, scheds, mbs, recompute
 
 
 def dp_grid(cfg: Any) -> list[int]:
     """The pipeline variants' data-parallel replica counts, the default filled in."""
     dp = cfg.compare.dp
-    return [int(d) for d in dp] if dp is not None else [int(cfg.parallel.dp)]
+    return [int(d) for d in dp] if dp is not None else [cfg.parallel.dp]
 
 
 def validate_compare(cfg: Any) -> None:
     """The harness's own rules; one ConfigError naming each problem and its fix."""
     c, errors = cfg.compare, []
-    batch = int(cfg.train.batch_size)
+    batch = cfg.train.batch_size
     kinds = list(c.variants)
     unknown = [v for v in kinds if v not in KINDS]
     if unknown or not kinds or len(set(kinds)) != len(kinds):

@@ -133,7 +133,7 @@ def run_all(
                 outcome = runner.load_outcome(run_dir)
             elif refused is not None:
                 outcome = runner.Outcome("failed", error=refused)
-            elif over is not None and not confirm_refusals and _on_cpu(cfg):
+            elif over is not None and not confirm_refusals and _on_cpu(cfg.runtime):
                 runner.clear(run_dir)
                 outcome = runner.Outcome(
                     "oom", error=str(over), needed_bytes=over.needed, launched=False
@@ -164,12 +164,12 @@ def run_all(
     return out
 
 
-def _on_cpu(cfg: Any) -> bool:
+def _on_cpu(runtime: Any) -> bool:
     """Whether the variant runs on the CPU, where the cap is the accounting the prediction
     reproduces (on a GPU the allocator decides, with its own rounding)."""
     from splitgraph.config import Device
 
-    device = Device(cfg.runtime.device)
+    device = Device(runtime.device)
     if device == Device.auto:
         import torch
 
@@ -236,7 +236,7 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
         ]
         results += run_all(timed, *args)
 
-    lr = float(cfg.optim.lr)
+    lr = cfg.optim.lr
     rows = [analysis.row(r, num_train, cap, lr) for r in results]
     run_dirs = {r.variant.name: r.run_dir for r in results}
     target = analysis.derive(rows, run_dirs, c.target_loss)
@@ -286,7 +286,7 @@ def _meta(
         else "the highest final held-out loss among the variants that fit, so every one reaches it",
         "epochs": int(c.epochs),
         "time_budget": c.time_budget,
-        "batch": int(cfg.train.batch_size),
+        "batch": cfg.train.batch_size,
         "k": int(c.k),
         "model": f"MLP {'-'.join(map(str, dims))} ({_text(cfg.model.activation)}, "
         f"bias={cfg.model.bias})",

@@ -31,19 +31,17 @@ def per_rank(cfg: Any, nproc: int) -> list[dict[str, Any]]:
     from splitgraph.partition import STRATEGIES, make_plan
     from splitgraph.schedule import build_schedule
 
-    dp = max(int(cfg.parallel.dp), 1)
+    dp = max(cfg.parallel.dp, 1)
     pp = nproc // dp
-    spec = STRATEGIES.get(str(cfg.partition.strategy))
+    spec = STRATEGIES.get(cfg.partition.strategy)
     timed = spec is not None and "times" in spec.costs  # else no profiling
     costs = model_costs(cfg, pp, times=timed)  # sizes: each replica's B/dp rows
     plan = make_plan(cfg, pp, costs)
-    sched = build_schedule(
-        str(cfg.schedule.name), pp, len(costs.sizes), int(cfg.schedule.virtual_stages)
-    )
+    sched = build_schedule(cfg.schedule.name, pp, len(costs.sizes), cfg.schedule.virtual_stages)
     saved: list[int | None] = [None] * pp
-    if predictable(cfg):
+    if predictable(cfg.runtime):
         shape = ModelShape.from_config(cfg, costs.shape.element_size)
-        recompute = recompute_stages(cfg, plan.num_stages)
+        recompute = recompute_stages(cfg.schedule, plan.num_stages)
         saved = list(predict_for_plan(shape, plan.bounds, costs.sizes, sched, recompute))
     pipeline = []
     for r in range(pp):

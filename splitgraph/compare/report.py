@@ -257,16 +257,10 @@ def _table(rows: list[dict[str, Any]], cols: list[tuple[str, Any]]) -> list[str]
     return lines
 
 
-def markdown(
-    rows: list[dict[str, Any]],
-    meta: dict[str, Any],
-    conclusion: list[str],
-    figures: list[str],
-) -> str:
-    main = [r for r in rows if r["phase"] == "epochs"]
-    timed = [r for r in rows if r["phase"] == "time"]
+def _header(meta: dict[str, Any]) -> list[str]:
+    """The report's title, its command, and what was compared on what."""
     cap, target = meta["cap_bytes"], meta["target_loss"]
-    lines = [
+    return [
         f"# Comparison `{meta['name']}`: what to do when the graph is too large for one device",
         "",
         "Regenerate with:",
@@ -295,25 +289,60 @@ def markdown(
         "## Results after the epoch budget",
         "",
     ]
-    cols: list[tuple[str, Any]] = [
-        ("variant", lambda r: r["label"]),
-        ("devices", lambda r: r["devices"]),
-        ("memory cap", _status),
-        ("peak/device (accounted)", lambda r: _b(r["peak_bytes"])),
-        ("predicted", _predicted),
-        ("peak RSS", lambda r: _b(r["peak_rss_bytes"])),
-        ("median step", lambda r: _f(r["step_time_median_s"], ".4f")),
-        ("samples/s", lambda r: _f(r["samples_per_s"], ".0f")),
-        ("device-s/epoch", lambda r: _f(r["device_seconds_per_epoch"], ".2f")),
-        ("p2p/step", lambda r: _b(r["comm_bytes_per_step"])),
-        ("time to target", lambda r: _f(r.get("time_to_target_s"), ".2f")),
-        ("epochs to target", lambda r: _f(r.get("epochs_to_target"), ".2f")),
-        ("test loss", lambda r: _f(r["final_test_loss"])),
-        ("test acc", lambda r: _f(r["final_test_accuracy"])),
-        ("train acc", lambda r: _f(r["final_train_accuracy"])),
-        ("weights vs ref", lambda r: _f(r.get("weights_rel_diff"), ".1e")),
-    ]
-    lines += _table(main, cols)
+
+
+#: the columns of the epoch-budget table
+_MAIN_COLUMNS: list[tuple[str, Any]] = [
+    ("variant", lambda r: r["label"]),
+    ("devices", lambda r: r["devices"]),
+    ("memory cap", _status),
+    ("peak/device (accounted)", lambda r: _b(r["peak_bytes"])),
+    ("predicted", _predicted),
+    ("peak RSS", lambda r: _b(r["peak_rss_bytes"])),
+    ("median step", lambda r: _f(r["step_time_median_s"], ".4f")),
+    ("samples/s", lambda r: _f(r["samples_per_s"], ".0f")),
+    ("device-s/epoch", lambda r: _f(r["device_seconds_per_epoch"], ".2f")),
+    ("p2p/step", lambda r: _b(r["comm_bytes_per_step"])),
+    ("time to target", lambda r: _f(r.get("time_to_target_s"), ".2f")),
+    ("epochs to target", lambda r: _f(r.get("epochs_to_target"), ".2f")),
+    ("test loss", lambda r: _f(r["final_test_loss"])),
+    ("test acc", lambda r: _f(r["final_test_accuracy"])),
+    ("train acc", lambda r: _f(r["final_train_accuracy"])),
+    ("weights vs ref", lambda r: _f(r.get("weights_rel_diff"), ".1e")),
+]
+
+
+def _errors_and_commands(rows: list[dict[str, Any]]) -> list[str]:
+    """The failed variants' errors, then every variant's command."""
+    lines: list[str] = []
+    bad = [r for r in rows if r["status"] != "ok" and r["error"]]
+    if bad:
+        lines += ["", "## Errors", ""]
+        for r in bad:
+            lines += [
+                f"`{r['variant']}` ({r['status']}):",
+                "",
+                "```",
+                r["error"].strip(),
+                "```",
+                "",
+            ]
+    lines += ["", "## Each variant's command", ""]
+    for r in rows:
+        lines += [f"`{r['variant']}`:", "", "```", r["command"] or "(not started)", "```", ""]
+    return lines
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    conclusion: list[str],
+    figures: list[str],
+) -> str:
+    main = [r for r in rows if r["phase"] == "epochs"]
+    timed = [r for r in rows if r["phase"] == "time"]
+    lines = _header(meta)
+    lines += _table(main, _MAIN_COLUMNS)
     lines += [
         "",
         "Times are training seconds (the sum of step times; held-out evaluation and process "
@@ -344,21 +373,7 @@ def markdown(
     lines += [f"![{FIGURES[Path(f).stem]}]({f})" for f in figures]
     lines += ["", "## How the variants are built", ""]
     lines += [f"- {n}" for n in meta["notes"]]
-    bad = [r for r in rows if r["status"] != "ok" and r["error"]]
-    if bad:
-        lines += ["", "## Errors", ""]
-        for r in bad:
-            lines += [
-                f"`{r['variant']}` ({r['status']}):",
-                "",
-                "```",
-                r["error"].strip(),
-                "```",
-                "",
-            ]
-    lines += ["", "## Each variant's command", ""]
-    for r in rows:
-        lines += [f"`{r['variant']}`:", "", "```", r["command"] or "(not started)", "```", ""]
+    lines += _errors_and_commands(rows)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -24,6 +24,7 @@ import itertools
 import math
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -101,7 +102,7 @@ def eval_every_samples(batch: int, num_train: int, evals_per_epoch: int) -> int:
 def build(cfg: Any, num_train: int) -> list[Variant]:
     """The variants `cfg.compare` asks for, in report order (the reference last)."""
     c = cfg.compare
-    B, k, lr = int(cfg.train.batch_size), int(c.k), float(cfg.optim.lr)
+    B, k, lr = cfg.train.batch_size, int(c.k), cfg.optim.lr
     cap = c.memory_cap
     every = eval_every_samples(B, num_train, int(c.evals_per_epoch))
 
@@ -119,7 +120,7 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
         }
 
     # parallel.dp is written out only where it is not splitgraph.train's default of 1
-    explicit_dp = int(cfg.parallel.dp) != 1
+    explicit_dp = cfg.parallel.dp != 1
 
     def replicas(d: int) -> dict[str, Any]:
         return {"parallel.dp": d} if d != 1 or explicit_dp else {}
@@ -162,38 +163,48 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
         label = f"data parallel dp={d} (B/{d} each)"
         out.append(Variant(f"data-dp{d}", "data", label, d, B, settings))
     if "pipeline" in kinds:
-        from splitgraph.schedule import SCHEDULES
-
-        stages, scheds, mbs, recomputes = pipeline_grid(cfg)
-        grid = itertools.product(dp_grid(cfg), stages, scheds, mbs, recomputes)
-        for d, p, sched, m, rc in grid:
-            if c.max_devices is not None and p * d > int(c.max_devices):
-                continue
-            # model chunks per rank: the configured count for a chunked schedule (2, its
-            # group default, if none was chosen), one for the others
-            v = int(cfg.schedule.virtual_stages) if SCHEDULES[sched].virtual else 1
-            v = 2 if SCHEDULES[sched].virtual and v == 1 else v
-            settings = (
-                common(B)
-                | {
-                    "pipeline.stages": p,
-                    "schedule.name": sched,
-                    "schedule.virtual_stages": v,
-                    "schedule.recompute": rc,
-                    "pipeline.microbatches": m,
-                }
-                | replicas(d)
-            )
-            name = f"pipeline-{sched}-p{p}-m{m}" + (f"-v{v}" if v > 1 else "")
-            label = f"pipeline {sched} p={p} m={m}" + (f" v={v}" if v > 1 else "")
-            if d > 1:
-                name, label = name + f"-dp{d}", label + f" x dp={d}"
-            if rc:
-                name, label = name + "-recompute", label + " + recompute"
-            out.append(Variant(name, "pipeline", label, p * d, B, settings))
+        out += _pipeline_variants(cfg, common(B), replicas)
     if c.reference and cap is not None and set(kinds) - {"recompute"}:
         settings = common(B) | one_device | whole | {"pipeline.memory_cap": None}
         out.append(Variant("reference", "reference", "full, no cap (reference)", 1, B, settings))
+    return out
+
+
+def _pipeline_variants(
+    cfg: Any, base: dict[str, Any], replicas: Callable[[int], dict[str, Any]]
+) -> list[Variant]:
+    """One variant per (dp, stages, schedule, microbatches, recompute) of compare's grid."""
+    from splitgraph.schedule import SCHEDULES
+
+    c, B = cfg.compare, cfg.train.batch_size
+    out: list[Variant] = []
+    stages, scheds, mbs, recomputes = pipeline_grid(cfg)
+    grid = itertools.product(dp_grid(cfg), stages, scheds, mbs, recomputes)
+    for d, p, sched, m, rc in grid:
+        if c.max_devices is not None and p * d > int(c.max_devices):
+            continue
+        # model chunks per rank: the configured count for a chunked schedule (2, its
+        # group default, if none was chosen), one for the others
+        v = cfg.schedule.virtual_stages if SCHEDULES[sched].virtual else 1
+        v = 2 if SCHEDULES[sched].virtual and v == 1 else v
+        settings = (
+            base
+            | {
+                "pipeline.stages": p,
+                "schedule.name": sched,
+                "schedule.virtual_stages": v,
+                "schedule.recompute": rc,
+                "pipeline.microbatches": m,
+            }
+            | replicas(d)
+        )
+        name = f"pipeline-{sched}-p{p}-m{m}" + (f"-v{v}" if v > 1 else "")
+        label = f"pipeline {sched} p={p} m={m}" + (f" v={v}" if v > 1 else "")
+        if d > 1:
+            name, label = name + f"-dp{d}", label + f" x dp={d}"
+        if rc:
+            name, label = name + "-recompute", label + " + recompute"
+        out.append(Variant(name, "pipeline", label, p * d, B, settings))
     return out
 
 

@@ -88,7 +88,7 @@ class TimeSource(Enum):
 
 
 class NanCheck(Enum):
-    """Where the numerical guard looks for non-finite values (reliability/guard.py)."""
+    """Where the numerical guard looks for non-finite values (runtime/guard.py)."""
 
     step = "step"  # losses and parameter gradients each step; a failure replays the step
     microbatch = "microbatch"  # every activation, loss and gradient of every microbatch
@@ -221,7 +221,7 @@ class RuntimeConfig:
     tf32: bool = False  # allow TF32 matmuls on Ampere+ GPUs (float32 runs)
     nvml_interval: float = 0.2  # seconds between NVML samples on GPU (0: off)
     hang_timeout: float | None = None  # seconds without a finished action; None: timeout / 2
-    nan_check: NanCheck = NanCheck.step  # numerical guard granularity (reliability/guard.py)
+    nan_check: NanCheck = NanCheck.step  # numerical guard granularity (runtime/guard.py)
 
 
 @dataclass
@@ -347,13 +347,35 @@ def load_config(
     return cfg
 
 
+def typed(cfg: DictConfig | Config) -> Config:
+    """The composed config as the typed dataclasses above, resolved once at the entrance.
+
+    Entry points call it after the composed config is final (data=file shapes filled in,
+    `validate` passed); below them every value has its schema's type (an int is an int, an
+    enum an enum), so no layer casts, and interpolations such as checkpoint.dir are resolved.
+    """
+    if isinstance(cfg, Config):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj
+
+
+def as_container(cfg: DictConfig | Config) -> dict[str, Any]:
+    """The config as plain data (enums as their names): what summary.json records."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    out = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------------------
 # Cross-field validation
 # ---------------------------------------------------------------------------------------
 
 
-def num_layers(cfg: Any) -> int:
-    return len(cfg.model.hidden) + 1
+def num_layers(model: ModelConfig) -> int:
+    return len(model.hidden) + 1
 
 
 def world_size_from_env() -> int:
@@ -367,19 +389,19 @@ def _suggest(value: str, options: Sequence[str]) -> str:
     return f"{hint}. Choose one of: {', '.join(options)}."
 
 
-def recompute_stages(cfg: Any, num_stages: int) -> set[int]:
+def recompute_stages(schedule: ScheduleConfig, num_stages: int) -> set[int]:
     """The stages that recompute their forward in backward (`schedule.recompute*`)."""
-    if not cfg.schedule.recompute:
+    if not schedule.recompute:
         return set()
-    chosen = cfg.schedule.recompute_stages
+    chosen = schedule.recompute_stages
     return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
 
 
 def num_stages(cfg: Any, world_size: int) -> int:
     """Pipeline ranks per replica: pipeline.stages, else world size / parallel.dp."""
     if cfg.pipeline.stages is not None:
-        return int(cfg.pipeline.stages)
-    return max(world_size // max(int(cfg.parallel.dp), 1), 1)
+        return cfg.pipeline.stages
+    return max(world_size // max(cfg.parallel.dp, 1), 1)
 
 
 def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
@@ -400,9 +422,9 @@ def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def _on_gpu(cfg: Any) -> bool:
+def _on_gpu(runtime: RuntimeConfig) -> bool:
     """Whether this run computes on CUDA (auto: when torch sees a GPU)."""
-    device = Device(cfg.runtime.device)
+    device = Device(runtime.device)
     if device == Device.auto:
         import torch
 
@@ -413,7 +435,7 @@ def _on_gpu(cfg: Any) -> bool:
 def _gpu_cap_problems(cfg: Any) -> list[str]:
     """On GPU the caching allocator enforces the cap in whole segments: a cap below what it
     can honour for this run fails at its first allocation (runtime/allocator.py)."""
-    if not _on_gpu(cfg):
+    if not _on_gpu(cfg.runtime):
         return []
     from splitgraph.runtime.allocator import min_cap
     from splitgraph.units import format_bytes
@@ -431,24 +453,64 @@ def _gpu_cap_problems(cfg: Any) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """The derived numbers several sections' rules share, computed once."""
+
+    ranks: int  # the world size checked against (at least 1)
+    stages: int  # pipeline ranks per replica
+    virtual: int  # schedule.virtual_stages
+    chunks: int  # model chunks in all: stages x virtual stages
+    layers: int  # Linear layers of the model
+    dp: int  # data-parallel replicas
+
+
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """Check the rules that span fields; raise one ConfigError naming every problem.
 
     Pure and cheap: no process group, no data loading (file shapes are checked by the
-    loader, which names the file). Every rank calls it before `init_process_group`.
+    loader, which names the file). Every rank calls it before `init_process_group`. Each
+    section's rules are one function returning its messages; this only concatenates them.
     """
     ws = world_size_from_env() if world_size is None else world_size
-    errors: list[str] = []
-    m, t, p = cfg.model, cfg.train, cfg.pipeline
-    layers = num_layers(cfg)
-    if ws < 1:
-        errors.append(
-            f"a launch of {ws} ranks: splitgraph needs at least 1 (--nproc / --nproc-per-node)."
-        )
-        ws = 1  # check the rest as for one rank
+    errors = _world_problems(ws)
+    ranks = max(ws, 1)  # check the rest as for one rank
+    stages = num_stages(cfg, ranks)
+    virtual = cfg.schedule.virtual_stages
+    shape = _Shape(
+        ranks=ranks,
+        stages=stages,
+        virtual=virtual,
+        chunks=stages * max(virtual, 1),
+        layers=num_layers(cfg.model),
+        dp=cfg.parallel.dp,
+    )
+    errors += _model_problems(cfg.model, cfg.data)
+    errors += _pipeline_problems(cfg, shape)
+    errors += _schedule_problems(cfg.schedule, cfg.pipeline.microbatches, shape)
+    errors += _partition_problems(cfg.partition, shape)
+    errors += _train_problems(cfg.train, cfg.trace)
+    errors += _data_problems(cfg.data, cfg.train.batch_size)
+    errors += _optim_problems(cfg.optim)
+    errors += _runtime_problems(cfg.runtime, shape.ranks)
+    errors += _checkpoint_problems(cfg.checkpoint)
+    errors += _debug_problems(cfg.debug, cfg.checkpoint.every, shape.ranks)
+    errors += _non_finite_floats(cfg)
+    if errors:
+        raise ConfigError(errors)
 
-    # model
-    unknown = [k for k in ("features", "outputs") if cfg.data[k] is None]
+
+def _world_problems(ws: int) -> list[str]:
+    if ws < 1:
+        return [
+            f"a launch of {ws} ranks: splitgraph needs at least 1 (--nproc / --nproc-per-node)."
+        ]
+    return []
+
+
+def _model_problems(m: ModelConfig, data: DataConfig) -> list[str]:
+    errors: list[str] = []
+    unknown = [k for k in ("features", "outputs") if getattr(data, k) is None]
     if unknown:
         keys = " and ".join(f"data.{k}" for k in unknown)
         errors.append(
@@ -460,102 +522,127 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"model.in_features={m.in_features} and model.out_features={m.out_features} "
             "must be >= 1 (they follow data.features and data.outputs)."
         )
-    bad = [w for w in m.hidden if w < 1]
-    if bad:
+    if any(w < 1 for w in m.hidden):
         errors.append(f"model.hidden={list(m.hidden)} has widths < 1: every layer needs >= 1 unit.")
     if not unknown and m.task == Task.classification and m.out_features < 2:
         errors.append(
             f"model.task=classification needs >= 2 classes; got data.outputs={m.out_features}."
         )
+    return errors
 
-    # pipeline
-    v = int(cfg.schedule.virtual_stages)
-    stages = num_stages(cfg, ws)
-    chunks = stages * max(v, 1)
-    dp = int(cfg.parallel.dp)
+
+def _replica_problems(stages: int | None, shape: _Shape) -> list[str]:
+    """parallel.dp against the world size and pipeline.stages."""
+    ws, dp = shape.ranks, shape.dp
     if dp < 1:
-        errors.append(f"parallel.dp={dp} must be >= 1 (1: a single pipeline, no replicas).")
-    elif p.stages is not None and p.stages * dp != ws:
+        return [f"parallel.dp={dp} must be >= 1 (1: a single pipeline, no replicas)."]
+    if stages is not None and stages * dp != ws:
         fix = f"set pipeline.stages={ws // dp} (or leave it unset)" if ws % dp == 0 else ""
         if not fix:
             fix = f"set parallel.dp to a divisor of {ws}"
-        errors.append(
-            f"pipeline.stages={p.stages} x parallel.dp={dp} = {p.stages * dp} ranks but the "
+        return [
+            f"pipeline.stages={stages} x parallel.dp={dp} = {stages * dp} ranks but the "
             f"world size is {ws}: splitgraph runs one stage per rank, once per data-parallel "
-            f"replica. Launch with --nproc-per-node {p.stages * dp} or {fix}."
-        )
-    elif ws % dp:
+            f"replica. Launch with --nproc-per-node {stages * dp} or {fix}."
+        ]
+    if ws % dp:
         divisors = [d for d in range(1, ws + 1) if ws % d == 0]
-        errors.append(
+        return [
             f"parallel.dp={dp} does not divide the world size {ws}: world size = parallel.dp "
             f"x pipeline.stages. Use parallel.dp in {divisors}, or launch a multiple of {dp} "
             "processes."
+        ]
+    return []
+
+
+def _memory_cap_problems(cfg: Any) -> list[str]:
+    """pipeline.memory_cap: a size, and (GPU) one the caching allocator can honour."""
+    cap = cfg.pipeline.memory_cap
+    if cap is None:
+        return []
+    errors: list[str] = []
+    try:
+        parse_bytes(cap)
+    except ValueError as e:
+        errors.append(f"pipeline.memory_cap={cap!r}: {e}")
+    else:
+        errors += _gpu_cap_problems(cfg)
+    if not cfg.runtime.track_memory and cfg.runtime.device != Device.cuda:
+        errors.append(
+            f"pipeline.memory_cap={cap!r} is enforced on CPU through the "
+            "saved-activation accounting, which runtime.track_memory=false turns off. "
+            "Set runtime.track_memory=true or drop the cap."
         )
+    return errors
+
+
+def _microbatch_problems(mb: int, batch: int, dp: int) -> list[str]:
+    """pipeline.microbatches against the (per-replica) batch."""
+    if mb < 1:
+        return [f"pipeline.microbatches={mb} must be >= 1."]
+    if dp <= 1 and mb > batch:
+        return [
+            f"pipeline.microbatches={mb} exceeds train.batch_size={batch}: "
+            "a microbatch would be empty. Use at most one microbatch per sample."
+        ]
+    if dp > 1 and mb > batch // dp:
+        return [
+            f"pipeline.microbatches={mb} exceeds the per-replica batch "
+            f"train.batch_size/parallel.dp = {batch}/{dp} = {batch // dp}: a "
+            "microbatch would be empty. Use fewer microbatches or a larger batch."
+        ]
+    return []
+
+
+def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
+    """Stages, replicas, memory cap, microbatches: how the work is cut across ranks."""
+    from splitgraph.partition import STRATEGIES
+
+    errors = _replica_problems(cfg.pipeline.stages, shape)
+    stages, v, dp = shape.stages, shape.virtual, shape.dp
+    batch = cfg.train.batch_size
     if stages < 1:
         errors.append(f"pipeline.stages={stages} must be >= 1.")
-    if chunks > layers:
+    if shape.chunks > shape.layers:
         what = f"{stages} stages" if v == 1 else f"{stages} ranks x {v} virtual stages"
         errors.append(
-            f"{what} but the model has only {layers} layers (model.hidden has "
-            f"{len(m.hidden)} entries + the output layer): every stage needs >= 1 layer. "
+            f"{what} but the model has only {shape.layers} layers (model.hidden has "
+            f"{len(cfg.model.hidden)} entries + the output layer): every stage needs >= 1 layer. "
             f"Use fewer stages or add layers to model.hidden."
         )
-    if p.memory_cap is not None:
-        try:
-            parse_bytes(p.memory_cap)
-        except ValueError as e:
-            errors.append(f"pipeline.memory_cap={p.memory_cap!r}: {e}")
-        else:
-            errors += _gpu_cap_problems(cfg)
-        if not cfg.runtime.track_memory and cfg.runtime.device != Device.cuda:
-            errors.append(
-                f"pipeline.memory_cap={p.memory_cap!r} is enforced on CPU through the "
-                "saved-activation accounting, which runtime.track_memory=false turns off. "
-                "Set runtime.track_memory=true or drop the cap."
-            )
-    if dp > 1 and t.batch_size % dp:
-        lo = max(t.batch_size // dp * dp, dp)
+    errors += _memory_cap_problems(cfg)
+    if dp > 1 and batch % dp:
+        lo = max(batch // dp * dp, dp)
         errors.append(
-            f"train.batch_size={t.batch_size} is not divisible by parallel.dp={dp}: each "
+            f"train.batch_size={batch} is not divisible by parallel.dp={dp}: each "
             f"replica takes an equal share of every minibatch. Use a multiple of {dp} (e.g. "
             f"train.batch_size={lo})."
         )
-    errors += _pipeline_cost_problems(cfg, stages)
-    from splitgraph.partition import STRATEGIES
-
-    costed = str(cfg.partition.strategy)
-    if costed in STRATEGIES and STRATEGIES[costed].costed and v > 1:
+    errors += _pipeline_cost_problems(cfg.pipeline, cfg.costs, stages)
+    strat = cfg.partition.strategy
+    if strat in STRATEGIES and STRATEGIES[strat].costed and v > 1:
         *rest, last = [n for n, spec in STRATEGIES.items() if not spec.costed]
         errors.append(
-            f"partition={costed} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
+            f"partition={strat} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
             f"on each. Use partition={', '.join(rest)} or {last} with virtual stages."
         )
-    if p.microbatches < 1:
-        errors.append(f"pipeline.microbatches={p.microbatches} must be >= 1.")
-    elif dp <= 1 and p.microbatches > t.batch_size:
-        errors.append(
-            f"pipeline.microbatches={p.microbatches} exceeds train.batch_size={t.batch_size}: "
-            "a microbatch would be empty. Use at most one microbatch per sample."
-        )
-    elif dp > 1 and p.microbatches > t.batch_size // dp:
-        errors.append(
-            f"pipeline.microbatches={p.microbatches} exceeds the per-replica batch "
-            f"train.batch_size/parallel.dp = {t.batch_size}/{dp} = {t.batch_size // dp}: a "
-            "microbatch would be empty. Use fewer microbatches or a larger batch."
-        )
+    errors += _microbatch_problems(cfg.pipeline.microbatches, cfg.train.batch_size, dp)
     if cfg.parallel.bucket_mb <= 0:
         errors.append(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0 (MiB).")
+    return errors
 
-    # schedule
+
+def _schedule_problems(s: ScheduleConfig, mb: int, shape: _Shape) -> list[str]:
     from splitgraph.schedule import SCHEDULES
 
-    sched = str(cfg.schedule.name)
+    errors: list[str] = []
+    sched = s.name
     if sched not in SCHEDULES:
         errors.append(
             f"schedule.name={sched!r} is not a schedule{_suggest(sched, tuple(SCHEDULES))}"
         )
-    elif p.microbatches >= 1:
-        errors.extend(SCHEDULES[sched].problems(stages, v, int(p.microbatches)))
+    elif mb >= 1:
+        errors.extend(SCHEDULES[sched].problems(shape.stages, shape.virtual, int(mb)))
     if sched in SCHEDULES and not SCHEDULES[sched].trainable:
         runs = ", ".join(n for n, spec in SCHEDULES.items() if spec.trainable)
         errors.append(
@@ -564,27 +651,34 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             "stage s on rank s % p and builds schedules from (ranks, microbatches) alone. "
             f"Train with one of: {runs}."
         )
-    if cfg.schedule.path is not None and sched != "csv":
+    if s.path is not None and sched != "csv":
         errors.append(f"schedule.path is only read with schedule=csv (got schedule={sched}).")
-    rs = cfg.schedule.recompute_stages
+    rs = s.recompute_stages
     if rs is not None:
-        if not cfg.schedule.recompute:
+        if not s.recompute:
             errors.append(
                 f"schedule.recompute_stages={list(rs)} is only read with schedule.recompute=true."
             )
-        bad_stages = [s for s in rs if not 0 <= s < chunks]
-        if bad_stages:
+        outside = [st for st in rs if not 0 <= st < shape.chunks]
+        if outside:
             errors.append(
-                f"schedule.recompute_stages={list(rs)} names stages {bad_stages} outside "
-                f"0..{chunks - 1}."
+                f"schedule.recompute_stages={list(rs)} names stages {outside} outside "
+                f"0..{shape.chunks - 1}."
             )
-    # partition
-    strat = str(cfg.partition.strategy)
+    return errors
+
+
+def _partition_problems(part: PartitionConfig, shape: _Shape) -> list[str]:
+    from splitgraph.partition import STRATEGIES
+
+    errors: list[str] = []
+    chunks, layers = shape.chunks, shape.layers
+    strat = part.strategy
     if strat not in STRATEGIES:
         errors.append(
             f"partition.strategy={strat!r} is not a strategy{_suggest(strat, tuple(STRATEGIES))}"
         )
-    bounds = cfg.partition.boundaries
+    bounds = part.boundaries
     if strat == "manual":
         if bounds is None:
             example = [round(i * layers / chunks) for i in range(1, chunks)]
@@ -609,8 +703,12 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"partition.boundaries={list(bounds)} is only read by partition=manual; "
             f"partition.strategy is {strat!r}. Drop it or use partition=manual."
         )
+    return errors
 
-    # train
+
+def _train_problems(t: TrainConfig, trace: TraceConfig) -> list[str]:
+    """The train section, and the trace window it measures."""
+    errors: list[str] = []
     if t.batch_size < 1:
         errors.append(f"train.batch_size={t.batch_size} must be >= 1.")
     if (t.steps is None) == (t.epochs is None):
@@ -619,12 +717,12 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             "must be null (e.g. train.epochs=3 train.steps=null)."
         )
     for key in ("steps", "epochs"):
-        v = getattr(t, key)
-        if v is not None and v < 1:
-            errors.append(f"train.{key}={v} must be >= 1.")
-    if cfg.trace.warmup < 0 or cfg.trace.steps < 1:
+        count = getattr(t, key)
+        if count is not None and count < 1:
+            errors.append(f"train.{key}={count} must be >= 1.")
+    if trace.warmup < 0 or trace.steps < 1:
         errors.append(
-            f"trace.warmup={cfg.trace.warmup} must be >= 0 and trace.steps={cfg.trace.steps} "
+            f"trace.warmup={trace.warmup} must be >= 0 and trace.steps={trace.steps} "
             ">= 1 (or trace.enabled=false)."
         )
     if t.log_every < 1:
@@ -633,16 +731,18 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         errors.append(f"train.eval_every={t.eval_every} must be >= 1 step (or null: no evals).")
     if t.time_budget is not None and t.time_budget <= 0:
         errors.append(f"train.time_budget={t.time_budget} must be > 0 seconds (or null).")
+    return errors
 
-    # data
-    d = cfg.data
+
+def _data_problems(d: DataConfig, batch: int) -> list[str]:
+    errors: list[str] = []
     if not 0.0 <= d.test_fraction < 1.0:
         errors.append(f"data.test_fraction={d.test_fraction} must be in [0, 1).")
     if d.name == DataName.synthetic and 0.0 <= d.test_fraction < 1.0:
         n_train = d.samples - int(d.samples * d.test_fraction)
-        if n_train < t.batch_size:
+        if n_train < batch:
             errors.append(
-                f"train.batch_size={t.batch_size} exceeds the {n_train} training samples "
+                f"train.batch_size={batch} exceeds the {n_train} training samples "
                 f"(data.samples={d.samples}, data.test_fraction={d.test_fraction}). "
                 "Lower the batch or raise data.samples."
             )
@@ -655,9 +755,11 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"data=digits has 64 features and 10 classes; got data.features={d.features}, "
             f"data.outputs={d.outputs}. Leave them at the data=digits defaults."
         )
+    return errors
 
-    # optimizer
-    o = cfg.optim
+
+def _optim_problems(o: OptimConfig) -> list[str]:
+    errors: list[str] = []
     if o.lr <= 0:
         errors.append(f"optim.lr={o.lr} must be > 0.")
     if not 0.0 <= o.momentum < 1.0:
@@ -668,9 +770,11 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         errors.append(f"optim.weight_decay={o.weight_decay} must be >= 0.")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         errors.append(f"optim.betas={list(o.betas)} must be two numbers in [0, 1).")
+    return errors
 
-    # runtime
-    r = cfg.runtime
+
+def _runtime_problems(r: RuntimeConfig, ranks: int) -> list[str]:
+    errors: list[str] = []
     if r.timeout <= 0:
         errors.append(f"runtime.timeout={r.timeout} must be > 0 seconds.")
     if r.backend == Backend.nccl and r.device == Device.cpu:
@@ -681,7 +785,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     if (
         r.backend == Backend.gloo
         and r.device == Device.cuda
-        and ws > 1
+        and ranks > 1
         and r.transport != Transport.staged
     ):
         errors.append(
@@ -704,39 +808,42 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             f"runtime.timeout={r.timeout}, so the watchdog reports a hang before the process "
             "group times out (null: half of runtime.timeout)."
         )
+    return errors
 
-    # checkpoints
-    c = cfg.checkpoint
+
+def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
+    errors: list[str] = []
     if c.every is not None and c.every < 1:
         errors.append(f"checkpoint.every={c.every} must be >= 1 (or null: no checkpoints).")
     if c.keep < 1:
         errors.append(f"checkpoint.keep={c.keep} must be >= 1.")
     if not str(c.resume).strip():
         errors.append("checkpoint.resume is empty: use auto, never, or a checkpoint path.")
+    return errors
 
-    # fault injection
-    dbg = cfg.debug
+
+def _debug_problems(dbg: DebugConfig, checkpoint_every: int | None, ranks: int) -> list[str]:
+    """Fault injection (splitgraph/faults.py)."""
+    errors: list[str] = []
     if dbg.fail_at_step is not None:
-        if not 0 <= dbg.fail_rank < ws:
-            errors.append(f"debug.fail_rank={dbg.fail_rank} is not a rank of this {ws}-rank run.")
+        if not 0 <= dbg.fail_rank < ranks:
+            errors.append(
+                f"debug.fail_rank={dbg.fail_rank} is not a rank of this {ranks}-rank run."
+            )
         if dbg.fail_at_step < 0:
             errors.append(f"debug.fail_at_step={dbg.fail_at_step} must be >= 0.")
     if dbg.fail_mode not in FAIL_MODES:
         errors.append(
             f"debug.fail_mode={dbg.fail_mode!r} is not a fault{_suggest(dbg.fail_mode, FAIL_MODES)}"
         )
-    elif dbg.fail_mode == "kill_in_save" and c.every is None:
+    elif dbg.fail_mode == "kill_in_save" and checkpoint_every is None:
         errors.append(
             "debug.fail_mode=kill_in_save kills a rank while it writes a checkpoint, but "
             "checkpoint.every=null writes none. Set checkpoint.every."
         )
     if dbg.fail_attempt < 0:
         errors.append(f"debug.fail_attempt={dbg.fail_attempt} must be >= 0.")
-
-    errors += _non_finite_floats(cfg)
-
-    if errors:
-        raise ConfigError(errors)
+    return errors
 
 
 def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
@@ -749,10 +856,9 @@ def _positive_bytes(key: str, value: Any, unit: str) -> list[str]:
     return []
 
 
-def _pipeline_cost_problems(cfg: Any, stages: int) -> list[str]:
+def _pipeline_cost_problems(p: PipelineConfig, c: CostsConfig, stages: int) -> list[str]:
     """The planner's inputs: devices, link and profiling settings (splitgraph/cost/costs.py)."""
     errors: list[str] = []
-    p, c = cfg.pipeline, cfg.costs
     if p.devices is not None:
         devices = list(p.devices)
         if len(devices) != stages:

@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import OptimName, TimeSource, num_stages, recompute_stages
+from splitgraph.config import (
+    OptimName,
+    PipelineConfig,
+    TimeSource,
+    num_stages,
+    recompute_stages,
+)
 from splitgraph.cost.link import Link
 from splitgraph.cost.memory_model import ModelShape, Walk, predict_for_plan, predict_saved_peak
 from splitgraph.data import microbatch_sizes
@@ -203,9 +209,8 @@ class ModelCosts:
         return AutoInput(ranks, len(self.sizes), costs, stages // ranks, cap, memory, "bytes")
 
 
-def devices_from_config(cfg: Any, stages: int) -> tuple[Device, ...]:
+def devices_from_config(p: PipelineConfig, stages: int) -> tuple[Device, ...]:
     """`pipeline.devices` (speed, memory), else identical devices capped by memory_cap."""
-    p = cfg.pipeline
     default_cap = parse_bytes(p.memory_cap) if p.memory_cap is not None else None
     if p.devices is None:
         return tuple(Device(1.0, default_cap) for _ in range(stages))
@@ -224,7 +229,7 @@ def link_from_config(cfg: Any, measure: bool = True) -> Link:
         return Link(float("inf"), float(p.latency or 0.0), "none (pipeline.bandwidth unset)")
     from splitgraph.cost.profiler import measured_link
 
-    link = measured_link(cfg)
+    link = measured_link(cfg.costs)
     if p.latency is not None:
         link = Link(link.bandwidth, float(p.latency), link.source + ", configured latency")
     return link
@@ -245,14 +250,14 @@ def model_costs(
     es = torch.empty((), dtype=dtype).element_size()
     layers = layer_specs(cfg)
     # each data-parallel replica cuts its own B/dp rows into the microbatches
-    local = int(cfg.train.batch_size) // max(int(cfg.parallel.dp), 1)
-    sizes = tuple(microbatch_sizes(local, int(cfg.pipeline.microbatches)))
+    local = cfg.train.batch_size // max(cfg.parallel.dp, 1)
+    sizes = tuple(microbatch_sizes(local, cfg.pipeline.microbatches))
     source = TimeSource(cfg.costs.times)
     if not times:
         fwd = bwd = (0.0,) * len(layers)
         link = link or link_from_config(cfg, measure=False)
     elif source == TimeSource.flops:
-        rate = float(cfg.costs.flops_per_s)
+        rate = cfg.costs.flops_per_s
         pairs = [flops(layer, sizes[0], layer.index == len(layers) - 1) for layer in layers]
         fwd = tuple(f / rate for f, _ in pairs)
         bwd = tuple(b / rate for _, b in pairs)
@@ -269,12 +274,12 @@ def model_costs(
         forward=fwd,
         backward=bwd,
         link=link if link is not None else link_from_config(cfg),
-        devices=devices_from_config(cfg, k),
+        devices=devices_from_config(cfg.pipeline, k),
         optimizer_slots=optimizer_slots(cfg.optim),
         optimizer_scalar_bytes=optimizer_scalar_bytes(cfg.optim),
         time_source=source.value if times else "none",
-        schedule_name=str(cfg.schedule.name),
-        recompute=frozenset(recompute_stages(cfg, k)),
+        schedule_name=cfg.schedule.name,
+        recompute=frozenset(recompute_stages(cfg.schedule, k)),
     )
 
 

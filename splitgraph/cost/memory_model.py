@@ -26,16 +26,15 @@ Two parts, so new ops and new schedule rules each have one place to go:
 
 Exact for float32 and float64. Under bf16 autocast the meter also sees autocast's casts
 (each weight's bf16 copy, shared by the step's microbatches; the cast of a float32 input),
-which this model does not price: `predictable(cfg)` says so.
+which this model does not price: `predictable(cfg.runtime)` says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from splitgraph.config import Activation, Task
+from splitgraph.config import Activation, RuntimeConfig, Task
 from splitgraph.schedule.ir import Action, B, F, I, Schedule, W
 
 #: Key of one saved tensor on a rank: (global tensor name, microbatch).
@@ -93,11 +92,11 @@ def stage_saved(shape: ModelShape, start: int, stop: int, mb: int, n: int) -> Sa
     return out
 
 
-def predictable(cfg: Any) -> bool:
-    """Whether the model is exact for this config: not under bf16 autocast."""
+def predictable(runtime: RuntimeConfig) -> bool:
+    """Whether the model is exact for this run: not under bf16 autocast."""
     from splitgraph.config import DType
 
-    return DType(cfg.runtime.dtype) != DType.bfloat16
+    return DType(runtime.dtype) != DType.bfloat16
 
 
 def stage_saved_bytes(shape: ModelShape, start: int, stop: int, n: int) -> int:

@@ -31,15 +31,15 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import Task
+from splitgraph.config import CostsConfig, ModelConfig, Task
 from splitgraph.cost.link import Link
 from splitgraph.model import build_mlp, loss_sum
 
 
-def cache_dir(cfg: Any) -> Path:
+def cache_dir(costs: CostsConfig) -> Path:
     """`costs.cache_dir`, else $SPLITGRAPH_CACHE, else ~/.cache/splitgraph."""
-    if cfg.costs.cache_dir:
-        return Path(str(cfg.costs.cache_dir))
+    if costs.cache_dir:
+        return Path(costs.cache_dir)
     env = os.environ.get("SPLITGRAPH_CACHE")
     if env:
         return Path(env)
@@ -107,7 +107,7 @@ def time_layer(
         target = torch.randn(n, out_f, generator=gen).to(dtype=dtype, device=device)
     grad = torch.randn(n, out_f, generator=gen).to(dtype=dtype, device=device)
     fwd, bwd = [], []
-    warmup, repeats = int(cfg.costs.warmup), int(cfg.costs.repeats)
+    warmup, repeats = cfg.costs.warmup, cfg.costs.repeats
     for r in range(warmup + repeats):
         for p in module.parameters():
             p.grad = None
@@ -137,8 +137,7 @@ def time_layer(
     }
 
 
-def _layer_key(cfg: Any, index: int, n: int, dtype: torch.dtype, device: torch.device) -> str:
-    m = cfg.model
+def _layer_key(m: ModelConfig, index: int, n: int, dtype: torch.dtype, device: torch.device) -> str:
     dims = [int(m.in_features), *(int(h) for h in m.hidden), int(m.out_features)]
     last = index == len(dims) - 2
     role = f"loss={Task(m.task).value}" if last else f"phi={m.activation.value}"
@@ -153,10 +152,10 @@ def profile_layers(
 ) -> list[tuple[float, float]]:
     """(forward, backward) seconds per layer for microbatches of `n` rows (costs.statistic
     of the repeats); cached."""
-    dims = [int(cfg.model.in_features), *cfg.model.hidden, int(cfg.model.out_features)]
-    keys = [_layer_key(cfg, i, n, dtype, device) for i in range(len(dims) - 1)]
-    suffix = "_min" if str(cfg.costs.statistic) == "min" else ""
-    with _Cache(cache_dir(cfg)).locked() as data:
+    dims = [cfg.model.in_features, *cfg.model.hidden, cfg.model.out_features]
+    keys = [_layer_key(cfg.model, i, n, dtype, device) for i in range(len(dims) - 1)]
+    suffix = "_min" if cfg.costs.statistic == "min" else ""
+    with _Cache(cache_dir(cfg.costs)).locked() as data:
         for i, key in enumerate(keys):
             if key not in data or f"forward{suffix}" not in data[key]:
                 data[key] = time_layer(cfg, i, n, dtype, device)
@@ -226,12 +225,12 @@ def _link_worker(rank: int, world: int) -> dict[str, float] | None:
     return ping_pong(rank, 1 - rank)
 
 
-def measured_link(cfg: Any) -> Link:
+def measured_link(costs: CostsConfig) -> Link:
     """This host's gloo loopback (two spawned processes), measured once and cached."""
     from splitgraph.spawn import run_ranks
 
     key = f"link|gloo|{platform.node()}|torch {torch.__version__}"
-    with _Cache(cache_dir(cfg)).locked() as data:
+    with _Cache(cache_dir(costs)).locked() as data:
         if key not in data:
             data[key] = run_ranks(_link_worker, 2, timeout=120)[0]
         got = data[key]

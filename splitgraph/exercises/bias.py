@@ -66,7 +66,7 @@ def run(cfg: Any) -> BiasResult:
     """The configured model with biases, float64, on minibatch 0."""
     if not cfg.model.bias:
         raise ValueError("exercise 2 is about biases: run it with model.bias=true")
-    lam = float(cfg.optim.weight_decay)
+    lam = cfg.optim.weight_decay
     if lam == 0.0:
         raise ValueError("exercise 2 shows what weight decay does: set optim.weight_decay > 0")
     act, task = str(cfg.model.activation.value), str(cfg.model.task.value)

@@ -31,41 +31,56 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from splitgraph.config import ModelConfig, OptimConfig, Task
 from splitgraph.exercises import first_batch
 from splitgraph.model import StageModule, build_mlp, objective
 from splitgraph.observe.memory import SavedTensorMeter
 
 
-def _J(model: StageModule, x: Tensor, y: Tensor, cfg: Any) -> Tensor:
-    return objective(model, x, y, cfg.model.task, float(cfg.optim.weight_decay))[1]
+@dataclass(frozen=True)
+class Objective:
+    """What J = L + s needs beyond the model: the loss (model.task) and lambda."""
+
+    task: Task
+    weight_decay: float
+
+    @staticmethod
+    def of(model: ModelConfig, optim: OptimConfig) -> Objective:
+        return Objective(model.task, optim.weight_decay)
 
 
-def gradient(model: StageModule, x: Tensor, y: Tensor, cfg: Any) -> list[Tensor]:
+def _J(model: StageModule, x: Tensor, y: Tensor, obj: Objective) -> Tensor:
+    return objective(model, x, y, obj.task, obj.weight_decay)[1]
+
+
+def gradient(model: StageModule, x: Tensor, y: Tensor, obj: Objective) -> list[Tensor]:
     params = list(model.parameters())
-    return list(torch.autograd.grad(_J(model, x, y, cfg), params))
+    return list(torch.autograd.grad(_J(model, x, y, obj), params))
 
 
-def hvp(model: StageModule, x: Tensor, y: Tensor, cfg: Any, v: Sequence[Tensor]) -> list[Tensor]:
+def hvp(
+    model: StageModule, x: Tensor, y: Tensor, obj: Objective, v: Sequence[Tensor]
+) -> list[Tensor]:
     """H v by double backward: grad of (grad J . v) with respect to the parameters."""
     params = list(model.parameters())
-    g = torch.autograd.grad(_J(model, x, y, cfg), params, create_graph=True)
+    g = torch.autograd.grad(_J(model, x, y, obj), params, create_graph=True)
     gv = sum((gi * vi).sum() for gi, vi in zip(g, v))
     return list(torch.autograd.grad(gv, params))
 
 
 def finite_difference_hvp(
-    model: StageModule, x: Tensor, y: Tensor, cfg: Any, v: Sequence[Tensor], eps: float
+    model: StageModule, x: Tensor, y: Tensor, obj: Objective, v: Sequence[Tensor], eps: float
 ) -> list[Tensor]:
     """(g(theta + eps v) - g(theta - eps v)) / (2 eps); the parameters are restored after."""
     params = list(model.parameters())
     with torch.no_grad():
         for p, vi in zip(params, v):
             p.add_(vi, alpha=eps)
-    plus = gradient(model, x, y, cfg)
+    plus = gradient(model, x, y, obj)
     with torch.no_grad():
         for p, vi in zip(params, v):
             p.add_(vi, alpha=-2 * eps)
-    minus = gradient(model, x, y, cfg)
+    minus = gradient(model, x, y, obj)
     with torch.no_grad():
         for p, vi in zip(params, v):
             p.add_(vi, alpha=eps)
@@ -89,12 +104,14 @@ def _rel(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
     return num / max(w.abs().max().item() for w in want)
 
 
-def saved_bytes(model: StageModule, x: Tensor, y: Tensor, cfg: Any, second_order: bool) -> int:
+def saved_bytes(
+    model: StageModule, x: Tensor, y: Tensor, obj: Objective, second_order: bool
+) -> int:
     """Peak saved-for-backward bytes of a gradient (False) or of an HVP's graph (True)."""
     params = list(model.parameters())
     meter = SavedTensorMeter(params)
     with meter:
-        J = _J(model, x, y, cfg)
+        J = _J(model, x, y, obj)
         g = torch.autograd.grad(J, params, create_graph=second_order)
     del g, J
     return meter.peak
@@ -128,15 +145,16 @@ class HessianResult:
 def run(cfg: Any, repeats: int = 20, eps: float = 1e-5, seed: int = 0) -> HessianResult:
     if repeats < 1:
         raise ValueError(f"--repeats {repeats}: need at least one repeat")
+    obj = Objective.of(cfg.model, cfg.optim)
     model = build_mlp(cfg, dtype=torch.float64)
     x, y = first_batch(cfg, torch.float64)
     v = random_direction(model, seed)
     u = random_direction(model, seed + 1)
-    Hv = hvp(model, x, y, cfg, v)
-    fd = finite_difference_hvp(model, x, y, cfg, v, eps)
-    uHv, vHu = _dot(u, Hv), _dot(v, hvp(model, x, y, cfg, u))
+    Hv = hvp(model, x, y, obj, v)
+    fd = finite_difference_hvp(model, x, y, obj, v, eps)
+    uHv, vHu = _dot(u, Hv), _dot(v, hvp(model, x, y, obj, u))
     times: dict[str, list[float]] = {"gradient": [], "hvp": []}
-    jobs = {"gradient": lambda: gradient(model, x, y, cfg), "hvp": lambda: hvp(model, x, y, cfg, v)}
+    jobs = {"gradient": lambda: gradient(model, x, y, obj), "hvp": lambda: hvp(model, x, y, obj, v)}
     for i in range(repeats + 2):  # two warm-up rounds, then interleaved repeats
         for name, job in jobs.items():
             t0 = time.perf_counter()
@@ -152,8 +170,8 @@ def run(cfg: Any, repeats: int = 20, eps: float = 1e-5, seed: int = 0) -> Hessia
         repeats=repeats,
         gradient_s=statistics.median(times["gradient"]),
         hvp_s=statistics.median(times["hvp"]),
-        gradient_saved=saved_bytes(model, x, y, cfg, second_order=False),
-        hvp_saved=saved_bytes(model, x, y, cfg, second_order=True),
+        gradient_saved=saved_bytes(model, x, y, obj, second_order=False),
+        hvp_saved=saved_bytes(model, x, y, obj, second_order=True),
     )
 
 

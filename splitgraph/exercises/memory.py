@@ -51,7 +51,7 @@ def predict_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: Sequence[int]) -
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan
 
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
-    recompute = recompute_stages(cfg, plan.num_stages)
+    recompute = recompute_stages(cfg.schedule, plan.num_stages)
     shape = ModelShape.from_config(cfg, es)
     return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
 
@@ -133,20 +133,21 @@ def optimizer_state_elements(optim_cfg: Any, params: int, tensors: int) -> tuple
     return 2 * params, tensors
 
 
-def predict_state(cfg: Any, plan: Plan, stage: int) -> tuple[int, int, int]:
-    """(parameter, gradient, optimizer-state) bytes of `stage`: exact, from the layer shapes."""
-    elem = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
+def predict_state(optim: Any, dtype: Any, plan: Plan, stage: int) -> tuple[int, int, int]:
+    """(parameter, gradient, optimizer-state) bytes of `stage`: exact, from the layer shapes
+    (`optim`: the optim section; `dtype`: runtime.dtype)."""
+    elem = torch.empty((), dtype=torch_dtype(dtype)).element_size()
     layers = [plan.layers[i] for i in plan.stage_range(stage)]
     params = sum(layer.params for layer in layers)
     tensors = sum(2 if layer.bias else 1 for layer in layers)
-    like_params, scalars = optimizer_state_elements(cfg.optim, params, tensors)
+    like_params, scalars = optimizer_state_elements(optim, params, tensors)
     step_bytes = torch.empty((), dtype=torch.get_default_dtype()).element_size()
     return params * elem, params * elem, like_params * elem + scalars * step_bytes
 
 
-def schedule_overrides(name: str, cfg: Any) -> list[str]:
+def schedule_overrides(name: str, microbatches: int) -> list[str]:
     """The overrides that select schedule `name` (naive runs one microbatch)."""
-    m = 1 if name == "naive" else int(cfg.pipeline.microbatches)
+    m = 1 if name == "naive" else microbatches
     return [f"schedule={name}", f"pipeline.microbatches={m}"]
 
 
@@ -209,11 +210,15 @@ def run(
     base = load_config(list(overrides))
     runs, cfgs, plans, scheds, sizes_of = [], {}, {}, {}, {}
     for name in schedules:
-        ov = [*overrides, *schedule_overrides(name, base), "runtime.track_memory=true"]
+        ov = [
+            *overrides,
+            *schedule_overrides(name, base.pipeline.microbatches),
+            "runtime.track_memory=true",
+        ]
         cfgs[name] = cfg = load_config(ov)
         validate(cfg, nproc)
         plans[name] = make_plan(cfg, nproc)
-        sizes_of[name] = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
+        sizes_of[name] = microbatch_sizes(cfg.train.batch_size, cfg.pipeline.microbatches)
         scheds[name] = build_schedule(name, nproc, len(sizes_of[name]))
         runs.append(ov)
     per_rank = run_ranks(measure_rank, nproc, runs, timeout=timeout)
@@ -229,7 +234,7 @@ def run(
         for s in range(plan.num_stages):
             m = per_rank[plan.rank_of(s)][k]
             assert m["stages"] == [s], "one stage per rank"
-            params_p, grads_p, optim_p = predict_state(cfg, plan, s)
+            params_p, grads_p, optim_p = predict_state(cfg.optim, cfg.runtime.dtype, plan, s)
             r = plan.stage_range(s)
             stages.append(
                 StageMemory(

@@ -87,7 +87,7 @@ def run(cfg: Any, n: int = 3, m: int = 5) -> ShapesResult:
         params,
         x,
         y,
-        float(cfg.optim.weight_decay),
+        cfg.optim.weight_decay,
         str(cfg.model.activation.value),
         str(cfg.model.task.value),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from splitgraph.plan import Plan
 
@@ -148,10 +149,9 @@ def draw_graph(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle, FancyBboxPatch, Rectangle
 
     g = layout(plan, task, bias, one_based)
-    nodes, edges, curved, cut_x, right, top = g.nodes, g.edges, g.curved, g.cut_x, g.right, g.top
+    right, top = g.right, g.top
     n, off = plan.num_layers, 1 if one_based else 0
     width = right + 1.4
     fig, ax = plt.subplots(figsize=(max(8.0, 0.62 * width), 5.2))
@@ -160,7 +160,29 @@ def draw_graph(
     ax.set_aspect("equal")
     ax.set_axis_off()
 
-    # stage bands
+    _draw_bands(ax, plan, g)
+    _draw_edges(ax, g)
+    _draw_nodes(ax, g)
+    _draw_cuts(ax, plan, g, off)
+
+    caption = title or (
+        f"{plan.strategy} split of {n} layers into {plan.num_stages} stages "
+        f"(boxes: variables, circles: operators; dashed: cut, activations forward, "
+        f"gradients backward)"
+    )
+    ax.set_title(caption, fontsize=10)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _draw_bands(ax: Any, plan: Plan, g: Layout) -> None:
+    """One tinted band per stage, labelled with the stage and its rank."""
+    from matplotlib.patches import Rectangle
+
+    nodes, cut_x, top = g.nodes, g.cut_x, g.top
     starts = [-0.6] + [cut_x[s] for s in range(1, plan.num_stages)]
     ends = [cut_x[s] for s in range(1, plan.num_stages)] + [nodes["L"].x + 0.55]
     for s, (a, b) in enumerate(zip(starts, ends)):
@@ -179,6 +201,10 @@ def draw_graph(
             fontweight="bold",
         )
 
+
+def _draw_edges(ax: Any, g: Layout) -> None:
+    """The graph's edges as arrows (curved where they would cross a node)."""
+    nodes, edges, curved = g.nodes, g.edges, g.curved
     for a, b in edges:
         na, nb = nodes[a], nodes[b]
         p0, p1 = _edge_point(na, nb.x, nb.y), _edge_point(nb, na.x, na.y)
@@ -198,7 +224,13 @@ def draw_graph(
                 "connectionstyle": f"arc3,rad={rad}",
             },
         )
-    for node in nodes.values():
+
+
+def _draw_nodes(ax: Any, g: Layout) -> None:
+    """Variables as boxes, operators as circles, in their stage's colour."""
+    from matplotlib.patches import Circle, FancyBboxPatch
+
+    for node in g.nodes.values():
         c = _colour(node.stage)
         if node.kind == "var":
             ax.add_patch(
@@ -220,7 +252,10 @@ def draw_graph(
         fs = 8 if node.label.startswith(r"$\|") else 11
         ax.text(node.x, node.y, node.label, ha="center", va="center", fontsize=fs, zorder=4)
 
-    # the cuts: activations forward, their gradients backward
+
+def _draw_cuts(ax: Any, plan: Plan, g: Layout, off: int) -> None:
+    """The cuts: activations forward, their gradients backward."""
+    cut_x, top = g.cut_x, g.top
     for s in range(1, plan.num_stages):
         cx, h = cut_x[s], plan.bounds[s] - 1 + off
         ax.plot([cx, cx], [-1.7, top - 0.45], ls="--", color="#333333", lw=1.1, zorder=1)
@@ -259,15 +294,3 @@ def draw_graph(
             color=bwd,
             zorder=5,
         )
-
-    caption = title or (
-        f"{plan.strategy} split of {n} layers into {plan.num_stages} stages "
-        f"(boxes: variables, circles: operators; dashed: cut, activations forward, "
-        f"gradients backward)"
-    )
-    ax.set_title(caption, fontsize=10)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return out

@@ -27,17 +27,23 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from splitgraph.schedule.ir import Action, Schedule
 from splitgraph.schedule.simulate import Costs, SimResult, idle_share, simulate
 
+if TYPE_CHECKING:
+    from splitgraph.config import TraceConfig
+
 log = logging.getLogger("splitgraph")
 
+#: What an event is: the Action run or waited for, the transfer group posted (a tuple of
+#: Actions), or the name of a step cost ("OPT"). Written out as text only at output.
+Label = Action | tuple[Action, ...] | str
 #: (step, label, kind, start seconds, end seconds) relative to the shared reference instant.
-Event = tuple[int, str, str, float, float]
+Event = tuple[int, Label, str, float, float]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")
 #: Per-step work outside the schedule's span: weight decay, the step sum (loss, flags), the
@@ -46,14 +52,58 @@ STEP_KINDS = ("L2", "SYNC", "OPT", "DP")
 BLOCKED = 20e-6  # a receive that waited longer than this was waiting for its data
 
 
+class _Span:
+    """One traced block: begins on entry, ends on a normal exit (a failed step is not timed)."""
+
+    __slots__ = ("kind", "label", "token", "tracer")
+
+    def __init__(self, tracer: Tracer, label: Label, kind: str) -> None:
+        self.tracer, self.label, self.kind = tracer, label, kind
+
+    def __enter__(self) -> None:
+        self.token = self.tracer.begin()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None:
+            self.tracer.end(self.token, self.label, self.kind)
+        return False
+
+
+class _NoSpan:
+    """What `span` gives outside the window: enters and leaves, records nothing."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return False
+
+
+_NO_SPAN = _NoSpan()
+
+
 class Tracer:
-    """Records this rank's actions during `record` steps; wall clock (perf_counter)."""
+    """Records this rank's actions during `record` steps; wall clock (perf_counter).
+
+    Callers wrap what they time in `with tracer.span(label, kind):`; outside the window
+    (`active` false) a span costs one attribute test and records nothing.
+    """
+
+    #: False only for NULL_TRACER (trace.enabled=false): the window never opens
+    enabled = True
 
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.step = 0
         self.active = False
         self.t_ref = 0.0
+
+    def span(self, label: Label, kind: str) -> _Span | _NoSpan:
+        """`with tracer.span("OPT", "OPT"):` records the block as one event while active.
+        `label`: an Action, a transfer group (tuple of Actions) or a name; kept as given."""
+        return _Span(self, label, kind) if self.active else _NO_SPAN
 
     def quiesce(self) -> None:
         """Call before the barrier that opens the window: nothing of this rank still running
@@ -70,7 +120,7 @@ class Tracer:
     def begin(self) -> Any:
         return time.perf_counter()
 
-    def end(self, token: Any, label: str, kind: str) -> None:
+    def end(self, token: Any, label: Label, kind: str) -> None:
         self.events.append(
             (self.step, label, kind, token - self.t_ref, time.perf_counter() - self.t_ref)
         )
@@ -93,7 +143,7 @@ class CudaTracer(Tracer):
     def __init__(self, device: torch.device) -> None:
         super().__init__()
         self.device = device
-        self._pending: list[tuple[int, str, str, Any, Any]] = []
+        self._pending: list[tuple[int, Label, str, Any, Any]] = []
         self._ref_event: Any = None
         self._offset = 0.0  # this rank's reference instant on the shared clock
 
@@ -115,7 +165,7 @@ class CudaTracer(Tracer):
         ev.record()
         return ev
 
-    def end(self, token: Any, label: str, kind: str) -> None:
+    def end(self, token: Any, label: Label, kind: str) -> None:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         self._pending.append((self.step, label, kind, token, ev))
@@ -152,7 +202,27 @@ def _shared_reference(mine: float) -> float:
     return float(everyone[0][1]) if everyone[0][0] == socket.gethostname() else mine
 
 
-def make_tracer(device: torch.device) -> Tracer:
+class _NullTracer(Tracer):
+    """trace.enabled=false: never active, so every span is the empty one; no None checks."""
+
+    enabled = False
+
+    @property  # type: ignore[override]
+    def active(self) -> bool:
+        return False
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        pass
+
+
+#: the tracer of a run that records nothing (trace.enabled=false, tests, benchmarks)
+NULL_TRACER: Tracer = _NullTracer()
+
+
+def make_tracer(device: torch.device, enabled: bool = True) -> Tracer:
+    if not enabled:
+        return NULL_TRACER
     return CudaTracer(device) if device.type == "cuda" else Tracer()
 
 
@@ -175,7 +245,7 @@ def chrome_trace(per_rank: Sequence[Iterable[Event]], meta: dict[str, Any] | Non
         for step, label, kind, start, end in evs:
             events.append(
                 {
-                    "name": label,
+                    "name": label_text(label),
                     "cat": kind,
                     "ph": "X",
                     "pid": rank,
@@ -258,8 +328,7 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
                 waits[(step, rank, label)] = waits.get((step, rank, label), 0.0) + (end - start)
             elif kind == "comm":
                 posts.append(end - start)
-                for text in label.split():
-                    a = Action.parse(text)
+                for a in label:
                     if a.op.is_send:
                         sent_at[(step, _msg_key(a))] = start
             elif kind in fixed:
@@ -270,7 +339,7 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
             if kind == "wait":
                 # A receive that blocked ended when the data arrived: transfer = end - send.
                 # One that did not only bounds it: transfer <= start - send.
-                a = Action.parse(label)
+                a = label
                 t_sent = sent_at.get((step, _msg_key(a)))
                 if t_sent is None:
                     continue
@@ -280,9 +349,8 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
                 else:
                     bounds[_msg_key(a)[1]].append(max(0.0, start - t_sent) / scale)
             if kind in COMPUTE_KINDS:
-                a = Action.parse(label)
-                recv = f"{a.stage}RECV_{'F' if kind == 'F' else 'B'}{a.mb}"
-                blocked = waits.get((step, rank, recv), 0.0) if kind != "W" else 0.0
+                a = label
+                blocked = waits.get((step, rank, _receive_of(a, kind)), 0.0) if kind != "W" else 0.0
                 durations[(kind, a.stage)].append((end - start - blocked) / (sizes[a.mb] / mean))
 
     def per_stage(kind: str) -> list[float]:
@@ -299,7 +367,27 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
     comm = [
         _mean(arrivals[b]) if arrivals[b] else min(bounds[b], default=0.0) for b in range(S - 1)
     ]
-    # bubbles: per step, the schedule's span over all ranks and each rank's compute in it
+    span, compute = _spans(per_rank)
+    return Measured(
+        forward=fwd,
+        backward=bwd,
+        backward_input=inp,
+        weight=wgt,
+        comm=comm,
+        post=_mean(posts),
+        optimizer=per_rank_median("OPT"),
+        sync=per_rank_median("SYNC"),
+        weight_decay=per_rank_median("L2"),
+        dp_wait=per_rank_median("DP"),
+        bubble=[idle_share([c], span) for c in compute],
+        span=span,
+        compute_per_rank=compute,
+    )
+
+
+def _spans(per_rank: Sequence[Sequence[Event]]) -> tuple[float, list[float]]:
+    """Median over steps of the schedule's span (all ranks) and of each rank's compute in it
+    (blocked receives inside an action are not compute): what the bubbles are made of."""
     steps = sorted({e[0] for evs in per_rank for e in evs})
     spans, busy = [], [[] for _ in per_rank]
     for step in steps:
@@ -318,23 +406,19 @@ def measure(per_rank: Sequence[Sequence[Event]], sched: Schedule, sizes: Sequenc
             comp = sum(e[4] - e[3] for rr, e in sched_evs if rr == r and e[2] in COMPUTE_KINDS)
             blocked = sum(e[4] - e[3] for rr, e in sched_evs if rr == r and e[2] == "wait")
             busy[r].append(comp - blocked)
-    span = _median(spans)
-    compute = [_median(b) for b in busy]
-    return Measured(
-        forward=fwd,
-        backward=bwd,
-        backward_input=inp,
-        weight=wgt,
-        comm=comm,
-        post=_mean(posts),
-        optimizer=per_rank_median("OPT"),
-        sync=per_rank_median("SYNC"),
-        weight_decay=per_rank_median("L2"),
-        dp_wait=per_rank_median("DP"),
-        bubble=[idle_share([c], span) for c in compute],
-        span=span,
-        compute_per_rank=compute,
-    )
+    return _median(spans), [_median(b) for b in busy]
+
+
+def label_text(label: Label) -> str:
+    """How an event is written (trace.json, pictures): "2F0", "0SEND_F0 0RECV_B1", "OPT"."""
+    return " ".join(map(str, label)) if isinstance(label, tuple) else str(label)
+
+
+def _receive_of(a: Action, kind: str) -> Action:
+    """The receive a compute action of `kind` waits on: F its input, B/I its gradient."""
+    from splitgraph.schedule.ir import RECV_B, RECV_F
+
+    return Action(a.stage, RECV_F if kind == "F" else RECV_B, a.mb)
 
 
 def _msg_key(a: Action) -> tuple[str, int, int]:
@@ -376,16 +460,16 @@ class TraceWindow:
     events, writes trace.json and timeline.png, and returns the summary's `timeline` entry.
     """
 
-    def __init__(self, cfg: Any, tracer: Tracer | None, total_steps: int) -> None:
+    def __init__(self, trace: TraceConfig, tracer: Tracer | None, total_steps: int) -> None:
         self.tracer = tracer
-        self.first = min(int(cfg.warmup), max(total_steps - 1, 0))
-        self.last = self.first + int(cfg.steps)  # exclusive
+        self.first = min(trace.warmup, max(total_steps - 1, 0))
+        self.last = self.first + trace.steps  # exclusive
 
     def before_step(self, step: int) -> None:
         import torch.distributed as dist
 
         tr = self.tracer
-        if tr is None:
+        if tr is None or not tr.enabled:
             return
         if step == self.first:
             tr.quiesce()
@@ -411,7 +495,7 @@ class TraceWindow:
 
         import torch.distributed as dist
 
-        if self.tracer is None:
+        if self.tracer is None or not self.tracer.enabled:
             return None
         self.tracer.active = False
         events = self.tracer.events
@@ -460,46 +544,67 @@ class TraceWindow:
             sim.step_time * 1e3,
             bubbles.text(bubbles.predicted),
         )
-        return {
-            "steps_traced": [self.first, self.first + len(window) - 1],
-            "trace": "trace.json",
-            "picture": "timeline.png",
-            "measured": {
-                "step_time_median_s": step_measured,
-                "schedule_span_median_s": measured.span,
-                "bubble": bubbles.measured,
-                "bubble_per_rank": measured.bubble,
-                "compute_per_rank_s": measured.compute_per_rank,
-                "optimizer_per_rank_s": measured.optimizer,
-                "step_sum_per_rank_s": measured.sync,
-                "weight_decay_per_rank_s": measured.weight_decay,
-                "gradient_allreduce_wait_per_rank_s": measured.dp_wait,
-            },
-            "costs_per_stage_s": {
-                "forward": measured.forward,
-                "backward": measured.backward,
-                "backward_input": measured.backward_input,
-                "weight": measured.weight,
-                "comm_per_boundary": measured.comm,
-                "post_per_transfer_group": measured.post,
-            },
-            "predicted": {
-                "step_time_s": step_predicted,
-                "schedule_span_s": sim.step_time,
-                "fixed_per_step_s": fixed,
-                "bubble": bubbles.predicted,
-                "bubble_per_rank": sim.bubble,
-            },
-            "bubble_at_unit_costs": bubbles.unit_costs,
-            "bubble_definition": BUBBLE_DEFINITION,
-            "measured_over_predicted_step_time": (
-                step_measured / step_predicted if step_predicted > 0 else None
-            ),
-            # the simulator's own part: the schedule's span, first action to last
-            "measured_over_predicted_span": (
-                measured.span / sim.step_time if sim.step_time > 0 else None
-            ),
-        }
+        return _timeline_record(
+            [self.first, self.first + len(window) - 1],
+            step_measured,
+            step_predicted,
+            measured,
+            sim,
+            fixed,
+            bubbles,
+        )
+
+
+def _timeline_record(
+    steps_traced: list[int],
+    step_measured: float,
+    step_predicted: float,
+    measured: Measured,
+    sim: SimResult,
+    fixed: dict[str, float],
+    bubbles: Bubbles,
+) -> dict[str, Any]:
+    """summary.json's `timeline`: what was measured, the costs, what they predict."""
+    return {
+        "steps_traced": steps_traced,
+        "trace": "trace.json",
+        "picture": "timeline.png",
+        "measured": {
+            "step_time_median_s": step_measured,
+            "schedule_span_median_s": measured.span,
+            "bubble": bubbles.measured,
+            "bubble_per_rank": measured.bubble,
+            "compute_per_rank_s": measured.compute_per_rank,
+            "optimizer_per_rank_s": measured.optimizer,
+            "step_sum_per_rank_s": measured.sync,
+            "weight_decay_per_rank_s": measured.weight_decay,
+            "gradient_allreduce_wait_per_rank_s": measured.dp_wait,
+        },
+        "costs_per_stage_s": {
+            "forward": measured.forward,
+            "backward": measured.backward,
+            "backward_input": measured.backward_input,
+            "weight": measured.weight,
+            "comm_per_boundary": measured.comm,
+            "post_per_transfer_group": measured.post,
+        },
+        "predicted": {
+            "step_time_s": step_predicted,
+            "schedule_span_s": sim.step_time,
+            "fixed_per_step_s": fixed,
+            "bubble": bubbles.predicted,
+            "bubble_per_rank": sim.bubble,
+        },
+        "bubble_at_unit_costs": bubbles.unit_costs,
+        "bubble_definition": BUBBLE_DEFINITION,
+        "measured_over_predicted_step_time": (
+            step_measured / step_predicted if step_predicted > 0 else None
+        ),
+        # the simulator's own part: the schedule's span, first action to last
+        "measured_over_predicted_span": (
+            measured.span / sim.step_time if sim.step_time > 0 else None
+        ),
+    }
 
 
 def _draw(
@@ -515,53 +620,11 @@ def _draw(
     of its schedule on one time axis, each step's fixed costs after its span; waits drawn
     apart from work (the compute boxes start when their data arrived, and the step sum's wait
     for the last rank is a wait); the bubble as the log and summary.json give it."""
-    from splitgraph.observe.timeline import Box, Panel, draw
+    from splitgraph.observe.timeline import Panel, draw
 
-    # the measured step whose span is the median one
-    steps = sorted({e[0] for evs in gathered for e in evs})
-    spans = []
-    for step in steps:
-        evs = [e for row in gathered for e in row if e[0] == step and e[2] not in STEP_KINDS]
-        if evs:
-            spans.append((max(e[4] for e in evs) - min(e[3] for e in evs), step))
-    spans.sort()
-    step = spans[len(spans) // 2][1] if spans else 0
-    in_sched = [e for row in gathered for e in row if e[0] == step and e[2] not in STEP_KINDS]
-    lo = min((e[3] for e in in_sched), default=0.0)
-    hi = max((e[4] for e in in_sched), default=0.0)
-    # the step sum ends for nobody before the last rank enters it: until then, a rank waits
-    sync_in = [e[3] for row in gathered for e in row if e[0] == step and e[2] == "SYNC"]
-    last_in = max(sync_in, default=None)
-    meas = []
-    for r, row in enumerate(gathered):
-        evs = [e for e in row if e[0] == step]
-        waits = {e[1]: e for e in evs if e[2] == "wait"}
-        for _, label, kind, start, end in evs:
-            if kind in ("F", "B", "I"):  # draw the compute, not the wait inside the action
-                a = Action.parse(label)
-                w = waits.get(f"{a.stage}RECV_{'F' if kind == 'F' else 'B'}{a.mb}")
-                if w is not None and start <= w[3] <= end:
-                    start = min(w[4], end)
-            elif kind == "SYNC" and last_in is not None and last_in > start:
-                meas.append(Box(r, "step sum: wait", "wait", start, min(last_in, end)))
-                start = min(last_in, end)
-            meas.append(Box(r, label, kind, start, end))
-    # the prediction: the simulated schedule, then the fixed costs it adds, in the run's order
-    pred = [
-        Box(e.rank, e.action, e.action.lstrip("0123456789")[0], e.start, e.end)
-        for row in sim.events
-        for e in row
-    ]
-    t = sim.step_time
-    for kind, key in (
-        ("DP", "gradient_allreduce_wait_s"),
-        ("L2", "weight_decay_s"),
-        ("SYNC", "step_sum_s"),
-        ("OPT", "optimizer_s"),
-    ):
-        if fixed.get(key, 0.0) > 0:
-            pred += [Box(r, kind, kind, t, t + fixed[key]) for r in range(sched.num_ranks)]
-            t += fixed[key]
+    step = _median_step(gathered)
+    meas, lo, hi = _measured_boxes(gathered, step)
+    pred, t = _predicted_boxes(sched, sim, fixed)
     per_rank = sched.num_stages // sched.num_ranks
     draw(
         [
@@ -590,3 +653,68 @@ def _draw(
         f"schedule's span ({Bubbles.text(bubbles.unit_costs)} at equal stage costs without "
         "transfers)",
     )
+
+
+def _median_step(gathered: Sequence[Sequence[Event]]) -> int:
+    """The traced step whose schedule span is the median one."""
+    steps = sorted({e[0] for evs in gathered for e in evs})
+    spans = []
+    for step in steps:
+        evs = [e for row in gathered for e in row if e[0] == step and e[2] not in STEP_KINDS]
+        if evs:
+            spans.append((max(e[4] for e in evs) - min(e[3] for e in evs), step))
+    spans.sort()
+    return spans[len(spans) // 2][1] if spans else 0
+
+
+def _measured_boxes(
+    gathered: Sequence[Sequence[Event]], step: int
+) -> tuple[list[Any], float, float]:
+    """The boxes of one traced step, waits apart from work (a compute box starts when its
+    data arrived; the step sum's wait for the last rank is a wait), and its span."""
+    from splitgraph.observe.timeline import Box
+
+    in_sched = [e for row in gathered for e in row if e[0] == step and e[2] not in STEP_KINDS]
+    lo = min((e[3] for e in in_sched), default=0.0)
+    hi = max((e[4] for e in in_sched), default=0.0)
+    # the step sum ends for nobody before the last rank enters it: until then, a rank waits
+    sync_in = [e[3] for row in gathered for e in row if e[0] == step and e[2] == "SYNC"]
+    last_in = max(sync_in, default=None)
+    meas = []
+    for r, row in enumerate(gathered):
+        evs = [e for e in row if e[0] == step]
+        waits = {e[1]: e for e in evs if e[2] == "wait"}
+        for _, label, kind, start, end in evs:
+            if kind in ("F", "B", "I"):  # draw the compute, not the wait inside the action
+                w = waits.get(_receive_of(label, kind))
+                if w is not None and start <= w[3] <= end:
+                    start = min(w[4], end)
+            elif kind == "SYNC" and last_in is not None and last_in > start:
+                meas.append(Box(r, "step sum: wait", "wait", start, min(last_in, end)))
+                start = min(last_in, end)
+            meas.append(Box(r, label_text(label), kind, start, end))
+    return meas, lo, hi
+
+
+def _predicted_boxes(
+    sched: Schedule, sim: SimResult, fixed: dict[str, float]
+) -> tuple[list[Any], float]:
+    """The simulated schedule, then the fixed costs it adds in the run's order; the end."""
+    from splitgraph.observe.timeline import Box
+
+    pred = [
+        Box(e.rank, str(e.action), e.action.op.value, e.start, e.end)
+        for row in sim.events
+        for e in row
+    ]
+    t = sim.step_time
+    for kind, key in (
+        ("DP", "gradient_allreduce_wait_s"),
+        ("L2", "weight_decay_s"),
+        ("SYNC", "step_sum_s"),
+        ("OPT", "optimizer_s"),
+    ):
+        if fixed.get(key, 0.0) > 0:
+            pred += [Box(r, kind, kind, t, t + fixed[key]) for r in range(sched.num_ranks)]
+            t += fixed[key]
+    return pred, t

@@ -21,6 +21,7 @@ from splitgraph.partition.strategies import balanced, manual, uniform
 from splitgraph.plan import LayerSpec, Plan, layer_specs
 
 if TYPE_CHECKING:
+    from splitgraph.config import PartitionConfig
     from splitgraph.cost.costs import ModelCosts
 
 __all__ = [
@@ -57,31 +58,43 @@ class StrategySpec:
         return bool(self.costs)
 
 
-def _uniform(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+def _uniform(
+    layers: tuple[LayerSpec, ...], stages: int, part: PartitionConfig, costs: Any
+) -> tuple[int, ...]:
     return uniform(len(layers), stages)
 
 
-def _params(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+def _params(
+    layers: tuple[LayerSpec, ...], stages: int, part: PartitionConfig, costs: Any
+) -> tuple[int, ...]:
     return balanced([layer.params for layer in layers], stages)
 
 
-def _manual(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
-    return manual(cfg.partition.boundaries or [], len(layers), stages)
+def _manual(
+    layers: tuple[LayerSpec, ...], stages: int, part: PartitionConfig, costs: Any
+) -> tuple[int, ...]:
+    return manual(part.boundaries or [], len(layers), stages)
 
 
-def _time(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+def _time(
+    layers: tuple[LayerSpec, ...], stages: int, part: PartitionConfig, costs: Any
+) -> tuple[int, ...]:
     from splitgraph.partition.costed import time_bounds
 
     return time_bounds(costs, stages)
 
 
-def _memory(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+def _memory(
+    layers: tuple[LayerSpec, ...], stages: int, part: PartitionConfig, costs: Any
+) -> tuple[int, ...]:
     from splitgraph.partition.costed import memory_bounds
 
     return memory_bounds(costs, stages)
 
 
-def _optimal(layers: tuple[LayerSpec, ...], stages: int, cfg: Any, costs: Any) -> tuple[int, ...]:
+def _optimal(
+    layers: tuple[LayerSpec, ...], stages: int, part: PartitionConfig, costs: Any
+) -> tuple[int, ...]:
     from splitgraph.partition.costed import optimal_bounds
 
     return optimal_bounds(costs, stages)
@@ -113,15 +126,15 @@ def make_plan(cfg: Any, num_ranks: int, costs: ModelCosts | None = None) -> Plan
     A costed strategy (`time`, `memory`, `optimal`) reads the cost model; pass `costs` to
     reuse one (else it is built here: `time`/`optimal` profile the layers, cached on disk)."""
     layers = layer_specs(cfg)
-    stages = num_ranks * int(cfg.schedule.virtual_stages)
-    strategy = str(cfg.partition.strategy)
+    stages = num_ranks * cfg.schedule.virtual_stages
+    strategy = cfg.partition.strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown partition strategy {strategy!r}")
     spec = STRATEGIES[strategy]
     if spec.costed:
         bounds = costed_bounds(strategy, cfg, stages, costs)
     else:
-        bounds = spec.split(layers, stages, cfg, None)
+        bounds = spec.split(layers, stages, cfg.partition, None)
     return Plan(layers=layers, bounds=bounds, strategy=strategy, num_ranks=num_ranks)
 
 
@@ -141,7 +154,7 @@ def costed_bounds(
     if costs is None:
         link = None if "link" in spec.costs else link_from_config(cfg, measure=False)
         costs = model_costs(cfg, stages, link=link, times="times" in spec.costs)
-    bounds = spec.split(layer_specs(cfg), stages, cfg, costs)
+    bounds = spec.split(layer_specs(cfg), stages, cfg.partition, costs)
     if check:
         check_fits(costs, bounds)
     return bounds

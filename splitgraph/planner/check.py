@@ -113,9 +113,9 @@ def compare(
         m["rank"]: m["saved_activation_peak_bytes"] for m in memories if m.get("replica", 0) == 0
     }
     out: dict[str, Any] = {}
-    if predictable(cfg):
+    if predictable(cfg.runtime):
         shape = ModelShape.from_config(cfg, engine.dtype.itemsize)
-        recompute = recompute_stages(cfg, plan.num_stages)
+        recompute = recompute_stages(cfg.schedule, plan.num_stages)
         predicted = predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
         out["saved_peak_bytes_per_rank"] = [
             {

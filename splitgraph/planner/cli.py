@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SplitgraphError(
                 "say how many stages to plan for: --nproc N (or pipeline.stages=N)"
             )
-        nproc = int(nproc_text) if nproc_text is not None else int(cfg.pipeline.stages)
+        nproc = int(nproc_text) if nproc_text is not None else cfg.pipeline.stages
         validate(cfg, nproc)
         threads = cfg.runtime.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
         torch.set_num_threads(int(threads))

@@ -90,15 +90,15 @@ def _variant(cfg: Any, schedule: str, m: int, recompute: bool, strategy: str) ->
 def search(cfg: Any, stages: int, link: Link, device: Any = "cpu") -> list[Candidate]:
     """Every candidate, best first."""
     strategies = list(STRATEGIES)
-    own = REGISTRY.get(str(cfg.partition.strategy))
+    own = REGISTRY.get(cfg.partition.strategy)
     if own is not None and own.user_cuts:  # the user's cut points: one more candidate
         strategies.append(own.name)
-    batch = int(cfg.train.batch_size)
+    batch = cfg.train.batch_size
     found: dict[tuple[Any, ...], Candidate] = {}
     for schedule in SCHEDULES:
         counts = [1] if schedule == "naive" else [m for m in microbatch_options(batch, 2) if m > 1]
-        if schedule != "naive" and int(cfg.pipeline.microbatches) > 1:
-            counts = sorted(set(counts) | {int(cfg.pipeline.microbatches)})
+        if schedule != "naive" and cfg.pipeline.microbatches > 1:
+            counts = sorted(set(counts) | {cfg.pipeline.microbatches})
         for m in counts:
             for recompute in RECOMPUTE:
                 base = _variant(cfg, schedule, m, recompute, "uniform")

@@ -60,11 +60,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from splitgraph.errors import CheckpointError
 from splitgraph.model import layer_dims
+
+if TYPE_CHECKING:
+    from splitgraph.config import ModelConfig, OptimName
 
 # DCP (and safeload, built on it) is imported where a checkpoint is read or written: importing
 # it costs about as much as `import torch`, and a run that starts afresh needs it only for its
@@ -93,14 +95,14 @@ def step_dir_name(step: int) -> str:
 
 def identity(cfg: Any) -> dict[str, Any]:
     """The IDENTITY part of the config, flattened to dotted keys."""
+    from splitgraph.config import as_container
+
+    tree = as_container(cfg)
     out: dict[str, Any] = {}
     for key in IDENTITY:
-        node = OmegaConf.select(cfg, key)
-        value = (
-            OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-            if OmegaConf.is_config(node)
-            else (node.value if hasattr(node, "value") else node)
-        )
+        value: Any = tree
+        for part in key.split("."):
+            value = value[part]
         _flatten(key, value, out)
     out.pop("data.max_memory", None)  # a bound on loading, not what is trained on
     return out
@@ -118,21 +120,21 @@ def config_hash(ident: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(ident), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def param_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the whole model under its global name, from the config alone."""
-    dims = layer_dims(cfg)
+def param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the whole model under its global name, from its config alone."""
+    dims = layer_dims(model)
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(len(dims) - 1):
         shapes[f"layers.{i}.weight"] = (dims[i + 1], dims[i])
-        if cfg.model.bias:
+        if model.bias:
             shapes[f"layers.{i}.bias"] = (dims[i + 1],)
     return shapes
 
 
-def names_held(cfg: Any, plan: Any, rank: int) -> list[str]:
+def names_held(model: ModelConfig, plan: Any, rank: int) -> list[str]:
     """The global names of the parameters `rank` holds under `plan`."""
     held = {i for s in plan.stages_of(rank) for i in plan.stage_range(s)}
-    return [n for n in param_shapes(cfg) if int(n.split(".")[1]) in held]
+    return [n for n in param_shapes(model) if int(n.split(".")[1]) in held]
 
 
 def check_fits(
@@ -155,13 +157,13 @@ def check_fits(
         )
 
 
-def load_model_pt(path: str | Path, cfg: Any) -> dict[str, Tensor]:
+def load_model_pt(path: str | Path, model: ModelConfig) -> dict[str, Tensor]:
     """`checkpoint.init_from`: a consolidated model.pt, weights_only, checked against the model."""
     from splitgraph.reliability.safeload import load_tensor_dict
 
     source = f"checkpoint.init_from={str(path)!r}"
     state = load_tensor_dict(path, source)
-    check_fits({k: tuple(v.shape) for k, v in state.items()}, param_shapes(cfg), source)
+    check_fits({k: tuple(v.shape) for k, v in state.items()}, param_shapes(model), source)
     bad = [k for k, v in state.items() if not v.is_floating_point()]
     if bad:
         raise CheckpointError(f"{source}: {bad} are not floating-point tensors.")
@@ -284,7 +286,7 @@ def set_aside(path: Path) -> Path:
     raise CheckpointError(f"could not set {path} aside: 999 damaged copies already exist")
 
 
-def _load_checked(ck: Checkpoint, cfg: Any) -> tuple[Metadata | None, str | None]:
+def _load_checked(ck: Checkpoint) -> tuple[Metadata | None, str | None]:
     """(metadata, None) for an intact checkpoint, (None, reason) for a damaged one."""
     reason = verify(ck)
     if reason is not None:
@@ -314,7 +316,7 @@ def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata
     inside that directory; if it is damaged, a CheckpointError with the reason (an explicit
     path is not moved: it may not be this run's).
     """
-    mode = str(cfg.checkpoint.resume).strip()
+    mode = cfg.checkpoint.resume.strip()
     if mode == "never":
         return None
     if mode == "auto":
@@ -324,7 +326,7 @@ def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata
             skipped.append(bad.path.name)
             _set_aside(bad.path, bad.reason, quarantine)
         for ck in reversed(candidates):
-            meta, reason = _load_checked(ck, cfg)
+            meta, reason = _load_checked(ck)
             if reason is not None:
                 skipped.append(ck.path.name)
                 _set_aside(ck.path, reason, quarantine)
@@ -361,7 +363,7 @@ def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata
         if isinstance(newest, Damaged):
             raise _refuse(str(newest.path), newest.reason, candidates)
         one = newest
-    meta, reason = _load_checked(one, cfg)
+    meta, reason = _load_checked(one)
     if reason is not None:
         raise _refuse(str(one.path), reason, list_checkpoints(one.path.parent))
     _warn_unverified(one, quarantine)
@@ -447,7 +449,7 @@ def _check_matches(ck: Checkpoint, meta: Metadata, cfg: Any) -> None:
         for k, v in meta.state_dict_metadata.items()
         if k.startswith("model.")
     }
-    check_fits(shapes, param_shapes(cfg), f"checkpoint {ck.path}")
+    check_fits(shapes, param_shapes(cfg.model), f"checkpoint {ck.path}")
 
 
 # -- reading one rank's share ------------------------------------------------------------------
@@ -514,17 +516,17 @@ def read_rank_state(ck: Checkpoint, meta: Metadata, names: Iterable[str], rank: 
     return state
 
 
-def apply_state(engine: Any, state: RankState, cfg: Any) -> None:
+def apply_state(engine: Any, state: RankState, optimizer: OptimName) -> None:
     """Copy a RankState into the engine: weights, optimizer state, RNG."""
     named = engine.named_parameters()
     engine.load_state_dict(state.model, source=f"checkpoint {state.checkpoint.path}")
-    same_optim = state.checkpoint.meta.get("optimizer") == str(cfg.optim.name.value)
+    same_optim = state.checkpoint.meta.get("optimizer") == optimizer.value
     if state.optim and not same_optim:
         log.warning(
             "checkpoint %s holds %s state; this run uses optim=%s: its state starts afresh",
             state.checkpoint.path,
             state.checkpoint.meta.get("optimizer"),
-            cfg.optim.name.value,
+            optimizer.value,
         )
     elif state.optim:
         opt = engine.optimizer
@@ -565,7 +567,7 @@ def marker(cfg: Any, engine: Any, step: int, steps_per_epoch: int, world_size: i
             "next_step": step,
             "epoch": epoch,
             "batch_in_epoch": in_epoch,
-            "samples_seen": step * int(cfg.train.batch_size),
+            "samples_seen": step * cfg.train.batch_size,
         },
         "config_hash": config_hash(ident),
         "identity": ident,

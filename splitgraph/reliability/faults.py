@@ -27,6 +27,8 @@ from torch import Tensor
 if TYPE_CHECKING:  # DCP is imported when a checkpoint is written (see checkpoint.py)
     from torch.distributed.checkpoint import FileSystemWriter
 
+    from splitgraph.config import DebugConfig
+
 #: where in the executor's program a schedule fault fires (after the first action ran)
 PROGRAM_INDEX = 1
 
@@ -48,9 +50,9 @@ class Fault:
     attempt: int
 
     @staticmethod
-    def from_cfg(cfg: Any) -> Fault:
-        d = cfg.debug
-        return Fault(d.fail_at_step, int(d.fail_rank), str(d.fail_mode), int(d.fail_attempt))
+    def from_config(d: DebugConfig) -> Fault:
+        """The fault `debug.*` asks for (none when debug.fail_at_step is null)."""
+        return Fault(d.fail_at_step, d.fail_rank, d.fail_mode, d.fail_attempt)
 
     @property
     def armed(self) -> bool:

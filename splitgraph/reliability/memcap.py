@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from splitgraph.config import OptimName
+from splitgraph.config import OptimName, PipelineConfig
 from splitgraph.errors import ConfigError, OutOfMemory
 from splitgraph.units import format_bytes, parse_bytes
 
@@ -42,8 +42,9 @@ from splitgraph.units import format_bytes, parse_bytes
 EXIT_OOM = 3
 
 
-def cap_bytes(cfg: Any) -> int | None:
-    cap = cfg.pipeline.memory_cap
+def cap_bytes(pipeline: PipelineConfig) -> int | None:
+    """pipeline.memory_cap in bytes (None: no cap)."""
+    cap = pipeline.memory_cap
     return None if cap is None else parse_bytes(cap)
 
 
@@ -79,10 +80,10 @@ def predicted_saved_peak(engine: Any) -> int | None:
     from splitgraph.config import recompute_stages
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
 
-    if not predictable(engine.cfg):
+    if not predictable(engine.cfg.runtime):
         return None
     shape = ModelShape.from_config(engine.cfg, engine.dtype.itemsize)
-    recompute = recompute_stages(engine.cfg, engine.plan.num_stages)
+    recompute = recompute_stages(engine.cfg.schedule, engine.plan.num_stages)
     peaks = predict_for_plan(shape, engine.plan.bounds, engine.sizes, engine.schedule, recompute)
     return int(peaks[engine.rank])
 

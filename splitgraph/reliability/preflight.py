@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import DataName, Task, recompute_stages
+from splitgraph.config import DataConfig, DataName, RuntimeConfig, Task, recompute_stages
 from splitgraph.errors import DataError, OutOfMemory
 from splitgraph.units import format_bytes, parse_bytes
 
@@ -54,17 +54,17 @@ def machine_memory() -> int:
     return total
 
 
-def data_limit(cfg: Any, machine: int | None = None) -> int:
+def data_limit(data: DataConfig, machine: int | None = None) -> int:
     """The most bytes loading the data may take on one node (all its loading ranks)."""
-    if cfg.data.max_memory is not None:
-        return parse_bytes(cfg.data.max_memory)
+    if data.max_memory is not None:
+        return parse_bytes(data.max_memory)
     return (machine_memory() if machine is None else machine) // 2
 
 
-def bound_name(cfg: Any, machine: int | None = None) -> str:
+def bound_name(data: DataConfig, machine: int | None = None) -> str:
     """Where the data bound comes from, for messages."""
-    if cfg.data.max_memory is not None:
-        return f"data.max_memory={cfg.data.max_memory}"
+    if data.max_memory is not None:
+        return f"data.max_memory={data.max_memory}"
     m = machine_memory() if machine is None else machine
     return f"half of this machine's {format_bytes(m)}; data.max_memory raises it"
 
@@ -75,11 +75,11 @@ def node_ranks(rank: int, local_rank: int, local_world_size: int) -> range:
     return range(first, first + local_world_size)
 
 
-def node_devices(cfg: Any, local_world_size: int) -> list[torch.device]:
+def node_devices(runtime: RuntimeConfig, local_world_size: int) -> list[torch.device]:
     """The device each local rank of this node computes on (runtime/dist.place)."""
     from splitgraph.runtime.dist import place
 
-    return [place(cfg.runtime, r, local_world_size).device for r in range(local_world_size)]
+    return [place(runtime, r, local_world_size).device for r in range(local_world_size)]
 
 
 @dataclass
@@ -121,11 +121,11 @@ def data_load_bytes(cfg: Any, machine: int | None = None) -> tuple[int, Any]:
     from splitgraph.datafile import read_header
 
     d = cfg.data
-    dtype = data_dtype(cfg)
+    dtype = data_dtype(cfg.runtime)
     es = torch.empty((), dtype=dtype).element_size()
     name = DataName(d.name)
     if name == DataName.file:
-        header = read_header(Path(str(d.path)), data_limit(cfg, machine))
+        header = read_header(Path(str(d.path)), data_limit(cfg.data, machine))
         return load_bytes(header, dtype, Task(cfg.model.task)), header
     if name == DataName.synthetic:  # generated in float32, then the run's train/test copy
         per_row = (int(d.features) + int(d.outputs)) * (4 + es)
@@ -145,18 +145,23 @@ def _check_data(cfg: Any, loaders: int, machine: int | None = None) -> int:
     from splitgraph.data import data_dtype, too_big_message
 
     per_loader, header = data_load_bytes(cfg, machine)
-    limit = data_limit(cfg, machine)
+    limit = data_limit(cfg.data, machine)
     if loaders and per_loader * loaders > limit:
         if header is None:
             raise DataError(
                 f"data={cfg.data.name} takes about {format_bytes(per_loader)} on each of "
                 f"{loaders} rank(s) on this node, over the data bound of "
-                f"{format_bytes(limit)} ({bound_name(cfg, machine)}). Use fewer "
+                f"{format_bytes(limit)} ({bound_name(cfg.data, machine)}). Use fewer "
                 "data.samples, or raise data.max_memory."
             )
         raise DataError(
             too_big_message(
-                header, per_loader, loaders, limit, data_dtype(cfg), bound_name(cfg, machine)
+                header,
+                per_loader,
+                loaders,
+                limit,
+                data_dtype(cfg.runtime),
+                bound_name(cfg.data, machine),
             )
         )
     return per_loader
@@ -176,7 +181,7 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
             from splitgraph.runtime.mesh import layout_of
 
             layout = layout_of(cfg, world_size)
-            virtual = max(int(cfg.schedule.virtual_stages), 1)
+            virtual = max(cfg.schedule.virtual_stages, 1)
             ends = {0, (layout.pp * virtual - 1) % layout.pp}
             loaders = [r for r in node if 0 <= r < layout.world_size]
             loaders = [r for r in loaders if layout.coords(r)[1] in ends]
@@ -200,17 +205,17 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
 
     dtype = torch_dtype(cfg.runtime.dtype)
     es = torch.empty((), dtype=dtype).element_size()
-    local = int(cfg.train.batch_size) // layout.dp
-    sizes = microbatch_sizes(local, int(cfg.pipeline.microbatches))
+    local = cfg.train.batch_size // layout.dp
+    sizes = microbatch_sizes(local, cfg.pipeline.microbatches)
     peaks: list[int] | None = None
-    if predictable(cfg):
+    if predictable(cfg.runtime):
         sched = build_schedule(
-            str(cfg.schedule.name), layout.pp, len(sizes), int(cfg.schedule.virtual_stages)
+            cfg.schedule.name, layout.pp, len(sizes), cfg.schedule.virtual_stages
         )
         shape = ModelShape.from_config(cfg, es)
-        recompute = recompute_stages(cfg, plan.num_stages)
+        recompute = recompute_stages(cfg.schedule, plan.num_stages)
         peaks = predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
-    cap = cap_bytes(cfg)
+    cap = cap_bytes(cfg.pipeline)
     records = []
     for rank in range(layout.world_size):
         p = layout.coords(rank)[1]
@@ -236,15 +241,15 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     return records
 
 
-def _largest_layer_note(cfg: Any, plan: Any, cap: int) -> str:
+def _largest_layer_note(runtime: RuntimeConfig, optim: Any, plan: Any, cap: int) -> str:
     """When one layer alone exceeds the cap, no split can help: say so."""
     from splitgraph.model import torch_dtype
     from splitgraph.reliability.memcap import optimizer_bytes_for
 
-    es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
+    es = torch.empty((), dtype=torch_dtype(runtime.dtype)).element_size()
     layer = max(plan.layers, key=lambda spec: spec.params)
     nbytes = layer.params * es
-    static = 2 * nbytes + optimizer_bytes_for(cfg.optim, nbytes, 2 if layer.bias else 1)
+    static = 2 * nbytes + optimizer_bytes_for(optim, nbytes, 2 if layer.bias else 1)
     if static <= cap:
         return ""
     return (
@@ -278,9 +283,9 @@ def check_launch(
     per_loader = _check_data(cfg, len(loaders), machine)
 
     records = price_ranks(cfg, layout, plan)
-    cap = memcap.cap_bytes(cfg)
+    cap = memcap.cap_bytes(cfg.pipeline)
     if cap is not None:
-        note = _largest_layer_note(cfg, plan, cap)
+        note = _largest_layer_note(cfg.runtime, cfg.optim, plan, cap)
         memcap.check(records, cap, PHASE, note=note)
 
     # Each device of this node against its own memory; the data is held on the host.
@@ -297,7 +302,9 @@ def check_launch(
         need = sum(b for _, b in items)
         if need > capacity[key]:
             raise _over_machine(key, need, capacity[key], items, records, loaders, per_loader)
-    return Preflight(records, per_loader, loaders, list(node), capacity, data_limit(cfg, machine))
+    return Preflight(
+        records, per_loader, loaders, list(node), capacity, data_limit(cfg.data, machine)
+    )
 
 
 def _device_memory(dev: torch.device) -> int:

@@ -55,15 +55,13 @@ def largest_tensor(cfg: Any) -> tuple[int, str]:
     found.append(
         (dims[i] * dims[i + 1] * p_item, f"the weight of layer {i} ({dims[i]} x {dims[i + 1]})")
     )
-    dp = max(int(cfg.parallel.dp), 1)  # each replica runs B/dp rows in m microbatches
-    rows = math.ceil(
-        max(int(cfg.train.batch_size) // dp, 1) / max(int(cfg.pipeline.microbatches), 1)
-    )
+    dp = max(cfg.parallel.dp, 1)  # each replica runs B/dp rows in m microbatches
+    rows = math.ceil(max(cfg.train.batch_size // dp, 1) / max(cfg.pipeline.microbatches, 1))
     width = max(dims)
     found.append((rows * width * c_item, f"an activation of {rows} rows x {width} units"))
-    if DataName(_value(cfg.data.name)) == DataName.synthetic and bool(cfg.data.on_device):
-        n = int(cfg.data.samples)
-        train = n - int(n * float(cfg.data.test_fraction))
+    if DataName(_value(cfg.data.name)) == DataName.synthetic and cfg.data.on_device:
+        n = cfg.data.samples
+        train = n - int(n * cfg.data.test_fraction)
         found.append(
             (train * dims[0] * p_item, f"the training inputs on the device ({train} x {dims[0]})")
         )

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splitgraph.config import Task, Transport, recompute_stages
+from splitgraph.config import (
+    ModelConfig,
+    NanCheck,
+    ParallelConfig,
+    Task,
+    Transport,
+    recompute_stages,
+)
 from splitgraph.data import microbatch_sizes
 from splitgraph.errors import CheckpointError
 from splitgraph.model import (
@@ -35,11 +42,13 @@ from splitgraph.model import (
     torch_dtype,
 )
 from splitgraph.observe.memory import SavedTensorMeter
+from splitgraph.observe.trace import NULL_TRACER, Tracer
 from splitgraph.optim import make_optimizer
 from splitgraph.partition import Plan, make_plan
 from splitgraph.runtime.comm import P2P, schedule_channels
 from splitgraph.runtime.executor import Executor
 from splitgraph.runtime.gradsync import GradSync
+from splitgraph.runtime.guard import FiniteGuard
 from splitgraph.runtime.staged import StagedP2P
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
 
@@ -52,6 +61,33 @@ class StepStats:
 
     loss: float
     l2: float
+
+
+def _build_stages(
+    model: ModelConfig,
+    plan: Plan,
+    rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    split_backward: bool,
+) -> dict[int, StageModule]:
+    """This rank's stages with their seeded weights; `split_backward`: zero-bubble I/W."""
+    stages = {}
+    for s in plan.stages_of(rank):
+        r = plan.stage_range(s)
+        stages[s] = build_mlp(model, r.start, r.stop, dtype, device)
+        for layer in stages[s].layers.values():
+            layer.split_backward = split_backward
+    return stages
+
+
+def _grad_sync(stages: dict[int, StageModule], dp_group: Any, parallel: ParallelConfig) -> GradSync:
+    return GradSync(
+        {s: list(st.parameters()) for s, st in stages.items()},
+        dp_group,
+        int(parallel.bucket_mb * 2**20),
+        overlap=parallel.overlap,
+    )
 
 
 class PipelineEngine:
@@ -68,9 +104,13 @@ class PipelineEngine:
         dp_group: Any = None,
         replicas: tuple[tuple[int, ...], ...] | None = None,
         channels: bool | None = None,
+        tracer: Tracer | None = None,
+        nan_check: NanCheck | None = None,
     ) -> None:
         """`dp_group`: this rank's data-parallel peers (None: one replica); `replicas`: every
-        pipeline's global ranks; `channels`: see runtime/comm.P2P. Prefer `from_mesh`."""
+        pipeline's global ranks; `channels`: see runtime/comm.P2P. `tracer`: records the
+        steps' actions (runtime/trace.py; None: nothing); `nan_check`: the numerical guard's
+        granularity (runtime/guard.py; None: no guard). Prefer `from_mesh`."""
         import torch.distributed as dist
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -81,8 +121,8 @@ class PipelineEngine:
             "staged" if Transport(cfg.runtime.transport) == Transport.staged else "direct"
         )
         self.task = Task(cfg.model.task)
-        self.batch_size = int(cfg.train.batch_size)  # the global minibatch B
-        self.weight_decay = float(cfg.optim.weight_decay)
+        self.batch_size = cfg.train.batch_size  # the global minibatch B
+        self.weight_decay = cfg.optim.weight_decay
         self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         if self.batch_size % self.dp:
@@ -90,31 +130,36 @@ class PipelineEngine:
         #: rows of each minibatch this replica runs: [dp_rank * local, (dp_rank + 1) * local)
         self.local_batch = self.batch_size // self.dp
         self.plan: Plan = plan if plan is not None else make_plan(cfg, world_size)
-        self.sizes = microbatch_sizes(self.local_batch, int(cfg.pipeline.microbatches))
-        name = str(cfg.schedule.name)
+        self.sizes = microbatch_sizes(self.local_batch, cfg.pipeline.microbatches)
+        name = cfg.schedule.name
         self.schedule: Schedule = build_schedule(
-            name, world_size, len(self.sizes), int(cfg.schedule.virtual_stages)
+            name, world_size, len(self.sizes), cfg.schedule.virtual_stages
         )
-        split = SCHEDULES[name].split_backward
-        self.stages: dict[int, StageModule] = {}
-        for s in self.plan.stages_of(rank):
-            r = self.plan.stage_range(s)
-            self.stages[s] = build_mlp(cfg, r.start, r.stop, self.dtype, self.device)
-            for layer in self.stages[s].layers.values():
-                layer.split_backward = split
-        self.recompute = recompute_stages(cfg, self.plan.num_stages) & set(self.stages)
+        self.stages: dict[int, StageModule] = _build_stages(
+            cfg.model, self.plan, rank, self.dtype, self.device, SCHEDULES[name].split_backward
+        )
+        self.recompute = recompute_stages(cfg.schedule, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(cfg.optim, self.parameters())
         self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
         p2p_class = StagedP2P if self.transport == "staged" else P2P
         self.p2p = p2p_class(
             rank,
             group,
-            verbose=bool(cfg.runtime.verbose),
+            verbose=cfg.runtime.verbose,
             replicas=replicas,
             channels=channels,
-            timeout=timedelta(seconds=float(cfg.runtime.timeout)),  # every wait's bound
+            timeout=timedelta(seconds=cfg.runtime.timeout),  # every wait's bound
             links=schedule_channels(self.schedule),
         )
+        #: each stage's gradients summed over its replicas (data parallel)
+        self.gradsync: GradSync | None = None
+        if self.dp > 1:
+            self.gradsync = _grad_sync(self.stages, dp_group, cfg.parallel)
+        #: the numerical guard the executor reports to; train.py reads its events
+        self.guard: FiniteGuard | None = None
+        if nan_check is not None:
+            self.guard = FiniteGuard(self.stages, rank, nan_check == NanCheck.microbatch)
+        self.tracer: Tracer = tracer if tracer is not None else NULL_TRACER
         self.executor = Executor(
             self.schedule,
             rank,
@@ -126,16 +171,10 @@ class PipelineEngine:
             self.meter,
             recompute=self.recompute,
             autocast=self.compute_dtype != self.dtype,
+            tracer=self.tracer,
+            guard=self.guard,
+            on_grads_final=self.gradsync.stage_done if self.gradsync is not None else None,
         )
-        self.gradsync: GradSync | None = None
-        if self.dp > 1:
-            self.gradsync = GradSync(
-                {s: list(st.parameters()) for s, st in self.stages.items()},
-                dp_group,
-                int(float(cfg.parallel.bucket_mb) * 2**20),
-                overlap=bool(cfg.parallel.overlap),
-            )
-            self.executor.on_grads_final = self.gradsync.stage_done
 
     @classmethod
     def from_mesh(
@@ -146,6 +185,8 @@ class PipelineEngine:
         transport: str | None = None,
         channels: bool | None = None,
         plan: Plan | None = None,
+        tracer: Tracer | None = None,
+        nan_check: NanCheck | None = None,
     ) -> PipelineEngine:
         """The engine of this rank in a ("dp", "pp") DeviceMesh (runtime/mesh.py)."""
         from splitgraph.runtime.mesh import MeshGroups
@@ -162,6 +203,8 @@ class PipelineEngine:
             dp_group=g.dp_group if g.dp_size > 1 else None,
             replicas=g.replicas,
             channels=channels,
+            tracer=tracer,
+            nan_check=nan_check,
         )
 
     # -- what this rank holds ---------------------------------------------------------
@@ -191,8 +234,7 @@ class PipelineEngine:
         `x`, `y`: this replica's rows of the minibatch (`local_batch` of them; all B rows
         without data parallelism). After the all-reduce every replica holds the gradient of
         the whole minibatch."""
-        if self.executor.tracer is not None:
-            self.executor.tracer.step = self.p2p.step
+        self.tracer.step = self.p2p.step
         for p in self.parameters():
             p.grad = None
         if self.gradsync is not None:
@@ -205,19 +247,13 @@ class PipelineEngine:
             batch=self.batch_size,
         )
         if self.gradsync is not None:
-            tr = self.executor.tracer
-            t0 = tr.begin() if tr is not None and tr.active else None
-            self.gradsync.finish()
-            if t0 is not None and tr is not None:
-                tr.end(t0, "DP", "DP")  # blocked on the gradient all-reduce
-        tr = self.executor.tracer
-        t0 = tr.begin() if tr is not None and tr.active else None
+            with self.tracer.span("DP", "DP"):  # blocked on the gradient all-reduce
+                self.gradsync.finish()
         l2 = 0.0
-        for st in self.stages.values():
-            l2 += float(l2_term(st, self.weight_decay))
-            add_l2_grad_(st, self.weight_decay)  # after the sum: lambda*W once, not dp times
-        if t0 is not None and tr is not None:
-            tr.end(t0, "weight decay", "L2")
+        with self.tracer.span("weight decay", "L2"):
+            for st in self.stages.values():
+                l2 += float(l2_term(st, self.weight_decay))
+                add_l2_grad_(st, self.weight_decay)  # after the sum: lambda*W once, not dp times
         return StepStats(
             loss=float(loss) if loss is not None else 0.0, l2=l2 if self.dp_rank == 0 else 0.0
         )
@@ -229,12 +265,11 @@ class PipelineEngine:
 
     def update(self) -> None:
         """The optimizer step after `forward_backward` (train.py checks gradients in between)."""
-        tr = self.executor.tracer
-        t0 = tr.begin() if tr is not None and tr.active else None
-        self.optimizer.step()
-        if t0 is not None and tr is not None:
-            tr.end(t0, "OPT", "OPT")
-            tr.flush()
+        recording = self.tracer.active
+        with self.tracer.span("OPT", "OPT"):
+            self.optimizer.step()
+        if recording:
+            self.tracer.flush()
         self.p2p.step += 1
 
     # -- state --------------------------------------------------------------------------

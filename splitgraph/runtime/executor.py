@@ -45,7 +45,7 @@ from torch import Tensor
 from splitgraph.config import Task
 from splitgraph.model import StageModule, WeightGradStore, deferring, loss_sum
 from splitgraph.observe.memory import SavedTensorMeter
-from splitgraph.observe.trace import Tracer
+from splitgraph.observe.trace import NULL_TRACER, Tracer
 from splitgraph.runtime.comm import P2P, Transfer
 from splitgraph.schedule.ir import RECV_B, RECV_F, SEND_B, SEND_F, Action, B, F, I, Schedule, W
 
@@ -105,13 +105,16 @@ class Executor:
         recompute: Collection[int] = (),
         autocast: bool = False,
         prepost_receives: bool = True,
+        *,
+        tracer: Tracer | None = None,
+        guard: Any = None,
+        on_grads_final: Callable[[int], None] | None = None,
     ) -> None:
         self.schedule, self.rank, self.stages, self.p2p = schedule, rank, stages, p2p
         self.task, self.device, self.dtype, self.meter = Task(task), device, dtype, meter
         self.recompute = frozenset(recompute)
         #: bf16 autocast around every forward (dtype is then bf16: what travels between stages)
         self.autocast = autocast
-        self._tr: Tracer | None = None
         actions = schedule.actions[rank]
         self.program = _compile(actions, prepost_receives)
         #: program index -> index in the schedule's action list of the item's first action
@@ -120,15 +123,15 @@ class Executor:
         self.last = schedule.num_stages - 1
         self._rank_of = schedule.stage_to_rank
         #: records each action's start and end while `tracer.active` (observe/trace.py)
-        self.tracer: Tracer | None = None
+        self.tracer: Tracer = tracer if tracer is not None else NULL_TRACER
         #: called with a stage once its weight gradients of the step are final (data parallel)
-        self.on_grads_final: Callable[[int], None] | None = None
+        self.on_grads_final = on_grads_final
         #: the watchdog's view (reliability/watchdog.py): (index into `program` in progress,
         #: time.monotonic() when it started); None between steps
         self.position: tuple[int, float] | None = None
-        #: the numerical guard (reliability/guard.py): `guard.after(action, outputs, grads)`
+        #: the numerical guard (runtime/guard.py): `guard.after(action, outputs, grads)`
         #: after each compute action
-        self.guard: Any = None
+        self.guard: Any = guard
 
     def run(
         self,
@@ -153,8 +156,7 @@ class Executor:
             if self.last in self.stages
             else None
         )
-        tr = self.tracer if self.tracer is not None and self.tracer.active else None
-        self._tr = tr
+        tr = self.tracer
         current: object = None
         meter = self.meter if self.meter is not None else _NullContext()
         try:
@@ -169,25 +171,20 @@ class Executor:
                         raise InjectedFault(
                             f"injected failure (debug.fail_at_step) on rank {self.rank}"
                         )
-                    t0 = tr.begin() if tr is not None else None
-                    if isinstance(item, tuple):
-                        self._post(item, sizes, st)
-                    elif item.op == F:
-                        self._forward(item, st, loss_total)
-                    elif item.op in (B, I):
-                        self._backward(item, st)
-                    elif item.op == W:
-                        with self._no_autocast():
-                            st.deferred.pop((item.stage, item.mb)).run()
-                    else:
-                        raise AssertionError(f"{item} is not executable")
-                    if self.guard is not None and not isinstance(item, tuple):
-                        self.guard.after(item, st.outputs, st.grads)
-                    if tr is not None:
+                    with tr.span(item, "comm" if isinstance(item, tuple) else item.op.value):
                         if isinstance(item, tuple):
-                            tr.end(t0, " ".join(map(str, item)), "comm")
+                            self._post(item, sizes, st)
+                        elif item.op == F:
+                            self._forward(item, st, loss_total)
+                        elif item.op in (B, I):
+                            self._backward(item, st)
+                        elif item.op == W:
+                            with self._no_autocast():
+                                st.deferred.pop((item.stage, item.mb)).run()
                         else:
-                            tr.end(t0, str(item), item.op.value)
+                            raise AssertionError(f"{item} is not executable")
+                        if self.guard is not None and not isinstance(item, tuple):
+                            self.guard.after(item, st.outputs, st.grads)
                     if self.on_grads_final is not None and index in self._grads_final:
                         self.on_grads_final(self._grads_final[index])
             current = "the step's pending sends"
@@ -247,15 +244,12 @@ class Executor:
 
     def _take(self, st: _Step, key: Action) -> Tensor:
         buf, work = st.received.pop(key)
-        tr = self._tr
-        t0 = tr.begin() if tr is not None else None
-        try:
-            work.wait()
-        except Exception as e:
-            peer = self._rank_of[key.stage - 1 if key.op == RECV_F else key.stage + 1]
-            raise RuntimeError(f"waiting for {key} from rank {peer}: {e}") from e
-        if tr is not None:
-            tr.end(t0, str(key), "wait")
+        with self.tracer.span(key, "wait"):
+            try:
+                work.wait()
+            except Exception as e:
+                peer = self._rank_of[key.stage - 1 if key.op == RECV_F else key.stage + 1]
+                raise RuntimeError(f"waiting for {key} from rank {peer}: {e}") from e
         return buf
 
     def _take_output(self, st: _Step, s: int, mb: int) -> Tensor:

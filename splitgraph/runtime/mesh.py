@@ -70,7 +70,7 @@ class Layout:
 
 def layout_of(cfg: Any, world_size: int) -> Layout:
     """The layout a validated config asks for on `world_size` ranks."""
-    return Layout(dp=int(cfg.parallel.dp), pp=num_stages(cfg, world_size))
+    return Layout(dp=cfg.parallel.dp, pp=num_stages(cfg, world_size))
 
 
 def build_mesh(layout: Layout, device_type: str, timeout: timedelta | None = None) -> Any:

@@ -30,7 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from splitgraph.schedule.ir import Action, B, Schedule, W
+from splitgraph.schedule.ir import B, Schedule, W
 from splitgraph.schedule.simulate import SimResult
 
 
@@ -109,7 +109,7 @@ def with_allreduce(
         end_of_schedule = max((e.end for e in events), default=0.0)
         ready: dict[int, float] = {}
         for e in events:  # in execution order: the last B/W of a stage wins
-            a = Action.parse(e.action)
+            a = e.action
             if a.op in (B, W):
                 ready[a.stage] = e.end if overlap else end_of_schedule
         for s, r in enumerate(sched.stage_to_rank):

@@ -104,7 +104,7 @@ def draw_schedule(
     from splitgraph.observe.timeline import Box, Panel, draw
 
     boxes = [
-        Box(e.rank, e.action, e.action.lstrip("0123456789")[0], e.start, e.end)
+        Box(e.rank, str(e.action), e.action.op.value, e.start, e.end)
         for row in sim.events
         for e in row
     ]
@@ -124,7 +124,8 @@ def draw_schedule(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """splitgraph-schedule's flags (the overrides choose the schedule, as for training)."""
     from splitgraph.train.usage import parser as make_parser
 
     parser = make_parser(
@@ -161,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         "(1F1B's first rank holds 1); one number, or one per rank: 0.5,0.5,1,1",
     )
     parser.add_argument("--to-csv", type=Path, help="write the schedule as a torch.pp CSV file")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
 
     from hydra.errors import HydraException
 
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     auto_table = None
     try:
         cfg = load_config(_schedule_shorthand(args.overrides))
-        name, v, m = str(cfg.schedule.name), int(cfg.schedule.virtual_stages), 0
+        name, v, m = cfg.schedule.name, cfg.schedule.virtual_stages, 0
         if name not in SCHEDULES:
             raise ValueError(f"schedule {name!r} is not one of {', '.join(SCHEDULES)}")
         if args.cap is not None and name != "auto":
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         ranks = cfg.pipeline.stages if name != "csv" else sched.num_ranks
         if ranks is None:
             raise ValueError("pass pipeline.stages=P: the number of ranks to simulate")
-        m = int(cfg.pipeline.microbatches) if name != "csv" else sched.num_microbatches
+        m = cfg.pipeline.microbatches if name != "csv" else sched.num_microbatches
         stages = int(ranks) * v if name != "csv" else sched.num_stages
         costs, costs_text, unit = _costs(args, stages)
         if name == "auto":
@@ -273,7 +278,7 @@ def _data_parallel(
         size = torch_dtype(cfg.runtime.dtype).itemsize
         link = Link("given", args.dp_bandwidth * 1e9, args.dp_latency_us * 1e-6)
         nbytes = [plan.stage_params(s) * size for s in range(sched.num_stages)]
-        times = stage_allreduce_times(nbytes, args.dp, link, float(cfg.parallel.bucket_mb) * 2**20)
+        times = stage_allreduce_times(nbytes, args.dp, link, cfg.parallel.bucket_mb * 2**20)
     else:
         raise ValueError("--dp needs --allreduce T (cost units) or --dp-bandwidth GB/s")
     return with_allreduce(sim, sched, times, overlap=not args.no_overlap)

@@ -99,8 +99,11 @@ def idle_share(busy: Sequence[float], span: float) -> float:
 
 @dataclass(frozen=True)
 class Event:
+    """One compute action on the simulated timeline; the Action is kept, written out only
+    where it is shown (render_ascii, the timeline pictures)."""
+
     rank: int
-    action: str
+    action: Action
     start: float
     end: float
 
@@ -226,23 +229,14 @@ def simulate(sched: Schedule, costs: Costs | None = None, strict: bool = False) 
                         break
                     start = max(start, t)
                 dur = costs.compute(a.op, a.stage, a.mb)
-                events[r].append(Event(r, str(a), start, start + dur))
+                events[r].append(Event(r, a, start, start + dur))
                 busy[r] += dur
                 clock[r] = start + dur
                 pos[r] += 1
                 progress = True
     stuck = {r: pos[r] for r in range(R) if pos[r] < len(acts[r])}
     if stuck:
-        reasons = {}
-        for r, i in stuck.items():
-            a = acts[r][i]
-            need = _needs(a.stage, a.op, a.mb, sched)
-            src = _source_rank(a, sched)
-            if need is not None and need in sent:
-                reasons[r] = f"{a} waits for an earlier message from rank {src} on its channel"
-            else:
-                reasons[r] = f"{a} waits for data from rank {src}"
-        raise Deadlock(stuck, reasons)
+        raise _deadlock(sched, stuck, sent)
     return SimResult(
         events=events,
         step_time=max(clock, default=0.0),
@@ -250,6 +244,20 @@ def simulate(sched: Schedule, costs: Costs | None = None, strict: bool = False) 
         peak_inflight=peak_inflight(sched),
         peak_activation=peak_activation(sched),
     )
+
+
+def _deadlock(sched: Schedule, stuck: dict[int, int], sent: dict[Message, float]) -> Deadlock:
+    """Why each stuck rank (rank -> index of its blocked action) cannot go on."""
+    reasons = {}
+    for r, i in stuck.items():
+        a = sched.actions[r][i]
+        need = _needs(a.stage, a.op, a.mb, sched)
+        src = _source_rank(a, sched)
+        if need is not None and need in sent:
+            reasons[r] = f"{a} waits for an earlier message from rank {src} on its channel"
+        else:
+            reasons[r] = f"{a} waits for data from rank {src}"
+    return Deadlock(stuck, reasons)
 
 
 def channel_order(sched: Schedule) -> dict[Message, tuple[tuple[int, int, str], int]]:
@@ -324,13 +332,14 @@ def render_ascii(result: SimResult, unit: float = 1.0) -> str:
     microbatch 0); where a rank holds several stages they keep the stage, "2F0".
     """
     steps = round(result.step_time / unit)
-    stages = [{e.action.rstrip("0123456789")[:-1] for e in evs} for evs in result.events]
+    stages = [{e.action.stage for e in evs} for evs in result.events]
     qualify = any(len(s) > 1 for s in stages)
     rows = []
     for evs in result.events:
         cells = ["."] * steps
         for e in evs:
-            label = e.action if qualify else e.action.lstrip("0123456789")
+            a = e.action
+            label = str(a) if qualify else f"{a.op.value}{a.mb}"
             for t in range(round(e.start / unit), round(e.end / unit)):
                 cells[t] = label
         rows.append(cells)

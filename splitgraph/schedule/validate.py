@@ -41,11 +41,31 @@ def _fail(sched: Schedule, rule: str, marks: dict[tuple[int, int], str]) -> Sche
 
 
 def validate(sched: Schedule) -> None:
-    """Raise ScheduleError (with the marked grid) unless the schedule is safe to run."""
-    S, M = sched.num_stages, sched.num_microbatches
-    where: dict[Action, tuple[int, int]] = {}
+    """Raise ScheduleError (with the marked grid) unless the schedule is safe to run.
 
-    # 1. ownership, and no action twice
+    The rules of the module docstring, one function each, in order: the first broken one
+    raises, naming the action and marking it on the grid."""
+    where = _check_ownership(sched)
+    _check_compute(sched, where)
+    _check_order(sched, where)
+    _check_transfers(sched, where)
+    _check_channels(sched, where)
+    _check_terminates(sched)
+
+
+#: where each action sits: (rank, index in that rank's list)
+Where = dict[Action, tuple[int, int]]
+
+
+def _back(where: Where, s: int, mb: int) -> Action:
+    """The backward of (s, mb): B, or I where it is split into I and W."""
+    return Action(s, B, mb) if Action(s, B, mb) in where else Action(s, I, mb)
+
+
+def _check_ownership(sched: Schedule) -> Where:
+    """1. every action on the rank that owns its stage, none twice; returns where each is."""
+    S, M = sched.num_stages, sched.num_microbatches
+    where: Where = {}
     for r, row in enumerate(sched.actions):
         for i, a in enumerate(row):
             if not (0 <= a.stage < S and 0 <= a.mb < M):
@@ -61,11 +81,14 @@ def validate(sched: Schedule) -> None:
                 r0, i0 = where[a]
                 raise _fail(sched, f"{a} appears twice", {(r0, i0): "first", (r, i): "again"})
             where[a] = (r, i)
+    return where
 
-    # 2. every microbatch's compute, exactly once
+
+def _check_compute(sched: Schedule, where: Where) -> None:
+    """2. every microbatch's compute, exactly once."""
     missing = []
-    for s in range(S):
-        for mb in range(M):
+    for s in range(sched.num_stages):
+        for mb in range(sched.num_microbatches):
             has = {op for op in (F, B, I, W) if Action(s, op, mb) in where}
             if F not in has:
                 missing.append(f"{s}F{mb}")
@@ -77,48 +100,48 @@ def validate(sched: Schedule) -> None:
         head = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise _fail(sched, f"missing or conflicting compute: {head}", {})
 
-    def pos(a: Action) -> tuple[int, int]:
-        return where[a]
 
-    def back(s: int, mb: int) -> Action:
-        return Action(s, B, mb) if Action(s, B, mb) in where else Action(s, I, mb)
-
-    # 3. order on each rank
+def _check_order(sched: Schedule, where: Where) -> None:
+    """3. on each rank: F before its B/I, I before W, neighbours on one rank in order."""
+    S = sched.num_stages
     for s in range(S):
-        for mb in range(M):
-            f, b = Action(s, F, mb), back(s, mb)
-            if pos(b) < pos(f):
+        for mb in range(sched.num_microbatches):
+            f, b = Action(s, F, mb), _back(where, s, mb)
+            if where[b] < where[f]:
                 raise _fail(
                     sched,
                     f"{b} runs before its forward {f}",
-                    {pos(b): f"before {f}", pos(f): "forward here"},
+                    {where[b]: f"before {f}", where[f]: "forward here"},
                 )
             wa = Action(s, W, mb)
-            if wa in where and pos(wa) < pos(b):
-                raise _fail(sched, f"{wa} runs before {b}", {pos(wa): f"before {b}"})
+            if wa in where and where[wa] < where[b]:
+                raise _fail(sched, f"{wa} runs before {b}", {where[wa]: f"before {b}"})
             if s > 0 and sched.rank_of(s - 1) == sched.rank_of(s):
                 prev = Action(s - 1, F, mb)
-                if pos(prev) > pos(f):
+                if where[prev] > where[f]:
                     raise _fail(
                         sched,
                         f"{f} reads {prev}'s output before it exists",
-                        {pos(f): f"needs {prev} first"},
+                        {where[f]: f"needs {prev} first"},
                     )
             if s < S - 1 and sched.rank_of(s + 1) == sched.rank_of(s):
-                nxt = back(s + 1, mb)
-                if pos(nxt) > pos(b):
+                nxt = _back(where, s + 1, mb)
+                if where[nxt] > where[b]:
                     raise _fail(
                         sched,
                         f"{b} reads the gradient of {nxt} before it exists",
-                        {pos(b): f"needs {nxt} first"},
+                        {where[b]: f"needs {nxt} first"},
                     )
 
-    # 4. transfers present, placed, and only across ranks
+
+def _check_transfers(sched: Schedule, where: Where) -> None:
+    """4. transfers present, placed around their compute, and only across ranks."""
+    S = sched.num_stages
     for s in range(S):
         prev_remote = s > 0 and sched.rank_of(s - 1) != sched.rank_of(s)
         next_remote = s < S - 1 and sched.rank_of(s + 1) != sched.rank_of(s)
-        for mb in range(M):
-            f, b = Action(s, F, mb), back(s, mb)
+        for mb in range(sched.num_microbatches):
+            f, b = Action(s, F, mb), _back(where, s, mb)
             for op, needed, anchor, before in (
                 (RECV_F, prev_remote, f, True),
                 (SEND_F, next_remote, f, False),
@@ -127,18 +150,20 @@ def validate(sched: Schedule) -> None:
             ):
                 t = Action(s, op, mb)
                 if t in where and not needed:
-                    raise _fail(sched, f"{t} crosses no rank boundary", {pos(t): "not needed"})
+                    raise _fail(sched, f"{t} crosses no rank boundary", {where[t]: "not needed"})
                 if needed and t not in where:
-                    raise _fail(sched, f"{t} is missing", {pos(anchor): f"needs {t}"})
-                if needed and (pos(t) < pos(anchor)) != before:
+                    raise _fail(sched, f"{t} is missing", {where[anchor]: f"needs {t}"})
+                if needed and (where[t] < where[anchor]) != before:
                     side = "before" if before else "after"
                     raise _fail(
                         sched,
                         f"{t} must come {side} {anchor}",
-                        {pos(t): f"must be {side} {anchor}"},
+                        {where[t]: f"must be {side} {anchor}"},
                     )
 
-    # 5. the same order on both ends of each channel (src rank, dst rank, kind)
+
+def _check_channels(sched: Schedule, where: Where) -> None:
+    """5. the same order on both ends of each channel (src rank, dst rank, kind)."""
     sends: dict[tuple[int, int, str], list[Action]] = defaultdict(list)
     recvs: dict[tuple[int, int, str], list[Action]] = defaultdict(list)
     for row in sched.actions:
@@ -155,12 +180,14 @@ def validate(sched: Schedule) -> None:
                     sched,
                     f"rank {src} sends {sa} as its {what} message #{k} to rank {dst}, which "
                     f"receives {ra} at that point (each channel must deliver in send order)",
-                    {pos(sa): f"send #{k}", pos(ra): f"receive #{k}"},
+                    {where[sa]: f"send #{k}", where[ra]: f"receive #{k}"},
                 )
         if Counter(map(message, s_list)) != Counter(map(message, r_list)):
             raise _fail(sched, f"unmatched {what} transfers from rank {src} to rank {dst}", {})
 
-    # 6. a dry run terminates
+
+def _check_terminates(sched: Schedule) -> None:
+    """6. a dry run under the strict transfer rules terminates: no deadlock."""
     try:
         simulate(sched, strict=True)
     except Deadlock as e:

@@ -19,6 +19,58 @@ def check_main(argv: list[str] | None = None) -> int:
     if the launch would start, 2 with the reasons if not, 3 if it cannot fit in memory.
     launch/*.sh run it before torchrun.
     """
+    parsed = _check_args(sys.argv[1:] if argv is None else argv)
+    if parsed is None:
+        return 2
+    nproc, per_node, args = parsed
+    from hydra.errors import HydraException
+
+    from splitgraph.config import load_config, validate
+    from splitgraph.data import load_dataset, microbatch_sizes
+    from splitgraph.errors import OutOfMemory
+    from splitgraph.partition import make_plan
+    from splitgraph.reliability import preflight
+    from splitgraph.runtime.mesh import layout_of
+    from splitgraph.schedule import build_schedule
+
+    try:
+        cfg = load_config(args, fill_data=False)
+        found = preflight.resolve_data(cfg, nproc, range(per_node))
+        validate(cfg, nproc)
+        layout = layout_of(cfg, nproc)
+        plan = make_plan(cfg, layout.pp)
+        rows = cfg.train.batch_size // layout.dp
+        sizes = microbatch_sizes(rows, cfg.pipeline.microbatches)
+        sched = build_schedule(
+            cfg.schedule.name, layout.pp, len(sizes), cfg.schedule.virtual_stages
+        )
+        try:
+            devices = preflight.node_devices(cfg.runtime, per_node)
+        except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
+            raise SplitgraphError(str(e)) from None
+        checked = preflight.check_launch(cfg, layout, plan, range(per_node), devices)
+        dataset = load_dataset(cfg)  # every value, as the ranks will read it
+    except OutOfMemory as e:
+        print(f"splitgraph-check: {e}", file=sys.stderr)
+        return 3
+    except (SplitgraphError, HydraException) as e:
+        cause = f"\n  ({e.__cause__})" if e.__cause__ else ""
+        print(f"splitgraph-check: {e}{cause}", file=sys.stderr)
+        return 2
+    if found:
+        print(found)
+    print(dataset.describe())
+    print(plan.table(sizes[0]))
+    if layout.dp > 1:
+        print(layout.describe() + f"\n  each replica runs {rows} rows of every minibatch")
+    print("\n".join(checked.lines()))
+    print(f"schedule {sched.name}: {len(sizes)} microbatches {sizes}, valid")
+    return 0
+
+
+def _check_args(argv: list[str]) -> tuple[int, int, list[str]] | None:
+    """splitgraph-check's flags: (ranks, ranks on this machine, overrides); None (after
+    saying why) for a launch of fewer than one rank."""
     from splitgraph.train.usage import parser
 
     p = parser(
@@ -41,7 +93,7 @@ def check_main(argv: list[str] | None = None) -> int:
         metavar="L",
         help="of them, ranks on this machine, whose memory they share (default: N)",
     )
-    ns = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    ns = p.parse_intermixed_args(argv)
     for flag, n in (("--nproc", ns.nproc), ("--nproc-per-node", ns.nproc_per_node)):
         if n is not None and n < 1:
             print(
@@ -49,52 +101,10 @@ def check_main(argv: list[str] | None = None) -> int:
                 "pipeline stage)",
                 file=sys.stderr,
             )
-            return 2
-    nproc, args = int(ns.nproc), list(ns.overrides)
+            return None
+    nproc = int(ns.nproc)
     per_node = nproc if ns.nproc_per_node is None else min(int(ns.nproc_per_node), nproc)
-    from hydra.errors import HydraException
-
-    from splitgraph.config import load_config, validate
-    from splitgraph.data import load_dataset, microbatch_sizes
-    from splitgraph.errors import OutOfMemory
-    from splitgraph.partition import make_plan
-    from splitgraph.reliability import preflight
-    from splitgraph.runtime.mesh import layout_of
-    from splitgraph.schedule import build_schedule
-
-    try:
-        cfg = load_config(args, fill_data=False)
-        found = preflight.resolve_data(cfg, nproc, range(per_node))
-        validate(cfg, nproc)
-        layout = layout_of(cfg, nproc)
-        plan = make_plan(cfg, layout.pp)
-        rows = int(cfg.train.batch_size) // layout.dp
-        sizes = microbatch_sizes(rows, int(cfg.pipeline.microbatches))
-        sched = build_schedule(
-            str(cfg.schedule.name), layout.pp, len(sizes), int(cfg.schedule.virtual_stages)
-        )
-        try:
-            devices = preflight.node_devices(cfg, per_node)
-        except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
-            raise SplitgraphError(str(e)) from None
-        checked = preflight.check_launch(cfg, layout, plan, range(per_node), devices)
-        dataset = load_dataset(cfg)  # every value, as the ranks will read it
-    except OutOfMemory as e:
-        print(f"splitgraph-check: {e}", file=sys.stderr)
-        return 3
-    except (SplitgraphError, HydraException) as e:
-        cause = f"\n  ({e.__cause__})" if e.__cause__ else ""
-        print(f"splitgraph-check: {e}{cause}", file=sys.stderr)
-        return 2
-    if found:
-        print(found)
-    print(dataset.describe())
-    print(plan.table(sizes[0]))
-    if layout.dp > 1:
-        print(layout.describe() + f"\n  each replica runs {rows} rows of every minibatch")
-    print("\n".join(checked.lines()))
-    print(f"schedule {sched.name}: {len(sizes)} microbatches {sizes}, valid")
-    return 0
+    return nproc, per_node, list(ns.overrides)
 
 
 if __name__ == "__main__":

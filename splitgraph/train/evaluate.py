@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from splitgraph.config import Task
+from splitgraph.config import ModelConfig, Task
 from splitgraph.model import build_mlp, loss_sum
 
 
 @torch.no_grad()
 def evaluate(
-    cfg: Any,
+    model_cfg: ModelConfig,
     state: dict[str, Tensor],
     X: Tensor,
     y: Tensor,
@@ -30,9 +28,9 @@ def evaluate(
     """
     if X.shape[0] == 0:
         return {}
-    model = build_mlp(cfg, dtype=dtype)
+    model = build_mlp(model_cfg, dtype=dtype)
     model.load_state_dict(state)
-    task = Task(cfg.model.task)
+    task = Task(model_cfg.task)
     scale = None
     if target_std is not None and task == Task.regression:
         scale = target_std.to(torch.float64)

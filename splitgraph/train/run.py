@@ -48,25 +48,34 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from splitgraph.config import NanCheck, register_configs, register_resolvers, validate
+from splitgraph.config import (
+    CheckpointConfig,
+    Config,
+    TrainConfig,
+    as_container,
+    register_configs,
+    register_resolvers,
+    typed,
+    validate,
+)
 from splitgraph.data import BatchOrder, Dataset, load_dataset, replica_rows
 from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.observe.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
 from splitgraph.observe.nvml import NvmlSampler
-from splitgraph.observe.trace import TraceWindow, make_tracer
+from splitgraph.observe.trace import Tracer, TraceWindow, make_tracer
 from splitgraph.partition import make_plan
 from splitgraph.planner.check import compare, measure_link, shared_plan
 from splitgraph.reliability import checkpoint, memcap, preflight, runlock
 from splitgraph.reliability.faults import Fault, restart_attempt
-from splitgraph.reliability.guard import FiniteGuard, raise_if_any
 from splitgraph.reliability.signals import (
     EXIT_STOPPED,
     Stopped,
@@ -78,6 +87,7 @@ from splitgraph.reliability.watchdog import Watchdog, default_store
 from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.runtime.executor import InjectedFault
+from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
 from splitgraph.runtime.stepsum import StepSum
 from splitgraph.train.evaluate import evaluate
@@ -85,11 +95,13 @@ from splitgraph.train.evaluate import evaluate
 log = logging.getLogger("splitgraph")
 
 
-def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
+def run(cfg: DictConfig | Config, env: DistEnv | None = None) -> dict[str, Any] | None:
     """Train as configured on this process's rank; rank 0 returns the summary.
 
-    Creates the process group from torchrun's environment unless one exists already
-    (`run_ranks` in tests makes one with a FileStore and passes `env`).
+    The entrance: the composed config is completed (data=file shapes), validated and turned
+    into the typed `Config` once; everything below takes typed sections. Creates the process
+    group from torchrun's environment unless one exists already (`run_ranks` in tests makes
+    one with a FileStore and passes `env`).
     """
     env = env or DistEnv.from_environ()
     node = preflight.node_ranks(env.rank, env.local_rank, env.local_world_size)
@@ -97,35 +109,41 @@ def run(cfg: DictConfig, env: DistEnv | None = None) -> dict[str, Any] | None:
     if found and env.rank == 0:
         log.info("%s", found)
     validate(cfg, env.world_size)
+    config = typed(cfg)
     # One job per run dir, before anything is written; SIGINT/SIGTERM stop at a step boundary.
     with (
-        runlock.hold(cfg.run_dir, env.rank),
+        runlock.hold(config.run_dir, env.rank),
         StopSignals(env.rank, on_abort=runlock.release_all) as signals,
     ):
-        return _run(cfg, env, node, signals)
+        return _run(config, env, node, signals)
 
 
-def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> dict[str, Any] | None:
+def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[str, Any] | None:
+    """Before the process group: placement, plan, pre-flight, data and checkpoints."""
     placement = place(cfg.runtime, env.local_rank, env.local_world_size)
     device = placement.device
     if cfg.runtime.threads is not None:
-        torch.set_num_threads(int(cfg.runtime.threads))
-    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.runtime.tf32)
-    torch.backends.cudnn.allow_tf32 = bool(cfg.runtime.tf32)
-    memcap.apply_cuda_cap(memcap.cap_bytes(cfg), device)  # GPU: the allocator enforces it
+        torch.set_num_threads(cfg.runtime.threads)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.runtime.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.runtime.tf32
+    cap = memcap.cap_bytes(cfg.pipeline)
+    memcap.apply_cuda_cap(cap, device)  # GPU: the allocator enforces it
+    record = _Record(Path(cfg.run_dir), as_container(cfg), env, cap)
 
     # Data and checkpoints are read before the process group exists: a bad file stops this
     # rank at once, and torchrun then stops the others.
     layout = layout_of(cfg, env.world_size)
     plan = make_plan(cfg, layout.pp)
     try:  # the data file's header and the model's bytes, before either is allocated
-        preflight.check_launch(cfg, layout, plan, node, preflight.node_devices(cfg, len(node)))
+        preflight.check_launch(
+            cfg, layout, plan, node, preflight.node_devices(cfg.runtime, len(node))
+        )
     except OutOfMemory as e:
         # Every rank reaches this verdict alone and exits; torchrun may stop rank 0 before it
         # writes summary.json, so each rank leaves the record the harness reads (atomically).
-        memcap.write_oom(Path(cfg.run_dir), e)
+        memcap.write_oom(record.run_dir, e)
         phase = "before any parameter is allocated"
-        raise _out_of_memory(e, cfg, env, torch.device("cpu"), phase) from None
+        raise record.out_of_memory(e, torch.device("cpu"), phase) from None
     _, pp_rank = layout.coords(env.rank)
     needs_data = pp_rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
     dataset = load_dataset(cfg) if needs_data else None
@@ -133,22 +151,22 @@ def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> di
         log.info("%s", dataset.describe())
     init_state = None
     if cfg.checkpoint.init_from:
-        init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg)
+        init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg.model)
     resume = None
     found = checkpoint.find_resume(cfg, quarantine=env.rank == 0)  # rank 0 moves damaged ones
     if found is not None:
         ck, meta = found
-        names = checkpoint.names_held(cfg, plan, pp_rank)  # every replica loads the same
+        names = checkpoint.names_held(cfg.model, plan, pp_rank)  # every replica loads the same
         resume = checkpoint.read_rank_state(ck, meta, names, env.rank)
 
     own_group = env.world_size > 1 and not dist.is_initialized()
     if own_group:
         pin_loopback()  # a one-node launch keeps gloo/NCCL sockets on the loopback interface
-        init_process_group(placement.backend, float(cfg.runtime.timeout), device)
+        init_process_group(placement.backend, cfg.runtime.timeout, device)
     try:
         # an allocator's refusal outside the steps (building the engine, moving the data to
         # the device) stops the run as "oom" too; those in a step say which (_train)
-        with _stop_on_oom(cfg, env, device, lambda: OUTSIDE_STEPS):
+        with record.stop_on_oom(device, lambda: OUTSIDE_STEPS):
             summary = _train(cfg, env, layout, placement, dataset, init_state, resume, signals)
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
@@ -159,7 +177,7 @@ def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> di
 
 
 def _train(
-    cfg: DictConfig,
+    cfg: DictConfig | Config,
     env: DistEnv,
     layout: Layout,
     placement: Placement,
@@ -168,253 +186,381 @@ def _train(
     resume: checkpoint.RankState | None = None,
     signals: StopSignals | None = None,
 ) -> dict[str, Any] | None:
-    is_main = env.rank == 0
+    """Set up, run the steps, summarize: the three phases of a training run.
+
+    _setup    the engine (weights, resume) and its collaborators: data order, fault,
+              guard, watchdog, NVML sampler, tracer, step sum, metrics file, progress bar
+    _step     one step (x steps), each of its parts a named function below
+    _finish   the cost report, every rank's memory gathered, model.pt, summary.json
+    """
     signals = signals or StopSignals(env.rank)  # not entered: only reports what it never sees
-    distributed = env.world_size > 1
-    device, backend = placement.device, placement.backend
-    torch.manual_seed(int(cfg.train.seed))
-    plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
-    wait = timedelta(seconds=float(cfg.runtime.timeout))  # every group's bound on a wait
-    if distributed:  # DeviceMesh's device type follows the backend (gloo: "cpu", even staged)
-        mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu", timeout=wait)
-        engine = PipelineEngine.from_mesh(
-            cfg, mesh, device, transport=placement.transport, plan=plan
+    run = _setup(typed(cfg), env, layout, placement, dataset, init_state, resume)
+    st = _Progress(step=run.start, last_saved=run.resumed_from)
+    signals.last_saved, signals.phase = st.last_saved, "training"
+    try:
+        st.accounted = memcap.check_all_ranks(
+            run.engine, run.record.cap, False, "before the first step"
         )
-    else:
-        engine = PipelineEngine(cfg, device=device, transport=placement.transport, plan=plan)
+        for step in range(run.start, run.steps):
+            st.step = step
+            if not _step(run, st, signals, step):
+                break
+    except Exception as e:  # the allocator's refusal, wherever in the step it came from
+        oom = _oom_in(e)
+        if oom is None:
+            raise
+        raise run.record.out_of_memory(oom, run.device, f"at step {st.step}") from e
+    finally:
+        signals.phase = "finishing"  # a first signal is now only noted; a second stops
+        run.close()
+    if st.signalled:
+        run.record.stopped(
+            run.resume_mode, st.signalled, st.step + 1, run.start, len(st.step_times), st.last_saved
+        )
+    return _finish(run, st)
+
+
+@dataclass
+class _Run:
+    """What `_setup` builds and the steps use: the engine and its collaborators."""
+
+    config: Config  # typed: the steps read its sections, the cost report all of it
+    record: _Record
+    env: DistEnv
+    layout: Layout
+    placement: Placement
+    engine: PipelineEngine
+    dataset: Dataset | None
+    order: BatchOrder | None
+    steps: int  # the step the run ends at
+    start: int  # the step it starts at (a resume's)
+    resumed_from: str | None  # the checkpoint resumed from
+    host_batches: bool  # data.on_device=false on a GPU: each batch copied from pinned host
+    fault: Fault
+    guard: FiniteGuard
+    watchdog: Watchdog
+    sampler: NvmlSampler | None
+    tracer: Tracer
+    window: TraceWindow
+    step_sum: StepSum
+    metrics_file: Any
+    bar: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def resume_mode(self) -> str:
+        return self.config.checkpoint.resume
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+
+
+@dataclass
+class _Progress:
+    """What the steps change: times, the stop decisions, the last checkpoint."""
+
+    step: int
+    last_saved: str | None
+    step_times: list[float] = field(default_factory=list)
+    dp_waits: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    stopped_by: str | None = None  # "time_budget"
+    signalled: str | None = None  # "SIGTERM" / "SIGINT"
+    accounted: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _setup(
+    cfg: Config,
+    env: DistEnv,
+    layout: Layout,
+    placement: Placement,
+    dataset: Dataset | None,
+    init_state: dict[str, torch.Tensor] | None,
+    resume: checkpoint.RankState | None,
+) -> _Run:
+    """The engine (initial or resumed weights), the data on the device, and every
+    collaborator of the steps; rank 0 announces the plan."""
+    device, backend = placement.device, placement.backend
+    torch.manual_seed(cfg.train.seed)
+    tracer = make_tracer(device, enabled=cfg.trace.enabled)
+    engine = _engine(cfg, layout, placement, tracer)
+    guard = engine.guard
+    assert guard is not None  # asked for: nan_check
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
     start = 0
     if resume is not None:  # weights, optimizer state and RNG as saved; the data order follows
-        checkpoint.apply_state(engine, resume, cfg)
+        checkpoint.apply_state(engine, resume, cfg.optim.name)
         start = resume.checkpoint.step
         engine.p2p.step = start
     run_dir = Path(cfg.run_dir)
-    batch = int(cfg.train.batch_size)
-
-    on_device = bool(cfg.data.on_device) or device.type == "cpu"
-    if dataset is not None:
-        # On the device by default; else on the host, each batch pinned and copied async.
-        dataset = dataset.to(engine.dtype, device if on_device else "cpu")
-        order = BatchOrder(dataset.num_train, batch, bool(cfg.data.shuffle), int(cfg.train.seed))
-        steps = int(cfg.train.steps or cfg.train.epochs * order.steps_per_epoch)
-    else:
-        order, steps = None, 0
-    if distributed:  # the rank holding stage 0 knows the dataset size; it tells the others
-        box = [steps]
-        dist.broadcast_object_list(box, src=layout.rank_at(0, engine.plan.rank_of(0)))
-        steps = int(box[0])
+    on_device = cfg.data.on_device or device.type == "cpu"
+    dataset, order, steps = _data_order(
+        cfg.train, cfg.data.shuffle, dataset, engine, layout, on_device
+    )
     if start > steps:
         raise CheckpointError(
             f"checkpoint {resume.checkpoint.path if resume else ''} is at step {start}, beyond "
             f"this run's {steps} steps. Raise train.steps or use checkpoint.resume=never."
         )
-    if is_main:
+    if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _announce(cfg, engine, env, layout, backend, device, steps, start, resume)
-
-    every = cfg.checkpoint.every
-    fault = Fault.from_cfg(cfg)
-    guard = FiniteGuard(
-        engine.stages, env.rank, NanCheck(cfg.runtime.nan_check) == NanCheck.microbatch
-    )
-    engine.executor.guard = guard
-    last_saved = str(resume.checkpoint.path) if resume is not None else None
+        _announce(cfg.checkpoint, engine, env, layout, backend, device, steps, start, resume)
+    rt = cfg.runtime
     watchdog = Watchdog(
         engine.schedule,
         env.rank,
         env.world_size,
-        float(cfg.runtime.hang_timeout or float(cfg.runtime.timeout) / 2),
+        float(rt.hang_timeout or rt.timeout / 2),
         engine.executor,
         store=default_store(str(restart_attempt())),
         report_path=run_dir / "hang_report.txt",
         pp_rank=engine.rank,
     ).start()
     sampler = (
-        NvmlSampler(device.index or 0, float(cfg.runtime.nvml_interval)).start()
-        if device.type == "cuda"
-        else None
+        NvmlSampler(device.index or 0, rt.nvml_interval).start() if device.type == "cuda" else None
     )
-    tracer = make_tracer(device) if cfg.trace.enabled else None
-    engine.executor.tracer = tracer
-    window = TraceWindow(cfg.trace, tracer, steps)
-    step_sum = StepSum(backend, device, timeout=wait)  # may create a process group: every rank
-    metrics_file = _open_metrics(run_dir, start) if is_main else None
-    bar = _progress(cfg, steps, start) if is_main else None
-    step_times: list[float] = []
-    dp_waits: list[float] = []
-    cap, budget = memcap.cap_bytes(cfg), cfg.train.time_budget
-    elapsed, stopped_by, step = 0.0, None, start
-    signalled: str | None = None
-    signals.last_saved, signals.phase = last_saved, "training"
-    try:
-        accounted = memcap.check_all_ranks(engine, cap, False, "before the first step")
-        for step in range(start, steps):
-            signals.step = step
-            fault.send_signal(step, env.rank)
-            window.before_step(step)
-            x = y = None
-            if order is not None and dataset is not None:
-                idx = replica_rows(order.indices(step), engine.dp_rank, engine.dp)
-                x = fault.poison(step, dataset.X[idx]) if engine.holds_first else None
-                y = dataset.y[idx] if engine.holds_last else None
-                if not on_device:
-                    x, y = _to_device(x, device), _to_device(y, device)
-            watchdog.beat(step, "the schedule")
-            guard.begin()
-            t0 = time.perf_counter()
-            try:
-                stats = engine.forward_backward(x, y, fail_at=fault.program_index(step, env.rank))
-            except InjectedFault as e:
-                fault.surface(e)
-            tr = tracer if tracer is not None and tracer.active else None
-            t_sync = tr.begin() if tr is not None else None
-            bad = guard.finish()
-            watchdog.beat(step, "the step sum of loss and flags")
-            # rank 0 alone decides the time budget; the step sum tells every rank
-            over = budget is not None and is_main and elapsed + time.perf_counter() - t0 >= budget
-            # a signal on any rank: every rank learns it from the same sum, so all agree on
-            # the last step however the signal reached them
-            sig = signals.requested
-            flags = [float(sig == signal.SIGTERM), float(sig == signal.SIGINT)]
-            values = [stats.loss, stats.l2, bad, float(over), *flags]
-            parts = torch.tensor(values, dtype=torch.float64)
-            parts = step_sum(parts)  # ends when every rank has finished the step
-            if tr is not None:  # the step's fixed cost beside the optimizer: traced as SYNC
-                tr.end(t_sync, "step sum", "SYNC")
-            if parts[2] > 0:  # before the optimizer step: the weights stay finite
-                _stop_non_finite(engine, guard, step, x, y, env.world_size, last_saved)
-            engine.update()
-            dt = time.perf_counter() - t0
-            if engine.gradsync is not None:
-                dp_waits.append(engine.gradsync.wait_s)
-            L, s = float(parts[0]), float(parts[1])
-            step_times.append(dt)
-            elapsed += dt
-            if step == start:  # the saved-activation peak is now measured
-                accounted = memcap.check_all_ranks(engine, cap, True, "after the first step")
-            stopped_by = "time_budget" if parts[3] > 0 else None
-            if (parts[4] > 0 or parts[5] > 0) and step + 1 < steps:  # (at the end: ends)
-                signalled = "SIGTERM" if parts[4] > 0 else "SIGINT"
-            evals = _maybe_evaluate(cfg, engine, env, dataset, step, steps, stopped_by)
-            if metrics_file is not None:
-                rec = {
-                    "step": step,
-                    "L": L,
-                    "J": L + s,
-                    "s": s,
-                    "step_time": dt,
-                    "samples_per_s": batch / dt,
-                    "samples": (step + 1) * batch,
-                    "elapsed": elapsed,
-                    **evals,
-                }
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-            if bar is not None:
-                bar.update(1)
-                if step % int(cfg.train.log_every) == 0 or step == steps - 1:
-                    bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
-            done = step + 1
-            ends = done == steps or stopped_by is not None
-            if signalled or (every is not None and (done % int(every) == 0 or ends)):
-                with watchdog.paused("saving a checkpoint"):
-                    last_saved = _save(cfg, engine, env, order, done, fault, is_main)
-                signals.last_saved = last_saved
-            if stopped_by or signalled:
-                break
-    except Exception as e:  # the allocator's refusal, wherever in the step it came from
-        oom = _oom_in(e)
-        if oom is None:
-            raise
-        raise _out_of_memory(oom, cfg, env, device, f"at step {step}") from e
-    finally:
-        signals.phase = "finishing"  # a first signal is now only noted; a second stops
-        watchdog.stop()
-        if bar is not None:
-            bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-    if signalled:
-        _stopped(cfg, env, signalled, step + 1, start, len(step_times), last_saved)
+    wait = timedelta(seconds=rt.timeout)
+    return _Run(
+        config=cfg,
+        record=_Record(run_dir, as_container(cfg), env, memcap.cap_bytes(cfg.pipeline)),
+        env=env,
+        layout=layout,
+        placement=placement,
+        engine=engine,
+        dataset=dataset,
+        order=order,
+        steps=steps,
+        start=start,
+        resumed_from=str(resume.checkpoint.path) if resume is not None else None,
+        host_batches=not on_device,
+        fault=Fault.from_config(cfg.debug),
+        guard=guard,
+        watchdog=watchdog,
+        sampler=sampler,
+        tracer=tracer,
+        window=TraceWindow(cfg.trace, tracer, steps),
+        step_sum=StepSum(backend, device, timeout=wait),  # may create a group: every rank
+        metrics_file=_open_metrics(run_dir, start) if env.rank == 0 else None,
+        bar=_progress(cfg.train.progress, steps, start) if env.rank == 0 else None,
+    )
 
+
+def _data_order(
+    t: TrainConfig,
+    shuffle: bool,
+    dataset: Dataset | None,
+    engine: PipelineEngine,
+    layout: Layout,
+    on_device: bool,
+) -> tuple[Dataset | None, BatchOrder | None, int]:
+    """The data in the engine's dtype (on the device, or on the host with on_device=false:
+    each batch then pinned and copied async), its batch order, and the run's step count,
+    which the rank holding stage 0 knows and tells the others."""
+    order: BatchOrder | None = None
+    steps = 0
+    if dataset is not None:
+        dataset = dataset.to(engine.dtype, engine.device if on_device else "cpu")
+        order = BatchOrder(dataset.num_train, t.batch_size, shuffle, t.seed)
+        steps = t.steps or (t.epochs or 0) * order.steps_per_epoch
+    if layout.world_size > 1:
+        box = [steps]
+        dist.broadcast_object_list(box, src=layout.rank_at(0, engine.plan.rank_of(0)))
+        steps = int(box[0])
+    return dataset, order, steps
+
+
+def _engine(cfg: Config, layout: Layout, placement: Placement, tracer: Tracer) -> PipelineEngine:
+    """This rank's engine on rank 0's plan; on a DeviceMesh when there are several ranks."""
+    plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
+    device, backend = placement.device, placement.backend
+    if layout.world_size > 1:  # DeviceMesh's device type follows the backend (gloo: "cpu")
+        wait = timedelta(seconds=cfg.runtime.timeout)  # every group's bound on a wait
+        mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu", timeout=wait)
+        return PipelineEngine.from_mesh(
+            cfg,
+            mesh,
+            device,
+            transport=placement.transport,
+            plan=plan,
+            tracer=tracer,
+            nan_check=cfg.runtime.nan_check,
+        )
+    return PipelineEngine(
+        cfg,
+        device=device,
+        transport=placement.transport,
+        plan=plan,
+        tracer=tracer,
+        nan_check=cfg.runtime.nan_check,
+    )
+
+
+# -- one step ------------------------------------------------------------------------------
+
+
+def _step(run: _Run, st: _Progress, signals: StopSignals, step: int) -> bool:
+    """One training step on every rank; False when the run stops after it.
+
+    batch -> forward/backward (the schedule) -> guard + step sum (SYNC) -> [non-finite: stop
+    every rank] -> optimizer -> memory re-check -> evaluation -> metrics -> checkpoint
+    """
+    engine, rank = run.engine, run.env.rank
+    signals.step = step
+    run.fault.send_signal(step, rank)
+    run.window.before_step(step)
+    x, y = _batch(run, step)
+    run.watchdog.beat(step, "the schedule")
+    run.guard.begin()
+    t0 = time.perf_counter()
+    try:
+        stats = engine.forward_backward(x, y, fail_at=run.fault.program_index(step, rank))
+    except InjectedFault as e:
+        run.fault.surface(e)
+    with run.tracer.span("step sum", "SYNC"):  # the step's fixed cost beside the optimizer
+        bad = run.guard.finish()
+        run.watchdog.beat(step, "the step sum of loss and flags")
+        parts = _step_sum(run, st, signals, stats, bad, t0)  # ends when every rank has finished
+    if parts[2] > 0:  # before the optimizer step: the weights stay finite
+        _stop_non_finite(engine, run.guard, step, x, y, run.env.world_size, st.last_saved)
+    engine.update()
+    dt = time.perf_counter() - t0
+    if engine.gradsync is not None:
+        st.dp_waits.append(engine.gradsync.wait_s)
+    st.step_times.append(dt)
+    st.elapsed += dt
+    if step == run.start:  # the saved-activation peak is now measured
+        st.accounted = memcap.check_all_ranks(engine, run.record.cap, True, "after the first step")
+    st.stopped_by = "time_budget" if parts[3] > 0 else None
+    if (parts[4] > 0 or parts[5] > 0) and step + 1 < run.steps:  # (at the end: ends)
+        st.signalled = "SIGTERM" if parts[4] > 0 else "SIGINT"
+    evals = _maybe_evaluate(run, step, st.stopped_by)
+    _log_step(run, st, step, float(parts[0]), float(parts[1]), dt, evals)
+    _maybe_save(run, st, signals, step)
+    return not (st.stopped_by or st.signalled)
+
+
+def _batch(run: _Run, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """This replica's rows of the step's minibatch: inputs on the first stage's rank, targets
+    on the last's (the injected `nan` fault poisons the inputs)."""
+    if run.order is None or run.dataset is None:
+        return None, None
+    engine = run.engine
+    idx = replica_rows(run.order.indices(step), engine.dp_rank, engine.dp)
+    x = run.fault.poison(step, run.dataset.X[idx]) if engine.holds_first else None
+    y = run.dataset.y[idx] if engine.holds_last else None
+    if run.host_batches:  # data.on_device=false: pinned, copied async
+        x, y = _to_device(x, run.device), _to_device(y, run.device)
+    return x, y
+
+
+def _step_sum(
+    run: _Run, st: _Progress, signals: StopSignals, stats: Any, bad: float, t0: float
+) -> torch.Tensor:
+    """L, s, the guard's count of non-finite values, the time-budget verdict and the signal
+    flags, summed over every rank: every rank then takes the same decisions."""
+    budget = run.config.train.time_budget
+    # rank 0 alone decides the time budget; the step sum tells every rank
+    over = budget is not None and run.is_main and st.elapsed + time.perf_counter() - t0 >= budget
+    # a signal on any rank: every rank learns it from the same sum, so all agree on the last
+    # step however the signal reached them
+    sig = signals.requested
+    flags = [float(sig == signal.SIGTERM), float(sig == signal.SIGINT)]
+    values = [stats.loss, stats.l2, bad, float(over), *flags]
+    return run.step_sum(torch.tensor(values, dtype=torch.float64))
+
+
+def _log_step(
+    run: _Run, st: _Progress, step: int, L: float, s: float, dt: float, evals: dict[str, Any]
+) -> None:
+    """Rank 0: the step's line in metrics.jsonl and the progress bar."""
+    batch = run.config.train.batch_size
+    if run.metrics_file is not None:
+        rec = {
+            "step": step,
+            "L": L,
+            "J": L + s,
+            "s": s,
+            "step_time": dt,
+            "samples_per_s": batch / dt,
+            "samples": (step + 1) * batch,
+            "elapsed": st.elapsed,
+            **evals,
+        }
+        run.metrics_file.write(json.dumps(rec) + "\n")
+        run.metrics_file.flush()
+    if run.bar is not None:
+        run.bar.update(1)
+        if step % run.config.train.log_every == 0 or step == run.steps - 1:
+            run.bar.set_postfix(L=f"{L:.4f}", J=f"{L + s:.4f}")
+
+
+def _maybe_save(run: _Run, st: _Progress, signals: StopSignals, step: int) -> None:
+    """Every checkpoint.every steps, at the end, and when a signal stops the run."""
+    every = run.config.checkpoint.every
+    done = step + 1
+    ends = done == run.steps or st.stopped_by is not None
+    if st.signalled or (every is not None and (done % every == 0 or ends)):
+        with run.watchdog.paused("saving a checkpoint"):
+            st.last_saved = _save(run, done)
+        signals.last_saved = st.last_saved
+
+
+# -- the summary -------------------------------------------------------------------------
+
+
+def _finish(run: _Run, st: _Progress) -> dict[str, Any] | None:
+    """After the last step: the trace, the cost report, every rank's memory gathered;
+    rank 0 writes model.pt, summary.json and memory.png and returns the summary."""
+    engine, env, device, s = run.engine, run.env, run.device, run.config
     trained_peaks = cuda_memory(device)  # the training's, before the report allocates
-    if cap is not None and device.type == "cuda" and cfg.costs.report:
+    if run.record.cap is not None and device.type == "cuda" and s.costs.report:
         # The cap bounds the training. The report's link measurement (16 MiB messages) and
         # layer profiling allocate beside the trained model and would fail under it.
         memcap.lift_cuda_cap(device)
         log.info("pipeline.memory_cap lifted after training for the cost report's measurements")
-    timeline = window.finish(
-        run_dir, is_main, engine.schedule, engine.sizes, step_times, ranks=layout.pipeline(0)
+    timeline = run.window.finish(
+        run.record.run_dir,
+        run.is_main,
+        engine.schedule,
+        engine.sizes,
+        st.step_times,
+        ranks=run.layout.pipeline(0),
     )
     # the link prices the predicted times, which need one stage per rank; every rank takes part
-    timed = cfg.costs.report and engine.plan.num_stages == engine.plan.num_ranks
-    link = measure_link(cfg, engine) if timed else None
-    memory = {
-        "rank": env.rank,
-        "replica": engine.dp_rank,
-        "stages": sorted(engine.stages),
-        "saved_activation_peak_bytes": engine.meter.peak if engine.meter else None,
-        "peak_rss_bytes": peak_rss_bytes(),
-        **trained_peaks,
-        "accounted": accounted[env.rank],
-        "comm": _comm(engine, len(step_times)),
-    }
-    if sampler is not None:
-        memory["nvml"] = sampler.stop()
-    if dp_waits:  # seconds per step blocked on the gradient all-reduce (not hidden by overlap)
-        memory["allreduce_wait_median_s"] = statistics.median(dp_waits[1:] or dp_waits)
-    memories, merged = _gather(engine, env, memory)
-    if not is_main:
+    timed = s.costs.report and engine.plan.num_stages == engine.plan.num_ranks
+    link = measure_link(s, engine) if timed else None
+    memories, merged = _gather(engine, env, _memory_record(run, st, trained_peaks))
+    if not run.is_main:
         return None
     comms = [{"rank": m["rank"], **m.pop("comm")} for m in memories]
-
-    if cfg.checkpoint.save:
+    run_dir = run.record.run_dir
+    if s.checkpoint.save:
         torch.save(merged, run_dir / "model.pt")
     final = _final_metrics(run_dir)
-    if dataset is not None:  # rank 0 holds stage 0, so it has the held-out split
-        scale = dataset.target_std  # regression losses in the targets' own units
-        final["test"] = evaluate(cfg, merged, dataset.X_test, dataset.y_test, engine.dtype, scale)
-        final["train"] = evaluate(cfg, merged, dataset.X, dataset.y, engine.dtype, scale)
-    steady = step_times[1:] if len(step_times) > 1 else step_times
-    median = statistics.median(steady) if steady else float("nan")
-    summary = {
-        "status": "ok",
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "world_size": env.world_size,
-        "parallel": {
-            "dp": layout.dp,
-            "pp": layout.pp,
-            "replicas": [list(layout.pipeline(d)) for d in range(layout.dp)],
-            "rows_per_replica": engine.local_batch,
-            "overlap": bool(cfg.parallel.overlap),
-        },
-        "backend": backend if distributed else None,
-        "device": str(device),
-        "transport": placement.transport,
-        "shared_gpu": placement.shared_gpu,
-        "plan": engine.plan.to_dict(),
-        "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
-        "steps": start + len(step_times),
-        "resumed_from_step": start or None,
-        "steps_run": len(step_times),  # trained by this launch: steps start..steps-1
-        "steps_per_epoch": order.steps_per_epoch if order is not None else None,
-        "data": dataset.record() if dataset is not None else None,
-        "stopped_by": stopped_by or "steps",
-        "train_time_s": elapsed,
-        "step_time_median_s": median,
-        "samples_per_s_median": batch / median if median == median and median > 0 else None,
-        "final": final,
-        "memory_per_rank": memories,
-        "comm_per_rank": comms,
-        "timeline": timeline,
-        "prediction": (
-            compare(cfg, engine, memories, timeline, step_times, link) if cfg.costs.report else None
-        ),
-        "checkpoint": last_saved,
-        "torch": torch.__version__,
-    }
-    if placement.shared_gpu:
+    if run.dataset is not None:  # rank 0 holds stage 0, so it has the held-out split
+        ds = run.dataset
+        scale = ds.target_std  # regression losses in the targets' own units
+        final["test"] = evaluate(s.model, merged, ds.X_test, ds.y_test, engine.dtype, scale)
+        final["train"] = evaluate(s.model, merged, ds.X, ds.y, engine.dtype, scale)
+    summary = _summary(run, st, final, memories, comms, timeline)
+    summary["prediction"] = (
+        compare(s, engine, memories, timeline, st.step_times, link) if s.costs.report else None
+    )
+    summary["checkpoint"] = st.last_saved
+    summary["torch"] = torch.__version__
+    if run.placement.shared_gpu:
         summary["note"] = (
             "several ranks shared one GPU (transport: staged through host memory): timings "
             "are not those of separate GPUs"
@@ -426,8 +572,10 @@ def _train(
     )
     log.info(
         "done: %s, median step %.4fs (%.0f samples/s)%s; outputs in %s",
-        _steps_done_text(summary["steps"], steps, start, stopped_by, budget),
-        median,
+        _steps_done_text(
+            summary["steps"], run.steps, run.start, st.stopped_by, s.train.time_budget
+        ),
+        summary["step_time_median_s"],
         summary["samples_per_s_median"] or 0.0,
         test,
         run_dir,
@@ -435,40 +583,149 @@ def _train(
     return summary
 
 
-def _stopped(
-    cfg: DictConfig,
-    env: DistEnv,
-    signame: str,
-    step: int,
-    start: int,
-    steps_run: int,
-    saved: str | None,
-) -> None:
-    """A signal stopped every rank after `step` steps and the checkpoint is committed: rank 0
-    records it (summary.json, one log line), every rank tells the launcher, and raises
-    Stopped (exit code EXIT_STOPPED). The consolidated model.pt and the end-of-run reports
-    are skipped: the run has not ended, and a preemption leaves little time."""
-    run_dir = Path(cfg.run_dir)
-    auto = str(cfg.checkpoint.resume).strip() == "auto"
-    how = "" if auto else ", checkpoint.resume=auto"
-    stop = Stopped(signame, step, saved, f"resume with the same command{how} and run_dir={run_dir}")
-    if env.rank == 0:
-        summary = {
-            "status": "stopped",
-            "stopped_by": signame,
-            "message": str(stop),
-            "steps": step,
-            "resumed_from_step": start or None,
-            "steps_run": steps_run,
-            "checkpoint": saved,
-            "world_size": env.world_size,
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            "torch": torch.__version__,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.warning("%s", stop)
-    write_stop_file(str(stop))
-    raise stop
+def _memory_record(run: _Run, st: _Progress, trained_peaks: dict[str, Any]) -> dict[str, Any]:
+    """This rank's memory and traffic figures, for summary.json's memory_per_rank."""
+    engine, rank = run.engine, run.env.rank
+    memory = {
+        "rank": rank,
+        "replica": engine.dp_rank,
+        "stages": sorted(engine.stages),
+        "saved_activation_peak_bytes": engine.meter.peak if engine.meter else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+        **trained_peaks,
+        "accounted": st.accounted[rank],
+        "comm": _comm(engine, len(st.step_times)),
+    }
+    if run.sampler is not None:
+        memory["nvml"] = run.sampler.stop()
+    if st.dp_waits:  # seconds per step blocked on the gradient all-reduce (not hidden by overlap)
+        memory["allreduce_wait_median_s"] = statistics.median(st.dp_waits[1:] or st.dp_waits)
+    return memory
+
+
+def _summary(
+    run: _Run,
+    st: _Progress,
+    final: dict[str, Any],
+    memories: list[Any],
+    comms: list[dict[str, Any]],
+    timeline: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """summary.json's record of the run (rank 0), in its documented key order."""
+    engine, layout, placement = run.engine, run.layout, run.placement
+    steady = st.step_times[1:] if len(st.step_times) > 1 else st.step_times
+    median = statistics.median(steady) if steady else float("nan")
+    batch = run.config.train.batch_size
+    return {
+        "status": "ok",
+        "config": run.record.config,
+        "world_size": run.env.world_size,
+        "parallel": {
+            "dp": layout.dp,
+            "pp": layout.pp,
+            "replicas": [list(layout.pipeline(d)) for d in range(layout.dp)],
+            "rows_per_replica": engine.local_batch,
+            "overlap": run.config.parallel.overlap,
+        },
+        "backend": placement.backend if run.env.world_size > 1 else None,
+        "device": str(placement.device),
+        "transport": placement.transport,
+        "shared_gpu": placement.shared_gpu,
+        "plan": engine.plan.to_dict(),
+        "schedule": {"name": engine.schedule.name, "microbatch_sizes": engine.sizes},
+        "steps": run.start + len(st.step_times),
+        "resumed_from_step": run.start or None,
+        "steps_run": len(st.step_times),  # trained by this launch: steps start..steps-1
+        "steps_per_epoch": run.order.steps_per_epoch if run.order is not None else None,
+        "data": run.dataset.record() if run.dataset is not None else None,
+        "stopped_by": st.stopped_by or "steps",
+        "train_time_s": st.elapsed,
+        "step_time_median_s": median,
+        "samples_per_s_median": batch / median if median == median and median > 0 else None,
+        "final": final,
+        "memory_per_rank": memories,
+        "comm_per_rank": comms,
+        "timeline": timeline,
+    }
+
+
+@dataclass
+class _Record:
+    """Where a run that stops early leaves its record: summary.json (rank 0), the
+    out-of-memory files, the stop file. Holds the config as plain data for them."""
+
+    run_dir: Path
+    config: dict[str, Any]  # the resolved config, as summary.json records it
+    env: DistEnv
+    cap: int | None  # pipeline.memory_cap in bytes
+
+    def stopped(
+        self,
+        resume_mode: str,
+        signame: str,
+        step: int,
+        start: int,
+        steps_run: int,
+        saved: str | None,
+    ) -> None:
+        """A signal stopped every rank after `step` steps and the checkpoint is committed:
+        rank 0 records it (summary.json, one log line), every rank tells the launcher, and
+        raises Stopped (exit code EXIT_STOPPED). The consolidated model.pt and the end-of-run
+        reports are skipped: the run has not ended, and a preemption leaves little time."""
+        how = "" if resume_mode.strip() == "auto" else ", checkpoint.resume=auto"
+        fix = f"resume with the same command{how} and run_dir={self.run_dir}"
+        stop = Stopped(signame, step, saved, fix)
+        if self.env.rank == 0:
+            summary = {
+                "status": "stopped",
+                "stopped_by": signame,
+                "message": str(stop),
+                "steps": step,
+                "resumed_from_step": start or None,
+                "steps_run": steps_run,
+                "checkpoint": saved,
+                "world_size": self.env.world_size,
+                "config": self.config,
+                "torch": torch.__version__,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            log.warning("%s", stop)
+        write_stop_file(str(stop))
+        raise stop
+
+    @contextlib.contextmanager
+    def stop_on_oom(self, device: torch.device, where: Callable[[], str]) -> Iterator[None]:
+        """An out-of-memory error raised inside becomes the run's OutOfMemory stop (exit 3)."""
+        try:
+            yield
+        except OutOfMemory:
+            raise  # recorded where it was raised
+        except Exception as e:
+            oom = _oom_in(e)
+            if oom is None:
+                raise
+            raise self.out_of_memory(oom, device, where()) from e
+
+    def out_of_memory(self, e: BaseException, device: torch.device, phase: str) -> OutOfMemory:
+        """Record an out-of-memory stop where the harness reads it; return the error to raise.
+
+        CPU: every rank raised the same error together, so rank 0 writes summary.json with
+        status "oom". GPU: only the rank whose allocator refused knows; it writes
+        oom_rank<r>.json.
+        """
+        from_allocator = not isinstance(e, OutOfMemory)  # only this rank knows
+        if not isinstance(e, OutOfMemory):
+            allocated = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+            e = memcap.from_cuda_oom(e, allocated, self.cap, self.env.rank, phase=phase)
+        if from_allocator or device.type == "cuda":
+            memcap.write_oom(self.run_dir, e)
+        if self.env.rank == 0:
+            summary = {**e.to_dict(), "config": self.config}
+            summary["world_size"] = self.env.world_size
+            # an OOM may come before the run dir exists
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return e
 
 
 # -- memory cap, held-out evaluation, communication --------------------------------------
@@ -492,68 +749,19 @@ def _oom_in(e: BaseException) -> BaseException | None:
     return None
 
 
-@contextlib.contextmanager
-def _stop_on_oom(
-    cfg: DictConfig, env: DistEnv, device: torch.device, where: Callable[[], str]
-) -> Iterator[None]:
-    """An out-of-memory error raised inside becomes the run's OutOfMemory stop (exit 3)."""
-    try:
-        yield
-    except OutOfMemory:
-        raise  # recorded where it was raised
-    except Exception as e:
-        oom = _oom_in(e)
-        if oom is None:
-            raise
-        raise _out_of_memory(oom, cfg, env, device, where()) from e
-
-
-def _out_of_memory(
-    e: BaseException, cfg: DictConfig, env: DistEnv, device: torch.device, phase: str
-) -> OutOfMemory:
-    """Record an out-of-memory stop where the harness reads it, and return the error to raise.
-
-    CPU: every rank raised the same error together, so rank 0 writes summary.json with status
-    "oom". GPU: only the rank whose allocator refused knows; it writes oom_rank<r>.json.
-    """
-    from_allocator = not isinstance(e, OutOfMemory)  # only this rank knows
-    if not isinstance(e, OutOfMemory):
-        allocated = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
-        e = memcap.from_cuda_oom(e, allocated, memcap.cap_bytes(cfg), env.rank, phase=phase)
-    run_dir = Path(cfg.run_dir)
-    if from_allocator or device.type == "cuda":
-        memcap.write_oom(run_dir, e)
-    if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        summary = {
-            **e.to_dict(),
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        }
-        summary["world_size"] = env.world_size
-        run_dir.mkdir(parents=True, exist_ok=True)  # an OOM may come before the run dir exists
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return e
-
-
-def _maybe_evaluate(
-    cfg: DictConfig,
-    engine: PipelineEngine,
-    env: DistEnv,
-    dataset: Dataset | None,
-    step: int,
-    steps: int,
-    stopped_by: str | None,
-) -> dict[str, Any]:
+def _maybe_evaluate(run: _Run, step: int, stopped_by: str | None) -> dict[str, Any]:
     """Held-out metrics every `train.eval_every` steps and at the last step (rank 0 gets the
     consolidated weights; every rank must call this at the same steps). Not timed as training."""
-    every = cfg.train.eval_every
-    if every is None or not ((step + 1) % int(every) == 0 or step == steps - 1 or stopped_by):
+    every = run.config.train.eval_every
+    if every is None or not ((step + 1) % every == 0 or step == run.steps - 1 or stopped_by):
         return {}
     t0 = time.perf_counter()
-    _, state = _gather(engine, env, {})
-    if env.rank != 0 or dataset is None:
+    _, state = _gather(run.engine, run.env, {})
+    ds = run.dataset
+    if run.env.rank != 0 or ds is None:
         return {}
-    test = evaluate(cfg, state, dataset.X_test, dataset.y_test, engine.dtype, dataset.target_std)
+    model = run.config.model
+    test = evaluate(model, state, ds.X_test, ds.y_test, run.engine.dtype, ds.target_std)
     out = {f"test_{k}": v for k, v in test.items() if k != "samples"}
     return {**out, "eval_time": time.perf_counter() - t0}
 
@@ -571,7 +779,7 @@ def _comm(engine: PipelineEngine, steps: int) -> dict[str, float]:
 
 
 def _announce(
-    cfg: DictConfig,
+    ck: CheckpointConfig,
     engine: PipelineEngine,
     env: DistEnv,
     layout: Layout,
@@ -597,13 +805,13 @@ def _announce(
         device,
         steps,
     )
-    if str(cfg.checkpoint.resume).strip() == "never" and cfg.checkpoint.every is not None:
-        earlier = checkpoint.list_checkpoints(cfg.checkpoint.dir)
+    if ck.resume.strip() == "never" and ck.every is not None:
+        earlier = checkpoint.list_checkpoints(ck.dir)
         if earlier:
             log.warning(
                 "checkpoint.resume=never: ignoring the checkpoints in %s (newest: step %d); "
                 "this run's saves replace those of the same step",
-                cfg.checkpoint.dir,
+                ck.dir,
                 earlier[-1].step,
             )
     if resume is not None:
@@ -645,29 +853,22 @@ def _stop_non_finite(
     raise_if_any(step, events, checkpoint.integrity_note(last_saved), replay)
 
 
-def _save(
-    cfg: DictConfig,
-    engine: PipelineEngine,
-    env: DistEnv,
-    order: BatchOrder | None,
-    done: int,
-    fault: Fault,
-    is_main: bool,
-) -> str:
+def _save(run: _Run, done: int) -> str:
     """All ranks write the checkpoint after step `done` (atomic; rank 0 writes the marker)."""
+    env, ck = run.env, run.config.checkpoint
     meta = None
-    if is_main:
-        spe = order.steps_per_epoch if order is not None else 0
-        meta = checkpoint.marker(cfg, engine, done, spe, env.world_size)
+    if run.is_main:
+        spe = run.order.steps_per_epoch if run.order is not None else 0
+        meta = checkpoint.marker(run.config, run.engine, done, spe, env.world_size)
     path = checkpoint.save(
-        engine,
-        cfg.checkpoint.dir,
+        run.engine,
+        ck.dir,
         done,
         meta,
-        int(cfg.checkpoint.keep),
+        ck.keep,
         env.rank,
         env.world_size,
-        writer=fault.save_writer(done, env.rank),
+        writer=run.fault.save_writer(done, env.rank),
     )
     return str(path)
 
@@ -755,8 +956,9 @@ def _open_metrics(run_dir: Path, start: int) -> Any:
     return f
 
 
-def _progress(cfg: DictConfig, steps: int, start: int = 0) -> Any:
-    if not cfg.train.progress:
+def _progress(show: bool, steps: int, start: int = 0) -> Any:
+    """Rank 0's progress bar (train.progress), or None."""
+    if not show:
         return None
     from tqdm import tqdm
 
