@@ -429,6 +429,20 @@ def _gpu_cap_problems(cfg: Any) -> list[str]:
     ]
 
 
+def _csv_problems(path: str | None, ranks: int, microbatches: int, virtual: int) -> list[str]:
+    """schedule=csv: the file is read and validated here, before anything starts."""
+    if path is None:
+        return ["schedule=csv reads its actions from a file: set schedule.path=FILE.csv."]
+    from splitgraph.errors import ScheduleError
+    from splitgraph.schedule.interop import load_csv
+
+    try:
+        load_csv(path, num_ranks=ranks, num_microbatches=microbatches, virtual=virtual)
+    except (ScheduleError, ValueError) as e:
+        return [f"schedule=csv: {e}"]
+    return []
+
+
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """Check the rules that span fields; raise one ConfigError naming every problem.
 
@@ -554,14 +568,8 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         )
     elif p.microbatches >= 1:
         errors.extend(SCHEDULES[sched].problems(stages, v, int(p.microbatches)))
-    if sched in SCHEDULES and not SCHEDULES[sched].trainable:
-        runs = ", ".join(n for n, spec in SCHEDULES.items() if spec.trainable)
-        errors.append(
-            f"schedule={sched} is built, validated and simulated by splitgraph-schedule (draw it, "
-            "compare it, export it with --to-csv), but the trainer cannot run it yet: it places "
-            "stage s on rank s % p and builds schedules from (ranks, microbatches) alone. "
-            f"Train with one of: {runs}."
-        )
+    if sched == "csv" and p.microbatches >= 1:
+        errors.extend(_csv_problems(cfg.schedule.path, stages, int(p.microbatches), v))
     if cfg.schedule.path is not None and sched != "csv":
         errors.append(f"schedule.path is only read with schedule=csv (got schedule={sched}).")
     rs = cfg.schedule.recompute_stages

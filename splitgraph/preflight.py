@@ -176,8 +176,13 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
             from splitgraph.runtime.mesh import layout_of
 
             layout = layout_of(cfg, world_size)
+            from splitgraph.schedule import placement_of
+
             virtual = max(int(cfg.schedule.virtual_stages), 1)
-            ends = {0, (layout.pp * virtual - 1) % layout.pp}
+            where = placement_of(
+                str(cfg.schedule.name), layout.pp, virtual, path=cfg.schedule.path
+            ) or tuple(range(layout.pp))  # auto chooses later: every rank may load
+            ends = {where[0], where[-1]} if len(where) == layout.pp * virtual else set(where)
             loaders = [r for r in node if 0 <= r < layout.world_size]
             loaders = [r for r in loaders if layout.coords(r)[1] in ends]
         except (ValueError, ZeroDivisionError):  # an invalid layout: validate names it
@@ -189,7 +194,7 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
 # -- the model ---------------------------------------------------------------------------
 
 
-def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
+def price_ranks(cfg: Any, layout: Any, plan: Any, schedule: Any = None) -> list[dict[str, Any]]:
     """Every global rank's accounted bytes, from the plan alone: what
     `memcap.accounting(engine, cap, measured=False)` will say once the model exists."""
     from splitgraph.data import microbatch_sizes
@@ -204,8 +209,12 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     sizes = microbatch_sizes(local, int(cfg.pipeline.microbatches))
     peaks: list[int] | None = None
     if predictable(cfg):
-        sched = build_schedule(
-            str(cfg.schedule.name), layout.pp, len(sizes), int(cfg.schedule.virtual_stages)
+        sched = schedule or build_schedule(
+            str(cfg.schedule.name),
+            layout.pp,
+            len(sizes),
+            int(cfg.schedule.virtual_stages),
+            path=cfg.schedule.path,
         )
         shape = ModelShape.from_config(cfg, es)
         recompute = recompute_stages(cfg, plan.num_stages)
@@ -264,11 +273,13 @@ def check_launch(
     node: Sequence[int],
     devices: Sequence[torch.device] | None = None,
     machine: int | None = None,
+    schedule: Any = None,
 ) -> Preflight:
     """Refuse, before any allocation, a launch whose data or model cannot fit.
 
     `node`: the global ranks on this machine; `devices`: each one's device (default: the
-    CPU); `machine`: this machine's memory in bytes (default: measured).
+    CPU); `machine`: this machine's memory in bytes (default: measured); `schedule`: the
+    run's, where it is not built from the config alone (schedule=auto).
     """
     from splitgraph.runtime import memcap
 
@@ -277,7 +288,7 @@ def check_launch(
     loaders = loading_ranks(layout, plan, node)
     per_loader = _check_data(cfg, len(loaders), machine)
 
-    records = price_ranks(cfg, layout, plan)
+    records = price_ranks(cfg, layout, plan, schedule)
     cap = memcap.cap_bytes(cfg)
     if cap is not None:
         note = _largest_layer_note(cfg, plan, cap)

@@ -63,10 +63,15 @@ from splitgraph.errors import CheckpointError, OutOfMemory, SplitgraphError
 from splitgraph.evaluate import evaluate
 from splitgraph.faults import Fault, restart_attempt
 from splitgraph.partition import make_plan
-from splitgraph.prediction_check import compare, measure_link, shared_plan
+from splitgraph.prediction_check import (
+    compare,
+    measure_link,
+    same_schedule_everywhere,
+    shared_plan,
+)
 from splitgraph.runtime import memcap
 from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
-from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.runtime.engine import PipelineEngine, schedule_for_run
 from splitgraph.runtime.executor import InjectedFault
 from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.memory import cuda_memory, draw_memory_over_time, peak_rss_bytes
@@ -82,6 +87,7 @@ from splitgraph.runtime.signals import (
 from splitgraph.runtime.stepsum import StepSum
 from splitgraph.runtime.trace import TraceWindow, make_tracer
 from splitgraph.runtime.watchdog import Watchdog, default_store
+from splitgraph.schedule import Schedule
 
 log = logging.getLogger("splitgraph")
 
@@ -118,9 +124,12 @@ def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> di
     # Data and checkpoints are read before the process group exists: a bad file stops this
     # rank at once, and torchrun then stops the others.
     layout = layout_of(cfg, env.world_size)
-    plan = make_plan(cfg, layout.pp)
+    # the plan placed as the schedule places its stages (V: stage s and 2p-1-s on rank s;
+    # auto chooses its placement with its order, from the planner's costs)
+    schedule, plan = schedule_for_run(cfg, layout.pp, make_plan(cfg, layout.pp))
     try:  # the data file's header and the model's bytes, before either is allocated
-        preflight.check_launch(cfg, layout, plan, node, preflight.node_devices(cfg, len(node)))
+        devices = preflight.node_devices(cfg, len(node))
+        preflight.check_launch(cfg, layout, plan, node, devices, schedule=schedule)
     except OutOfMemory as e:
         # Every rank reaches this verdict alone and exits; torchrun may stop rank 0 before it
         # writes summary.json, so each rank leaves the record the harness reads (atomically).
@@ -150,7 +159,9 @@ def _run(cfg: DictConfig, env: DistEnv, node: range, signals: StopSignals) -> di
         # an allocator's refusal outside the steps (building the engine, moving the data to
         # the device) stops the run as "oom" too; those in a step say which (_train)
         with _stop_on_oom(cfg, env, device, lambda: OUTSIDE_STEPS):
-            summary = _train(cfg, env, layout, placement, dataset, init_state, resume, signals)
+            summary = _train(
+                cfg, env, layout, placement, dataset, init_state, resume, signals, schedule
+            )
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
@@ -168,6 +179,7 @@ def _train(
     init_state: dict[str, torch.Tensor] | None,
     resume: checkpoint.RankState | None = None,
     signals: StopSignals | None = None,
+    schedule: Schedule | None = None,
 ) -> dict[str, Any] | None:
     is_main = env.rank == 0
     signals = signals or StopSignals(env.rank)  # not entered: only reports what it never sees
@@ -175,14 +187,18 @@ def _train(
     device, backend = placement.device, placement.backend
     torch.manual_seed(int(cfg.train.seed))
     plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
+    if schedule is not None and distributed:
+        same_schedule_everywhere(schedule)
     wait = timedelta(seconds=float(cfg.runtime.timeout))  # every group's bound on a wait
     if distributed:  # DeviceMesh's device type follows the backend (gloo: "cpu", even staged)
         mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu", timeout=wait)
         engine = PipelineEngine.from_mesh(
-            cfg, mesh, device, transport=placement.transport, plan=plan
+            cfg, mesh, device, transport=placement.transport, plan=plan, schedule=schedule
         )
     else:
-        engine = PipelineEngine(cfg, device=device, transport=placement.transport, plan=plan)
+        engine = PipelineEngine(
+            cfg, device=device, transport=placement.transport, plan=plan, schedule=schedule
+        )
     if init_state is not None:
         engine.load_state_dict(init_state, source=str(cfg.checkpoint.init_from))
     start = 0
@@ -608,13 +624,18 @@ def _announce(
                 earlier[-1].step,
             )
     if resume is not None:
-        saved = resume.checkpoint.meta.get("plan", {}).get("stages", [])
+        saved_plan = resume.checkpoint.meta.get("plan", {})
+        saved = saved_plan.get("stages", [])
+        was = saved_plan.get("placement", "round-robin")  # older markers: round robin
         log.info(
-            "resumed from %s at step %d (saved on %d stages, now %d)%s",
+            "resumed from %s at step %d (saved on %d stages, %s placement; now %d, %s: "
+            "tensors are read by layer name, so any layout loads)%s",
             resume.checkpoint.path,
             start,
             len(saved),
+            was,
             engine.plan.num_stages,
+            engine.plan.placement_name,
             ": already trained to train.steps; checkpoint.resume=never trains afresh"
             if start == steps
             else "",
