@@ -159,7 +159,7 @@ def compare(
     from splitgraph.planner import predict
 
     costs = model_costs(cfg, plan.num_stages, link=link, device=engine.device)
-    pred = predict(plan, costs)
+    pred = predict(plan, costs, sched)
     measured_costs = (timeline or {}).get("costs_per_stage_s") or {}
     stages = []
     for sp in pred.stages:
