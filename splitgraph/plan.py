@@ -39,12 +39,19 @@ def layer_specs(model: ModelConfig) -> tuple[LayerSpec, ...]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Stage `s` owns layers `bounds[s] .. bounds[s+1]-1` and runs on rank `s % num_ranks`."""
+    """Stage `s` owns layers `bounds[s] .. bounds[s+1]-1` and runs on rank `rank_of(s)`.
+
+    `placement` is the schedule's stage-to-rank map (`schedule.ir.v_shape` for the V
+    schedules: stage s and 2p-1-s on rank s); None is round robin, stage s on rank
+    s % num_ranks. Everything that asks which rank holds a stage (the engine, the
+    checkpoint's layers, the data loaders, the memory prices, the plan's table) asks here,
+    and the engine refuses a schedule whose map differs."""
 
     layers: tuple[LayerSpec, ...]
     bounds: tuple[int, ...]
     strategy: str
     num_ranks: int
+    placement: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         b, n = self.bounds, len(self.layers)
@@ -52,6 +59,17 @@ class Plan:
             raise ValueError(f"bounds {b} do not cut {n} layers into non-empty stages")
         if self.num_stages % self.num_ranks:
             raise ValueError(f"{self.num_stages} stages do not spread over {self.num_ranks} ranks")
+        pl = self.placement
+        if pl is not None:
+            if len(pl) != self.num_stages or sorted(set(pl)) != list(range(self.num_ranks)):
+                raise ValueError(
+                    f"placement {list(pl)} does not map {self.num_stages} stages onto all of "
+                    f"ranks 0..{self.num_ranks - 1}"
+                )
+            if tuple(pl) == tuple(s % self.num_ranks for s in range(self.num_stages)):
+                object.__setattr__(self, "placement", None)  # one spelling of round robin
+            else:
+                object.__setattr__(self, "placement", tuple(int(r) for r in pl))
 
     @property
     def num_stages(self) -> int:
@@ -65,7 +83,22 @@ class Plan:
         return range(self.bounds[stage], self.bounds[stage + 1])
 
     def rank_of(self, stage: int) -> int:
+        if self.placement is not None:
+            return self.placement[stage]
         return stage % self.num_ranks
+
+    @property
+    def placement_name(self) -> str:
+        """ "round-robin" (stage s on rank s % p), "v" (schedule.ir.v_shape) or "custom"."""
+        if self.placement is None:
+            return "round-robin"
+        from splitgraph.schedule.ir import v_shape
+
+        if self.num_stages == 2 * self.num_ranks and self.placement == v_shape(
+            self.num_ranks, self.num_stages
+        ):
+            return "v"
+        return "custom"
 
     def stages_of(self, rank: int) -> list[int]:
         return [s for s in range(self.num_stages) if self.rank_of(s) == rank]
@@ -101,6 +134,8 @@ class Plan:
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         head = f"plan: {self.strategy}, {self.num_layers} layers on {self.num_stages} stages"
+        if self.placement is not None:
+            head += f", {self.placement_name} placement"
         return head + "\n" + "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +143,8 @@ class Plan:
             "strategy": self.strategy,
             "bounds": list(self.bounds),
             "num_ranks": self.num_ranks,
+            "placement": self.placement_name,
+            "stage_to_rank": list(self.stage_to_rank),
             "stages": [
                 {
                     "stage": s,

@@ -140,6 +140,27 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ],
             str(tmp / "dmg" / "outcome"),
         ),
+        # the V placement (stage s and 2p-1-s on rank s): a round-robin checkpoint resumed
+        # into it, and a V run stopped at step 3 and resumed on the same V
+        (
+            "train",
+            [
+                *OPTIMS["sgd"],
+                "train.steps=6",
+                "schedule=zbv",
+                f"checkpoint.resume={step3(tmp, 'sgd')}",
+                f"run_dir={tmp / 'sgd' / 'zbv-from-1f1b'}",
+            ],
+            None,
+        ),
+        *[
+            (
+                "train",
+                [*OPTIMS["sgd"], f"train.steps={n}", "schedule=vhalf", f"run_dir={tmp / 'v'}"],
+                None,
+            )
+            for n in (3, 6)
+        ],
         (  # last, it ends the launch: rank 1 is SIGKILLed while writing the step-4 checkpoint
             "train",
             [
@@ -179,11 +200,26 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             None,
         ),
     ]
+    # the V run's step-3 checkpoint, resumed at dp=2 x pp=2 with the V placement
+    v_ck = tmp / "v" / "checkpoints" / checkpoint.step_dir_name(3)
+    four.append(
+        (
+            "train",
+            [
+                *sgd,
+                "train.steps=6",
+                "parallel.dp=2",
+                "schedule=zbv",
+                f"checkpoint.resume={v_ck}",
+                f"run_dir={tmp / 'v-dp2'}",
+            ],
+            None,
+        )
+    )
     # every group a rank waits on gets runtime.timeout (77 s here, unlike any default)
     four.append(("groups", ["parallel.dp=2", "runtime.timeout=77"], None))
     out = run_ranks(cases, 4, four, timeout=180)
-    assert all(r[i] is None for r in out for i in range(1, len(four), 2) if four[i][0] == "train")
-    assert all(r[-3] is None and r[-2] is None for r in out), out
+    assert all(r[i] is None for r in out for i, c in enumerate(four) if c[0] == "train"), out
 
     for opt, over in OPTIMS.items():  # one device: the reference, and a resume of step 3
         single_run([*over, "train.steps=6", f"run_dir={tmp / opt / 'ref'}"])
@@ -198,6 +234,7 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     single_run(
         [*sgd, "train.steps=6", f"checkpoint.resume={dp_ck}", f"run_dir={tmp / 'sgd' / 'dp2-one'}"]
     )
+    single_run([*sgd, "train.steps=6", f"checkpoint.resume={v_ck}", f"run_dir={tmp / 'v-one'}"])
     return {
         "tmp": tmp,
         "killed": str(failure.value),

@@ -18,6 +18,8 @@ def test_configurations_skip_what_a_schedule_refuses() -> None:
     assert ("naive", 1) in labels and ("naive", 2) not in labels  # naive has one microbatch
     assert ("interleaved v=2", 2) in labels and ("interleaved v=2", 3) not in labels
     assert {m for label, m in labels if label == "zb1"} == {1, 2, 3}
+    for label in ("zb2", "zbv v=2", "vhalf v=2", "vmin v=2", "auto", "auto v=2"):  # issue 18
+        assert (label, 3) in labels
     only = configurations(2, [2], ["1f1b", "zb1"])
     assert [(label, m) for label, m, _ in only] == [("1f1b", 2), ("zb1", 2)]
     with pytest.raises(ValueError, match=r"unknown.*1f1c"):

@@ -167,8 +167,9 @@ def test_check_command() -> None:
 
     assert check_main(["--nproc", "2", "schedule=gpipe"]) == 0
     assert check_main(["--nproc", "2", "schedule=interleaved", "model.hidden=[8,8,8]"]) == 0
-    # interleaved runs any m (torch's rounds); a V schedule is refused until the trainer places it
+    # interleaved runs any m (torch's rounds); the V schedules place stage s and 2p-1-s on s
     assert check_main(["--nproc", "2", "schedule=interleaved", "pipeline.microbatches=3"]) == 0
-    assert check_main(["--nproc", "2", "schedule=zbv", "model.hidden=[8,8,8]"]) == 2
+    assert check_main(["--nproc", "2", "schedule=zbv", "model.hidden=[8,8,8]"]) == 0
+    assert check_main(["--nproc", "2", "schedule=zbv", "schedule.virtual_stages=1"]) == 2
     assert check_main(["--nproc", "9"]) == 2
     assert check_main(["--nproc", "2", "pipeline.microbatch=2"]) == 2

@@ -30,6 +30,11 @@ SCHEDULES = [
     ("loopedbfs", 2),
     ("interleaved", 3),
 ]
+#: the V schedules (stage s and 2p-1-s on rank s: the first and last stage share rank 0, the
+#: turn is local on rank p-1): a smaller grid, every partition, m below p, not a multiple of
+#: p and uneven (12 rows in 8 microbatches), bias and weight decay on
+V_SCHEDULES = ["zbv", "vhalf", "vmin"]
+V_MICROBATCHES = [1, 3, 8]
 LAYERS = 8  # tests.workers.TINY's model has 8 layers
 
 
@@ -132,7 +137,75 @@ def _cases(p: int) -> list[dict[str, Any]]:
                 "steps": 4,
             }
         )
+    cases += _v_cases(p, rotation)
     return cases
+
+
+def _v_cases(p: int, rotation: Any) -> list[dict[str, Any]]:
+    if 2 * p > LAYERS:
+        return []
+    cases = []
+    scheds = V_SCHEDULES if p > 1 else V_SCHEDULES[:1]  # one rank: the three differ little
+    for sched, part, m in itertools.product(
+        scheds, ("uniform", "params", "manual"), V_MICROBATCHES
+    ):
+        act, task = next(rotation)
+        ov = _base(p, sched, 2, part, m) + [
+            "model.bias=true",
+            "optim.weight_decay=0.1",
+            f"model.activation={act}",
+            f"model.task={task}",
+            "runtime.dtype=float64",
+        ]
+        cid = f"p{p}-{sched}2-{part}-m{m}-bias-wd0.1-{act}-{task[:5]}"
+        cases.append({"id": cid, "overrides": ov, "tol": 1e-10})
+    for sched in scheds:  # recomputation, and several Adam steps (weights, not grads)
+        ov = _base(p, sched, 2, "uniform", 8) + [
+            "schedule.recompute=true",
+            "schedule.recompute_stages=[0]",  # rank 0's first chunk only, not its last
+            "model.bias=true",
+            "runtime.dtype=float64",
+        ]
+        cases.append(
+            {"id": f"p{p}-{sched}2-uniform-m8-recompute-stage0", "overrides": ov, "tol": 1e-10}
+        )
+        ov = _base(p, sched, 2, "params", 5) + [
+            "optim.name=adam",
+            "optim.lr=0.01",
+            "runtime.dtype=float64",
+            "model.bias=true",
+            "optim.weight_decay=0.05",
+        ]
+        cases.append(
+            {
+                "id": f"p{p}-{sched}2-params-m5-adam-4steps",
+                "overrides": ov,
+                "tol": 1e-10,
+                "steps": 4,
+            }
+        )
+    return cases + _built_cases(p)
+
+
+def _built_cases(p: int) -> list[dict[str, Any]]:
+    """schedule=auto (built from the planner's costs, FLOP-priced here so every rank builds
+    the same order quickly; with two chunks it may choose the V) and schedule=csv (torch's
+    compute-only file of zbv or 1f1b, read, placed from the file and validated)."""
+    cases = []
+    common = ["runtime.dtype=float64", "model.bias=true", "optim.weight_decay=0.1"]
+    for v, part, m in itertools.product((1, 2), ("params", "manual"), (3, 8)):
+        if p * v > LAYERS:
+            continue
+        ov = _base(p, "auto", v, part, m) + ["costs.times=flops", *common]
+        cases.append({"id": f"p{p}-auto{v if v > 1 else ''}-{part}-m{m}", "overrides": ov})
+    for name, v in (("zbv", 2), ("1f1b", 1)):
+        if p * v > LAYERS or p == 1:
+            continue
+        for m in (3, 8):
+            ov = _base(p, "csv", v, "uniform", m) + common
+            cid = f"p{p}-csv-{name}-uniform-m{m}"
+            cases.append({"id": cid, "overrides": ov, "csv_of": name})
+    return [{**c, "tol": 1e-10} for c in cases]
 
 
 ALL = [(p, c) for p in (1, 2, 3, 4) for c in _cases(p)]
@@ -179,3 +252,11 @@ def test_grid_covers_the_required_combinations() -> None:
     assert any(i.startswith("p4-interleaved2-uniform-m3-") for i in ids)
     assert any(i.startswith("p3-interleaved2-manual-m4-") for i in ids)
     assert sum(1 for i in ids if "regre" in i) > 50
+    for p, sched, part, m in itertools.product(
+        (1, 2, 3, 4), V_SCHEDULES, ("uniform", "params", "manual"), V_MICROBATCHES
+    ):
+        if p == 1 and sched != "zbv":
+            continue
+        assert any(i.startswith(f"p{p}-{sched}2-{part}-m{m}-") for i in ids), (p, sched, part, m)
+    for p in (2, 3, 4):
+        assert f"p{p}-auto2-manual-m8" in ids and f"p{p}-csv-zbv-uniform-m3" in ids

@@ -25,7 +25,7 @@ from splitgraph.cost.memory_model import (
 from splitgraph.data import microbatch_sizes
 from splitgraph.model import torch_dtype
 from splitgraph.partition import make_plan
-from splitgraph.schedule import build_schedule
+from splitgraph.runtime.engine import schedule_for_run
 from splitgraph.spawn import run_ranks
 from tests.workers import TINY, saved_peak_worker
 
@@ -89,7 +89,7 @@ def predicted(p: int, overrides: list[str]) -> list[int]:
     cfg = OmegaConf.merge(_base(), OmegaConf.from_dotlist(overrides))
     plan = make_plan(cfg, p)
     sizes = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
-    sched = build_schedule(str(cfg.schedule.name), p, len(sizes), int(cfg.schedule.virtual_stages))
+    sched, plan = schedule_for_run(cfg, p, plan)  # auto: built from the planner's costs
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
     shape = ModelShape.from_config(cfg, es)
     recompute = recompute_stages(cfg.schedule, plan.num_stages)
@@ -98,7 +98,7 @@ def predicted(p: int, overrides: list[str]) -> list[int]:
 
 @cache
 def _measured(p: int) -> dict[str, list[list[int]]]:
-    cases = _cases(p) + (INTERLEAVED if p == 2 else [])
+    cases = _cases(p) + (INTERLEAVED if p == 2 else []) + V_CASES.get(p, [])
     if p == 1:
         per_rank = [saved_peak_worker(0, 1, cases)]
     else:
@@ -146,6 +146,53 @@ INTERLEAVED = [
 def test_prediction_equals_the_meter_with_two_chunks_per_rank(case: dict[str, Any]) -> None:
     got = _measured(2)[case["id"]]
     assert predicted(2, case["overrides"]) == [peak for peak, _ in got]
+
+
+def _v(p: int, name: str, m: int, part: str, act: str, *extra: str) -> dict[str, Any]:
+    ov = [
+        f"schedule.name={name}",
+        "schedule.virtual_stages=2",
+        f"pipeline.microbatches={m}",
+        f"partition.strategy={part}",
+        f"model.activation={act}",
+        "runtime.dtype=float64",
+        *extra,
+    ]
+    tag = "-recompute" if "schedule.recompute=true" in extra else ""
+    return {"id": f"p{p}-{name}2{tag}-m{m}-{part}-{act}", "overrides": ov}
+
+
+#: The V placement (stage s and 2p-1-s on rank s): rank 0 holds the first and the last
+#: stage, and the turn (stages p-1 and p) hands its tensor over on rank p-1 without a copy,
+#: so one tensor is both chunks' (counted once). Run in the launches above (p = 2 and 3).
+V_CASES = {
+    2: [
+        _v(2, "zbv", 4, "uniform", "relu"),
+        _v(2, "vhalf", 5, "params", "gelu", "model.bias=true"),  # 12 rows: uneven
+        _v(2, "vmin", 3, "manual", "tanh", "partition.boundaries=[1,3,4]"),
+        _v(2, "zbv", 8, "uniform", "sigmoid", "schedule.recompute=true"),
+        _v(2, "auto", 8, "params", "relu", "costs.times=flops"),  # auto: the V here
+    ],
+    3: [
+        _v(3, "zbv", 5, "uniform", "gelu", "model.bias=true"),
+        _v(3, "vhalf", 6, "params", "relu"),
+        _v(3, "vmin", 8, "uniform", "tanh", "model.task=regression"),
+        _v(3, "auto", 5, "uniform", "gelu", "costs.times=flops"),  # a list schedule
+    ],
+}
+V_ALL = [(p, c) for p, cs in V_CASES.items() for c in cs]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(("p", "case"), V_ALL, ids=[c["id"] for _, c in V_ALL])
+def test_prediction_equals_the_meter_with_the_v_placement(p: int, case: dict[str, Any]) -> None:
+    got = _measured(p)[case["id"]]
+    assert [current for _, current in got] == [0] * p
+    assert predicted(p, case["overrides"]) == [peak for peak, _ in got]
+    cfg = OmegaConf.merge(_base(), OmegaConf.from_dotlist(case["overrides"]))
+    if "auto" not in case["id"]:
+        plan = make_plan(cfg, p)
+        assert plan.stage_to_rank[0] == plan.stage_to_rank[-1] == 0  # the V, not round robin
 
 
 def test_bf16_autocast_is_measured_not_predicted() -> None:

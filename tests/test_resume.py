@@ -120,6 +120,24 @@ def test_a_data_parallel_checkpoint_resumes_on_any_layout(fault_launches: dict[s
     assert weights_rel_err(_weights(d / "dp2-one"), full) < 1e-12
 
 
+@pytest.mark.timeout(420)
+def test_the_v_placement_saves_resumes_and_converts(fault_launches: dict[str, Any]) -> None:
+    """A V run (rank 0 holds stages 0 and 3) saves the layers each rank holds by name: the
+    marker records the placement; its checkpoint resumes on the same V, at dp=2 x pp=2 with
+    the V and on one device, and a round-robin checkpoint resumes into the V: all end at the
+    uninterrupted run's weights (float64, to rounding)."""
+    tmp = fault_launches["tmp"]
+    ck = checkpoint._committed(tmp / "v" / "checkpoints" / checkpoint.step_dir_name(3))
+    assert ck is not None
+    plan = ck.meta["plan"]
+    assert plan["placement"] == "v" and plan["stage_to_rank"] == [0, 1, 1, 0]
+    assert [s["rank"] for s in plan["stages"]] == [0, 1, 1, 0]
+    ref = _weights(tmp / "sgd" / "ref")
+    for run in ("v", "v-dp2", "v-one", "sgd/zbv-from-1f1b"):
+        assert_resumed(tmp / run, 3, 6)
+        assert weights_rel_err(_weights(tmp / run), ref) < 1e-12, run
+
+
 @pytest.mark.timeout(120)
 def test_the_resume_assertion_fails_when_resume_is_disabled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

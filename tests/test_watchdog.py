@@ -53,6 +53,24 @@ def test_the_report_marks_each_ranks_action_in_the_grid() -> None:
     assert "rank 1: no answer within" in w0.report({0: st0})
 
 
+def test_the_v_placement_names_the_rank_each_input_comes_from() -> None:
+    """zbv on 2 ranks: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2. Stage 3's input
+    comes from rank 1 (round robin would put stage 2 on rank 0, a local hand-over), stage
+    2's from rank 1 itself (the turn: no wait), stage 0's gradient from rank 1."""
+    sched = build_schedule("zbv", 2, 4, 2)
+    labels = {}
+    for rank in (0, 1):
+        program = _compile(sched.actions[rank])
+        w = Watchdog(sched, rank, 2, 5.0, SimpleNamespace(program=program, position=None))
+        for i, item in enumerate(program):
+            w.executor.position = (i, time.monotonic())
+            labels[str(item)] = w.status()["where"]
+    assert labels["3F0"] == "action 3F0 (input: 3RECV_F0 from rank 1)"
+    assert labels["2F0"] == "action 2F0"
+    assert labels["0I0"] == "action 0I0 (input: 0RECV_B0 from rank 1)"
+    assert labels["1I0"] == "action 1I0"  # stage 2's gradient, on rank 1 itself
+
+
 def test_pausing_hides_a_long_checkpoint_save() -> None:
     w = _watchdog(0, None)
     w.beat(2, "the schedule")

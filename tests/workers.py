@@ -44,11 +44,28 @@ def grid_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str,
     errors: dict[str, float] = {}
     for case in cases:
         cfg = make_cfg(base, case["overrides"])
+        if case.get("csv_of"):  # schedule=csv: this schedule written as torch's file, read back
+            cfg = make_cfg(cfg, [f"schedule.path={_csv_file(cfg, world, case['csv_of'])}"])
         if case.get("steps", 0):
             errors[case["id"]] = _steps_error(cfg, rank, world, case["steps"])
         else:
             errors[case["id"]] = _grad_error(cfg, rank, world)
     return errors
+
+
+def _csv_file(cfg: Any, world: int, name: str) -> str:
+    """`name`'s order for this run in torch.distributed.pipelining's compute-only CSV, in a
+    temporary file of this rank's (the same text on every rank)."""
+    import tempfile
+
+    from splitgraph.schedule import build_schedule
+    from splitgraph.schedule.interop import to_csv
+
+    m, v = int(cfg.pipeline.microbatches), int(cfg.schedule.virtual_stages)
+    text = to_csv(build_schedule(name, world, m, v))
+    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False, newline="") as f:
+        f.write(text)
+    return f.name
 
 
 def _batch(cfg: Any, dtype: torch.dtype, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

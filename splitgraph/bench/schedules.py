@@ -33,6 +33,14 @@ SCHEDULES = [
     ("zb1", ["schedule=zb1"]),
     ("interleaved v=2", ["schedule=interleaved", "schedule.virtual_stages=2"]),
     ("loopedbfs v=2", ["schedule=loopedbfs", "schedule.virtual_stages=2"]),
+    ("zb2", ["schedule=zb2"]),
+    # the V placement: stage s and 2p-1-s on rank s (2p stages: the model needs 2p layers)
+    ("zbv v=2", ["schedule=zbv"]),
+    ("vhalf v=2", ["schedule=vhalf"]),
+    ("vmin v=2", ["schedule=vmin"]),
+    # built for the run from the planner's costs and the memory cap, one or two chunks
+    ("auto", ["schedule=auto"]),
+    ("auto v=2", ["schedule=auto", "schedule.virtual_stages=2"]),
 ]
 
 

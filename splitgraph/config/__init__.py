@@ -463,6 +463,18 @@ class _Shape:
     chunks: int  # model chunks in all: stages x virtual stages
     layers: int  # Linear layers of the model
     dp: int  # data-parallel replicas
+def _csv_problems(path: str | None, ranks: int, microbatches: int, virtual: int) -> list[str]:
+    """schedule=csv: the file is read and validated here, before anything starts."""
+    if path is None:
+        return ["schedule=csv reads its actions from a file: set schedule.path=FILE.csv."]
+    from splitgraph.errors import ScheduleError
+    from splitgraph.schedule.interop import load_csv
+
+    try:
+        load_csv(path, num_ranks=ranks, num_microbatches=microbatches, virtual=virtual)
+    except (ScheduleError, ValueError) as e:
+        return [f"schedule=csv: {e}"]
+    return []
 
 
 def validate(cfg: Any, world_size: int | None = None) -> None:
@@ -643,14 +655,8 @@ def _schedule_problems(s: ScheduleConfig, mb: int, shape: _Shape) -> list[str]:
         )
     elif mb >= 1:
         errors.extend(SCHEDULES[sched].problems(shape.stages, shape.virtual, int(mb)))
-    if sched in SCHEDULES and not SCHEDULES[sched].trainable:
-        runs = ", ".join(n for n, spec in SCHEDULES.items() if spec.trainable)
-        errors.append(
-            f"schedule={sched} is built, validated and simulated by splitgraph-schedule (draw it, "
-            "compare it, export it with --to-csv), but the trainer cannot run it yet: it places "
-            "stage s on rank s % p and builds schedules from (ranks, microbatches) alone. "
-            f"Train with one of: {runs}."
-        )
+    if sched == "csv" and mb >= 1:
+        errors.extend(_csv_problems(s.path, shape.stages, int(mb), shape.virtual))
     if s.path is not None and sched != "csv":
         errors.append(f"schedule.path is only read with schedule=csv (got schedule={sched}).")
     rs = s.recompute_stages

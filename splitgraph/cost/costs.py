@@ -209,6 +209,18 @@ class ModelCosts:
         return AutoInput(ranks, len(self.sizes), costs, stages // ranks, cap, memory, "bytes")
 
 
+def auto_schedule(cfg: Any, ranks: int, bounds: Sequence[int]) -> Schedule:
+    """schedule=auto for a training run: `plan_auto` on the planner's costs of this plan
+    (`bounds`, ranks x schedule.virtual_stages stages) at each replica's microbatch sizes,
+    within each rank's pipeline.memory_cap (exact bytes). Deterministic for equal costs;
+    the layer times come from costs.times (measured: the node's shared profile cache)."""
+    from splitgraph.schedule.auto import plan_auto
+
+    stages = len(bounds) - 1
+    mc = model_costs(cfg, stages, link=link_from_config(cfg, measure=False))
+    return plan_auto(mc.auto_input(bounds, ranks)).schedule
+
+
 def devices_from_config(p: PipelineConfig, stages: int) -> tuple[Device, ...]:
     """`pipeline.devices` (speed, memory), else identical devices capped by memory_cap."""
     default_cap = parse_bytes(p.memory_cap) if p.memory_cap is not None else None

@@ -1,4 +1,4 @@
-"""Predict, byte for byte, what `runtime.memory.SavedTensorMeter` measures: the tensors autograd
+"""Predict, byte for byte, what `observe.memory.SavedTensorMeter` measures: the tensors autograd
 saves for backward, per microbatch and stage, and their peak per rank under a schedule.
 
 Two parts, so new ops and new schedule rules each have one place to go:

@@ -121,7 +121,9 @@ STRATEGIES: dict[str, StrategySpec] = {
 
 
 def make_plan(cfg: Any, num_ranks: int, costs: ModelCosts | None = None) -> Plan:
-    """The plan for `cfg` on `num_ranks` ranks, `schedule.virtual_stages` stages per rank.
+    """The plan for `cfg` on `num_ranks` ranks, `schedule.virtual_stages` stages per rank,
+    placed as the schedule places them (`schedule.placement_of`: the V schedules put stage s
+    and 2p-1-s on rank s).
 
     A costed strategy (`time`, `memory`, `optimal`) reads the cost model; pass `costs` to
     reuse one (else it is built here: `time`/`optimal` profile the layers, cached on disk)."""
@@ -135,7 +137,20 @@ def make_plan(cfg: Any, num_ranks: int, costs: ModelCosts | None = None) -> Plan
         bounds = costed_bounds(strategy, cfg, stages, costs)
     else:
         bounds = spec.split(layers, stages, cfg.partition, None)
-    return Plan(layers=layers, bounds=bounds, strategy=strategy, num_ranks=num_ranks)
+    from splitgraph.schedule import placement_of
+
+    path = getattr(cfg.schedule, "path", None)
+    v = int(cfg.schedule.virtual_stages)
+    placement = placement_of(str(cfg.schedule.name), num_ranks, v, path=path)
+    if placement is not None and len(placement) != stages:
+        placement = None  # a file for another shape: the engine's build names the mismatch
+    return Plan(
+        layers=layers,
+        bounds=bounds,
+        strategy=strategy,
+        num_ranks=num_ranks,
+        placement=placement,
+    )
 
 
 def costed_bounds(

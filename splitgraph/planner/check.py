@@ -18,6 +18,7 @@ nodes with separate profile caches could otherwise cut the model differently.
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from typing import Any
 
 import torch.distributed as dist
@@ -31,8 +32,31 @@ def shared_plan(cfg: Any, world_size: int) -> Plan:
     if world_size > 1 and dist.is_initialized():
         box = [plan.bounds]
         dist.broadcast_object_list(box, src=0)
-        plan = Plan(plan.layers, tuple(box[0]), plan.strategy, plan.num_ranks)
+        plan = replace(plan, bounds=tuple(box[0]))  # the placement is the schedule's
     return plan
+
+
+def same_schedule_everywhere(schedule: Any) -> None:
+    """Every rank runs the schedule rank 0 runs, or every rank stops with the same error.
+
+    schedule=auto builds its order from the planner's costs on each rank; one node's ranks
+    read one profile cache, but nodes with caches of their own could build different
+    orders, which would pair the wrong transfers. One all_gather of a digest decides."""
+    import hashlib
+
+    from splitgraph.errors import ConfigError
+
+    text = repr((schedule.stage_to_rank, schedule.actions))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, digest)
+    differ = [r for r, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise ConfigError(
+            f"schedule={schedule.name.split()[0]} built a different schedule on ranks "
+            f"{differ} than on rank 0: their layer costs differ (each node profiles its own). "
+            "Set costs.times=flops, or share costs.cache_dir between the nodes."
+        )
 
 
 def measure_link(cfg: Any, engine: Any) -> Any:
@@ -136,7 +160,7 @@ def compare(
     from splitgraph.planner.predict import predict
 
     costs = model_costs(cfg, plan.num_stages, link=link, device=engine.device)
-    pred = predict(plan, costs)
+    pred = predict(plan, costs, sched)
     measured_costs = (timeline or {}).get("costs_per_stage_s") or {}
     stages = []
     for sp in pred.stages:

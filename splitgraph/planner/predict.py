@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from splitgraph.cost.costs import ModelCosts, predicted_saved_peaks
+from splitgraph.cost.costs import ModelCosts
+from splitgraph.cost.memory_model import predict_for_plan
 from splitgraph.partition import Plan
-from splitgraph.schedule import simulate
+from splitgraph.schedule import Schedule, simulate
 from splitgraph.units import format_bytes
 
 
@@ -164,11 +165,14 @@ class Prediction:
         }
 
 
-def predict(plan: Plan, costs: ModelCosts) -> Prediction:
-    """Predicted time and memory of `plan` under `costs` (its schedule and microbatches)."""
+def predict(plan: Plan, costs: ModelCosts, schedule: Schedule | None = None) -> Prediction:
+    """Predicted time and memory of `plan` under `costs` (its schedule and microbatches).
+
+    `schedule`: the run's, where the config alone does not build it (schedule=auto, csv)."""
     k, b = plan.num_stages, plan.bounds
-    sim = simulate(costs.schedule(k), costs.sim_costs(b))
-    saved = predicted_saved_peaks(costs, b)
+    sched = schedule if schedule is not None else costs.schedule(k)
+    sim = simulate(sched, costs.sim_costs(b))
+    saved = predict_for_plan(costs.shape, b, costs.sizes, sched, costs.recompute)
     stages = []
     for s in range(k):
         lo, hi = b[s], b[s + 1]

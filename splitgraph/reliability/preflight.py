@@ -181,8 +181,13 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
             from splitgraph.runtime.mesh import layout_of
 
             layout = layout_of(cfg, world_size)
+            from splitgraph.schedule import placement_of
+
             virtual = max(cfg.schedule.virtual_stages, 1)
-            ends = {0, (layout.pp * virtual - 1) % layout.pp}
+            where = placement_of(
+                str(cfg.schedule.name), layout.pp, virtual, path=cfg.schedule.path
+            ) or tuple(range(layout.pp))  # auto chooses later: every rank may load
+            ends = {where[0], where[-1]} if len(where) == layout.pp * virtual else set(where)
             loaders = [r for r in node if 0 <= r < layout.world_size]
             loaders = [r for r in loaders if layout.coords(r)[1] in ends]
         except (ValueError, ZeroDivisionError):  # an invalid layout: validate names it
@@ -194,7 +199,7 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
 # -- the model ---------------------------------------------------------------------------
 
 
-def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
+def price_ranks(cfg: Any, layout: Any, plan: Any, schedule: Any = None) -> list[dict[str, Any]]:
     """Every global rank's accounted bytes, from the plan alone: what
     `memcap.accounting(engine, cap, measured=False)` will say once the model exists."""
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
@@ -209,8 +214,12 @@ def price_ranks(cfg: Any, layout: Any, plan: Any) -> list[dict[str, Any]]:
     sizes = microbatch_sizes(local, cfg.pipeline.microbatches)
     peaks: list[int] | None = None
     if predictable(cfg.runtime):
-        sched = build_schedule(
-            cfg.schedule.name, layout.pp, len(sizes), cfg.schedule.virtual_stages
+        sched = schedule or build_schedule(
+            cfg.schedule.name,
+            layout.pp,
+            len(sizes),
+            cfg.schedule.virtual_stages,
+            path=cfg.schedule.path,
         )
         shape = ModelShape.from_config(cfg, es)
         recompute = recompute_stages(cfg.schedule, plan.num_stages)
@@ -269,11 +278,13 @@ def check_launch(
     node: Sequence[int],
     devices: Sequence[torch.device] | None = None,
     machine: int | None = None,
+    schedule: Any = None,
 ) -> Preflight:
     """Refuse, before any allocation, a launch whose data or model cannot fit.
 
     `node`: the global ranks on this machine; `devices`: each one's device (default: the
-    CPU); `machine`: this machine's memory in bytes (default: measured).
+    CPU); `machine`: this machine's memory in bytes (default: measured); `schedule`: the
+    run's, where it is not built from the config alone (schedule=auto).
     """
     from splitgraph.reliability import memcap
 
@@ -282,7 +293,7 @@ def check_launch(
     loaders = loading_ranks(layout, plan, node)
     per_loader = _check_data(cfg, len(loaders), machine)
 
-    records = price_ranks(cfg, layout, plan)
+    records = price_ranks(cfg, layout, plan, schedule)
     cap = memcap.cap_bytes(cfg.pipeline)
     if cap is not None:
         note = _largest_layer_note(cfg.runtime, cfg.optim, plan, cap)

@@ -16,7 +16,7 @@ and size), never the global rank. A step is:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -51,6 +51,51 @@ from splitgraph.runtime.gradsync import GradSync
 from splitgraph.runtime.guard import FiniteGuard
 from splitgraph.runtime.staged import StagedP2P
 from splitgraph.schedule import SCHEDULES, Schedule, build_schedule
+
+
+def placed(plan: Plan, schedule: Schedule, adopt: bool = False) -> Plan:
+    """`plan` with the schedule's stage-to-rank map, which it must already have: a stage
+    placed elsewhere than the schedule runs it would build the wrong layers on a rank.
+    `adopt`: the schedule chose its own map (schedule=auto, and csv where the plan was
+    made before the file was read), so a round-robin plan takes the schedule's."""
+    if plan.num_stages != schedule.num_stages or plan.num_ranks != schedule.num_ranks:
+        raise ValueError(
+            f"the plan cuts {plan.num_stages} stages for {plan.num_ranks} ranks; schedule "
+            f"{schedule.name} runs {schedule.num_stages} on {schedule.num_ranks}"
+        )
+    if plan.stage_to_rank == schedule.stage_to_rank:
+        return plan
+    if adopt and plan.placement is None:
+        return replace(plan, placement=schedule.stage_to_rank)
+    raise ValueError(
+        f"the plan places stages 0..{plan.num_stages - 1} on ranks {list(plan.stage_to_rank)} "
+        f"but schedule {schedule.name} runs them on {list(schedule.stage_to_rank)}: make the "
+        "plan with partition.make_plan, which reads the schedule's placement"
+    )
+
+
+def schedule_for_run(
+    cfg: Any, pp: int, plan: Plan, microbatches: int | None = None
+) -> tuple[Schedule, Plan]:
+    """The run's schedule and its plan placed as the schedule places it, before anything
+    is allocated (train.run, splitgraph-check, the engine): a generated schedule from
+    (ranks, m, v), schedule=csv from its file (validated), schedule=auto from the planner's
+    costs of this plan and each rank's memory cap (costs.auto_schedule). `microbatches`:
+    per replica (default: from the config's batch, dp and pipeline.microbatches)."""
+    m = microbatches
+    if m is None:
+        dp = max(int(cfg.parallel.dp), 1)
+        rows = int(cfg.train.batch_size) // dp
+        m = len(microbatch_sizes(rows, int(cfg.pipeline.microbatches)))
+    name = str(cfg.schedule.name)
+    if name == "auto":
+        from splitgraph.cost.costs import auto_schedule
+
+        sched = auto_schedule(cfg, pp, plan.bounds)
+    else:
+        v = int(cfg.schedule.virtual_stages)
+        sched = build_schedule(name, pp, m, v, path=getattr(cfg.schedule, "path", None))
+    return sched, placed(plan, sched, adopt=SCHEDULES[name].generate is None)
 
 
 @dataclass
@@ -106,6 +151,7 @@ class PipelineEngine:
         channels: bool | None = None,
         tracer: Tracer | None = None,
         nan_check: NanCheck | None = None,
+        schedule: Schedule | None = None,  # agreed by all ranks (schedule=auto)
     ) -> None:
         """`dp_group`: this rank's data-parallel peers (None: one replica); `replicas`: every
         pipeline's global ranks; `channels`: see runtime/comm.P2P. `tracer`: records the
@@ -131,12 +177,13 @@ class PipelineEngine:
         self.local_batch = self.batch_size // self.dp
         self.plan: Plan = plan if plan is not None else make_plan(cfg, world_size)
         self.sizes = microbatch_sizes(self.local_batch, cfg.pipeline.microbatches)
-        name = cfg.schedule.name
-        self.schedule: Schedule = build_schedule(
-            name, world_size, len(self.sizes), cfg.schedule.virtual_stages
-        )
+        if schedule is None:
+            schedule, self.plan = schedule_for_run(cfg, world_size, self.plan, len(self.sizes))
+        adopt = SCHEDULES[cfg.schedule.name].generate is None  # auto, csv
+        self.schedule: Schedule = schedule
+        self.plan = placed(self.plan, schedule, adopt)
         self.stages: dict[int, StageModule] = _build_stages(
-            cfg.model, self.plan, rank, self.dtype, self.device, SCHEDULES[name].split_backward
+            cfg.model, self.plan, rank, self.dtype, self.device, self.schedule.split_backward
         )
         self.recompute = recompute_stages(cfg.schedule, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(cfg.optim, self.parameters())
@@ -187,6 +234,7 @@ class PipelineEngine:
         plan: Plan | None = None,
         tracer: Tracer | None = None,
         nan_check: NanCheck | None = None,
+        schedule: Schedule | None = None,
     ) -> PipelineEngine:
         """The engine of this rank in a ("dp", "pp") DeviceMesh (runtime/mesh.py)."""
         from splitgraph.runtime.mesh import MeshGroups
@@ -205,6 +253,7 @@ class PipelineEngine:
             channels=channels,
             tracer=tracer,
             nan_check=nan_check,
+            schedule=schedule,
         )
 
     # -- what this rank holds ---------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "build_schedule",
     "lower",
     "make_schedule",
+    "placement_of",
     "render_ascii",
     "simulate",
     "validate",
@@ -110,10 +111,6 @@ class ScheduleSpec:
     summary: str
     placement: Placement = round_robin  # auto and csv: whatever the built schedule says
     rules: tuple[Rule, ...] = ()
-    #: the trainer runs it today: round-robin placement, built from (ranks, m, v) alone. The
-    #: others are simulated, drawn and exported by splitgraph-schedule; the runtime half of
-    #: issue 18 (placement in the plan, auto's costs in training) lifts this.
-    trainable: bool = True
     load: Loader | None = None  # how a schedule without a generator is built
 
     def problems(self, ranks: int, virtual: int, microbatches: int) -> list[str]:
@@ -140,8 +137,7 @@ def _gen(
     placement: Placement = round_robin,
     rules: tuple[Rule, ...] = (),
 ) -> ScheduleSpec:
-    trainable = placement is round_robin
-    return ScheduleSpec(name, generate, virtual, split, summary, placement, rules, trainable)
+    return ScheduleSpec(name, generate, virtual, split, summary, placement, rules)
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
@@ -194,7 +190,6 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             True,
             False,
             "built for the run's costs and memory caps",
-            trainable=False,
             load=_build_auto,
         ),
         ScheduleSpec(
@@ -203,11 +198,33 @@ SCHEDULES: dict[str, ScheduleSpec] = {
             True,
             False,
             "a torch.distributed.pipelining schedule file",
-            trainable=False,
             load=_build_csv,
         ),
     )
 }
+
+
+def placement_of(
+    name: str, num_ranks: int, virtual_stages: int = 1, *, path: str | None = None
+) -> tuple[int, ...] | None:
+    """The stage-to-rank map the named schedule runs with, known before it is built.
+
+    Generated schedules carry it in their spec (round robin, or `ir.v_shape` for the V
+    schedules); schedule=csv reads it from the file (the rank whose row holds a stage);
+    schedule=auto chooses it with the order, from the run's costs, so None here (the
+    engine takes it from the built schedule). An unknown name or an unreadable file: None
+    (config.validate names those)."""
+    spec = SCHEDULES.get(name)
+    if spec is None:
+        return None
+    stages = num_ranks * max(virtual_stages, 1)
+    if spec.generate is not None:
+        return spec.placement(num_ranks, stages)
+    if name == "csv" and path is not None:
+        from splitgraph.schedule.interop import csv_placement
+
+        return csv_placement(path)
+    return None
 
 
 def build_schedule(

@@ -110,6 +110,22 @@ def load_csv(
     return schedule_from_rows(rows, f"csv {file.name}", num_ranks, num_microbatches, virtual)
 
 
+def csv_placement(path: str | Path) -> tuple[int, ...] | None:
+    """The stage-to-rank map of a schedule file (the rank whose row holds each stage), read
+    before the schedule is validated; None where the file cannot say (load_csv says why)."""
+    try:
+        rows = parse_csv(Path(path).read_text(), str(path))
+    except (OSError, ScheduleError):
+        return None
+    owner: dict[int, int] = {}
+    for r, acts in enumerate(rows):
+        for a in acts:
+            owner.setdefault(a.stage, r)
+    if sorted(owner) != list(range(len(owner))):
+        return None
+    return tuple(owner[s] for s in range(len(owner)))
+
+
 def schedule_from_rows(
     rows: list[list[Action]],
     name: str,

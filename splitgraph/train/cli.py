@@ -30,8 +30,8 @@ def check_main(argv: list[str] | None = None) -> int:
     from splitgraph.errors import OutOfMemory
     from splitgraph.partition import make_plan
     from splitgraph.reliability import preflight
+    from splitgraph.runtime.engine import schedule_for_run
     from splitgraph.runtime.mesh import layout_of
-    from splitgraph.schedule import build_schedule
 
     try:
         cfg = load_config(args, fill_data=False)
@@ -41,14 +41,14 @@ def check_main(argv: list[str] | None = None) -> int:
         plan = make_plan(cfg, layout.pp)
         rows = cfg.train.batch_size // layout.dp
         sizes = microbatch_sizes(rows, cfg.pipeline.microbatches)
-        sched = build_schedule(
-            cfg.schedule.name, layout.pp, len(sizes), cfg.schedule.virtual_stages
-        )
+        sched, plan = schedule_for_run(cfg, layout.pp, plan)  # auto: from the costs
         try:
             devices = preflight.node_devices(cfg.runtime, per_node)
         except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
             raise SplitgraphError(str(e)) from None
-        checked = preflight.check_launch(cfg, layout, plan, range(per_node), devices)
+        checked = preflight.check_launch(
+            cfg, layout, plan, range(per_node), devices, schedule=sched
+        )
         dataset = load_dataset(cfg)  # every value, as the ranks will read it
     except OutOfMemory as e:
         print(f"splitgraph-check: {e}", file=sys.stderr)

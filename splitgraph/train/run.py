@@ -73,7 +73,12 @@ from splitgraph.observe.memory import cuda_memory, draw_memory_over_time, peak_r
 from splitgraph.observe.nvml import NvmlSampler
 from splitgraph.observe.trace import Tracer, TraceWindow, make_tracer
 from splitgraph.partition import make_plan
-from splitgraph.planner.check import compare, measure_link, shared_plan
+from splitgraph.planner.check import (
+    compare,
+    measure_link,
+    same_schedule_everywhere,
+    shared_plan,
+)
 from splitgraph.reliability import checkpoint, memcap, preflight, runlock
 from splitgraph.reliability.faults import Fault, restart_attempt
 from splitgraph.reliability.signals import (
@@ -85,11 +90,12 @@ from splitgraph.reliability.signals import (
 )
 from splitgraph.reliability.watchdog import Watchdog, default_store
 from splitgraph.runtime.dist import DistEnv, Placement, init_process_group, pin_loopback, place
-from splitgraph.runtime.engine import PipelineEngine
+from splitgraph.runtime.engine import PipelineEngine, schedule_for_run
 from splitgraph.runtime.executor import InjectedFault
 from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
 from splitgraph.runtime.stepsum import StepSum
+from splitgraph.schedule import Schedule
 from splitgraph.train.evaluate import evaluate
 
 log = logging.getLogger("splitgraph")
@@ -133,11 +139,12 @@ def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[s
     # Data and checkpoints are read before the process group exists: a bad file stops this
     # rank at once, and torchrun then stops the others.
     layout = layout_of(cfg, env.world_size)
-    plan = make_plan(cfg, layout.pp)
+    # the plan placed as the schedule places its stages (V: stage s and 2p-1-s on rank s;
+    # auto chooses its placement with its order, from the planner's costs)
+    schedule, plan = schedule_for_run(cfg, layout.pp, make_plan(cfg, layout.pp))
     try:  # the data file's header and the model's bytes, before either is allocated
-        preflight.check_launch(
-            cfg, layout, plan, node, preflight.node_devices(cfg.runtime, len(node))
-        )
+        devices = preflight.node_devices(cfg.runtime, len(node))
+        preflight.check_launch(cfg, layout, plan, node, devices, schedule=schedule)
     except OutOfMemory as e:
         # Every rank reaches this verdict alone and exits; torchrun may stop rank 0 before it
         # writes summary.json, so each rank leaves the record the harness reads (atomically).
@@ -167,7 +174,9 @@ def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[s
         # an allocator's refusal outside the steps (building the engine, moving the data to
         # the device) stops the run as "oom" too; those in a step say which (_train)
         with record.stop_on_oom(device, lambda: OUTSIDE_STEPS):
-            summary = _train(cfg, env, layout, placement, dataset, init_state, resume, signals)
+            summary = _train(
+                cfg, env, layout, placement, dataset, init_state, resume, signals, schedule
+            )
         if dist.is_initialized():
             dist.barrier()  # nobody tears down its connections while a peer still reads
         return summary
@@ -185,6 +194,7 @@ def _train(
     init_state: dict[str, torch.Tensor] | None,
     resume: checkpoint.RankState | None = None,
     signals: StopSignals | None = None,
+    schedule: Schedule | None = None,
 ) -> dict[str, Any] | None:
     """Set up, run the steps, summarize: the three phases of a training run.
 
@@ -194,7 +204,7 @@ def _train(
     _finish   the cost report, every rank's memory gathered, model.pt, summary.json
     """
     signals = signals or StopSignals(env.rank)  # not entered: only reports what it never sees
-    run = _setup(typed(cfg), env, layout, placement, dataset, init_state, resume)
+    run = _setup(typed(cfg), env, layout, placement, dataset, init_state, resume, schedule)
     st = _Progress(step=run.start, last_saved=run.resumed_from)
     signals.last_saved, signals.phase = st.last_saved, "training"
     try:
@@ -288,13 +298,15 @@ def _setup(
     dataset: Dataset | None,
     init_state: dict[str, torch.Tensor] | None,
     resume: checkpoint.RankState | None,
+    schedule: Schedule | None = None,
 ) -> _Run:
     """The engine (initial or resumed weights), the data on the device, and every
-    collaborator of the steps; rank 0 announces the plan."""
+    collaborator of the steps; rank 0 announces the plan. `schedule`: the run's, built
+    before the process group (`schedule_for_run`; None: the engine builds it)."""
     device, backend = placement.device, placement.backend
     torch.manual_seed(cfg.train.seed)
     tracer = make_tracer(device, enabled=cfg.trace.enabled)
-    engine = _engine(cfg, layout, placement, tracer)
+    engine = _engine(cfg, layout, placement, tracer, schedule)
     guard = engine.guard
     assert guard is not None  # asked for: nan_check
     if init_state is not None:
@@ -381,9 +393,18 @@ def _data_order(
     return dataset, order, steps
 
 
-def _engine(cfg: Config, layout: Layout, placement: Placement, tracer: Tracer) -> PipelineEngine:
-    """This rank's engine on rank 0's plan; on a DeviceMesh when there are several ranks."""
+def _engine(
+    cfg: Config,
+    layout: Layout,
+    placement: Placement,
+    tracer: Tracer,
+    schedule: Schedule | None = None,
+) -> PipelineEngine:
+    """This rank's engine on rank 0's plan (and, for schedule=auto, the order every rank
+    agrees it built); on a DeviceMesh when there are several ranks."""
     plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
+    if schedule is not None and layout.world_size > 1:
+        same_schedule_everywhere(schedule)
     device, backend = placement.device, placement.backend
     if layout.world_size > 1:  # DeviceMesh's device type follows the backend (gloo: "cpu")
         wait = timedelta(seconds=cfg.runtime.timeout)  # every group's bound on a wait
@@ -396,6 +417,7 @@ def _engine(cfg: Config, layout: Layout, placement: Placement, tracer: Tracer) -
             plan=plan,
             tracer=tracer,
             nan_check=cfg.runtime.nan_check,
+            schedule=schedule,
         )
     return PipelineEngine(
         cfg,
@@ -404,6 +426,7 @@ def _engine(cfg: Config, layout: Layout, placement: Placement, tracer: Tracer) -
         plan=plan,
         tracer=tracer,
         nan_check=cfg.runtime.nan_check,
+        schedule=schedule,
     )
 
 
@@ -815,13 +838,18 @@ def _announce(
                 earlier[-1].step,
             )
     if resume is not None:
-        saved = resume.checkpoint.meta.get("plan", {}).get("stages", [])
+        saved_plan = resume.checkpoint.meta.get("plan", {})
+        saved = saved_plan.get("stages", [])
+        was = saved_plan.get("placement", "round-robin")  # older markers: round robin
         log.info(
-            "resumed from %s at step %d (saved on %d stages, now %d)%s",
+            "resumed from %s at step %d (saved on %d stages, %s placement; now %d, %s: "
+            "tensors are read by layer name, so any layout loads)%s",
             resume.checkpoint.path,
             start,
             len(saved),
+            was,
             engine.plan.num_stages,
+            engine.plan.placement_name,
             ": already trained to train.steps; checkpoint.resume=never trains afresh"
             if start == steps
             else "",
