@@ -92,11 +92,8 @@ class Plan:
         """ "round-robin" (stage s on rank s % p), "v" (schedule.ir.v_shape) or "custom"."""
         if self.placement is None:
             return "round-robin"
-        from splitgraph.schedule.ir import v_shape
-
-        if self.num_stages == 2 * self.num_ranks and self.placement == v_shape(
-            self.num_ranks, self.num_stages
-        ):
+        p = self.num_ranks  # schedule.ir.v_shape at two chunks per rank (plan.py sits below it)
+        if self.placement == tuple(s if s < p else 2 * p - 1 - s for s in range(2 * p)):
             return "v"
         return "custom"
 

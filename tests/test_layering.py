@@ -52,6 +52,9 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
         "goes when validate's checks move above the registries (issue 16, typed config)"
     ),
     ("splitgraph.config", "splitgraph.schedule"): "config.validate reads SCHEDULES (as above)",
+    ("splitgraph.config", "splitgraph.schedule.interop"): (
+        "config.validate reads and validates a schedule=csv file before anything starts (as above)"
+    ),
     ("splitgraph.config", "splitgraph.runtime.allocator"): (
         "config.validate prices a GPU memory cap (as above)"
     ),

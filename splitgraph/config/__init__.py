@@ -463,6 +463,8 @@ class _Shape:
     chunks: int  # model chunks in all: stages x virtual stages
     layers: int  # Linear layers of the model
     dp: int  # data-parallel replicas
+
+
 def _csv_problems(path: str | None, ranks: int, microbatches: int, virtual: int) -> list[str]:
     """schedule=csv: the file is read and validated here, before anything starts."""
     if path is None:
