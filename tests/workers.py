@@ -212,3 +212,9 @@ def step_sums(rank: int, world: int) -> list[list[float]]:
         assert torch.equal(mine, keep)
     return out
 
+
+def environ_worker(rank: int, world: int, name: str) -> str | None:
+    """The value of environment variable `name` in this rank."""
+    import os
+
+    return os.environ.get(name)
