@@ -8,7 +8,7 @@ import pytest
 
 from splitgraph.errors import RankFailure
 from splitgraph.spawn import run_ranks
-from tests.workers import failing_worker, stalled_worker
+from tests.workers import environ_worker, failing_worker, stalled_worker
 
 
 @pytest.mark.timeout(120)
@@ -46,3 +46,18 @@ def test_a_stalled_rank_is_bounded_by_the_group_timeout() -> None:
 def test_the_deadline_stops_ranks_that_never_finish() -> None:
     with pytest.raises(RankFailure, match="still running"):
         run_ranks(stalled_worker, 1, 0, timeout=8, pg_timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_ranks_get_the_callers_environment_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks fork from a server started by an earlier launch, holding that moment's
+    environment: a variable set since then, or removed, reaches the ranks as it is now."""
+    monkeypatch.setenv("SPLITGRAPH_TEST_GONE", "still here")
+    assert run_ranks(environ_worker, 2, "SPLITGRAPH_TEST_GONE", timeout=60) == ["still here"] * 2
+    monkeypatch.delenv("SPLITGRAPH_TEST_GONE")
+    monkeypatch.setenv("SPLITGRAPH_TEST_NEW", "set after the first launch")
+    assert (
+        run_ranks(environ_worker, 2, "SPLITGRAPH_TEST_NEW", timeout=60)
+        == ["set after the first launch"] * 2
+    )
+    assert run_ranks(environ_worker, 2, "SPLITGRAPH_TEST_GONE", timeout=60) == [None, None]
