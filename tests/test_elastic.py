@@ -75,7 +75,11 @@ def _listening(root: int) -> dict[int, set[str]]:
     while frontier:
         kids = Path(f"/proc/{frontier.pop()}/task")
         for task in kids.glob("*/children") if kids.exists() else []:
-            for pid in map(int, task.read_text().split()):
+            try:  # a thread (or the process) may exit between the listing and the read
+                children = task.read_text().split()
+            except OSError:
+                continue
+            for pid in map(int, children):
                 if pid not in pids:
                     pids.add(pid)
                     frontier.append(pid)
