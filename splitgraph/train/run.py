@@ -95,7 +95,7 @@ from splitgraph.runtime.executor import InjectedFault
 from splitgraph.runtime.guard import FiniteGuard, raise_if_any
 from splitgraph.runtime.mesh import Layout, build_mesh, layout_of
 from splitgraph.runtime.stepsum import StepSum
-from splitgraph.schedule import Schedule
+from splitgraph.schedule import SCHEDULES, Schedule
 from splitgraph.train.evaluate import evaluate
 
 log = logging.getLogger("splitgraph")
@@ -403,7 +403,10 @@ def _engine(
     """This rank's engine on rank 0's plan (and, for schedule=auto, the order every rank
     agrees it built); on a DeviceMesh when there are several ranks."""
     plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
-    if schedule is not None and layout.world_size > 1:
+    # auto and csv are built from what each rank reads (costs, a file); a generated schedule
+    # is a function of (p, m, v), which validate already made equal everywhere
+    built_from_files = SCHEDULES[cfg.schedule.name].generate is None
+    if schedule is not None and built_from_files and layout.world_size > 1:
         same_schedule_everywhere(schedule)
     device, backend = placement.device, placement.backend
     if layout.world_size > 1:  # DeviceMesh's device type follows the backend (gloo: "cpu")
