@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.model import compute_dtype, torch_dtype
 from splitgraph.observe.memory import draw_memory_over_time
 from splitgraph.observe.nvml import NvmlSampler
@@ -181,7 +181,7 @@ def test_cuda_single_device_gradients(dtype: str) -> None:
             "runtime.device=cuda",
         ]
     )
-    engine = PipelineEngine(cfg, device="cuda")
+    engine = PipelineEngine(Workload.of(cfg), device="cuda")
     x, y = _batch(cfg, torch.float32)
     engine.forward_backward(x.cuda(), y.cuda())
     got = {k: p.grad.cpu() for k, p in engine.named_parameters().items()}

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from splitgraph.config import load_config, validate
+from splitgraph.config import Workload, load_config, validate
 from splitgraph.data import load_dataset
 from splitgraph.errors import ConfigError, DataError, SplitgraphError
 from splitgraph.partition import make_plan
@@ -133,7 +133,7 @@ def test_random_configs_are_refused_clearly_or_train(
         return
     event("accepted")
     # accepted: the plan and the schedule for `world` ranks exist, and one step trains
-    plan = make_plan(cfg, world)
+    plan = make_plan(Workload.of(cfg), world)
     build_schedule(str(cfg.schedule.name), plan.num_stages, int(cfg.pipeline.microbatches))
     _train_one_step(overrides, tmp_path)
 

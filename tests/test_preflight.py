@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.data import load_dataset
 from splitgraph.datafile import read_header
 from splitgraph.errors import DataError, OutOfMemory
@@ -110,7 +110,7 @@ def test_a_zip_bomb_is_refused_before_it_is_decompressed(
     assert time.perf_counter() - t0 < 10
 
     cfg = load_config([*over, "model.hidden=[8]", "data.features=20", "data.outputs=2"])
-    layout, plan = layout_of(cfg, 2), make_plan(cfg, 2)
+    layout, plan = layout_of(cfg.pipeline, cfg.parallel, 2), make_plan(Workload.of(cfg), 2)
     # two ranks on one node each load it (first and last stage): 2 x 320 MB
     for machine, fits in ((1 * GiB, False), (2 * GiB, True)):
         monkeypatch.setattr(preflight, "machine_memory", lambda m=machine: m)
@@ -140,17 +140,19 @@ PRICED = [
 def test_the_model_is_priced_exactly_before_it_exists(over: list[str]) -> None:
     base = ["model.hidden=[24,12,20]", "data.features=10", "train.batch_size=24"]
     cfg = load_config([*base, *over])
-    layout, plan = layout_of(cfg, 2), make_plan(cfg, 2)
+    layout, plan = layout_of(cfg.pipeline, cfg.parallel, 2), make_plan(Workload.of(cfg), 2)
     priced = preflight.price_ranks(cfg, layout, plan)
     for rank in range(2):
-        engine = PipelineEngine(cfg, rank, 2, plan=plan)  # now the parameters exist
+        engine = PipelineEngine(Workload.of(cfg), rank, 2, plan=plan)  # now the parameters exist
         built = memcap.accounting(engine, None, measured=False)
         assert priced[rank] == {**built, "rank": rank}
         assert priced[rank]["saved_peak"] and priced[rank]["optimizer"] >= 0
     # data parallel: each replica prices the same stages at B/dp rows, plus the all-reduce
     # buckets (a second copy of the gradients), as memcap accounts a GradSync engine
     dp = load_config([*base, *over, "parallel.dp=2"])
-    dp_priced = preflight.price_ranks(dp, layout_of(dp, 4), make_plan(dp, 2))
+    dp_priced = preflight.price_ranks(
+        dp, layout_of(dp.pipeline, dp.parallel, 4), make_plan(Workload.of(dp), 2)
+    )
     half = load_config([*base, *over, "train.batch_size=12"])
     half_priced = preflight.price_ranks(half, layout, plan)
     for rank in range(4):
@@ -298,7 +300,7 @@ def test_on_gpus_each_rank_is_held_against_its_own_device(monkeypatch: pytest.Mo
     """Without a GPU here: the devices are named and their memory given, as place() and
     torch.cuda would on a node of two GPUs; the host then holds only the data."""
     cfg = load_config(["model.hidden=[2000,2000]", "optim=adam"])  # 4.5M params: 72 MB each
-    layout, plan = layout_of(cfg, 3), make_plan(cfg, 3)
+    layout, plan = layout_of(cfg.pipeline, cfg.parallel, 3), make_plan(Workload.of(cfg), 3)
     gpus = [torch.device("cuda", r) for r in range(3)]
     records = preflight.price_ranks(cfg, layout, plan)
     biggest = max(r["total"] for r in records)

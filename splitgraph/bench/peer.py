@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from splitgraph.bench.torchpp import PEER_SCHEDULES, TorchPipeline, peer_problem
-from splitgraph.config import Task, load_config
+from splitgraph.config import Task, Workload, load_config
 from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.model import build_mlp, objective
 from splitgraph.observe.memory import SavedTensorMeter
@@ -143,7 +143,7 @@ def check_gradients(cfg: Any, rank: int, world: int, x: Tensor, y: Tensor) -> di
     _, J = objective(full, x, y, Task(cfg.model.task), cfg.optim.weight_decay)
     J.backward()
     ref = {k: p.grad for k, p in full.named_parameters()}
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(Workload.of(cfg), rank, world)
     engine.forward_backward(x, y)
     ours = _grads(engine.named_parameters())
     peer = TorchPipeline(cfg, rank, world, torch.float64)
@@ -179,7 +179,7 @@ def prepare(
     row: dict[str, Any] = {}
     if spec.check:
         row["grad_error"] = check_gradients(cfg, rank, world, *batches[0])
-    engine = PipelineEngine(_with(cfg, ["runtime.track_memory=false"]), rank, world)
+    engine = PipelineEngine(Workload.of(_with(cfg, ["runtime.track_memory=false"])), rank, world)
     meter = SavedTensorMeter(engine.parameters())
     peer = TorchPipeline(cfg, rank, world, torch.float32)
     count = [0]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.model import compute_dtype, layer_dims, torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 
@@ -83,9 +83,11 @@ def measure(overrides: list[str], device: str, repeats: int, warmup: int) -> dic
         plain_opt.step()
 
     engines = {
-        "splitgraph": PipelineEngine(load_config([*base, "runtime.track_memory=true"]), device=dev),
+        "splitgraph": PipelineEngine(
+            Workload.of(load_config([*base, "runtime.track_memory=true"])), device=dev
+        ),
         "splitgraph, meter off": PipelineEngine(
-            load_config([*base, "runtime.track_memory=false"]), device=dev
+            Workload.of(load_config([*base, "runtime.track_memory=false"])), device=dev
         ),
     }
     steps: dict[str, Callable[[], None]] = {"plain PyTorch": plain_step}

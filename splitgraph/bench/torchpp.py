@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splitgraph.config import Task
+from splitgraph.config import Task, Workload
 from splitgraph.model import StageModule, add_l2_grad_, build_mlp, loss_sum
 from splitgraph.optim import make_optimizer
 from splitgraph.partition import make_plan
@@ -53,7 +53,7 @@ class TorchPipeline:
 
         name = cfg.schedule.name
         cls_name, _ = PEER_SCHEDULES[name]
-        plan = make_plan(cfg, world)
+        plan = make_plan(Workload.of(cfg), world)
         m = cfg.pipeline.microbatches
         batch = cfg.train.batch_size
         task = Task(cfg.model.task)

@@ -25,7 +25,7 @@ PARTS = ("params", "grads", "optimizer", "allreduce_buckets", "saved_peak", "tot
 
 def per_rank(cfg: Any, nproc: int) -> list[dict[str, Any]]:
     """The accounting every global rank of this training config will report, predicted."""
-    from splitgraph.config import recompute_stages
+    from splitgraph.config import Workload, recompute_stages
     from splitgraph.cost.costs import model_costs
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.partition import STRATEGIES, make_plan
@@ -35,12 +35,13 @@ def per_rank(cfg: Any, nproc: int) -> list[dict[str, Any]]:
     pp = nproc // dp
     spec = STRATEGIES.get(cfg.partition.strategy)
     timed = spec is not None and "times" in spec.costs  # else no profiling
-    costs = model_costs(cfg, pp, times=timed)  # sizes: each replica's B/dp rows
-    plan = make_plan(cfg, pp, costs)
+    work = Workload.of(cfg)
+    costs = model_costs(work, pp, times=timed)  # sizes: each replica's B/dp rows
+    plan = make_plan(work, pp, costs)
     sched = build_schedule(cfg.schedule.name, pp, len(costs.sizes), cfg.schedule.virtual_stages)
     saved: list[int | None] = [None] * pp
     if predictable(cfg.runtime):
-        shape = ModelShape.from_config(cfg, costs.shape.element_size)
+        shape = ModelShape.of(cfg.model, costs.shape.element_size)
         recompute = recompute_stages(cfg.schedule, plan.num_stages)
         saved = list(predict_for_plan(shape, plan.bounds, costs.sizes, sched, recompute))
     pipeline = []

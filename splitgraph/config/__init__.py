@@ -369,6 +369,58 @@ def as_container(cfg: DictConfig | Config) -> dict[str, Any]:
     return out  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What one training step computes, how it is cut across ranks and how it is priced:
+    the sections the cost model, the partition, the planner and the engine read.
+
+    Picked once at the entrance (`Workload.of(cfg)`); the layers below take this (or one of
+    its sections), never the whole config: no data source, run directory, checkpoints,
+    trace window or fault injection reaches them. The sections are the composed config's
+    own nodes (or the typed dataclasses): same fields, same types, read, not copied.
+    """
+
+    model: ModelConfig
+    batch_size: int  # train.batch_size: the global minibatch B
+    pipeline: PipelineConfig
+    parallel: ParallelConfig
+    schedule: ScheduleConfig
+    partition: PartitionConfig
+    optim: OptimConfig
+    runtime: RuntimeConfig
+    costs: CostsConfig
+
+    @classmethod
+    def of(cls, cfg: DictConfig | Config | Workload) -> Workload:
+        if isinstance(cfg, Workload):
+            return cfg
+        return cls(
+            model=cfg.model,
+            batch_size=int(cfg.train.batch_size),
+            pipeline=cfg.pipeline,
+            parallel=cfg.parallel,
+            schedule=cfg.schedule,
+            partition=cfg.partition,
+            optim=cfg.optim,
+            runtime=cfg.runtime,
+            costs=cfg.costs,
+        )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas (at least 1)."""
+        return max(int(self.parallel.dp), 1)
+
+    @property
+    def local_batch(self) -> int:
+        """Rows of each minibatch one replica runs: B / dp."""
+        return self.batch_size // self.dp
+
+    def num_stages(self, world_size: int) -> int:
+        """Pipeline ranks per replica on `world_size` ranks (see `num_stages`)."""
+        return num_stages(self.pipeline, self.parallel, world_size)
+
+
 # ---------------------------------------------------------------------------------------
 # Cross-field validation
 # ---------------------------------------------------------------------------------------
@@ -397,11 +449,11 @@ def recompute_stages(schedule: ScheduleConfig, num_stages: int) -> set[int]:
     return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
 
 
-def num_stages(cfg: Any, world_size: int) -> int:
+def num_stages(pipeline: PipelineConfig, parallel: ParallelConfig, world_size: int) -> int:
     """Pipeline ranks per replica: pipeline.stages, else world size / parallel.dp."""
-    if cfg.pipeline.stages is not None:
-        return cfg.pipeline.stages
-    return max(world_size // max(cfg.parallel.dp, 1), 1)
+    if pipeline.stages is not None:
+        return pipeline.stages
+    return max(world_size // max(parallel.dp, 1), 1)
 
 
 def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
@@ -489,7 +541,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     ws = world_size_from_env() if world_size is None else world_size
     errors = _world_problems(ws)
     ranks = max(ws, 1)  # check the rest as for one rank
-    stages = num_stages(cfg, ranks)
+    stages = num_stages(cfg.pipeline, cfg.parallel, ranks)
     virtual = cfg.schedule.virtual_stages
     shape = _Shape(
         ranks=ranks,

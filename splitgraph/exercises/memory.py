@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import OptimName, load_config, validate
+from splitgraph.config import OptimName, Workload, load_config, validate
 from splitgraph.data import microbatch_sizes
 from splitgraph.exercises import first_batch, table
 from splitgraph.model import build_mlp, torch_dtype
@@ -52,7 +52,7 @@ def predict_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: Sequence[int]) -
 
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
     recompute = recompute_stages(cfg.schedule, plan.num_stages)
-    shape = ModelShape.from_config(cfg, es)
+    shape = ModelShape.of(cfg.model, es)
     return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
 
 
@@ -165,7 +165,7 @@ def measure_rank(rank: int, world: int, runs: list[list[str]]) -> list[dict[str,
     out = []
     for overrides in runs:
         cfg = load_config(overrides)
-        engine = PipelineEngine(cfg, rank, world)
+        engine = PipelineEngine(Workload.of(cfg), rank, world)
         x, y = first_batch(cfg, engine.dtype)
         engine.step(x, y)
         assert engine.meter is not None, "runtime.track_memory must stay on for exercise 3"
@@ -217,12 +217,12 @@ def run(
         ]
         cfgs[name] = cfg = load_config(ov)
         validate(cfg, nproc)
-        plans[name] = make_plan(cfg, nproc)
+        plans[name] = make_plan(Workload.of(cfg), nproc)
         sizes_of[name] = microbatch_sizes(cfg.train.batch_size, cfg.pipeline.microbatches)
         scheds[name] = build_schedule(name, nproc, len(sizes_of[name]))
         runs.append(ov)
     per_rank = run_ranks(measure_rank, nproc, runs, timeout=timeout)
-    inference = measure_inference(base, make_plan(base, nproc))
+    inference = measure_inference(base, make_plan(Workload.of(base), nproc))
     result: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(schedules):
         cfg, plan, sched, sizes = cfgs[name], plans[name], scheds[name], sizes_of[name]

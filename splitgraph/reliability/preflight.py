@@ -221,7 +221,7 @@ def price_ranks(cfg: Any, layout: Any, plan: Any, schedule: Any = None) -> list[
             cfg.schedule.virtual_stages,
             path=cfg.schedule.path,
         )
-        shape = ModelShape.from_config(cfg, es)
+        shape = ModelShape.of(cfg.model, es)
         recompute = recompute_stages(cfg.schedule, plan.num_stages)
         peaks = predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
     cap = cap_bytes(cfg.pipeline)

@@ -271,10 +271,11 @@ def _data_parallel(
                 "--dp-bandwidth gives seconds, but --costs are unit costs: add --from-run RUN_DIR "
                 "(measured seconds), or give each stage's all-reduce as --allreduce T in units"
             )
+        from splitgraph.config import Workload
         from splitgraph.model import torch_dtype
         from splitgraph.partition import make_plan
 
-        plan = make_plan(cfg, sched.num_ranks)
+        plan = make_plan(Workload.of(cfg), sched.num_ranks)
         size = torch_dtype(cfg.runtime.dtype).itemsize
         link = Link("given", args.dp_bandwidth * 1e9, args.dp_latency_us * 1e-6)
         nbytes = [plan.stage_params(s) * size for s in range(sched.num_stages)]
