@@ -180,7 +180,7 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
         try:  # which ranks hold the first and last stage needs only the layout
             from splitgraph.runtime.mesh import layout_of
 
-            layout = layout_of(cfg, world_size)
+            layout = layout_of(cfg.pipeline, cfg.parallel, world_size)
             from splitgraph.schedule import placement_of
 
             virtual = max(cfg.schedule.virtual_stages, 1)
