@@ -31,7 +31,7 @@ def train_cases(rank: int, world: int, cases: list[dict[str, Any]], root: str) -
         layout = layout_of(cfg.pipeline, cfg.parallel, world)
         plan = make_plan(Workload.of(cfg), layout.pp)
         holds = layout.coords(rank)[1] in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
-        dataset = load_dataset(cfg) if holds else None
+        dataset = load_dataset(cfg.data, Workload.of(cfg)) if holds else None
         env = DistEnv(rank=rank, world_size=world, local_rank=rank)
         try:
             placement = Placement(torch.device("cpu"), "gloo", "direct", shared_gpu=False)

@@ -53,7 +53,7 @@ def loaded_state(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
     """What this rank holds right after loading the checkpoint `checkpoint.resume` names:
     weights and optimizer state by global name (the loading half of train.run)."""
     cfg = load_config(TINY + overrides)
-    found = checkpoint.find_resume(cfg)
+    found = checkpoint.find_resume(cfg.checkpoint, cfg.model, checkpoint.identity(cfg))
     assert found is not None, "no checkpoint to resume"
     ck, meta = found
     plan = make_plan(Workload.of(cfg), world)
@@ -127,7 +127,7 @@ def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
         engine.stages[1].register_full_backward_hook(poison)
     guard = engine.guard
     assert guard is not None
-    ds = load_dataset(cfg).to(torch.float64, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(torch.float64, "cpu")
     idx = BatchOrder(ds.num_train, 12, True, 0).indices(0)
     guard.begin()
     engine.forward_backward(ds.X[idx], ds.y[idx])

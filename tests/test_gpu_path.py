@@ -474,7 +474,7 @@ def test_validate_refuses_gpu_caps_below_what_the_caching_allocator_can_honour(
         "pipeline.microbatches=4",
     ]
     cfg = load_config([*too_large, "runtime.device=cuda", "pipeline.memory_cap=4.5MiB"])
-    assert min_cap(cfg)[0] == 22 * MiB
+    assert min_cap(Workload.of(cfg), cfg.data)[0] == 22 * MiB
     with pytest.raises(ConfigError) as info:
         validate(cfg, 1)
     text = str(info.value)
@@ -489,7 +489,7 @@ def test_validate_refuses_gpu_caps_below_what_the_caching_allocator_can_honour(
         validate(load_config([*too_large, "pipeline.memory_cap=4.5MiB"]), 1)
     # the data kept on the host: the largest tensor is now a weight, in the small pool
     host = load_config([*too_large, "data.on_device=false", "pipeline.memory_cap=4.5MiB"])
-    assert min_cap(host)[0] == 2 * MiB
+    assert min_cap(Workload.of(host), host.data)[0] == 2 * MiB
     validate(host, 1)
 
 

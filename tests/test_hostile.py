@@ -247,7 +247,8 @@ def test_random_data_files_are_refused_clearly_or_train(
         "pipeline.microbatches=2",
     ]
     try:
-        load_dataset(load_config(over))
+        cfg = load_config(over)
+        load_dataset(cfg.data, Workload.of(cfg))
     except DataError:
         event("refused")
         return
@@ -262,7 +263,8 @@ def test_damaged_data_files_are_refused(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"d{suffix}"
     path.write_bytes(b"\x00" * 40)
     with pytest.raises(DataError, match="cannot be read"):
-        load_dataset(load_config(["data=file", f"data.path={path}"]))
+        cfg = load_config(["data=file", f"data.path={path}"])
+        load_dataset(cfg.data, Workload.of(cfg))
 
 
 def test_one_node_launches_pin_sockets_to_loopback() -> None:

@@ -80,7 +80,7 @@ def _csv_file(cfg: Any, world: int, name: str) -> str:
 
 
 def _batch(cfg: Any, dtype: torch.dtype, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = load_dataset(cfg).to(dtype, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(dtype, "cpu")
     idx = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, int(cfg.train.seed)).indices(
         step
     )

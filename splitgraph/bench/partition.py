@@ -120,7 +120,7 @@ def _paired_worker(
     from splitgraph.runtime.engine import PipelineEngine
 
     cfg = load_config(overrides)
-    data = load_dataset(cfg)
+    data = load_dataset(cfg.data, Workload.of(cfg))
     order = BatchOrder(data.num_train, cfg.train.batch_size, True, 0)
     engines = {
         name: PipelineEngine(

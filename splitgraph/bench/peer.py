@@ -217,7 +217,7 @@ def worker(rank: int, world: int, spec: Spec) -> list[dict[str, Any]]:
     """Every case of `spec` on this rank. Timing goes round by round over all cases and, in
     each case, all systems (the first rotating), so drift lands on every cell alike."""
     base = load_config(spec.overrides)
-    data = load_dataset(base)
+    data = load_dataset(base.data, Workload.of(base))
     rows: list[dict[str, Any]] = []
     timed: list[tuple[dict[str, Any], dict[str, Callable[[], Any]]]] = []
     for case in spec.cases:

@@ -55,7 +55,7 @@ def guard_cost(overrides: list[str], microbatches: int, steps: int, repeats: int
         "step": PipelineEngine(Workload.of(cfg), nan_check=NanCheck.step),
         "microbatch": PipelineEngine(Workload.of(cfg), nan_check=NanCheck.microbatch),
     }
-    ds = load_dataset(cfg).to(engines["off"].dtype, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(engines["off"].dtype, "cpu")
     order = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0)
     batches = [(ds.X[order.indices(i)], ds.y[order.indices(i)]) for i in range(steps)]
     for engine in engines.values():
@@ -71,13 +71,13 @@ def guard_cost(overrides: list[str], microbatches: int, steps: int, repeats: int
 def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
     cfg = load_config(overrides)
     engine = PipelineEngine(Workload.of(cfg))
-    ds = load_dataset(cfg).to(engine.dtype, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(engine.dtype, "cpu")
     idx = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0).indices(0)
     engine.step(ds.X[idx], ds.y[idx])  # optimizer state exists
     saves, loads, verifies, hashes = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         for i in range(repeats):
-            meta = checkpoint.marker(cfg, engine, i + 1, 1, 1)
+            meta = checkpoint.marker(checkpoint.identity(cfg), engine, i + 1, 1, 1)
             t0 = time.perf_counter()
             path = checkpoint.save(engine, d, i + 1, meta, keep=2, rank=0, world_size=1)
             saves.append(time.perf_counter() - t0)

@@ -144,7 +144,7 @@ def paired_worker(
         if (layout.dp, layout.pp) not in meshes:
             meshes[(layout.dp, layout.pp)] = build_mesh(layout, "cpu")
         engine = PipelineEngine.from_mesh(Workload.of(cfg), meshes[(layout.dp, layout.pp)])
-        ds = load_dataset(cfg).to(engine.dtype, "cpu")
+        ds = load_dataset(cfg.data, Workload.of(cfg)).to(engine.dtype, "cpu")
         order = BatchOrder(ds.num_train, engine.batch_size, True, cfg.train.seed)
         runs.append((engine, ds, order))
     times: dict[str, list[float]] = {label: [] for label, _ in configs}

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from splitgraph.compare import analysis, conclusion, predict, report, runner, sweep, variants
 from splitgraph.compare.analysis import Result
 from splitgraph.compare.config import register, validate_compare
-from splitgraph.config import validate
+from splitgraph.config import Workload, validate
 from splitgraph.errors import ConfigError, OutOfMemory, SplitgraphError
 from splitgraph.units import format_bytes, parse_bytes
 
@@ -211,7 +211,8 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
 
     validate_compare(cfg)
     c = cfg.compare
-    data = load_dataset(cfg)  # a bad data file stops the harness before anything runs
+    # a bad data file stops the harness before anything runs
+    data = load_dataset(cfg.data, Workload.of(cfg))
     num_train = data.num_train
     base = variants.base_settings(cfg, compose_train([]))
     todo = variants.build(cfg, num_train)

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from splitgraph.config import Workload
 from splitgraph.data import BatchOrder, load_dataset
 
 
 def first_batch(cfg: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Minibatch 0 as training draws it (`BatchOrder(seed).indices(0)`), on the CPU."""
-    ds = load_dataset(cfg).to(dtype, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(dtype, "cpu")
     order = BatchOrder(ds.num_train, cfg.train.batch_size, cfg.data.shuffle, cfg.train.seed)
     idx = order.indices(0)
     return ds.X[idx], ds.y[idx]

@@ -35,10 +35,10 @@ def check_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args, fill_data=False)
-        found = preflight.resolve_data(cfg, nproc, range(per_node))
+        work = Workload.of(cfg)  # what the planner, pre-flight and the engine read
+        found = preflight.resolve_data(cfg.data, work, nproc, range(per_node))
         validate(cfg, nproc)
         layout = layout_of(cfg.pipeline, cfg.parallel, nproc)
-        work = Workload.of(cfg)
         plan = make_plan(work, layout.pp)
         rows = cfg.train.batch_size // layout.dp
         sizes = microbatch_sizes(rows, cfg.pipeline.microbatches)
@@ -48,9 +48,9 @@ def check_main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
             raise SplitgraphError(str(e)) from None
         checked = preflight.check_launch(
-            cfg, layout, plan, range(per_node), devices, schedule=sched
+            cfg.data, work, layout, plan, range(per_node), devices, schedule=sched
         )
-        dataset = load_dataset(cfg)  # every value, as the ranks will read it
+        dataset = load_dataset(cfg.data, work)  # every value, as the ranks will read it
     except OutOfMemory as e:
         print(f"splitgraph-check: {e}", file=sys.stderr)
         return 3

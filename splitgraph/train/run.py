@@ -112,7 +112,8 @@ def run(cfg: DictConfig | Config, env: DistEnv | None = None) -> dict[str, Any] 
     """
     env = env or DistEnv.from_environ()
     node = preflight.node_ranks(env.rank, env.local_rank, env.local_world_size)
-    found = preflight.resolve_data(cfg, env.world_size, node)  # data=file: bound, then shape
+    # data=file: the bound, then the shape
+    found = preflight.resolve_data(cfg.data, Workload.of(cfg), env.world_size, node)
     if found and env.rank == 0:
         log.info("%s", found)
     validate(cfg, env.world_size)
@@ -146,7 +147,7 @@ def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[s
     schedule, plan = schedule_for_run(work, layout.pp, make_plan(work, layout.pp))
     try:  # the data file's header and the model's bytes, before either is allocated
         devices = preflight.node_devices(cfg.runtime, len(node))
-        preflight.check_launch(cfg, layout, plan, node, devices, schedule=schedule)
+        preflight.check_launch(cfg.data, work, layout, plan, node, devices, schedule=schedule)
     except OutOfMemory as e:
         # Every rank reaches this verdict alone and exits; torchrun may stop rank 0 before it
         # writes summary.json, so each rank leaves the record the harness reads (atomically).
@@ -155,14 +156,16 @@ def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[s
         raise record.out_of_memory(e, torch.device("cpu"), phase) from None
     _, pp_rank = layout.coords(env.rank)
     needs_data = pp_rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
-    dataset = load_dataset(cfg) if needs_data else None
+    dataset = load_dataset(cfg.data, work) if needs_data else None
     if dataset is not None and env.rank == 0:
         log.info("%s", dataset.describe())
     init_state = None
     if cfg.checkpoint.init_from:
         init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg.model)
     resume = None
-    found = checkpoint.find_resume(cfg, quarantine=env.rank == 0)  # rank 0 moves damaged ones
+    ident = checkpoint.identity(cfg)  # what a resumed checkpoint must match
+    # rank 0 moves damaged ones aside
+    found = checkpoint.find_resume(cfg.checkpoint, cfg.model, ident, quarantine=env.rank == 0)
     if found is not None:
         ck, meta = found
         names = checkpoint.names_held(cfg.model, plan, pp_rank)  # every replica loads the same
@@ -892,7 +895,8 @@ def _save(run: _Run, done: int) -> str:
     meta = None
     if run.is_main:
         spe = run.order.steps_per_epoch if run.order is not None else 0
-        meta = checkpoint.marker(run.config, run.engine, done, spe, env.world_size)
+        ident = checkpoint.identity(run.config)
+        meta = checkpoint.marker(ident, run.engine, done, spe, env.world_size)
     path = checkpoint.save(
         run.engine,
         ck.dir,
