@@ -44,7 +44,7 @@ def test_the_cost_models_bytes_are_the_caps_before_and_after_a_step(over: list[s
     """What the harness and the planner predict (ModelCosts.static_bytes, the memory model) is
     what the cap counts, every part, before the first step and measured after it."""
     cfg = load_config([*SMALL, "pipeline.stages=1", *over])
-    want = predict.per_rank(cfg, 1)
+    want = predict.per_rank(Workload.of(cfg), 1)
     engine = PipelineEngine(Workload.of(cfg))
     assert predict.mismatches(want, [memcap.accounting(engine, None, measured=False)]) == []
     x = torch.randn(64, 16, dtype=engine.dtype)
@@ -236,5 +236,5 @@ def test_all_ranks_stop_together_on_the_budget_and_on_one_ranks_oom(tmp_path: Pa
         got = summary.get("accounted_per_rank") or [
             m["accounted"] for m in summary["memory_per_rank"]
         ]
-        want = predict.per_rank(load_config(case["overrides"]), 2)
+        want = predict.per_rank(Workload.of(load_config(case["overrides"])), 2)
         assert predict.mismatches(want, got) == [], case["id"]
