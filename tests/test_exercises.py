@@ -174,7 +174,8 @@ def test_the_memory_model_agrees_with_the_hand_count_for_forward_backward_schedu
         m = 1 if name == "naive" else len(sizes)
         s = sizes if m == len(sizes) else microbatch_sizes(int(cfg.train.batch_size), 1)
         sched = build_schedule(name, 2, m)
-        assert memory.predict_saved(cfg, plan, sched, s) == _hand_saved(cfg, plan, sched, s)
+        predicted = memory.predict_saved(Workload.of(cfg), plan, sched, s)
+        assert predicted == _hand_saved(cfg, plan, sched, s)
 
 
 @pytest.mark.timeout(240)
@@ -234,7 +235,7 @@ def test_exercise4_weight_decay_adds_lambda_v() -> None:
 def test_exercise4_memory_matches_its_committed_output(name: str) -> None:
     cfg = load_config(_command(name))
     model = build_mlp(cfg, dtype=torch.float64)
-    x, y = first_batch(cfg, torch.float64)
+    x, y = first_batch(cfg.data, Workload.of(cfg), cfg.train.seed, torch.float64)
     committed = _committed(name)
     assert (
         hessian.saved_bytes(model, x, y, hessian.Objective.of(cfg.model, cfg.optim), False)
