@@ -159,12 +159,11 @@ class PipelineEngine:
         import torch.distributed as dist
 
         self.work, self.rank, self.world_size = work, rank, world_size
-        runtime = work.runtime
         self.device = torch.device(device)
-        self.dtype = torch_dtype(runtime.dtype)  # parameters and data
-        self.compute_dtype = compute_dtype(runtime.dtype)  # activations between stages
+        self.dtype = torch_dtype(work.runtime.dtype)  # parameters and data
+        self.compute_dtype = compute_dtype(work.runtime.dtype)  # activations between stages
         self.transport = transport or (
-            "staged" if Transport(runtime.transport) == Transport.staged else "direct"
+            "staged" if Transport(work.runtime.transport) == Transport.staged else "direct"
         )
         self.task = Task(work.model.task)
         self.batch_size = work.batch_size  # the global minibatch B
@@ -187,15 +186,15 @@ class PipelineEngine:
         )
         self.recompute = recompute_stages(work.schedule, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(work.optim, self.parameters())
-        self.meter = SavedTensorMeter(self.parameters()) if runtime.track_memory else None
+        self.meter = SavedTensorMeter(self.parameters()) if work.runtime.track_memory else None
         p2p_class = StagedP2P if self.transport == "staged" else P2P
         self.p2p = p2p_class(
             rank,
             group,
-            verbose=runtime.verbose,
+            verbose=work.runtime.verbose,
             replicas=replicas,
             channels=channels,
-            timeout=timedelta(seconds=runtime.timeout),  # every wait's bound
+            timeout=timedelta(seconds=work.runtime.timeout),  # every wait's bound
             links=schedule_channels(self.schedule),
         )
         #: each stage's gradients summed over its replicas (data parallel)
