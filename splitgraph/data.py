@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from splitgraph.config import DataName, RuntimeConfig, Standardize, Task
+from splitgraph.config import DataConfig, DataName, RuntimeConfig, Standardize, Task, Workload
 from splitgraph.datafile import ArrayInfo, FileHeader, read_arrays, read_header
 from splitgraph.errors import DataError
 from splitgraph.units import format_bytes
@@ -514,35 +514,33 @@ def too_big_message(
     )
 
 
-def fill_shape_from_file(cfg: Any) -> str | None:
-    """data=file: set data.features and data.outputs from the file where they are null.
+def fill_shape_from_file(d: DataConfig, task: Task | str, runtime: RuntimeConfig) -> str | None:
+    """data=file: set data.features and data.outputs from the file where they are null (the
+    model's in and out features follow them); `task`: model.task, how labels are read.
 
     Reads the header (and, for classification, the labels: outputs = largest label + 1),
     after checking that this process could load the file at all. Returns a line saying what
     was found (None: nothing to fill). Raises DataError listing every problem of the file.
     """
-    d = cfg.data
     if DataName(d.name) != DataName.file or not d.path:
         return None
     if d.features is not None and d.outputs is not None:
         return None
     from splitgraph.reliability.preflight import bound_name, data_limit
 
-    task = Task(cfg.model.task)
+    task = Task(task)
     path = Path(str(d.path))
-    limit = data_limit(cfg.data)
+    limit = data_limit(d)
     header = read_header(path, limit)
 
     def refuse(problems: list[str]) -> DataError:
         """The whole file's problems (values too), as loading it would list them."""
-        from_file(d, task, data_dtype(cfg.runtime), limit, bound_name(cfg.data))
+        from_file(d, task, data_dtype(runtime), limit, bound_name(d))
         return _problem_error(path, problems)
 
-    need = load_bytes(header, data_dtype(cfg.runtime), task)
+    need = load_bytes(header, data_dtype(runtime), task)
     if need > limit:  # a file too big to load is refused before any of it is read
-        raise DataError(
-            too_big_message(header, need, 1, limit, data_dtype(cfg.runtime), bound_name(cfg.data))
-        )
+        raise DataError(too_big_message(header, need, 1, limit, data_dtype(runtime), bound_name(d)))
     problems = header_problems(header, d.features, d.outputs, task)
     if problems:
         raise refuse(problems)
@@ -572,25 +570,26 @@ def fill_shape_from_file(cfg: Any) -> str | None:
     )
 
 
-def load_dataset(cfg: Any) -> Dataset:
-    """The configured dataset (CPU, in `data_dtype(cfg.runtime)`, standardized as `data.standardize`
-    says); raises DataError if it cannot feed this model."""
-    name = DataName(cfg.data.name)
-    task = Task(cfg.model.task)
-    dtype = data_dtype(cfg.runtime)
+def load_dataset(d: DataConfig, work: Workload) -> Dataset:
+    """The data section's dataset for this workload (CPU, in `data_dtype(work.runtime)`,
+    standardized as `data.standardize` says); raises DataError if it cannot feed the model
+    (its task) or fill one batch."""
+    name = DataName(d.name)
+    task = Task(work.model.task)
+    dtype = data_dtype(work.runtime)
     if name == DataName.file:
         from splitgraph.reliability.preflight import bound_name, data_limit
 
-        ds = from_file(cfg.data, task, dtype, data_limit(cfg.data), bound_name(cfg.data))
+        ds = from_file(d, task, dtype, data_limit(d), bound_name(d))
     else:
         loader = {DataName.synthetic: synthetic, DataName.digits: digits}
-        ds = loader[name](cfg.data, task).to(dtype, "cpu")
-    if ds.num_train < cfg.train.batch_size:
+        ds = loader[name](d, task).to(dtype, "cpu")
+    if ds.num_train < work.batch_size:
         raise DataError(
-            f"train.batch_size={cfg.train.batch_size} exceeds the {ds.num_train} training "
+            f"train.batch_size={work.batch_size} exceeds the {ds.num_train} training "
             f"samples of data={name.value}; lower the batch or data.test_fraction."
         )
-    return apply_standardization(ds, cfg.data, task)
+    return apply_standardization(ds, d, task)
 
 
 class BatchOrder:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import load_config, validate
+from splitgraph.config import Workload, load_config, validate
 from splitgraph.data import load_dataset
 from splitgraph.errors import OutOfMemory
 from splitgraph.partition import make_plan
@@ -28,10 +28,10 @@ def train_cases(rank: int, world: int, cases: list[dict[str, Any]], root: str) -
         run_dir = Path(root) / case["id"]
         cfg = load_config([*case["overrides"], f"run_dir={run_dir}"])
         validate(cfg, world)
-        layout = layout_of(cfg, world)
-        plan = make_plan(cfg, layout.pp)
+        layout = layout_of(cfg.pipeline, cfg.parallel, world)
+        plan = make_plan(Workload.of(cfg), layout.pp)
         holds = layout.coords(rank)[1] in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
-        dataset = load_dataset(cfg) if holds else None
+        dataset = load_dataset(cfg.data, Workload.of(cfg)) if holds else None
         env = DistEnv(rank=rank, world_size=world, local_rank=rank)
         try:
             placement = Placement(torch.device("cpu"), "gloo", "direct", shared_gpu=False)

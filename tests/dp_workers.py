@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.data import replica_rows
 from splitgraph.model import torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
@@ -30,7 +30,9 @@ def dp_grid_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[s
     for case in cases:
         dp, pp = case["layout"]
         cfg = make_cfg(base, [*case["overrides"], f"parallel.dp={dp}"])
-        engine = PipelineEngine.from_mesh(cfg, meshes[(dp, pp)], channels=case.get("channels"))
+        engine = PipelineEngine.from_mesh(
+            Workload.of(cfg), meshes[(dp, pp)], channels=case.get("channels")
+        )
         assert (engine.dp, engine.world_size) == (dp, pp)
         out[case["id"]] = _run_case(cfg, engine, int(case.get("steps", 0)))
     return out

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.errors import SplitgraphError
 from splitgraph.partition import make_plan
 from splitgraph.reliability import checkpoint
@@ -53,12 +53,12 @@ def loaded_state(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
     """What this rank holds right after loading the checkpoint `checkpoint.resume` names:
     weights and optimizer state by global name (the loading half of train.run)."""
     cfg = load_config(TINY + overrides)
-    found = checkpoint.find_resume(cfg)
+    found = checkpoint.find_resume(cfg.checkpoint, cfg.model, checkpoint.identity(cfg))
     assert found is not None, "no checkpoint to resume"
     ck, meta = found
-    plan = make_plan(cfg, world)
+    plan = make_plan(Workload.of(cfg), world)
     state = checkpoint.read_rank_state(ck, meta, checkpoint.names_held(cfg.model, plan, rank), rank)
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(Workload.of(cfg), rank, world)
     checkpoint.apply_state(engine, state, cfg.optim.name)
     named = engine.named_parameters()
     return {
@@ -116,7 +116,7 @@ def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
     from splitgraph.runtime.guard import raise_if_any
 
     cfg = load_config(TINY + overrides)
-    engine = PipelineEngine(cfg, rank, world, nan_check=NanCheck.microbatch)
+    engine = PipelineEngine(Workload.of(cfg), rank, world, nan_check=NanCheck.microbatch)
     calls = {"n": 0}
 
     def poison(module: Any, grad_in: Any, grad_out: Any) -> Any:
@@ -127,7 +127,7 @@ def nan_gradient(rank: int, world: int, overrides: list[str]) -> str:
         engine.stages[1].register_full_backward_hook(poison)
     guard = engine.guard
     assert guard is not None
-    ds = load_dataset(cfg).to(torch.float64, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(torch.float64, "cpu")
     idx = BatchOrder(ds.num_train, 12, True, 0).indices(0)
     guard.begin()
     engine.forward_backward(ds.X[idx], ds.y[idx])
@@ -152,8 +152,8 @@ def group_timeouts(rank: int, world: int, overrides: list[str]) -> dict[str, flo
 
     cfg = load_config(TINY + overrides)
     wait = timedelta(seconds=float(cfg.runtime.timeout))
-    mesh = build_mesh(layout_of(cfg, world), "cpu", timeout=wait)
-    engine = PipelineEngine.from_mesh(cfg, mesh)
+    mesh = build_mesh(layout_of(cfg.pipeline, cfg.parallel, world), "cpu", timeout=wait)
+    engine = PipelineEngine.from_mesh(Workload.of(cfg), mesh)
     star = StepSum("gloo", torch.device("cpu"), timeout=wait)
     groups = {
         "dp": mesh["dp"].get_group(),

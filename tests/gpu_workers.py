@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.model import torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 from tests.reference import reference_grads
@@ -115,7 +115,7 @@ def nccl_rule_worker(rank: int, world: int, cases: list[list[str]]) -> dict[str,
         for case in cases:
             cfg = make_cfg(base, case)
             dtype = torch_dtype(cfg.runtime.dtype)
-            engine = PipelineEngine(cfg, rank, world, channels=True)
+            engine = PipelineEngine(Workload.of(cfg), rank, world, channels=True)
             x, y = _batch(cfg, dtype)
             rule.carried.clear()
             engine.forward_backward(x, y)
@@ -139,7 +139,7 @@ def link_worker(rank: int, world: int, transports: list[str]) -> list[dict[str, 
     out = []
     for transport in transports:
         cfg = load_config([*GRID, "runtime.device=cpu", f"runtime.transport={transport}"])
-        engine = PipelineEngine(cfg, rank, world)
+        engine = PipelineEngine(Workload.of(cfg), rank, world)
         seen: list[tuple[str, str, int]] = []
         real_post = engine.p2p.post
 
@@ -149,7 +149,7 @@ def link_worker(rank: int, world: int, transports: list[str]) -> list[dict[str, 
 
         engine.p2p.post = post  # type: ignore[method-assign]
         counters = (engine.p2p.bytes_sent, engine.p2p.messages_sent)
-        link = measure_link(cfg, engine)
+        link = measure_link(engine)
         out.append(
             {
                 "through_p2p": sorted(set(seen)),

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from splitgraph.config import Workload
 from splitgraph.schedule import SCHEDULES, Costs, build_schedule, render_ascii, simulate, validate
 from splitgraph.schedule.auto import AutoInput, plan_auto
 from splitgraph.schedule.cli import main as schedule_main
@@ -148,7 +149,7 @@ def test_planner_input_prices_exact_bytes_under_the_schedules_placement() -> Non
             "model.hidden=[32,32,32]",
         ]
     )
-    mc = model_costs(cfg, stages=2, link=Link(1e9))
+    mc = model_costs(Workload.of(cfg), stages=2, link=Link(1e9))
     bounds = [0, 1, 2, 3, 4]
     inp = mc.auto_input(bounds, 2, split_overhead=1.2)
     assert inp.virtual == 2 and inp.cap == [2.0**20, 2.0**20] and inp.unit == "bytes"

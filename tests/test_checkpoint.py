@@ -75,7 +75,7 @@ def test_uncommitted_and_damaged_directories_are_never_resumed(
     assert [c.step for c in checkpoint.list_checkpoints(ckdir)] == [4, 6]
     cfg = load_config(TINY + [f"run_dir={run}"])
     with caplog.at_level(logging.WARNING, logger="splitgraph"):
-        found = checkpoint.find_resume(cfg)
+        found = checkpoint.find_resume(cfg.checkpoint, cfg.model, checkpoint.identity(cfg))
     assert found is not None and found[0].step == 6
     # the committed-looking ones are damaged: named, set aside; the cut-short save is not
     assert f"{ckdir / 'step_00000010'} is damaged (splitgraph.json is missing)" in caplog.text
@@ -100,7 +100,7 @@ def test_a_hostile_metadata_pickle_is_refused_and_never_run(trained: Path, tmp_p
         single_run(["train.steps=8", f"checkpoint.resume={newest}", f"run_dir={tmp_path / 'x'}"])
     # auto skips it (with a warning) for the one before: progress since step 4 is redone
     cfg = load_config(TINY + [f"run_dir={run}"])
-    found = checkpoint.find_resume(cfg)
+    found = checkpoint.find_resume(cfg.checkpoint, cfg.model, checkpoint.identity(cfg))
     assert found is not None and found[0].step == 4
     assert not ran.exists()
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from splitgraph.config import Activation, Task, load_config, validate
+from splitgraph.config import Activation, Task, Workload, load_config, validate
 from splitgraph.cost.costs import Device, ModelCosts, flops, model_costs, optimizer_slots
 from splitgraph.cost.link import Link
 from splitgraph.cost.memory_model import ModelShape
@@ -183,7 +183,7 @@ def test_every_strategy_is_selectable_by_override(
 ) -> None:
     cfg = load_config([*UNBALANCED, f"partition={strategy}", *extra])
     validate(cfg, 3)
-    plan = make_plan(cfg, 3)
+    plan = make_plan(Workload.of(cfg), 3)
     assert plan.strategy == strategy and plan.bounds == bounds
 
 
@@ -193,8 +193,8 @@ def test_memory_strategy_knows_1f1b_keeps_more_on_early_stages() -> None:
     one, so memory balance gives the early stages fewer layers."""
     over = ["model.hidden=[512,512,512,512,512,512,512]", "data.features=512", *FLOPS]
     over += ["pipeline.microbatches=8", "train.batch_size=64", "partition=memory"]
-    gpipe = make_plan(load_config([*over, "schedule=gpipe"]), 4)
-    f1b = make_plan(load_config([*over, "schedule=1f1b"]), 4)
+    gpipe = make_plan(Workload.of(load_config([*over, "schedule=gpipe"])), 4)
+    f1b = make_plan(Workload.of(load_config([*over, "schedule=1f1b"])), 4)
     sizes = lambda b: [y - x for x, y in zip(b, b[1:])]  # noqa: E731
     assert sizes(gpipe.bounds) == [2, 2, 2, 2]
     assert sizes(f1b.bounds)[0] < sizes(f1b.bounds)[-1]
@@ -202,8 +202,10 @@ def test_memory_strategy_knows_1f1b_keeps_more_on_early_stages() -> None:
 
 def test_a_faster_device_gets_more_layers() -> None:
     over = ["model.hidden=[256,256,256,256,256,256,256]", "partition=time", *FLOPS]
-    same = make_plan(load_config(over), 2)
-    fast_last = make_plan(load_config([*over, "pipeline.devices=[{speed:1},{speed:3}]"]), 2)
+    same = make_plan(Workload.of(load_config(over)), 2)
+    fast_last = make_plan(
+        Workload.of(load_config([*over, "pipeline.devices=[{speed:1},{speed:3}]"])), 2
+    )
     assert same.bounds == (0, 4, 8)
     assert fast_last.bounds[1] < same.bounds[1]
 
@@ -211,7 +213,7 @@ def test_a_faster_device_gets_more_layers() -> None:
 def test_nothing_fits_names_the_smallest_cap_and_it_does_fit() -> None:
     over = [*UNBALANCED, "partition=optimal"]
     with pytest.raises(PartitionError) as info:
-        make_plan(load_config([*over, "pipeline.memory_cap=5MiB"]), 3)
+        make_plan(Workload.of(load_config([*over, "pipeline.memory_cap=5MiB"])), 3)
     text = str(info.value)
     for needle in (
         "smallest cap that fits",
@@ -222,13 +224,16 @@ def test_nothing_fits_names_the_smallest_cap_and_it_does_fit() -> None:
     ):
         assert needle in text, text
     need = int(text.split("(")[2].split(" bytes")[0])
-    assert make_plan(load_config([*over, f"pipeline.memory_cap={need}"]), 3).bounds
+    assert make_plan(Workload.of(load_config([*over, f"pipeline.memory_cap={need}"])), 3).bounds
     with pytest.raises(PartitionError):
-        make_plan(load_config([*over, f"pipeline.memory_cap={need - 1}"]), 3)
+        make_plan(Workload.of(load_config([*over, f"pipeline.memory_cap={need - 1}"])), 3)
     for strategy in ("time", "memory"):
         with pytest.raises(PartitionError, match="smallest cap that fits"):
             make_plan(
-                load_config([*UNBALANCED, f"partition={strategy}", "pipeline.memory_cap=5MiB"]), 3
+                Workload.of(
+                    load_config([*UNBALANCED, f"partition={strategy}", "pipeline.memory_cap=5MiB"])
+                ),
+                3,
             )
 
 
@@ -237,7 +242,7 @@ def test_cost_model_numbers() -> None:
     assert optimizer_slots(cfg.optim) == 1  # the default SGD has momentum 0.9
     assert optimizer_slots(load_config(["optim.momentum=0"]).optim) == 0
     assert optimizer_slots(load_config(["optim=adam"]).optim) == 2
-    costs = model_costs(cfg, 2)
+    costs = model_costs(Workload.of(cfg), 2)
     first, last = costs.layers
     assert flops(first, 10, False) == (2 * 10 * 4 * 8 + 10 * 8, 2 * 10 * 4 * 8 + 10 * 8)
     assert flops(last, 10, True) == (2 * 10 * 8 * 3, 2 * 2 * 10 * 8 * 3)

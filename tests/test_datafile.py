@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.data import _split_indices, fill_shape_from_file, load_dataset
 from splitgraph.errors import DataError, NonFiniteError
 from splitgraph.model import build_mlp
@@ -22,6 +22,11 @@ from splitgraph.spawn import run_ranks
 from splitgraph.train import run as train
 from splitgraph.train.evaluate import evaluate
 from tests.reference import global_names, objective, plain_mlp
+
+
+def _load(cfg: Any) -> Any:
+    """The dataset as the entrances load it: the data section, for the config's workload."""
+    return load_dataset(cfg.data, Workload.of(cfg))
 
 
 def _cfg(path: Path, *extra: str) -> Any:
@@ -45,13 +50,13 @@ def test_float64_data_keeps_every_bit_in_a_float64_run(tmp_path: Path) -> None:
     assert (X.astype(np.float32) == 1.0).all() and (X != 1.0).any()  # invisible in float32
     np.savez(tmp_path / "f.npz", X=X, y=y)
     over = ["model.task=regression", "data.standardize=none", "data.test_fraction=0"]
-    ds = load_dataset(_cfg(tmp_path / "f.npz", *over, "runtime.dtype=float64"))
+    ds = _load(_cfg(tmp_path / "f.npz", *over, "runtime.dtype=float64"))
     train_rows, _ = _split_indices(64, 0.0, 0)
     assert ds.X.dtype == torch.float64 and ds.y.dtype == torch.float64
     assert torch.equal(ds.X, torch.from_numpy(X)[train_rows])  # every bit, in the split's order
     assert torch.equal(ds.y, torch.from_numpy(y)[train_rows])
     # a float32 run holds float32: the same file rounds to ones
-    ds32 = load_dataset(_cfg(tmp_path / "f.npz", *over))
+    ds32 = _load(_cfg(tmp_path / "f.npz", *over))
     assert ds32.X.dtype == torch.float32 and bool((ds32.X == 1.0).all())
 
 
@@ -62,13 +67,13 @@ def test_the_range_is_checked_against_the_runs_dtype(tmp_path: Path) -> None:
     with pytest.raises(
         DataError, match=r"beyond float32's range .* in 1 rows.*runtime.dtype=float64"
     ):
-        load_dataset(_cfg(tmp_path / "big.npz", "data.standardize=none"))
-    ds = load_dataset(_cfg(tmp_path / "big.npz", "data.standardize=none", "runtime.dtype=float64"))
+        _load(_cfg(tmp_path / "big.npz", "data.standardize=none"))
+    ds = _load(_cfg(tmp_path / "big.npz", "data.standardize=none", "runtime.dtype=float64"))
     assert float(ds.X.max()) == 1e39 or float(ds.X_test.max()) == 1e39
     X[0, 0] = np.nan  # a NaN is refused in any dtype, and named as such
     np.savez(tmp_path / "nan.npz", X=X, y=np.arange(20) % 2)
     with pytest.raises(DataError, match="NaN or infinite values in 1 rows"):
-        load_dataset(_cfg(tmp_path / "nan.npz", "runtime.dtype=float64"))
+        _load(_cfg(tmp_path / "nan.npz", "runtime.dtype=float64"))
 
 
 F64 = [
@@ -132,7 +137,7 @@ def test_features_and_outputs_are_read_from_the_file(tmp_path: Path) -> None:
     np.savez(tmp_path / "c.npz", X=X, y=np.arange(50) % 3)
     cfg = load_config(["data=file", f"data.path={tmp_path / 'c.npz'}"], fill_data=False)
     assert cfg.data.features is None and cfg.data.outputs is None  # the data=file default
-    said = fill_shape_from_file(cfg)
+    said = fill_shape_from_file(cfg.data, cfg.model.task, cfg.runtime)
     assert (cfg.model.in_features, cfg.model.out_features) == (7, 3)
     assert said is not None and "data.features=7, data.outputs=3 read from the file" in said
     assert "labels 0..2" in said
@@ -155,7 +160,7 @@ def test_every_problem_of_a_file_is_listed_in_one_error(tmp_path: Path) -> None:
     y = np.array([0, 1, 2, -1, 0, 1, 2, 0, 1])  # 9 rows, a negative label
     np.savez(tmp_path / "bad.npz", X=X, y=y)
     with pytest.raises(DataError) as info:
-        load_dataset(_cfg(tmp_path / "bad.npz", "data.features=3", "data.outputs=3"))
+        _load(_cfg(tmp_path / "bad.npz", "data.features=3", "data.outputs=3"))
     text = str(info.value)
     assert "(3 problems)" in text
     for needle in ("X has 4 features", "X has 10 rows but y has 9", "found -1 (in 1 rows)"):
@@ -208,7 +213,7 @@ def test_file_messages_name_the_problem_as_the_file_has_it(
         path = tmp_path / "d.pt"
         torch.save({"X": [["abc"] * 5] * 2000, "y": torch.from_numpy(y)}, path)
     with pytest.raises(DataError) as info:
-        load_dataset(_cfg(path, "data.features=5", *over))
+        _load(_cfg(path, "data.features=5", *over))
     assert needle in str(info.value) and not_there not in str(info.value), str(info.value)
 
 
@@ -219,8 +224,8 @@ def test_a_sparse_x_in_a_pt_is_trained_on_as_dense(tmp_path: Path) -> None:
     torch.save({"X": X.to_sparse(), "y": y}, tmp_path / "s.pt")
     torch.save({"X": X, "y": y}, tmp_path / "d.pt")
     over = ["runtime.dtype=float64", "data.standardize=none"]
-    sparse = load_dataset(_cfg(tmp_path / "s.pt", *over))
-    dense = load_dataset(_cfg(tmp_path / "d.pt", *over))
+    sparse = _load(_cfg(tmp_path / "s.pt", *over))
+    dense = _load(_cfg(tmp_path / "d.pt", *over))
     assert sparse.X.layout == torch.strided and torch.equal(sparse.X, dense.X)
     assert torch.equal(sparse.y, dense.y) and sparse.X.shape == (36, 6)
 
@@ -240,9 +245,9 @@ def test_standardization_uses_the_training_split_only_and_the_same_bits_everywhe
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = load_dataset(cfg)
+        a = load_dataset(cfg.data, Workload.of(cfg))
         torch.set_num_threads(2)
-        b = load_dataset(cfg)
+        b = load_dataset(cfg.data, Workload.of(cfg))
     finally:
         torch.set_num_threads(threads)
     assert a.scaling is not None and b.scaling is not None
@@ -270,7 +275,7 @@ def test_standardization_uses_the_training_split_only_and_the_same_bits_everywhe
         a.X[:, :4].std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-12, rtol=0
     )
     # data.standardize=none keeps the file's values
-    raw_ds = load_dataset(_cfg(tmp_path / "r.npz", *over, "data.standardize=none"))
+    raw_ds = _load(_cfg(tmp_path / "r.npz", *over, "data.standardize=none"))
     assert raw_ds.scaling is None and torch.equal(raw_ds.X, torch.from_numpy(raw))
 
 
@@ -282,7 +287,7 @@ def test_losses_are_reported_in_the_targets_own_units(tmp_path: Path) -> None:
     cfg = _cfg(
         tmp_path / "r.npz", "model.task=regression", "runtime.dtype=float64", "model.hidden=[8]"
     )
-    ds = load_dataset(cfg)
+    ds = load_dataset(cfg.data, Workload.of(cfg))
     assert ds.scaling is not None and ds.target_std is not None
     state = build_mlp(cfg, dtype=torch.float64).state_dict()
     got = evaluate(cfg.model, state, ds.X_test, ds.y_test, torch.float64, ds.target_std)

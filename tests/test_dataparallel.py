@@ -109,7 +109,7 @@ def test_validate_names_the_numbers(overrides: list[str], world: int, needles: l
 def test_stages_default_to_world_over_dp() -> None:
     cfg = load_config(["parallel.dp=2"])
     validate(cfg, 4)
-    assert num_stages(cfg, 4) == 2
+    assert num_stages(cfg.pipeline, cfg.parallel, 4) == 2
     validate(load_config(["parallel.dp=2", "pipeline.stages=2"]), 4)
     validate(load_config(["parallel.dp=4"]), 4)  # pure data parallel: one stage
 

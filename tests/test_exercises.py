@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.data import microbatch_sizes
 from splitgraph.exercises import bias, first_batch, hessian, memory, shapes, too_large
 from splitgraph.exercises.cli import main
@@ -129,7 +129,7 @@ def test_exercise2_matches_its_committed_output() -> None:
 def test_exercise3_state_formulas_are_exact(extra: list[str]) -> None:
     """Parameters, gradients and optimizer state after a real step equal the formulas."""
     cfg = load_config([*TINY, "runtime.dtype=float64", *extra])
-    engine = PipelineEngine(cfg)
+    engine = PipelineEngine(Workload.of(cfg))
     engine.step(*_batch(cfg, engine.dtype))
     params, grads, optim = memory.predict_state(cfg.optim, cfg.runtime.dtype, engine.plan, 0)
     state = engine.optimizer.state
@@ -168,13 +168,14 @@ def test_the_memory_model_agrees_with_the_hand_count_for_forward_backward_schedu
     """An independent check of memory.predict_saved: _hand_saved counts F/B schedules by
     hand (zb1's deferred W has its own rule in memory_model)."""
     cfg = load_config(_command("ex3"))
-    plan = make_plan(cfg, 2)
+    plan = make_plan(Workload.of(cfg), 2)
     sizes = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
     for name in ("naive", "gpipe", "1f1b"):
         m = 1 if name == "naive" else len(sizes)
         s = sizes if m == len(sizes) else microbatch_sizes(int(cfg.train.batch_size), 1)
         sched = build_schedule(name, 2, m)
-        assert memory.predict_saved(cfg, plan, sched, s) == _hand_saved(cfg, plan, sched, s)
+        predicted = memory.predict_saved(Workload.of(cfg), plan, sched, s)
+        assert predicted == _hand_saved(cfg, plan, sched, s)
 
 
 @pytest.mark.timeout(240)
@@ -234,7 +235,7 @@ def test_exercise4_weight_decay_adds_lambda_v() -> None:
 def test_exercise4_memory_matches_its_committed_output(name: str) -> None:
     cfg = load_config(_command(name))
     model = build_mlp(cfg, dtype=torch.float64)
-    x, y = first_batch(cfg, torch.float64)
+    x, y = first_batch(cfg.data, Workload.of(cfg), cfg.train.seed, torch.float64)
     committed = _committed(name)
     assert (
         hessian.saved_bytes(model, x, y, hessian.Objective.of(cfg.model, cfg.optim), False)

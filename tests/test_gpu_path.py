@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.model import compute_dtype, torch_dtype
 from splitgraph.observe.memory import draw_memory_over_time
 from splitgraph.observe.nvml import NvmlSampler
@@ -181,7 +181,7 @@ def test_cuda_single_device_gradients(dtype: str) -> None:
             "runtime.device=cuda",
         ]
     )
-    engine = PipelineEngine(cfg, device="cuda")
+    engine = PipelineEngine(Workload.of(cfg), device="cuda")
     x, y = _batch(cfg, torch.float32)
     engine.forward_backward(x.cuda(), y.cuda())
     got = {k: p.grad.cpu() for k, p in engine.named_parameters().items()}
@@ -474,7 +474,7 @@ def test_validate_refuses_gpu_caps_below_what_the_caching_allocator_can_honour(
         "pipeline.microbatches=4",
     ]
     cfg = load_config([*too_large, "runtime.device=cuda", "pipeline.memory_cap=4.5MiB"])
-    assert min_cap(cfg)[0] == 22 * MiB
+    assert min_cap(Workload.of(cfg), cfg.data)[0] == 22 * MiB
     with pytest.raises(ConfigError) as info:
         validate(cfg, 1)
     text = str(info.value)
@@ -489,7 +489,7 @@ def test_validate_refuses_gpu_caps_below_what_the_caching_allocator_can_honour(
         validate(load_config([*too_large, "pipeline.memory_cap=4.5MiB"]), 1)
     # the data kept on the host: the largest tensor is now a weight, in the small pool
     host = load_config([*too_large, "data.on_device=false", "pipeline.memory_cap=4.5MiB"])
-    assert min_cap(host)[0] == 2 * MiB
+    assert min_cap(Workload.of(host), host.data)[0] == 2 * MiB
     validate(host, 1)
 
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
-from splitgraph.config import load_config, validate
+from splitgraph.config import Workload, load_config, validate
 from splitgraph.data import load_dataset
 from splitgraph.errors import ConfigError, DataError, SplitgraphError
 from splitgraph.partition import make_plan
@@ -133,7 +133,7 @@ def test_random_configs_are_refused_clearly_or_train(
         return
     event("accepted")
     # accepted: the plan and the schedule for `world` ranks exist, and one step trains
-    plan = make_plan(cfg, world)
+    plan = make_plan(Workload.of(cfg), world)
     build_schedule(str(cfg.schedule.name), plan.num_stages, int(cfg.pipeline.microbatches))
     _train_one_step(overrides, tmp_path)
 
@@ -247,7 +247,8 @@ def test_random_data_files_are_refused_clearly_or_train(
         "pipeline.microbatches=2",
     ]
     try:
-        load_dataset(load_config(over))
+        cfg = load_config(over)
+        load_dataset(cfg.data, Workload.of(cfg))
     except DataError:
         event("refused")
         return
@@ -262,7 +263,8 @@ def test_damaged_data_files_are_refused(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"d{suffix}"
     path.write_bytes(b"\x00" * 40)
     with pytest.raises(DataError, match="cannot be read"):
-        load_dataset(load_config(["data=file", f"data.path={path}"]))
+        cfg = load_config(["data=file", f"data.path={path}"])
+        load_dataset(cfg.data, Workload.of(cfg))
 
 
 def test_one_node_launches_pin_sockets_to_loopback() -> None:

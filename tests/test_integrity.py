@@ -59,7 +59,7 @@ def _marker(ck: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
 def _auto(run: Path, caplog: pytest.LogCaptureFixture) -> checkpoint.Checkpoint | None:
     cfg = load_config(TINY + [f"run_dir={run}"])
     with caplog.at_level(logging.WARNING, logger="splitgraph"):
-        found = checkpoint.find_resume(cfg)
+        found = checkpoint.find_resume(cfg.checkpoint, cfg.model, checkpoint.identity(cfg))
     return found[0] if found else None
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splitgraph.compare import predict
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.cost import memory_model
 from splitgraph.errors import ConfigError, OutOfMemory
 from splitgraph.reliability import memcap
@@ -44,8 +44,8 @@ def test_the_cost_models_bytes_are_the_caps_before_and_after_a_step(over: list[s
     """What the harness and the planner predict (ModelCosts.static_bytes, the memory model) is
     what the cap counts, every part, before the first step and measured after it."""
     cfg = load_config([*SMALL, "pipeline.stages=1", *over])
-    want = predict.per_rank(cfg, 1)
-    engine = PipelineEngine(cfg)
+    want = predict.per_rank(Workload.of(cfg), 1)
+    engine = PipelineEngine(Workload.of(cfg))
     assert predict.mismatches(want, [memcap.accounting(engine, None, measured=False)]) == []
     x = torch.randn(64, 16, dtype=engine.dtype)
     engine.step(x, torch.randint(0, 10, (64,)))
@@ -66,7 +66,7 @@ def test_the_cost_models_bytes_are_the_caps_before_and_after_a_step(over: list[s
 )
 def test_predicted_optimizer_bytes_equal_what_torch_allocates(optim: list[str]) -> None:
     cfg = load_config([*SMALL, *optim, "runtime.dtype=float64"])
-    engine = PipelineEngine(cfg)
+    engine = PipelineEngine(Workload.of(cfg))
     before = memcap.accounting(engine, None, measured=False)
     x = torch.randn(64, 16, dtype=torch.float64)
     engine.step(x, torch.randint(0, 10, (64,)))
@@ -236,5 +236,5 @@ def test_all_ranks_stop_together_on_the_budget_and_on_one_ranks_oom(tmp_path: Pa
         got = summary.get("accounted_per_rank") or [
             m["accounted"] for m in summary["memory_per_rank"]
         ]
-        want = predict.per_rank(load_config(case["overrides"]), 2)
+        want = predict.per_rank(Workload.of(load_config(case["overrides"])), 2)
         assert predict.mismatches(want, got) == [], case["id"]

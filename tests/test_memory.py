@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.spawn import run_ranks
@@ -21,7 +21,7 @@ PER_SAMPLE = (6 + 29 + 3) * 8 + 8
 
 def one_rank(overrides: list[str]) -> PipelineEngine:
     cfg = load_config(TINY + ["runtime.dtype=float64", *overrides])
-    engine = PipelineEngine(cfg)
+    engine = PipelineEngine(Workload.of(cfg))
     x, y = _batch(cfg, torch.float64)
     engine.forward_backward(x, y)
     return engine

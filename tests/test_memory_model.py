@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from splitgraph.config import Activation, Task, load_config, recompute_stages
+from splitgraph.config import Activation, Task, Workload, load_config, recompute_stages
 from splitgraph.cost.memory_model import (
     ModelShape,
     predict_for_plan,
@@ -87,11 +87,12 @@ def _base() -> Any:
 
 def predicted(p: int, overrides: list[str]) -> list[int]:
     cfg = OmegaConf.merge(_base(), OmegaConf.from_dotlist(overrides))
-    plan = make_plan(cfg, p)
+    work = Workload.of(cfg)
+    plan = make_plan(work, p)
     sizes = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
-    sched, plan = schedule_for_run(cfg, p, plan)  # auto: built from the planner's costs
+    sched, plan = schedule_for_run(work, p, plan)  # auto: built from the planner's costs
     es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
-    shape = ModelShape.from_config(cfg, es)
+    shape = ModelShape.of(cfg.model, es)
     recompute = recompute_stages(cfg.schedule, plan.num_stages)
     return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
 
@@ -191,7 +192,7 @@ def test_prediction_equals_the_meter_with_the_v_placement(p: int, case: dict[str
     assert predicted(p, case["overrides"]) == [peak for peak, _ in got]
     cfg = OmegaConf.merge(_base(), OmegaConf.from_dotlist(case["overrides"]))
     if "auto" not in case["id"]:
-        plan = make_plan(cfg, p)
+        plan = make_plan(Workload.of(cfg), p)
         assert plan.stage_to_rank[0] == plan.stage_to_rank[-1] == 0  # the V, not round robin
 
 

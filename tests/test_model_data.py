@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.data import BatchOrder, load_dataset, microbatch_sizes
 from splitgraph.errors import DataError
 from splitgraph.model import add_l2_grad_, build_mlp, l2_term
@@ -88,16 +89,21 @@ def test_batch_order_is_reproducible_and_drops_the_partial_batch() -> None:
 
 def test_synthetic_is_deterministic_and_split() -> None:
     cfg = load_config(SMALL)
-    d1, d2 = load_dataset(cfg), load_dataset(cfg)
+    d1, d2 = load_dataset(cfg.data, Workload.of(cfg)), load_dataset(cfg.data, Workload.of(cfg))
     assert torch.equal(d1.X, d2.X) and torch.equal(d1.y, d2.y)
     assert d1.X.shape == (58, 6) and d1.X_test.shape == (6, 6)
     assert d1.y.dtype == torch.int64 and int(d1.y.max()) < 3
 
 
 def test_digits_dataset() -> None:
-    ds = load_dataset(load_config(["data=digits"]))
+    ds = _load(load_config(["data=digits"]))
     assert ds.X.shape[1] == 64 and ds.num_train + ds.X_test.shape[0] == 1797
     assert float(ds.X.max()) <= 1.0
+
+
+def _load(cfg: Any) -> Any:
+    """The dataset as the entrances load it: the data section, for the config's workload."""
+    return load_dataset(cfg.data, Workload.of(cfg))
 
 
 def _file_cfg(path: Path, *extra: str) -> object:
@@ -119,7 +125,7 @@ def test_file_loader_npz_and_pt(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", X=X, y=y)
     torch.save({"X": torch.tensor(X), "y": torch.tensor(y)}, tmp_path / "d.pt")
     for name in ("d.npz", "d.pt"):
-        ds = load_dataset(_file_cfg(tmp_path / name))
+        ds = _load(_file_cfg(tmp_path / name))
         assert ds.num_train == 18 and ds.y.dtype == torch.int64
 
 
@@ -140,30 +146,30 @@ def test_file_loader_refuses_bad_data(
 ) -> None:
     np.savez(tmp_path / "bad.npz", X=X, y=y)
     with pytest.raises(DataError, match=re.escape(needle)):
-        load_dataset(_file_cfg(tmp_path / "bad.npz"))
+        _load(_file_cfg(tmp_path / "bad.npz"))
 
 
 def test_file_loader_refuses_missing_and_wrong_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        load_dataset(_file_cfg(tmp_path / "nope.npz"))
+        _load(_file_cfg(tmp_path / "nope.npz"))
     (tmp_path / "x.csv").write_text("1,2")
     with pytest.raises(DataError, match=r"\.pt or \.npz"):
-        load_dataset(_file_cfg(tmp_path / "x.csv"))
+        _load(_file_cfg(tmp_path / "x.csv"))
     np.savez(tmp_path / "k.npz", A=np.zeros(3))
     with pytest.raises(DataError, match="lacks arrays"):
-        load_dataset(_file_cfg(tmp_path / "k.npz"))
+        _load(_file_cfg(tmp_path / "k.npz"))
     torch.save([1, 2], tmp_path / "l.pt")
     with pytest.raises(DataError, match="dict with tensors"):
-        load_dataset(_file_cfg(tmp_path / "l.pt"))
+        _load(_file_cfg(tmp_path / "l.pt"))
 
 
 def test_regression_file(tmp_path: Path) -> None:
     np.savez(tmp_path / "r.npz", X=np.zeros((10, 3)), y=np.zeros((10, 2)))
-    ds = load_dataset(_file_cfg(tmp_path / "r.npz", "model.task=regression"))
+    ds = _load(_file_cfg(tmp_path / "r.npz", "model.task=regression"))
     assert ds.y.shape == (9, 2) and ds.y.dtype == torch.float32
     np.savez(tmp_path / "r2.npz", X=np.zeros((10, 3)), y=np.zeros((10, 5)))
     with pytest.raises(DataError, match=r"\[samples, 2\]"):
-        load_dataset(_file_cfg(tmp_path / "r2.npz", "model.task=regression"))
+        _load(_file_cfg(tmp_path / "r2.npz", "model.task=regression"))
 
 
 def test_byte_sizes() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph.config import load_config, validate
+from splitgraph.config import Workload, load_config, validate
 from splitgraph.errors import ConfigError, PartitionError
 from splitgraph.partition import STRATEGIES, balanced, make_plan, manual, uniform
 from splitgraph.train import usage
@@ -62,16 +62,16 @@ def test_too_many_stages_is_a_clear_error() -> None:
 
 def test_plan_from_config_params_strategy_balances_parameters() -> None:
     cfg = load_config(["model.hidden=[512,32,32,32]", "partition=params"])
-    plan = make_plan(cfg, 2)
+    plan = make_plan(Workload.of(cfg), 2)
     per_stage = [plan.stage_params(s) for s in range(2)]
-    uni = make_plan(load_config(["model.hidden=[512,32,32,32]"]), 2)
+    uni = make_plan(Workload.of(load_config(["model.hidden=[512,32,32,32]"])), 2)
     assert max(per_stage) <= max(uni.stage_params(s) for s in range(2))
     assert plan.bounds == (0, 1, 5)
 
 
 def test_plan_table_names_layers_params_and_boundary_shape() -> None:
     cfg = load_config(["model.hidden=[8,8,8]", "data.features=4", "data.outputs=3"])
-    plan = make_plan(cfg, 2)
+    plan = make_plan(Workload.of(cfg), 2)
     table = plan.table(16)
     assert "stage" in table and "[16, 8]" in table and "(loss)" in table
     assert "0-1" in table and "2-3" in table
@@ -82,7 +82,7 @@ def test_plan_table_names_layers_params_and_boundary_shape() -> None:
 
 def test_manual_plan() -> None:
     cfg = load_config(["partition=manual", "partition.boundaries=[1,3]"])
-    assert make_plan(cfg, 3).bounds == (0, 1, 3, 4)
+    assert make_plan(Workload.of(cfg), 3).bounds == (0, 1, 3, 4)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -98,7 +98,9 @@ def test_every_registered_strategy_is_selectable_accepted_and_plannable(name: st
     cfg = load_config(over)
     assert cfg.partition.strategy == name
     validate(cfg, 3)
-    plan = make_plan(cfg, 3)  # Plan checks its bounds cut 4 layers into non-empty stages
+    plan = make_plan(
+        Workload.of(cfg), 3
+    )  # Plan checks its bounds cut 4 layers into non-empty stages
     assert plan.strategy == name and plan.num_stages == 3 and plan.num_layers == 4
 
 

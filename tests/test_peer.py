@@ -6,7 +6,7 @@ import pytest
 
 from splitgraph.bench.peer import Case, Spec, load_note, main, run, table
 from splitgraph.bench.torchpp import peer_problem
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 
 #: 4 layers (2 ranks x 2 chunks fit), biases, batch 12 in equal microbatches.
 TINY = [
@@ -51,7 +51,7 @@ def test_both_systems_run_one_step_each_with_equal_gradients_and_memory() -> Non
 
 
 def test_each_system_says_where_it_is_undefined() -> None:
-    cfg = load_config(TINY)
+    cfg = Workload.of(load_config(TINY))
     # interleaved runs any m now (torch's rounds, evened out): m=3 on 2 ranks is defined on
     # both sides (it used to be splitgraph's "sends microbatches in rounds of p")
     assert Case("interleaved", 3).problems(2, cfg) == {}

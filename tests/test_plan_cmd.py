@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.observe.draw import layout
 from splitgraph.partition import make_plan
 from splitgraph.planner.cli import main
@@ -42,14 +42,14 @@ def test_plan_writes_json_and_picture(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_picture_with_biases(tmp_path: Path) -> None:
     assert main(["--nproc", "2", *UNBALANCED, "model.bias=true", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "plan.png").stat().st_size > 10_000
-    plan = make_plan(load_config(["model.bias=true", "model.hidden=[8,8]"]), 2)
+    plan = make_plan(Workload.of(load_config(["model.bias=true", "model.hidden=[8,8]"])), 2)
     g = layout(plan)
     assert {"b0", "b1", "b2"} <= set(g.nodes) and ("b2", "mm2") in g.edges
     assert g.nodes["b2"].stage == 1 and g.nodes["W0"].stage == 0
     assert set(g.cut_x) == {1}  # one cut, before layer 2's product
     assert g.nodes["h1"].x < g.cut_x[1] < g.nodes["mm2"].x
     assert {"s0", "s1", "s", "J", "L", "y"} <= set(g.nodes) and g.nodes["J"].stage is None
-    no_bias = layout(make_plan(load_config(["model.hidden=[8,8]"]), 2))
+    no_bias = layout(make_plan(Workload.of(load_config(["model.hidden=[8,8]"])), 2))
     assert not any(name.startswith("b") for name in no_bias.nodes)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.data import load_dataset
 from splitgraph.datafile import read_header
 from splitgraph.errors import DataError, OutOfMemory
@@ -98,7 +98,8 @@ def test_a_zip_bomb_is_refused_before_it_is_decompressed(
     t0 = time.perf_counter()
     try:
         with pytest.raises(DataError) as info:
-            load_dataset(load_config(over))
+            cfg = load_config(over)
+            load_dataset(cfg.data, Workload.of(cfg))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -110,15 +111,15 @@ def test_a_zip_bomb_is_refused_before_it_is_decompressed(
     assert time.perf_counter() - t0 < 10
 
     cfg = load_config([*over, "model.hidden=[8]", "data.features=20", "data.outputs=2"])
-    layout, plan = layout_of(cfg, 2), make_plan(cfg, 2)
+    layout, plan = layout_of(cfg.pipeline, cfg.parallel, 2), make_plan(Workload.of(cfg), 2)
     # two ranks on one node each load it (first and last stage): 2 x 320 MB
     for machine, fits in ((1 * GiB, False), (2 * GiB, True)):
         monkeypatch.setattr(preflight, "machine_memory", lambda m=machine: m)
         if fits:
-            preflight.check_launch(cfg, layout, plan, range(2))
+            preflight.check_launch(cfg.data, Workload.of(cfg), layout, plan, range(2))
         else:
             with pytest.raises(DataError, match="each of the 2 ranks on this node"):
-                preflight.check_launch(cfg, layout, plan, range(2))
+                preflight.check_launch(cfg.data, Workload.of(cfg), layout, plan, range(2))
     # the launch script refuses it before torchrun (an explicit bound: any machine)
     res = launch_script(tmp_path / "run", "train.sh", "2", *over, "data.max_memory=256MiB")
     assert res.returncode == 2 and "over the data bound of 256.0 MiB" in res.stderr
@@ -140,19 +141,21 @@ PRICED = [
 def test_the_model_is_priced_exactly_before_it_exists(over: list[str]) -> None:
     base = ["model.hidden=[24,12,20]", "data.features=10", "train.batch_size=24"]
     cfg = load_config([*base, *over])
-    layout, plan = layout_of(cfg, 2), make_plan(cfg, 2)
-    priced = preflight.price_ranks(cfg, layout, plan)
+    layout, plan = layout_of(cfg.pipeline, cfg.parallel, 2), make_plan(Workload.of(cfg), 2)
+    priced = preflight.price_ranks(Workload.of(cfg), layout, plan)
     for rank in range(2):
-        engine = PipelineEngine(cfg, rank, 2, plan=plan)  # now the parameters exist
+        engine = PipelineEngine(Workload.of(cfg), rank, 2, plan=plan)  # now the parameters exist
         built = memcap.accounting(engine, None, measured=False)
         assert priced[rank] == {**built, "rank": rank}
         assert priced[rank]["saved_peak"] and priced[rank]["optimizer"] >= 0
     # data parallel: each replica prices the same stages at B/dp rows, plus the all-reduce
     # buckets (a second copy of the gradients), as memcap accounts a GradSync engine
     dp = load_config([*base, *over, "parallel.dp=2"])
-    dp_priced = preflight.price_ranks(dp, layout_of(dp, 4), make_plan(dp, 2))
+    dp_priced = preflight.price_ranks(
+        Workload.of(dp), layout_of(dp.pipeline, dp.parallel, 4), make_plan(Workload.of(dp), 2)
+    )
     half = load_config([*base, *over, "train.batch_size=12"])
-    half_priced = preflight.price_ranks(half, layout, plan)
+    half_priced = preflight.price_ranks(Workload.of(half), layout, plan)
     for rank in range(4):
         one = half_priced[rank % 2]
         assert one["allreduce_buckets"] == 0
@@ -298,19 +301,19 @@ def test_on_gpus_each_rank_is_held_against_its_own_device(monkeypatch: pytest.Mo
     """Without a GPU here: the devices are named and their memory given, as place() and
     torch.cuda would on a node of two GPUs; the host then holds only the data."""
     cfg = load_config(["model.hidden=[2000,2000]", "optim=adam"])  # 4.5M params: 72 MB each
-    layout, plan = layout_of(cfg, 3), make_plan(cfg, 3)
+    layout, plan = layout_of(cfg.pipeline, cfg.parallel, 3), make_plan(Workload.of(cfg), 3)
     gpus = [torch.device("cuda", r) for r in range(3)]
-    records = preflight.price_ranks(cfg, layout, plan)
+    records = preflight.price_ranks(Workload.of(cfg), layout, plan)
     biggest = max(r["total"] for r in records)
     monkeypatch.setattr(preflight, "_device_memory", lambda dev: biggest)
     monkeypatch.setattr(preflight, "machine_memory", lambda: 64 * 2**20)  # host: data only
-    checked = preflight.check_launch(cfg, layout, plan, range(3), gpus)
+    checked = preflight.check_launch(cfg.data, Workload.of(cfg), layout, plan, range(3), gpus)
     assert set(checked.capacity) == {"host", "cuda:0", "cuda:1", "cuda:2"}
     monkeypatch.setattr(preflight, "_device_memory", lambda dev: biggest - 1)
     with pytest.raises(OutOfMemory, match=r"rank \d needs at least .* but cuda:\d has"):
-        preflight.check_launch(cfg, layout, plan, range(3), gpus)
+        preflight.check_launch(cfg.data, Workload.of(cfg), layout, plan, range(3), gpus)
     # two ranks sharing one GPU (staged transport) are summed on it
     shared = [torch.device("cuda", 0)] * 3
     monkeypatch.setattr(preflight, "_device_memory", lambda dev: biggest)
     with pytest.raises(OutOfMemory, match="the 3 ranks on cuda:0 need at least"):
-        preflight.check_launch(cfg, layout, plan, range(3), shared)
+        preflight.check_launch(cfg.data, Workload.of(cfg), layout, plan, range(3), shared)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.cost import profiler
 from splitgraph.cost.costs import link_from_config, model_costs
 
@@ -19,7 +19,7 @@ def test_layer_profile_is_cached_per_size_and_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = load_config([*SMALL, f"costs.cache_dir={tmp_path}"])
-    first = profiler.profile_layers(cfg, 16, torch.float32, torch.device("cpu"))
+    first = profiler.profile_layers(cfg.model, cfg.costs, 16, torch.float32, torch.device("cpu"))
     assert len(first) == 3 and all(f > 0 and b > 0 for f, b in first)
     data = json.loads((tmp_path / "profiles.json").read_text())
     assert len(data) == 3 and all("n=16" in k and "float32" in k for k in data)
@@ -28,17 +28,22 @@ def test_layer_profile_is_cached_per_size_and_reused(
         raise AssertionError("measured again despite the cache")
 
     monkeypatch.setattr(profiler, "time_layer", no_measuring)
-    assert profiler.profile_layers(cfg, 16, torch.float32, torch.device("cpu")) == first
+    assert (
+        profiler.profile_layers(cfg.model, cfg.costs, 16, torch.float32, torch.device("cpu"))
+        == first
+    )
     with pytest.raises(AssertionError, match="measured again"):
-        profiler.profile_layers(cfg, 32, torch.float32, torch.device("cpu"))
+        profiler.profile_layers(cfg.model, cfg.costs, 32, torch.float32, torch.device("cpu"))
     fastest = load_config([*SMALL, f"costs.cache_dir={tmp_path}", "costs.statistic=min"])
-    mins = profiler.profile_layers(fastest, 16, torch.float32, torch.device("cpu"))
+    mins = profiler.profile_layers(
+        fastest.model, fastest.costs, 16, torch.float32, torch.device("cpu")
+    )
     assert all(m <= f for pair_m, pair_f in zip(mins, first) for m, f in zip(pair_m, pair_f))
 
 
 def test_measured_costs_feed_the_cost_model(tmp_path: Path) -> None:
     cfg = load_config([*SMALL, f"costs.cache_dir={tmp_path}", "pipeline.bandwidth=1GB"])
-    costs = model_costs(cfg, 2)
+    costs = model_costs(Workload.of(cfg), 2)
     assert costs.time_source == "measured" and all(t > 0 for t in costs.forward)
     assert costs.stage_time(0, 0, 3) == pytest.approx((sum(costs.forward), sum(costs.backward)))
 
@@ -46,7 +51,7 @@ def test_measured_costs_feed_the_cost_model(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_link_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config([f"costs.cache_dir={tmp_path}"])
-    link = link_from_config(cfg)
+    link = link_from_config(cfg.pipeline, cfg.costs)
     assert link.bandwidth > 1e6 and link.latency >= 0 and "measured" in link.source
 
     def no_spawning(*args: object, **kwargs: object) -> None:
@@ -55,6 +60,7 @@ def test_link_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.Mo
     import splitgraph.spawn as spawn
 
     monkeypatch.setattr(spawn, "run_ranks", no_spawning)
-    assert link_from_config(cfg) == link
-    configured = link_from_config(load_config(["pipeline.bandwidth=2GB", "pipeline.latency=1e-5"]))
+    assert link_from_config(cfg.pipeline, cfg.costs) == link
+    fixed = load_config(["pipeline.bandwidth=2GB", "pipeline.latency=1e-5"])
+    configured = link_from_config(fixed.pipeline, fixed.costs)
     assert (configured.bandwidth, configured.latency) == (2e9, 1e-5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.model import torch_dtype
 from splitgraph.runtime.comm import Transfer
 from splitgraph.runtime.engine import PipelineEngine
@@ -25,7 +25,7 @@ def cut_gradients_worker(
     base_cfg = load_config(base)
     for case in cases:
         cfg = make_cfg(base_cfg, case["overrides"])
-        engine = PipelineEngine(cfg, rank, world)
+        engine = PipelineEngine(Workload.of(cfg), rank, world)
         sent: dict[tuple[int, int], Any] = {}
         post = engine.p2p.post
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.model import torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
@@ -80,7 +80,7 @@ def _csv_file(cfg: Any, world: int, name: str) -> str:
 
 
 def _batch(cfg: Any, dtype: torch.dtype, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = load_dataset(cfg).to(dtype, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(dtype, "cpu")
     idx = BatchOrder(ds.num_train, int(cfg.train.batch_size), True, int(cfg.train.seed)).indices(
         step
     )
@@ -89,7 +89,7 @@ def _batch(cfg: Any, dtype: torch.dtype, step: int = 0) -> tuple[torch.Tensor, t
 
 def _grad_error(cfg: Any, rank: int, world: int) -> float:
     dtype = torch_dtype(cfg.runtime.dtype)
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(Workload.of(cfg), rank, world)
     x, y = _batch(cfg, dtype)
     engine.forward_backward(x, y)
     got = {k: p.grad for k, p in engine.named_parameters().items()}
@@ -99,7 +99,7 @@ def _grad_error(cfg: Any, rank: int, world: int) -> float:
 def _steps_error(cfg: Any, rank: int, world: int, steps: int) -> float:
     """Weights after `steps` optimizer steps on successive minibatches."""
     dtype = torch_dtype(cfg.runtime.dtype)
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(Workload.of(cfg), rank, world)
     seq = plain_mlp(cfg, dtype)
     params = global_names(seq)
     opt_name = str(cfg.optim.name.value)
@@ -128,7 +128,7 @@ def _steps_error(cfg: Any, rank: int, world: int, steps: int) -> float:
 def failing_worker(rank: int, world: int, fail_rank: int, steps: int) -> str:
     """Train `steps` steps; `fail_rank` raises inside the schedule of step 1."""
     cfg = load_config(TINY + ["pipeline.microbatches=4"])
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(Workload.of(cfg), rank, world)
     x, y = _batch(cfg, torch.float32)
     for step in range(steps):
         engine.step(x, y, fail_at=3 if (rank == fail_rank and step == 1) else None)
@@ -141,7 +141,7 @@ def stalled_worker(rank: int, world: int, stall_rank: int) -> str:
     import time
 
     cfg = load_config(TINY + ["pipeline.microbatches=2", "runtime.timeout=3"])
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(Workload.of(cfg), rank, world)
     x, y = _batch(cfg, torch.float32)
     if rank == stall_rank:
         time.sleep(3600)
@@ -152,7 +152,7 @@ def stalled_worker(rank: int, world: int, stall_rank: int) -> str:
 def memory_worker(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
     """Peak saved-activation bytes measured on this rank for one step."""
     cfg = load_config(TINY + overrides)
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(Workload.of(cfg), rank, world)
     x, y = _batch(cfg, torch_dtype(cfg.runtime.dtype))
     engine.forward_backward(x, y)
     assert engine.meter is not None
@@ -169,7 +169,7 @@ def precision_worker(rank: int, world: int, cases: list[list[str]]) -> list[dict
     base = load_config(GRID)
     for overrides in cases:
         cfg = make_cfg(base, overrides)
-        engine = PipelineEngine(cfg, rank, world)
+        engine = PipelineEngine(Workload.of(cfg), rank, world)
         dtype = torch_dtype(cfg.runtime.dtype)  # float32 master weights under bf16 autocast
         x, y = _batch(cfg, dtype)
         seen: list[torch.dtype] = []
@@ -201,7 +201,7 @@ def saved_peak_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dic
     batches: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for case in cases:
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(case["overrides"]))
-        engine = PipelineEngine(cfg, rank, world)
+        engine = PipelineEngine(Workload.of(cfg), rank, world)
         key = (str(cfg.model.task), str(cfg.runtime.dtype))
         if key not in batches:
             batches[key] = _batch(cfg, torch_dtype(cfg.runtime.dtype))

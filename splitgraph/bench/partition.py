@@ -56,20 +56,20 @@ def prepare(out: Path) -> list[str]:
     """Measure the layer profile (1 thread, as the ranks run) and the link, once."""
     import torch
 
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
     from splitgraph.cost.costs import link_from_config, model_costs
 
     torch.set_num_threads(1)
     # the fastest of 25 timings per layer: on a shared machine the median measures the load
     cache = [f"costs.cache_dir={out / 'profiles'}", "costs.statistic=min", "costs.repeats=25"]
     cfg = load_config([*MODEL, *cache])
-    link = link_from_config(cfg)
+    link = link_from_config(cfg.pipeline, cfg.costs)
     shared = [
         *cache,
         f"pipeline.bandwidth={link.bandwidth:.0f}",
         f"pipeline.latency={link.latency:.3g}",
     ]
-    model_costs(load_config([*MODEL, *shared]), 2)  # fills the profile cache
+    model_costs(Workload.of(load_config([*MODEL, *shared])), 2)  # fills the profile cache
     return shared
 
 
@@ -114,16 +114,18 @@ def _paired_worker(
     import torch
     import torch.distributed as dist
 
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
     from splitgraph.data import BatchOrder, load_dataset
     from splitgraph.partition import Plan, layer_specs
     from splitgraph.runtime.engine import PipelineEngine
 
     cfg = load_config(overrides)
-    data = load_dataset(cfg)
+    data = load_dataset(cfg.data, Workload.of(cfg))
     order = BatchOrder(data.num_train, cfg.train.batch_size, True, 0)
     engines = {
-        name: PipelineEngine(cfg, rank, world, plan=Plan(layer_specs(cfg), bounds, name, world))
+        name: PipelineEngine(
+            Workload.of(cfg), rank, world, plan=Plan(layer_specs(cfg), bounds, name, world)
+        )
         for name, bounds in plans.items()
     }
     names, times = list(plans), {name: [] for name in plans}  # type: dict[str, list[float]]
@@ -219,7 +221,7 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def predicted_elsewhere(shared: list[str]) -> list[dict[str, Any]]:
     """What the model predicts for settings this 2-core machine cannot measure."""
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
     from splitgraph.cost.costs import model_costs
     from splitgraph.errors import PartitionError
     from splitgraph.partition import make_plan
@@ -234,12 +236,15 @@ def predicted_elsewhere(shared: list[str]) -> list[dict[str, Any]]:
     ]
     rows = []
     for name, p, extra in settings:
-        costs = model_costs(load_config([*MODEL, *shared, *extra]), p)  # later overrides win
+        work = Workload.of(load_config([*MODEL, *shared, *extra]))  # later overrides win
+        costs = model_costs(work, p)
         row: dict[str, Any] = {"setting": name, "stages": p}
         for strategy in (*STRATEGIES, "memory"):
             try:
                 plan = make_plan(
-                    load_config([*MODEL, *shared, *extra, f"partition={strategy}"]), p, costs
+                    Workload.of(load_config([*MODEL, *shared, *extra, f"partition={strategy}"])),
+                    p,
+                    costs,
                 )
                 pred = predict(plan, costs)
                 row[strategy] = {

@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from splitgraph.bench.torchpp import PEER_SCHEDULES, TorchPipeline, peer_problem
-from splitgraph.config import Task, load_config
+from splitgraph.config import Task, Workload, load_config
 from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.model import build_mlp, objective
 from splitgraph.observe.memory import SavedTensorMeter
@@ -75,17 +75,17 @@ class Case:
             f"pipeline.microbatches={self.microbatches}",
         ]
 
-    def problems(self, ranks: int, cfg: Any) -> dict[str, str]:
+    def problems(self, ranks: int, work: Workload) -> dict[str, str]:
         """Why either system cannot run this case on `ranks` ranks (empty if both can)."""
         out = {}
-        layers = len(cfg.model.hidden) + 1
+        layers = len(work.model.hidden) + 1
         if ranks * self.virtual > layers:
             out["both"] = f"{ranks * self.virtual} stages need as many layers (have {layers})"
             return out
         ours = SCHEDULES[self.schedule].problems(ranks, self.virtual, self.microbatches)
         if ours:
             out["splitgraph"] = " ".join(ours)
-        theirs = peer_problem(self.schedule, ranks, self.microbatches, cfg.train.batch_size)
+        theirs = peer_problem(self.schedule, ranks, self.microbatches, work.batch_size)
         if theirs:
             out["peer"] = theirs
         return out
@@ -133,20 +133,25 @@ def _grads(params: dict[str, torch.nn.Parameter]) -> dict[str, Tensor]:
     return {k: p.grad.detach().clone() for k, p in params.items() if p.grad is not None}
 
 
-def check_gradients(cfg: Any, rank: int, world: int, x: Tensor, y: Tensor) -> dict[str, float]:
-    """One float64 step of each system on (x, y): this rank's gradients against
-    single-device full-batch training and against each other."""
-    cfg = _with(cfg, ["runtime.dtype=float64", "runtime.track_memory=false"])
+#: the gradient check's settings: float64, no saved-tensor meter
+FLOAT64 = ("runtime.dtype=float64", "runtime.track_memory=false")
+
+
+def check_gradients(
+    work: Workload, rank: int, world: int, x: Tensor, y: Tensor
+) -> dict[str, float]:
+    """One float64 step of each system on (x, y) (`work`: a FLOAT64 workload): this rank's
+    gradients against single-device full-batch training and against each other."""
     x = x.double()
     y = y.double() if y.is_floating_point() else y
-    full = build_mlp(cfg, dtype=torch.float64)
-    _, J = objective(full, x, y, Task(cfg.model.task), cfg.optim.weight_decay)
+    full = build_mlp(work.model, dtype=torch.float64)
+    _, J = objective(full, x, y, Task(work.model.task), work.optim.weight_decay)
     J.backward()
     ref = {k: p.grad for k, p in full.named_parameters()}
-    engine = PipelineEngine(cfg, rank, world)
+    engine = PipelineEngine(work, rank, world)
     engine.forward_backward(x, y)
     ours = _grads(engine.named_parameters())
-    peer = TorchPipeline(cfg, rank, world, torch.float64)
+    peer = TorchPipeline(work, rank, world, torch.float64)
     peer.forward_backward(x, y)
     theirs = _grads(peer.named_parameters())
     if set(ours) != set(theirs) or not ours:
@@ -178,10 +183,11 @@ def prepare(
     batches = [(data.X[order.indices(s)], data.y[order.indices(s)]) for s in range(4)]
     row: dict[str, Any] = {}
     if spec.check:
-        row["grad_error"] = check_gradients(cfg, rank, world, *batches[0])
-    engine = PipelineEngine(_with(cfg, ["runtime.track_memory=false"]), rank, world)
+        float64 = Workload.of(_with(cfg, FLOAT64))
+        row["grad_error"] = check_gradients(float64, rank, world, *batches[0])
+    engine = PipelineEngine(Workload.of(_with(cfg, ["runtime.track_memory=false"])), rank, world)
     meter = SavedTensorMeter(engine.parameters())
-    peer = TorchPipeline(cfg, rank, world, torch.float32)
+    peer = TorchPipeline(Workload.of(cfg), rank, world, torch.float32)
     count = [0]
 
     def stepper(system: str) -> Callable[[], Any]:
@@ -217,11 +223,11 @@ def worker(rank: int, world: int, spec: Spec) -> list[dict[str, Any]]:
     """Every case of `spec` on this rank. Timing goes round by round over all cases and, in
     each case, all systems (the first rotating), so drift lands on every cell alike."""
     base = load_config(spec.overrides)
-    data = load_dataset(base)
+    data = load_dataset(base.data, Workload.of(base))
     rows: list[dict[str, Any]] = []
     timed: list[tuple[dict[str, Any], dict[str, Callable[[], Any]]]] = []
     for case in spec.cases:
-        why = case.problems(world, base)
+        why = case.problems(world, Workload.of(base))
         if why:
             rows.append({"undefined": why})
             continue

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import NanCheck, load_config
+from splitgraph.config import NanCheck, Workload, load_config
 from splitgraph.data import BatchOrder, load_dataset
 from splitgraph.partition import make_plan
 from splitgraph.reliability import checkpoint
@@ -51,11 +51,11 @@ def _step_time(engine: PipelineEngine, batches: list[Any]) -> float:
 def guard_cost(overrides: list[str], microbatches: int, steps: int, repeats: int) -> dict:
     cfg = load_config([*overrides, f"pipeline.microbatches={microbatches}"])
     engines = {  # the same seeded model three times, each with its guard built in
-        "off": PipelineEngine(cfg),
-        "step": PipelineEngine(cfg, nan_check=NanCheck.step),
-        "microbatch": PipelineEngine(cfg, nan_check=NanCheck.microbatch),
+        "off": PipelineEngine(Workload.of(cfg)),
+        "step": PipelineEngine(Workload.of(cfg), nan_check=NanCheck.step),
+        "microbatch": PipelineEngine(Workload.of(cfg), nan_check=NanCheck.microbatch),
     }
-    ds = load_dataset(cfg).to(engines["off"].dtype, "cpu")
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(engines["off"].dtype, "cpu")
     order = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0)
     batches = [(ds.X[order.indices(i)], ds.y[order.indices(i)]) for i in range(steps)]
     for engine in engines.values():
@@ -70,14 +70,14 @@ def guard_cost(overrides: list[str], microbatches: int, steps: int, repeats: int
 
 def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
     cfg = load_config(overrides)
-    engine = PipelineEngine(cfg)
-    ds = load_dataset(cfg).to(engine.dtype, "cpu")
+    engine = PipelineEngine(Workload.of(cfg))
+    ds = load_dataset(cfg.data, Workload.of(cfg)).to(engine.dtype, "cpu")
     idx = BatchOrder(ds.num_train, cfg.train.batch_size, True, 0).indices(0)
     engine.step(ds.X[idx], ds.y[idx])  # optimizer state exists
     saves, loads, verifies, hashes = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         for i in range(repeats):
-            meta = checkpoint.marker(cfg, engine, i + 1, 1, 1)
+            meta = checkpoint.marker(checkpoint.identity(cfg), engine, i + 1, 1, 1)
             t0 = time.perf_counter()
             path = checkpoint.save(engine, d, i + 1, meta, keep=2, rank=0, world_size=1)
             saves.append(time.perf_counter() - t0)
@@ -90,7 +90,7 @@ def checkpoint_cost(overrides: list[str], repeats: int) -> dict:
             for b in blobs:
                 hashlib.sha256(b).hexdigest()
             hashes.append(time.perf_counter() - t0)
-            names = checkpoint.names_held(cfg.model, make_plan(cfg, 1), 0)
+            names = checkpoint.names_held(cfg.model, make_plan(Workload.of(cfg), 1), 0)
             t0 = time.perf_counter()
             checkpoint.read_rank_state(ck, checkpoint.read_metadata(ck.path), names, 0)
             loads.append(time.perf_counter() - t0)

@@ -130,7 +130,7 @@ def paired_worker(
     every rank has finished (a barrier, as train.py's all-reduce of the loss)."""
     import torch.distributed as dist
 
-    from splitgraph.config import load_config, validate
+    from splitgraph.config import Workload, load_config, validate
     from splitgraph.data import BatchOrder, load_dataset, replica_rows
     from splitgraph.runtime.engine import PipelineEngine
     from splitgraph.runtime.mesh import build_mesh, layout_of
@@ -140,11 +140,11 @@ def paired_worker(
     for _, ov in configs:
         cfg = load_config(ov)
         validate(cfg, world)
-        layout = layout_of(cfg, world)
+        layout = layout_of(cfg.pipeline, cfg.parallel, world)
         if (layout.dp, layout.pp) not in meshes:
             meshes[(layout.dp, layout.pp)] = build_mesh(layout, "cpu")
-        engine = PipelineEngine.from_mesh(cfg, meshes[(layout.dp, layout.pp)])
-        ds = load_dataset(cfg).to(engine.dtype, "cpu")
+        engine = PipelineEngine.from_mesh(Workload.of(cfg), meshes[(layout.dp, layout.pp)])
+        ds = load_dataset(cfg.data, Workload.of(cfg)).to(engine.dtype, "cpu")
         order = BatchOrder(ds.num_train, engine.batch_size, True, cfg.train.seed)
         runs.append((engine, ds, order))
     times: dict[str, list[float]] = {label: [] for label, _ in configs}

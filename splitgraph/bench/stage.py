@@ -27,22 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.model import compute_dtype, layer_dims, torch_dtype
 from splitgraph.runtime.engine import PipelineEngine
 
 _PHI = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
-def plain_model(cfg: Any, device: torch.device) -> nn.Sequential:
-    dims = layer_dims(cfg)
-    act = str(cfg.model.activation.value)
+def plain_model(work: Workload, device: torch.device) -> nn.Sequential:
+    model = work.model
+    dims = layer_dims(model)
+    act = str(model.activation.value)
     mods: list[nn.Module] = []
     for i in range(len(dims) - 1):
-        mods.append(nn.Linear(dims[i], dims[i + 1], bias=cfg.model.bias))
+        mods.append(nn.Linear(dims[i], dims[i + 1], bias=model.bias))
         if i < len(dims) - 2:
             mods.append(_PHI[act]())
-    return nn.Sequential(*mods).to(device=device, dtype=torch_dtype(cfg.runtime.dtype))
+    return nn.Sequential(*mods).to(device=device, dtype=torch_dtype(work.runtime.dtype))
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
@@ -72,7 +73,7 @@ def measure(overrides: list[str], device: str, repeats: int, warmup: int) -> dic
     x = torch.randn(B, d, generator=g).to(dev, dtype)
     y = torch.randint(0, cfg.model.out_features, (B,), generator=g).to(dev)
 
-    plain = plain_model(cfg, dev)
+    plain = plain_model(Workload.of(cfg), dev)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=1e-6)
 
     def plain_step() -> None:
@@ -83,9 +84,11 @@ def measure(overrides: list[str], device: str, repeats: int, warmup: int) -> dic
         plain_opt.step()
 
     engines = {
-        "splitgraph": PipelineEngine(load_config([*base, "runtime.track_memory=true"]), device=dev),
+        "splitgraph": PipelineEngine(
+            Workload.of(load_config([*base, "runtime.track_memory=true"])), device=dev
+        ),
         "splitgraph, meter off": PipelineEngine(
-            load_config([*base, "runtime.track_memory=false"]), device=dev
+            Workload.of(load_config([*base, "runtime.track_memory=false"])), device=dev
         ),
     }
     steps: dict[str, Callable[[], None]] = {"plain PyTorch": plain_step}

@@ -13,12 +13,10 @@ Stage s runs on rank s % p in both systems (the peer's "loop" placement for inte
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from splitgraph.config import Task
+from splitgraph.config import Task, Workload
 from splitgraph.model import StageModule, add_l2_grad_, build_mlp, loss_sum
 from splitgraph.optim import make_optimizer
 from splitgraph.partition import make_plan
@@ -48,15 +46,15 @@ def peer_problem(schedule: str, ranks: int, microbatches: int, batch: int) -> st
 class TorchPipeline:
     """One rank's share of the pipeline, run by torch.distributed.pipelining."""
 
-    def __init__(self, cfg: Any, rank: int, world: int, dtype: torch.dtype) -> None:
+    def __init__(self, work: Workload, rank: int, world: int, dtype: torch.dtype) -> None:
         from torch.distributed import pipelining as pp
 
-        name = cfg.schedule.name
+        name = work.schedule.name
         cls_name, _ = PEER_SCHEDULES[name]
-        plan = make_plan(cfg, world)
-        m = cfg.pipeline.microbatches
-        batch = cfg.train.batch_size
-        task = Task(cfg.model.task)
+        plan = make_plan(work, world)
+        m = work.pipeline.microbatches
+        batch = work.batch_size
+        task = Task(work.model.task)
         problem = peer_problem(name, world, m, batch)
         if problem:
             raise ValueError(problem)
@@ -68,7 +66,7 @@ class TorchPipeline:
         stages = []
         for s in plan.stages_of(rank):
             r = plan.stage_range(s)
-            self.modules[s] = build_mlp(cfg, r.start, r.stop, dtype)
+            self.modules[s] = build_mlp(work.model, r.start, r.stop, dtype)
             stages.append(
                 pp.PipelineStage(self.modules[s], s, plan.num_stages, torch.device("cpu"))
             )
@@ -78,8 +76,8 @@ class TorchPipeline:
         )
         self.holds_first = 0 in self.modules
         self.holds_last = plan.num_stages - 1 in self.modules
-        self.weight_decay = cfg.optim.weight_decay
-        self.optimizer = make_optimizer(cfg.optim, self.parameters())
+        self.weight_decay = work.optim.weight_decay
+        self.optimizer = make_optimizer(work.optim, self.parameters())
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for mod in self.modules.values() for p in mod.parameters()]

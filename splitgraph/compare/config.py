@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import II, OmegaConf
 
-from splitgraph.config import Config
+from splitgraph.config import Config, ParallelConfig, Workload
 from splitgraph.errors import ConfigError
 from splitgraph.units import parse_bytes
 
@@ -88,21 +88,20 @@ def load(overrides: list[str] | tuple[str, ...] = ()) -> Any:
     return load_config(list(overrides), config_name="compare")
 
 
-def pipeline_grid(cfg: Any) -> tuple[list[int], list[str], list[int], list[bool]]:
-    """The pipeline variants' (stages, schedules, microbatches, recompute), defaults filled in."""
-    c = cfg.compare
-    stages = list(c.stages) if c.stages is not None else [cfg.pipeline.stages]
-    scheds = list(c.schedules) if c.schedules is not None else [cfg.schedule.name]
-    mbs = list(c.microbatches) if c.microbatches is not None else [cfg.pipeline.microbatches]
+def pipeline_grid(c: Any, work: Workload) -> tuple[list[int], list[str], list[int], list[bool]]:
+    """The pipeline variants' (stages, schedules, microbatches, recompute) of the compare
+    section `c`, the training workload's own filled in where it names none."""
+    stages = list(c.stages) if c.stages is not None else [work.pipeline.stages]
+    scheds = list(c.schedules) if c.schedules is not None else [work.schedule.name]
+    mbs = list(c.microbatches) if c.microbatches is not None else [work.pipeline.microbatches]
     rc = c.pipeline_recompute
-    recompute = [bool(x) for x in rc] if rc is not None else [cfg.schedule.recompute]
+    recompute = [bool(x) for x in rc] if rc is not None else [work.schedule.recompute]
     return stages, scheds, mbs, recompute
 
 
-def dp_grid(cfg: Any) -> list[int]:
-    """The pipeline variants' data-parallel replica counts, the default filled in."""
-    dp = cfg.compare.dp
-    return [int(d) for d in dp] if dp is not None else [cfg.parallel.dp]
+def dp_grid(c: Any, parallel: ParallelConfig) -> list[int]:
+    """The pipeline variants' data-parallel replica counts, parallel.dp where `c` names none."""
+    return [int(d) for d in c.dp] if c.dp is not None else [parallel.dp]
 
 
 def validate_compare(cfg: Any) -> None:
@@ -137,7 +136,7 @@ def validate_compare(cfg: Any) -> None:
         except ValueError as e:
             errors.append(f"compare.memory_cap={c.memory_cap!r}: {e}")
     if "pipeline" in kinds:
-        stages, scheds, mbs, _ = pipeline_grid(cfg)
+        stages, scheds, mbs, _ = pipeline_grid(c, Workload.of(cfg))
         if any(s is None or s < 2 for s in stages):
             errors.append(
                 f"pipeline stages {stages}: the pipeline variants need p >= 2 stages; set "
@@ -154,7 +153,7 @@ def validate_compare(cfg: Any) -> None:
             )
         if any(m < 1 or m > batch for m in mbs):
             errors.append(f"pipeline microbatches {mbs} must lie in 1..train.batch_size={batch}.")
-        dps = dp_grid(cfg)
+        dps = dp_grid(c, cfg.parallel)
         bad_dp = [d for d in dps if d < 1 or batch % d or any(m > batch // d for m in mbs)]
         if bad_dp or not dps:
             errors.append(

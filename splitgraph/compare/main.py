@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from splitgraph.compare import analysis, conclusion, predict, report, runner, sweep, variants
 from splitgraph.compare.analysis import Result
 from splitgraph.compare.config import register, validate_compare
-from splitgraph.config import validate
+from splitgraph.config import Workload, validate
 from splitgraph.errors import ConfigError, OutOfMemory, SplitgraphError
 from splitgraph.units import format_bytes, parse_bytes
 
@@ -65,11 +65,11 @@ def check_variant(
     return cfg, None
 
 
-def predict_variant(cfg: DictConfig, nproc: int) -> list[dict[str, Any]] | None:
+def predict_variant(work: Workload, nproc: int) -> list[dict[str, Any]] | None:
     """The memory model's accounting per global rank (None if the plan cannot be made: the
     variant's own launch then says why)."""
     try:
-        return predict.per_rank(cfg, nproc)
+        return predict.per_rank(work, nproc)
     except SplitgraphError:
         return None
 
@@ -126,7 +126,7 @@ def run_all(
             run_dir = runs_dir / v.name
             cmd = variants.command(v, base, str(run_dir))
             cfg, refused = check_variant(v, base, str(run_dir))
-            predicted = predict_variant(cfg, v.nproc) if cfg is not None else None
+            predicted = predict_variant(Workload.of(cfg), v.nproc) if cfg is not None else None
             over = refusal(predicted, cap if v.capped else None)
             outer.set_postfix_str(v.name)
             if reuse:
@@ -211,7 +211,8 @@ def compare(cfg: DictConfig, out_dir: Path, command: str) -> dict[str, Any]:
 
     validate_compare(cfg)
     c = cfg.compare
-    data = load_dataset(cfg)  # a bad data file stops the harness before anything runs
+    # a bad data file stops the harness before anything runs
+    data = load_dataset(cfg.data, Workload.of(cfg))
     num_train = data.num_train
     base = variants.base_settings(cfg, compose_train([]))
     todo = variants.build(cfg, num_train)

@@ -17,31 +17,34 @@ refuses it itself before its first step, and its record is compared the same way
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from splitgraph.config import Workload
 
 #: the accounted parts, in the runtime's record order (runtime/memcap.accounting)
 PARTS = ("params", "grads", "optimizer", "allreduce_buckets", "saved_peak", "total")
 
 
-def per_rank(cfg: Any, nproc: int) -> list[dict[str, Any]]:
-    """The accounting every global rank of this training config will report, predicted."""
+def per_rank(work: Workload, nproc: int) -> list[dict[str, Any]]:
+    """The accounting every global rank of this training workload will report, predicted."""
     from splitgraph.config import recompute_stages
     from splitgraph.cost.costs import model_costs
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
     from splitgraph.partition import STRATEGIES, make_plan
     from splitgraph.schedule import build_schedule
 
-    dp = max(cfg.parallel.dp, 1)
+    dp = work.dp
     pp = nproc // dp
-    spec = STRATEGIES.get(cfg.partition.strategy)
+    spec = STRATEGIES.get(work.partition.strategy)
     timed = spec is not None and "times" in spec.costs  # else no profiling
-    costs = model_costs(cfg, pp, times=timed)  # sizes: each replica's B/dp rows
-    plan = make_plan(cfg, pp, costs)
-    sched = build_schedule(cfg.schedule.name, pp, len(costs.sizes), cfg.schedule.virtual_stages)
+    costs = model_costs(work, pp, times=timed)  # sizes: each replica's B/dp rows
+    plan = make_plan(work, pp, costs)
+    sched = build_schedule(work.schedule.name, pp, len(costs.sizes), work.schedule.virtual_stages)
     saved: list[int | None] = [None] * pp
-    if predictable(cfg.runtime):
-        shape = ModelShape.from_config(cfg, costs.shape.element_size)
-        recompute = recompute_stages(cfg.schedule, plan.num_stages)
+    if predictable(work.runtime):
+        shape = ModelShape.of(work.model, costs.shape.element_size)
+        recompute = recompute_stages(work.schedule, plan.num_stages)
         saved = list(predict_for_plan(shape, plan.bounds, costs.sizes, sched, recompute))
     pipeline = []
     for r in range(pp):

@@ -31,6 +31,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from splitgraph.compare.config import dp_grid, pipeline_grid
+from splitgraph.config import Workload
 
 #: keys a variant never inherits from the harness's config (the harness sets them)
 _OWN = ("run_dir",)
@@ -163,7 +164,7 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
         label = f"data parallel dp={d} (B/{d} each)"
         out.append(Variant(f"data-dp{d}", "data", label, d, B, settings))
     if "pipeline" in kinds:
-        out += _pipeline_variants(cfg, common(B), replicas)
+        out += _pipeline_variants(c, Workload.of(cfg), common(B), replicas)
     if c.reference and cap is not None and set(kinds) - {"recompute"}:
         settings = common(B) | one_device | whole | {"pipeline.memory_cap": None}
         out.append(Variant("reference", "reference", "full, no cap (reference)", 1, B, settings))
@@ -171,21 +172,21 @@ def build(cfg: Any, num_train: int) -> list[Variant]:
 
 
 def _pipeline_variants(
-    cfg: Any, base: dict[str, Any], replicas: Callable[[int], dict[str, Any]]
+    c: Any, work: Workload, base: dict[str, Any], replicas: Callable[[int], dict[str, Any]]
 ) -> list[Variant]:
     """One variant per (dp, stages, schedule, microbatches, recompute) of compare's grid."""
     from splitgraph.schedule import SCHEDULES
 
-    c, B = cfg.compare, cfg.train.batch_size
+    B = work.batch_size
     out: list[Variant] = []
-    stages, scheds, mbs, recomputes = pipeline_grid(cfg)
-    grid = itertools.product(dp_grid(cfg), stages, scheds, mbs, recomputes)
+    stages, scheds, mbs, recomputes = pipeline_grid(c, work)
+    grid = itertools.product(dp_grid(c, work.parallel), stages, scheds, mbs, recomputes)
     for d, p, sched, m, rc in grid:
         if c.max_devices is not None and p * d > int(c.max_devices):
             continue
         # model chunks per rank: the configured count for a chunked schedule (2, its
         # group default, if none was chosen), one for the others
-        v = cfg.schedule.virtual_stages if SCHEDULES[sched].virtual else 1
+        v = work.schedule.virtual_stages if SCHEDULES[sched].virtual else 1
         v = 2 if SCHEDULES[sched].virtual and v == 1 else v
         settings = (
             base

@@ -343,7 +343,7 @@ def load_config(
     if fill_data and "data" in cfg:
         from splitgraph.data import fill_shape_from_file
 
-        fill_shape_from_file(cfg)  # data=file: features and outputs the file knows
+        fill_shape_from_file(cfg.data, cfg.model.task, cfg.runtime)  # data=file: from the file
     return cfg
 
 
@@ -367,6 +367,58 @@ def as_container(cfg: DictConfig | Config) -> dict[str, Any]:
     out = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     assert isinstance(out, dict)
     return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one training step computes, how it is cut across ranks and how it is priced:
+    the sections the cost model, the partition, the planner and the engine read.
+
+    Picked once at the entrance (`Workload.of(cfg)`); the layers below take this (or one of
+    its sections), never the whole config: no data source, run directory, checkpoints,
+    trace window or fault injection reaches them. The sections are the composed config's
+    own nodes (or the typed dataclasses): same fields, same types, read, not copied.
+    """
+
+    model: ModelConfig
+    batch_size: int  # train.batch_size: the global minibatch B
+    pipeline: PipelineConfig
+    parallel: ParallelConfig
+    schedule: ScheduleConfig
+    partition: PartitionConfig
+    optim: OptimConfig
+    runtime: RuntimeConfig
+    costs: CostsConfig
+
+    @classmethod
+    def of(cls, cfg: DictConfig | Config | Workload) -> Workload:
+        if isinstance(cfg, Workload):
+            return cfg
+        return cls(
+            model=cfg.model,
+            batch_size=int(cfg.train.batch_size),
+            pipeline=cfg.pipeline,
+            parallel=cfg.parallel,
+            schedule=cfg.schedule,
+            partition=cfg.partition,
+            optim=cfg.optim,
+            runtime=cfg.runtime,
+            costs=cfg.costs,
+        )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas (at least 1)."""
+        return max(int(self.parallel.dp), 1)
+
+    @property
+    def local_batch(self) -> int:
+        """Rows of each minibatch one replica runs: B / dp."""
+        return self.batch_size // self.dp
+
+    def num_stages(self, world_size: int) -> int:
+        """Pipeline ranks per replica on `world_size` ranks (see `num_stages`)."""
+        return num_stages(self.pipeline, self.parallel, world_size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,11 +449,11 @@ def recompute_stages(schedule: ScheduleConfig, num_stages: int) -> set[int]:
     return set(range(num_stages)) if chosen is None else {int(s) for s in chosen}
 
 
-def num_stages(cfg: Any, world_size: int) -> int:
+def num_stages(pipeline: PipelineConfig, parallel: ParallelConfig, world_size: int) -> int:
     """Pipeline ranks per replica: pipeline.stages, else world size / parallel.dp."""
-    if cfg.pipeline.stages is not None:
-        return cfg.pipeline.stages
-    return max(world_size // max(cfg.parallel.dp, 1), 1)
+    if pipeline.stages is not None:
+        return pipeline.stages
+    return max(world_size // max(parallel.dp, 1), 1)
 
 
 def _non_finite_floats(cfg: Any, prefix: str = "") -> list[str]:
@@ -432,20 +484,20 @@ def _on_gpu(runtime: RuntimeConfig) -> bool:
     return device == Device.cuda
 
 
-def _gpu_cap_problems(cfg: Any) -> list[str]:
+def _gpu_cap_problems(work: Workload, data: DataConfig) -> list[str]:
     """On GPU the caching allocator enforces the cap in whole segments: a cap below what it
     can honour for this run fails at its first allocation (runtime/allocator.py)."""
-    if not _on_gpu(cfg.runtime):
+    if not _on_gpu(work.runtime):
         return []
     from splitgraph.runtime.allocator import min_cap
     from splitgraph.units import format_bytes
 
-    cap = parse_bytes(cfg.pipeline.memory_cap)
-    floor, why = min_cap(cfg)
+    cap = parse_bytes(work.pipeline.memory_cap)
+    floor, why = min_cap(work, data)
     if cap >= floor:
         return []
     return [
-        f"pipeline.memory_cap={cfg.pipeline.memory_cap} ({cap:,} bytes) is below what PyTorch's "
+        f"pipeline.memory_cap={work.pipeline.memory_cap} ({cap:,} bytes) is below what PyTorch's "
         f"CUDA caching allocator can honour for this run: {why}, so the cap must be at least "
         f"{format_bytes(floor)} ({floor:,} bytes). Raise the cap to {format_bytes(floor)} or "
         "more, or run on the CPU (runtime.device=cpu), where the cap applies to an exact "
@@ -489,7 +541,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     ws = world_size_from_env() if world_size is None else world_size
     errors = _world_problems(ws)
     ranks = max(ws, 1)  # check the rest as for one rank
-    stages = num_stages(cfg, ranks)
+    stages = num_stages(cfg.pipeline, cfg.parallel, ranks)
     virtual = cfg.schedule.virtual_stages
     shape = _Shape(
         ranks=ranks,
@@ -500,7 +552,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         dp=cfg.parallel.dp,
     )
     errors += _model_problems(cfg.model, cfg.data)
-    errors += _pipeline_problems(cfg, shape)
+    errors += _pipeline_problems(Workload.of(cfg), cfg.data, shape)
     errors += _schedule_problems(cfg.schedule, cfg.pipeline.microbatches, shape)
     errors += _partition_problems(cfg.partition, shape)
     errors += _train_problems(cfg.train, cfg.trace)
@@ -569,9 +621,9 @@ def _replica_problems(stages: int | None, shape: _Shape) -> list[str]:
     return []
 
 
-def _memory_cap_problems(cfg: Any) -> list[str]:
+def _memory_cap_problems(work: Workload, data: DataConfig) -> list[str]:
     """pipeline.memory_cap: a size, and (GPU) one the caching allocator can honour."""
-    cap = cfg.pipeline.memory_cap
+    cap = work.pipeline.memory_cap
     if cap is None:
         return []
     errors: list[str] = []
@@ -580,8 +632,8 @@ def _memory_cap_problems(cfg: Any) -> list[str]:
     except ValueError as e:
         errors.append(f"pipeline.memory_cap={cap!r}: {e}")
     else:
-        errors += _gpu_cap_problems(cfg)
-    if not cfg.runtime.track_memory and cfg.runtime.device != Device.cuda:
+        errors += _gpu_cap_problems(work, data)
+    if not work.runtime.track_memory and work.runtime.device != Device.cuda:
         errors.append(
             f"pipeline.memory_cap={cap!r} is enforced on CPU through the "
             "saved-activation accounting, which runtime.track_memory=false turns off. "
@@ -608,23 +660,23 @@ def _microbatch_problems(mb: int, batch: int, dp: int) -> list[str]:
     return []
 
 
-def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
+def _pipeline_problems(work: Workload, data: DataConfig, shape: _Shape) -> list[str]:
     """Stages, replicas, memory cap, microbatches: how the work is cut across ranks."""
     from splitgraph.partition import STRATEGIES
 
-    errors = _replica_problems(cfg.pipeline.stages, shape)
+    errors = _replica_problems(work.pipeline.stages, shape)
     stages, v, dp = shape.stages, shape.virtual, shape.dp
-    batch = cfg.train.batch_size
+    batch = work.batch_size
     if stages < 1:
         errors.append(f"pipeline.stages={stages} must be >= 1.")
     if shape.chunks > shape.layers:
         what = f"{stages} stages" if v == 1 else f"{stages} ranks x {v} virtual stages"
         errors.append(
             f"{what} but the model has only {shape.layers} layers (model.hidden has "
-            f"{len(cfg.model.hidden)} entries + the output layer): every stage needs >= 1 layer. "
+            f"{len(work.model.hidden)} entries + the output layer): every stage needs >= 1 layer. "
             f"Use fewer stages or add layers to model.hidden."
         )
-    errors += _memory_cap_problems(cfg)
+    errors += _memory_cap_problems(work, data)
     if dp > 1 and batch % dp:
         lo = max(batch // dp * dp, dp)
         errors.append(
@@ -632,17 +684,17 @@ def _pipeline_problems(cfg: Any, shape: _Shape) -> list[str]:
             f"replica takes an equal share of every minibatch. Use a multiple of {dp} (e.g. "
             f"train.batch_size={lo})."
         )
-    errors += _pipeline_cost_problems(cfg.pipeline, cfg.costs, stages)
-    strat = cfg.partition.strategy
+    errors += _pipeline_cost_problems(work.pipeline, work.costs, stages)
+    strat = work.partition.strategy
     if strat in STRATEGIES and STRATEGIES[strat].costed and v > 1:
         *rest, last = [n for n, spec in STRATEGIES.items() if not spec.costed]
         errors.append(
             f"partition={strat} prices one stage per rank; schedule.virtual_stages={v} puts {v} "
             f"on each. Use partition={', '.join(rest)} or {last} with virtual stages."
         )
-    errors += _microbatch_problems(cfg.pipeline.microbatches, cfg.train.batch_size, dp)
-    if cfg.parallel.bucket_mb <= 0:
-        errors.append(f"parallel.bucket_mb={cfg.parallel.bucket_mb} must be > 0 (MiB).")
+    errors += _microbatch_problems(work.pipeline.microbatches, batch, dp)
+    if work.parallel.bucket_mb <= 0:
+        errors.append(f"parallel.bucket_mb={work.parallel.bucket_mb} must be > 0 (MiB).")
     return errors
 
 

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from splitgraph.config import (
+    CostsConfig,
     OptimName,
     PipelineConfig,
     TimeSource,
-    num_stages,
+    Workload,
     recompute_stages,
 )
 from splitgraph.cost.link import Link
@@ -209,7 +210,7 @@ class ModelCosts:
         return AutoInput(ranks, len(self.sizes), costs, stages // ranks, cap, memory, "bytes")
 
 
-def auto_schedule(cfg: Any, ranks: int, bounds: Sequence[int]) -> Schedule:
+def auto_schedule(work: Workload, ranks: int, bounds: Sequence[int]) -> Schedule:
     """schedule=auto for a training run: `plan_auto` on the planner's costs of this plan
     (`bounds`, ranks x schedule.virtual_stages stages) at each replica's microbatch sizes,
     within each rank's pipeline.memory_cap (exact bytes). Deterministic for equal costs;
@@ -217,7 +218,7 @@ def auto_schedule(cfg: Any, ranks: int, bounds: Sequence[int]) -> Schedule:
     from splitgraph.schedule.auto import plan_auto
 
     stages = len(bounds) - 1
-    mc = model_costs(cfg, stages, link=link_from_config(cfg, measure=False))
+    mc = model_costs(work, stages, link=link_from_config(work.pipeline, work.costs, measure=False))
     return plan_auto(mc.auto_input(bounds, ranks)).schedule
 
 
@@ -232,66 +233,64 @@ def devices_from_config(p: PipelineConfig, stages: int) -> tuple[Device, ...]:
     )
 
 
-def link_from_config(cfg: Any, measure: bool = True) -> Link:
+def link_from_config(p: PipelineConfig, costs: CostsConfig, measure: bool = True) -> Link:
     """`pipeline.bandwidth`/`latency` if set, else the measured (cached) gloo link."""
-    p = cfg.pipeline
     if p.bandwidth is not None:
         return Link(float(parse_bytes(p.bandwidth)), float(p.latency or 0.0), "configured")
     if not measure:
         return Link(float("inf"), float(p.latency or 0.0), "none (pipeline.bandwidth unset)")
     from splitgraph.cost.profiler import measured_link
 
-    link = measured_link(cfg.costs)
+    link = measured_link(costs)
     if p.latency is not None:
         link = Link(link.bandwidth, float(p.latency), link.source + ", configured latency")
     return link
 
 
 def model_costs(
-    cfg: Any,
+    work: Workload,
     stages: int | None = None,
     link: Link | None = None,
     device: torch.device | str = "cpu",
     times: bool = True,
 ) -> ModelCosts:
-    """The cost model for `cfg` on `stages` stages: profiles (or FLOP-prices) every layer at
+    """The cost model for `work` on `stages` stages: profiles (or FLOP-prices) every layer at
     the run's microbatch size, reads the devices and the link (measured if not configured
     and `link` is not given). `times=False` skips the times (memory-only questions)."""
-    k = num_stages(cfg, 1) if stages is None else stages
-    dtype = torch_dtype(cfg.runtime.dtype)
+    k = work.num_stages(1) if stages is None else stages
+    dtype = torch_dtype(work.runtime.dtype)
     es = torch.empty((), dtype=dtype).element_size()
-    layers = layer_specs(cfg)
+    layers = layer_specs(work.model)
     # each data-parallel replica cuts its own B/dp rows into the microbatches
-    local = cfg.train.batch_size // max(cfg.parallel.dp, 1)
-    sizes = tuple(microbatch_sizes(local, cfg.pipeline.microbatches))
-    source = TimeSource(cfg.costs.times)
+    sizes = tuple(microbatch_sizes(work.local_batch, work.pipeline.microbatches))
+    source = TimeSource(work.costs.times)
     if not times:
         fwd = bwd = (0.0,) * len(layers)
-        link = link or link_from_config(cfg, measure=False)
+        link = link or link_from_config(work.pipeline, work.costs, measure=False)
     elif source == TimeSource.flops:
-        rate = cfg.costs.flops_per_s
+        rate = work.costs.flops_per_s
         pairs = [flops(layer, sizes[0], layer.index == len(layers) - 1) for layer in layers]
         fwd = tuple(f / rate for f, _ in pairs)
         bwd = tuple(b / rate for _, b in pairs)
     else:
         from splitgraph.cost.profiler import profile_layers
 
-        times = profile_layers(cfg, sizes[0], dtype, torch.device(device))
+        times = profile_layers(work.model, work.costs, sizes[0], dtype, torch.device(device))
         fwd = tuple(t[0] for t in times)
         bwd = tuple(t[1] for t in times)
     return ModelCosts(
         layers=layers,
-        shape=ModelShape.from_config(cfg, es),
+        shape=ModelShape.of(work.model, es),
         sizes=sizes,
         forward=fwd,
         backward=bwd,
-        link=link if link is not None else link_from_config(cfg),
-        devices=devices_from_config(cfg.pipeline, k),
-        optimizer_slots=optimizer_slots(cfg.optim),
-        optimizer_scalar_bytes=optimizer_scalar_bytes(cfg.optim),
+        link=link if link is not None else link_from_config(work.pipeline, work.costs),
+        devices=devices_from_config(work.pipeline, k),
+        optimizer_slots=optimizer_slots(work.optim),
+        optimizer_scalar_bytes=optimizer_scalar_bytes(work.optim),
         time_source=source.value if times else "none",
-        schedule_name=cfg.schedule.name,
-        recompute=frozenset(recompute_stages(cfg.schedule, k)),
+        schedule_name=work.schedule.name,
+        recompute=frozenset(recompute_stages(work.schedule, k)),
     )
 
 

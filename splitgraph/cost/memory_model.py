@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from splitgraph.config import Activation, RuntimeConfig, Task
+from splitgraph.config import Activation, ModelConfig, RuntimeConfig, Task
 from splitgraph.schedule.ir import Action, B, F, I, Schedule, W
 
 #: Key of one saved tensor on a rank: (global tensor name, microbatch).
@@ -60,12 +60,12 @@ class ModelShape:
         return len(self.dims) - 1
 
     @staticmethod
-    def from_config(cfg: object, element_size: int) -> ModelShape:
+    def of(model: ModelConfig, element_size: int) -> ModelShape:
+        """The shape of the model section's MLP at `element_size` bytes per element."""
         from splitgraph.model import layer_dims
 
-        m = cfg.model  # type: ignore[attr-defined]
         return ModelShape(
-            tuple(layer_dims(cfg)), Activation(m.activation), Task(m.task), element_size
+            tuple(layer_dims(model)), Activation(model.activation), Task(model.task), element_size
         )
 
 

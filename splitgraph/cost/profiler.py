@@ -91,12 +91,17 @@ def _sync(device: torch.device) -> None:
 
 
 def time_layer(
-    cfg: Any, index: int, n: int, dtype: torch.dtype, device: torch.device
+    model: ModelConfig,
+    costs: CostsConfig,
+    index: int,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> dict[str, float]:
     """Median and fastest forward and backward seconds of layer `index` for `n` rows."""
-    module = build_mlp(cfg, index, index + 1, dtype, device)
+    module = build_mlp(model, index, index + 1, dtype, device)
     last = module.is_last
-    task = Task(cfg.model.task)
+    task = Task(model.task)
     gen = torch.Generator().manual_seed(index)
     x = torch.randn(n, module.in_features, generator=gen).to(dtype=dtype, device=device)
     x.requires_grad_(index > 0)
@@ -107,7 +112,7 @@ def time_layer(
         target = torch.randn(n, out_f, generator=gen).to(dtype=dtype, device=device)
     grad = torch.randn(n, out_f, generator=gen).to(dtype=dtype, device=device)
     fwd, bwd = [], []
-    warmup, repeats = cfg.costs.warmup, cfg.costs.repeats
+    warmup, repeats = costs.warmup, costs.repeats
     for r in range(warmup + repeats):
         for p in module.parameters():
             p.grad = None
@@ -148,17 +153,17 @@ def _layer_key(m: ModelConfig, index: int, n: int, dtype: torch.dtype, device: t
 
 
 def profile_layers(
-    cfg: Any, n: int, dtype: torch.dtype, device: torch.device
+    model: ModelConfig, costs: CostsConfig, n: int, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[float, float]]:
     """(forward, backward) seconds per layer for microbatches of `n` rows (costs.statistic
     of the repeats); cached."""
-    dims = [cfg.model.in_features, *cfg.model.hidden, cfg.model.out_features]
-    keys = [_layer_key(cfg.model, i, n, dtype, device) for i in range(len(dims) - 1)]
-    suffix = "_min" if cfg.costs.statistic == "min" else ""
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+    dims = [model.in_features, *model.hidden, model.out_features]
+    keys = [_layer_key(model, i, n, dtype, device) for i in range(len(dims) - 1)]
+    suffix = "_min" if costs.statistic == "min" else ""
+    with _Cache(cache_dir(costs)).locked() as data:
         for i, key in enumerate(keys):
             if key not in data or f"forward{suffix}" not in data[key]:
-                data[key] = time_layer(cfg, i, n, dtype, device)
+                data[key] = time_layer(model, costs, i, n, dtype, device)
         return [
             (float(data[k][f"forward{suffix}"]), float(data[k][f"backward{suffix}"])) for k in keys
         ]

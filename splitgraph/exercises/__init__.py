@@ -14,18 +14,20 @@ walks through all five; results/exercises/ holds the committed outputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from splitgraph.config import DataConfig, Workload
 from splitgraph.data import BatchOrder, load_dataset
 
 
-def first_batch(cfg: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Minibatch 0 as training draws it (`BatchOrder(seed).indices(0)`), on the CPU."""
-    ds = load_dataset(cfg).to(dtype, "cpu")
-    order = BatchOrder(ds.num_train, cfg.train.batch_size, cfg.data.shuffle, cfg.train.seed)
+def first_batch(
+    data: DataConfig, work: Workload, seed: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Minibatch 0 as training draws it (`BatchOrder(train.seed).indices(0)`), on the CPU."""
+    ds = load_dataset(data, work).to(dtype, "cpu")
+    order = BatchOrder(ds.num_train, work.batch_size, data.shuffle, seed)
     idx = order.indices(0)
     return ds.X[idx], ds.y[idx]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from splitgraph.config import Workload
 from splitgraph.exercises import first_batch, table
 from splitgraph.model import build_mlp, objective
 from splitgraph.textbook import backprop, params_of
@@ -71,7 +72,7 @@ def run(cfg: Any) -> BiasResult:
         raise ValueError("exercise 2 shows what weight decay does: set optim.weight_decay > 0")
     act, task = str(cfg.model.activation.value), str(cfg.model.task.value)
     model = build_mlp(cfg, dtype=torch.float64)
-    x, y = first_batch(cfg, torch.float64)
+    x, y = first_batch(cfg.data, Workload.of(cfg), cfg.train.seed, torch.float64)
     objective(model, x, y, cfg.model.task, lam)[1].backward()
     params = params_of(model)
     hand = backprop(params, x, y, lam, act, task).grads

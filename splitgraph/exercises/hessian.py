@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splitgraph.config import ModelConfig, OptimConfig, Task
+from splitgraph.config import ModelConfig, OptimConfig, Task, Workload
 from splitgraph.exercises import first_batch
 from splitgraph.model import StageModule, build_mlp, objective
 from splitgraph.observe.memory import SavedTensorMeter
@@ -147,7 +147,7 @@ def run(cfg: Any, repeats: int = 20, eps: float = 1e-5, seed: int = 0) -> Hessia
         raise ValueError(f"--repeats {repeats}: need at least one repeat")
     obj = Objective.of(cfg.model, cfg.optim)
     model = build_mlp(cfg, dtype=torch.float64)
-    x, y = first_batch(cfg, torch.float64)
+    x, y = first_batch(cfg.data, Workload.of(cfg), cfg.train.seed, torch.float64)
     v = random_direction(model, seed)
     u = random_direction(model, seed + 1)
     Hv = hvp(model, x, y, obj, v)

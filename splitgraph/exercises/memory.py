@@ -14,7 +14,7 @@ Prediction (inference) keeps the parameters and nothing for a backward pass: run
 
 The first three are exact formulas (`predict_state`). Saved activations are predicted by the
 memory model (`predict_saved`, from splitgraph/cost/memory_model.py); `run` takes any function
-`(cfg, plan, schedule, sizes) -> bytes per stage` as `predict_saved`, and prints `n/a` without.
+`(workload, plan, schedule, sizes) -> bytes per stage` as `predict_saved`, and prints `n/a` without.
 
 Measured: for each schedule, one launch of `nproc` ranks (`run_ranks`, gloo) runs one training
 step through `PipelineEngine`, whose `SavedTensorMeter` counts the peak saved-for-backward bytes
@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from splitgraph.config import OptimName, load_config, validate
+from splitgraph.config import OptimName, Workload, load_config, validate
 from splitgraph.data import microbatch_sizes
 from splitgraph.exercises import first_batch, table
 from splitgraph.model import build_mlp, torch_dtype
@@ -45,19 +46,20 @@ from splitgraph.units import format_bytes
 ONE_STAGE_PER_RANK = tuple(name for name, spec in SCHEDULES.items() if not spec.virtual)
 
 
-def predict_saved(cfg: Any, plan: Plan, sched: Schedule, sizes: Sequence[int]) -> list[int]:
+def predict_saved(work: Workload, plan: Plan, sched: Schedule, sizes: Sequence[int]) -> list[int]:
     """The memory model's saved-activation peak per stage (one stage per rank here)."""
     from splitgraph.config import recompute_stages
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan
 
-    es = torch.empty((), dtype=torch_dtype(cfg.runtime.dtype)).element_size()
-    recompute = recompute_stages(cfg.schedule, plan.num_stages)
-    shape = ModelShape.from_config(cfg, es)
+    es = torch.empty((), dtype=torch_dtype(work.runtime.dtype)).element_size()
+    recompute = recompute_stages(work.schedule, plan.num_stages)
+    shape = ModelShape.of(work.model, es)
     return predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
 
 
-#: (cfg, plan, schedule, microbatch sizes) -> predicted peak saved-activation bytes per stage.
-SavedPredictor = Callable[[Any, Plan, Schedule, Sequence[int]], Sequence[int]]
+#: (workload, plan, schedule, microbatch sizes) -> predicted peak saved-activation bytes per
+#: stage.
+SavedPredictor = Callable[[Workload, Plan, Schedule, Sequence[int]], Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,9 @@ def measure_rank(rank: int, world: int, runs: list[list[str]]) -> list[dict[str,
     out = []
     for overrides in runs:
         cfg = load_config(overrides)
-        engine = PipelineEngine(cfg, rank, world)
-        x, y = first_batch(cfg, engine.dtype)
+        work = Workload.of(cfg)
+        engine = PipelineEngine(work, rank, world)
+        x, y = first_batch(cfg.data, work, cfg.train.seed, engine.dtype)
         engine.step(x, y)
         assert engine.meter is not None, "runtime.track_memory must stay on for exercise 3"
         state = engine.optimizer.state
@@ -182,14 +185,15 @@ def measure_rank(rank: int, world: int, runs: list[list[str]]) -> list[dict[str,
     return out
 
 
-def measure_inference(cfg: Any, plan: Plan) -> list[int]:
-    """Saved bytes of each stage's forward under no_grad, on minibatch 0 (single process)."""
-    dtype = torch_dtype(cfg.runtime.dtype)
-    h, _ = first_batch(cfg, dtype)
+def measure_inference(work: Workload, x: Tensor, plan: Plan) -> list[int]:
+    """Saved bytes of each stage's forward under no_grad, on the inputs `x` (minibatch 0;
+    single process)."""
+    dtype = torch_dtype(work.runtime.dtype)
+    h = x
     saved = []
     for s in range(plan.num_stages):
         r = plan.stage_range(s)
-        stage = build_mlp(cfg, r.start, r.stop, dtype)
+        stage = build_mlp(work.model, r.start, r.stop, dtype)
         meter = SavedTensorMeter(stage.parameters())
         with torch.no_grad(), meter:
             h = stage(h)
@@ -217,18 +221,22 @@ def run(
         ]
         cfgs[name] = cfg = load_config(ov)
         validate(cfg, nproc)
-        plans[name] = make_plan(cfg, nproc)
+        plans[name] = make_plan(Workload.of(cfg), nproc)
         sizes_of[name] = microbatch_sizes(cfg.train.batch_size, cfg.pipeline.microbatches)
         scheds[name] = build_schedule(name, nproc, len(sizes_of[name]))
         runs.append(ov)
     per_rank = run_ranks(measure_rank, nproc, runs, timeout=timeout)
-    inference = measure_inference(base, make_plan(base, nproc))
+    work = Workload.of(base)
+    x, _ = first_batch(base.data, work, base.train.seed, torch_dtype(work.runtime.dtype))
+    inference = measure_inference(work, x, make_plan(work, nproc))
     result: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(schedules):
         cfg, plan, sched, sizes = cfgs[name], plans[name], scheds[name], sizes_of[name]
         inflight = peak_inflight(sched)
         predicted_saved = (
-            list(predict_saved(cfg, plan, sched, sizes)) if predict_saved is not None else None
+            list(predict_saved(Workload.of(cfg), plan, sched, sizes))
+            if predict_saved is not None
+            else None
         )
         stages = []
         for s in range(plan.num_stages):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from splitgraph.config import Workload
 from splitgraph.exercises import first_batch, table
 from splitgraph.model import build_mlp
 from splitgraph.textbook import backprop, params_of
@@ -81,7 +82,7 @@ def closed_forms(n: int, m: int, seed: int = 0) -> list[Row]:
 def run(cfg: Any, n: int = 3, m: int = 5) -> ShapesResult:
     rows = closed_forms(n, m)
     model = build_mlp(cfg, dtype=torch.float64)
-    x, y = first_batch(cfg, torch.float64)
+    x, y = first_batch(cfg.data, Workload.of(cfg), cfg.train.seed, torch.float64)
     params = params_of(model)
     bp = backprop(
         params,

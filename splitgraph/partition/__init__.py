@@ -21,7 +21,7 @@ from splitgraph.partition.strategies import balanced, manual, uniform
 from splitgraph.plan import LayerSpec, Plan, layer_specs
 
 if TYPE_CHECKING:
-    from splitgraph.config import PartitionConfig
+    from splitgraph.config import PartitionConfig, Workload
     from splitgraph.cost.costs import ModelCosts
 
 __all__ = [
@@ -120,28 +120,28 @@ STRATEGIES: dict[str, StrategySpec] = {
 }
 
 
-def make_plan(cfg: Any, num_ranks: int, costs: ModelCosts | None = None) -> Plan:
-    """The plan for `cfg` on `num_ranks` ranks, `schedule.virtual_stages` stages per rank,
+def make_plan(work: Workload, num_ranks: int, costs: ModelCosts | None = None) -> Plan:
+    """The plan for `work` on `num_ranks` ranks, `schedule.virtual_stages` stages per rank,
     placed as the schedule places them (`schedule.placement_of`: the V schedules put stage s
     and 2p-1-s on rank s).
 
     A costed strategy (`time`, `memory`, `optimal`) reads the cost model; pass `costs` to
     reuse one (else it is built here: `time`/`optimal` profile the layers, cached on disk)."""
-    layers = layer_specs(cfg)
-    stages = num_ranks * cfg.schedule.virtual_stages
-    strategy = cfg.partition.strategy
+    layers = layer_specs(work.model)
+    stages = num_ranks * work.schedule.virtual_stages
+    strategy = work.partition.strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown partition strategy {strategy!r}")
     spec = STRATEGIES[strategy]
     if spec.costed:
-        bounds = costed_bounds(strategy, cfg, stages, costs)
+        bounds = costed_bounds(strategy, work, stages, costs)
     else:
-        bounds = spec.split(layers, stages, cfg.partition, None)
+        bounds = spec.split(layers, stages, work.partition, None)
     from splitgraph.schedule import placement_of
 
-    path = getattr(cfg.schedule, "path", None)
-    v = int(cfg.schedule.virtual_stages)
-    placement = placement_of(str(cfg.schedule.name), num_ranks, v, path=path)
+    path = getattr(work.schedule, "path", None)
+    v = int(work.schedule.virtual_stages)
+    placement = placement_of(str(work.schedule.name), num_ranks, v, path=path)
     if placement is not None and len(placement) != stages:
         placement = None  # a file for another shape: the engine's build names the mismatch
     return Plan(
@@ -154,7 +154,11 @@ def make_plan(cfg: Any, num_ranks: int, costs: ModelCosts | None = None) -> Plan
 
 
 def costed_bounds(
-    strategy: str, cfg: Any, stages: int, costs: ModelCosts | None = None, check: bool = True
+    strategy: str,
+    work: Workload,
+    stages: int,
+    costs: ModelCosts | None = None,
+    check: bool = True,
 ) -> tuple[int, ...]:
     """Bounds from a strategy that reads the cost model (splitgraph/partition/costed.py).
 
@@ -167,9 +171,11 @@ def costed_bounds(
     if not spec.costed:
         raise ValueError(f"partition strategy {strategy!r} reads no cost model")
     if costs is None:
-        link = None if "link" in spec.costs else link_from_config(cfg, measure=False)
-        costs = model_costs(cfg, stages, link=link, times="times" in spec.costs)
-    bounds = spec.split(layer_specs(cfg), stages, cfg.partition, costs)
+        link = None
+        if "link" not in spec.costs:
+            link = link_from_config(work.pipeline, work.costs, measure=False)
+        costs = model_costs(work, stages, link=link, times="times" in spec.costs)
+    bounds = spec.split(layer_specs(work.model), stages, work.partition, costs)
     if check:
         check_fits(costs, bounds)
     return bounds

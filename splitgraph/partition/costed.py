@@ -41,7 +41,7 @@ def _check_stages(costs: ModelCosts, stages: int) -> None:
     if stages != costs.num_stages:
         raise ValueError(
             f"the cost model describes {costs.num_stages} devices, not {stages} stages: build it "
-            "with model_costs(cfg, stages)"
+            "with model_costs(work, stages)"
         )
 
 

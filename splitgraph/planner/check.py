@@ -23,12 +23,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from splitgraph.config import Workload
 from splitgraph.partition import Plan, make_plan
 
 
-def shared_plan(cfg: Any, world_size: int) -> Plan:
+def shared_plan(work: Workload, world_size: int) -> Plan:
     """This rank's plan if alone; else rank 0's, broadcast to every rank."""
-    plan = make_plan(cfg, world_size)
+    plan = make_plan(work, world_size)
     if world_size > 1 and dist.is_initialized():
         box = [plan.bounds]
         dist.broadcast_object_list(box, src=0)
@@ -59,7 +60,7 @@ def same_schedule_everywhere(schedule: Any) -> None:
         )
 
 
-def measure_link(cfg: Any, engine: Any) -> Any:
+def measure_link(engine: Any) -> Any:
     """The configured link, else one measured between ranks 0 and 1 of this run (every rank
     calls this: it broadcasts).
 
@@ -70,8 +71,9 @@ def measure_link(cfg: Any, engine: Any) -> Any:
     from splitgraph.cost.costs import link_from_config
     from splitgraph.cost.link import Link
 
-    if cfg.pipeline.bandwidth is not None or engine.world_size == 1:
-        return link_from_config(cfg, measure=False)
+    work = engine.work
+    if work.pipeline.bandwidth is not None or engine.world_size == 1:
+        return link_from_config(work.pipeline, work.costs, measure=False)
     from splitgraph.cost.profiler import ping_pong
 
     # Replica 0's first two pipeline ranks (global ranks 0 and 1) measure; the rest wait.
@@ -119,27 +121,27 @@ def _median(values: list[float]) -> float | None:
 
 
 def compare(
-    cfg: Any,
     engine: Any,
     memories: list[dict[str, Any]],
     timeline: dict[str, Any] | None,
     step_times: list[float],
     link: Any,
 ) -> dict[str, Any]:
-    """Rank 0: the prediction for this run's plan, set against what the run measured."""
+    """Rank 0: the prediction for this run's plan (the engine's workload), set against what
+    the run measured."""
     from splitgraph.config import recompute_stages
     from splitgraph.cost.costs import model_costs
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
 
-    plan, sched, sizes = engine.plan, engine.schedule, engine.sizes
+    plan, sched, sizes, work = engine.plan, engine.schedule, engine.sizes, engine.work
     # replica 0's ranks are the pipeline's ranks 0..pp-1 (the replicas measure the same)
     measured_saved = {
         m["rank"]: m["saved_activation_peak_bytes"] for m in memories if m.get("replica", 0) == 0
     }
     out: dict[str, Any] = {}
-    if predictable(cfg.runtime):
-        shape = ModelShape.from_config(cfg, engine.dtype.itemsize)
-        recompute = recompute_stages(cfg.schedule, plan.num_stages)
+    if predictable(work.runtime):
+        shape = ModelShape.of(work.model, engine.dtype.itemsize)
+        recompute = recompute_stages(work.schedule, plan.num_stages)
         predicted = predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
         out["saved_peak_bytes_per_rank"] = [
             {
@@ -159,7 +161,7 @@ def compare(
         return out
     from splitgraph.planner.predict import predict
 
-    costs = model_costs(cfg, plan.num_stages, link=link, device=engine.device)
+    costs = model_costs(work, plan.num_stages, link=link, device=engine.device)
     pred = predict(plan, costs, sched)
     measured_costs = (timeline or {}).get("costs_per_stage_s") or {}
     stages = []

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from hydra.errors import HydraException
 
-    from splitgraph.config import load_config, validate
+    from splitgraph.config import Workload, load_config, validate
     from splitgraph.cost.costs import link_from_config, model_costs
     from splitgraph.observe.draw import draw_graph
     from splitgraph.partition import make_plan
@@ -72,16 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, nproc)
         threads = cfg.runtime.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
         torch.set_num_threads(int(threads))
-        link = link_from_config(cfg)
-        costs = model_costs(cfg, nproc, link=link)
-        plan = make_plan(cfg, nproc, costs)
+        work = Workload.of(cfg)
+        link = link_from_config(work.pipeline, work.costs)
+        costs = model_costs(work, nproc, link=link)
+        plan = make_plan(work, nproc, costs)
         prediction = predict(plan, costs)
         result = prediction.to_dict()
         print(prediction.table())
         if do_search:
             from splitgraph.planner import search
 
-            ranked = search.search(cfg, nproc, link)
+            ranked = search.search(work, nproc, link)
             print(f"\nsearch: {len(ranked)} candidates, best first")
             print(search.table(ranked, top))
             result["search"] = [c.to_dict() for c in ranked]

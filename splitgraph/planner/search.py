@@ -9,11 +9,10 @@ on are listed once with all their names.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from omegaconf import open_dict
-
+from splitgraph.config import Workload
 from splitgraph.cost.costs import model_costs
 from splitgraph.cost.link import Link
 from splitgraph.errors import PartitionError
@@ -74,41 +73,42 @@ def microbatch_options(batch: int, current: int) -> list[int]:
     return sorted(out)
 
 
-def _variant(cfg: Any, schedule: str, m: int, recompute: bool, strategy: str) -> Any:
-    c = copy.deepcopy(cfg)
-    with open_dict(c):
-        c.schedule.name = schedule
-        c.pipeline.microbatches = m
-        c.partition.strategy = strategy
-        if not REGISTRY[strategy].user_cuts:
-            c.partition.boundaries = None
-        if recompute:
-            c.schedule.recompute = True
-    return c
+def _variant(work: Workload, schedule: str, m: int, recompute: bool, strategy: str) -> Workload:
+    """`work` with another schedule, microbatch count, recomputation and strategy (copies of
+    the three sections it changes; the rest shared)."""
+    sched, pipe, part = (copy.deepcopy(x) for x in (work.schedule, work.pipeline, work.partition))
+    sched.name = schedule
+    pipe.microbatches = m
+    part.strategy = strategy
+    if not REGISTRY[strategy].user_cuts:
+        part.boundaries = None
+    if recompute:
+        sched.recompute = True
+    return replace(work, schedule=sched, pipeline=pipe, partition=part)
 
 
-def search(cfg: Any, stages: int, link: Link, device: Any = "cpu") -> list[Candidate]:
+def search(work: Workload, stages: int, link: Link, device: Any = "cpu") -> list[Candidate]:
     """Every candidate, best first."""
     strategies = list(STRATEGIES)
-    own = REGISTRY.get(cfg.partition.strategy)
+    own = REGISTRY.get(work.partition.strategy)
     if own is not None and own.user_cuts:  # the user's cut points: one more candidate
         strategies.append(own.name)
-    batch = cfg.train.batch_size
+    batch = work.batch_size
     found: dict[tuple[Any, ...], Candidate] = {}
     for schedule in SCHEDULES:
         counts = [1] if schedule == "naive" else [m for m in microbatch_options(batch, 2) if m > 1]
-        if schedule != "naive" and cfg.pipeline.microbatches > 1:
-            counts = sorted(set(counts) | {cfg.pipeline.microbatches})
+        if schedule != "naive" and work.pipeline.microbatches > 1:
+            counts = sorted(set(counts) | {work.pipeline.microbatches})
         for m in counts:
             for recompute in RECOMPUTE:
-                base = _variant(cfg, schedule, m, recompute, "uniform")
+                base = _variant(work, schedule, m, recompute, "uniform")
                 costs = model_costs(base, stages, link=link, device=device)
                 for strategy in strategies:
-                    c = _variant(cfg, schedule, m, recompute, strategy)
+                    c = _variant(work, schedule, m, recompute, strategy)
                     try:
                         if REGISTRY[strategy].costed:
                             bounds = costed_bounds(strategy, c, stages, costs, check=False)
-                            plan = Plan(layer_specs(c), bounds, strategy, stages)
+                            plan = Plan(layer_specs(c.model), bounds, strategy, stages)
                         else:
                             plan = make_plan(c, stages)
                     except PartitionError as e:

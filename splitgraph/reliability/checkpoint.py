@@ -66,7 +66,7 @@ from splitgraph.errors import CheckpointError
 from splitgraph.model import layer_dims
 
 if TYPE_CHECKING:
-    from splitgraph.config import ModelConfig, OptimName
+    from splitgraph.config import CheckpointConfig, ModelConfig, OptimName
 
 # DCP (and safeload, built on it) is imported where a checkpoint is read or written: importing
 # it costs about as much as `import torch`, and a run that starts afresh needs it only for its
@@ -305,9 +305,14 @@ def _load_checked(ck: Checkpoint) -> tuple[Metadata | None, str | None]:
     return meta, None
 
 
-def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata] | None:
-    """The checkpoint `checkpoint.resume` asks for, verified and checked against this
-    config, or None.
+def find_resume(
+    ck_cfg: CheckpointConfig,
+    model: ModelConfig,
+    ident: Mapping[str, Any],
+    quarantine: bool = True,
+) -> tuple[Checkpoint, Metadata] | None:
+    """The checkpoint `checkpoint.resume` asks for, verified and checked against this run's
+    `identity` (with checkpoint.strict) and its model's parameter shapes, or None.
 
     `auto`: the newest intact one in `checkpoint.dir` (none: start afresh, with a warning
     if damaged ones were skipped). Damaged ones are never loaded; with `quarantine` (rank 0)
@@ -316,11 +321,11 @@ def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata
     inside that directory; if it is damaged, a CheckpointError with the reason (an explicit
     path is not moved: it may not be this run's).
     """
-    mode = cfg.checkpoint.resume.strip()
+    mode = ck_cfg.resume.strip()
     if mode == "never":
         return None
     if mode == "auto":
-        candidates, damaged = scan(cfg.checkpoint.dir)
+        candidates, damaged = scan(ck_cfg.dir)
         skipped = []
         for bad in damaged:
             skipped.append(bad.path.name)
@@ -332,7 +337,7 @@ def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata
                 _set_aside(ck.path, reason, quarantine)
                 continue
             _warn_unverified(ck, quarantine)
-            _check_matches(ck, meta, cfg)
+            _check_matches(ck, meta, ident, model, ck_cfg.strict)
             if skipped and quarantine:
                 log.warning(
                     "resuming from %s instead: the newest intact checkpoint (the steps after "
@@ -343,7 +348,7 @@ def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata
         if skipped and quarantine:
             log.warning(
                 "no intact checkpoint left in %s (set aside: %s): training starts from step 0",
-                cfg.checkpoint.dir,
+                ck_cfg.dir,
                 ", ".join(skipped),
             )
         return None
@@ -367,7 +372,7 @@ def find_resume(cfg: Any, quarantine: bool = True) -> tuple[Checkpoint, Metadata
     if reason is not None:
         raise _refuse(str(one.path), reason, list_checkpoints(one.path.parent))
     _warn_unverified(one, quarantine)
-    _check_matches(one, meta, cfg)
+    _check_matches(one, meta, ident, model, ck_cfg.strict)
     return one, meta
 
 
@@ -428,9 +433,10 @@ def read_metadata(path: Path) -> Metadata:
     return read(path)
 
 
-def _check_matches(ck: Checkpoint, meta: Metadata, cfg: Any) -> None:
-    ident = identity(cfg)
-    if cfg.checkpoint.strict and ck.meta.get("config_hash") != config_hash(ident):
+def _check_matches(
+    ck: Checkpoint, meta: Metadata, ident: Mapping[str, Any], model: ModelConfig, strict: bool
+) -> None:
+    if strict and ck.meta.get("config_hash") != config_hash(ident):
         saved = ck.meta.get("identity", {})
         diff = [
             f"{k}: saved {saved.get(k)!r}, now {ident.get(k)!r}"
@@ -449,7 +455,7 @@ def _check_matches(ck: Checkpoint, meta: Metadata, cfg: Any) -> None:
         for k, v in meta.state_dict_metadata.items()
         if k.startswith("model.")
     }
-    check_fits(shapes, param_shapes(cfg.model), f"checkpoint {ck.path}")
+    check_fits(shapes, param_shapes(model), f"checkpoint {ck.path}")
 
 
 # -- reading one rank's share ------------------------------------------------------------------
@@ -556,9 +562,12 @@ def rank_tensors(engine: Any, rank: int) -> dict[str, Tensor]:
     return out
 
 
-def marker(cfg: Any, engine: Any, step: int, steps_per_epoch: int, world_size: int) -> dict:
-    """splitgraph.json: what a resume checks and a person reads."""
-    ident = identity(cfg)
+def marker(
+    ident: Mapping[str, Any], engine: Any, step: int, steps_per_epoch: int, world_size: int
+) -> dict:
+    """splitgraph.json: what a resume checks (the run's `identity`) and a person reads; the
+    batch and the optimizer are the engine's."""
+    work = engine.work
     epoch, in_epoch = divmod(step, max(1, steps_per_epoch))
     return {
         "format": FORMAT,
@@ -567,11 +576,11 @@ def marker(cfg: Any, engine: Any, step: int, steps_per_epoch: int, world_size: i
             "next_step": step,
             "epoch": epoch,
             "batch_in_epoch": in_epoch,
-            "samples_seen": step * cfg.train.batch_size,
+            "samples_seen": step * work.batch_size,
         },
         "config_hash": config_hash(ident),
         "identity": ident,
-        "optimizer": str(cfg.optim.name.value),
+        "optimizer": str(work.optim.name.value),
         "world_size": world_size,
         "plan": engine.plan.to_dict(),
         "schedule": engine.schedule.name,

@@ -80,10 +80,10 @@ def predicted_saved_peak(engine: Any) -> int | None:
     from splitgraph.config import recompute_stages
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
 
-    if not predictable(engine.cfg.runtime):
+    if not predictable(engine.work.runtime):
         return None
-    shape = ModelShape.from_config(engine.cfg, engine.dtype.itemsize)
-    recompute = recompute_stages(engine.cfg.schedule, engine.plan.num_stages)
+    shape = ModelShape.of(engine.work.model, engine.dtype.itemsize)
+    recompute = recompute_stages(engine.work.schedule, engine.plan.num_stages)
     peaks = predict_for_plan(shape, engine.plan.bounds, engine.sizes, engine.schedule, recompute)
     return int(peaks[engine.rank])
 
@@ -101,7 +101,7 @@ def accounting(engine: Any, cap: int | None, measured: bool) -> dict[str, Any]:
         saved = engine.meter.peak if engine.meter is not None else None
     else:
         grads = p
-        opt = predicted_optimizer_bytes(engine.cfg.optim, params)
+        opt = predicted_optimizer_bytes(engine.work.optim, params)
         buckets = p if sync is not None else 0  # every gradient, flattened, at `finish`
         saved = predicted_saved_peak(engine)
     total = p + grads + opt + buckets + (saved or 0)

@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from splitgraph.config import DataConfig, DataName, RuntimeConfig, Task, recompute_stages
+from splitgraph.config import (
+    DataConfig,
+    DataName,
+    RuntimeConfig,
+    Task,
+    Workload,
+    recompute_stages,
+)
 from splitgraph.errors import DataError, OutOfMemory
 from splitgraph.units import format_bytes, parse_bytes
 
@@ -115,18 +122,17 @@ class Preflight:
 # -- the data ----------------------------------------------------------------------------
 
 
-def data_load_bytes(cfg: Any, machine: int | None = None) -> tuple[int, Any]:
+def data_load_bytes(d: DataConfig, work: Workload, machine: int | None = None) -> tuple[int, Any]:
     """(bytes one loading rank takes to load the data, the file's header or None)."""
     from splitgraph.data import data_dtype, load_bytes
     from splitgraph.datafile import read_header
 
-    d = cfg.data
-    dtype = data_dtype(cfg.runtime)
+    dtype = data_dtype(work.runtime)
     es = torch.empty((), dtype=dtype).element_size()
     name = DataName(d.name)
     if name == DataName.file:
-        header = read_header(Path(str(d.path)), data_limit(cfg.data, machine))
-        return load_bytes(header, dtype, Task(cfg.model.task)), header
+        header = read_header(Path(str(d.path)), data_limit(d, machine))
+        return load_bytes(header, dtype, Task(work.model.task)), header
     if name == DataName.synthetic:  # generated in float32, then the run's train/test copy
         per_row = (int(d.features) + int(d.outputs)) * (4 + es)
         return int(d.samples) * per_row, None
@@ -139,19 +145,19 @@ def loading_ranks(layout: Any, plan: Any, ranks: Sequence[int]) -> list[int]:
     return [r for r in ranks if layout.coords(r)[1] in ends]
 
 
-def _check_data(cfg: Any, loaders: int, machine: int | None = None) -> int:
+def _check_data(data: DataConfig, work: Workload, loaders: int, machine: int | None = None) -> int:
     """Refuse data that `loaders` ranks of one node cannot load within the data bound;
     returns what one of them takes."""
     from splitgraph.data import data_dtype, too_big_message
 
-    per_loader, header = data_load_bytes(cfg, machine)
-    limit = data_limit(cfg.data, machine)
+    per_loader, header = data_load_bytes(data, work, machine)
+    limit = data_limit(data, machine)
     if loaders and per_loader * loaders > limit:
         if header is None:
             raise DataError(
-                f"data={cfg.data.name} takes about {format_bytes(per_loader)} on each of "
+                f"data={data.name} takes about {format_bytes(per_loader)} on each of "
                 f"{loaders} rank(s) on this node, over the data bound of "
-                f"{format_bytes(limit)} ({bound_name(cfg.data, machine)}). Use fewer "
+                f"{format_bytes(limit)} ({bound_name(data, machine)}). Use fewer "
                 "data.samples, or raise data.max_memory."
             )
         raise DataError(
@@ -160,14 +166,16 @@ def _check_data(cfg: Any, loaders: int, machine: int | None = None) -> int:
                 per_loader,
                 loaders,
                 limit,
-                data_dtype(cfg.runtime),
-                bound_name(cfg.data, machine),
+                data_dtype(work.runtime),
+                bound_name(data, machine),
             )
         )
     return per_loader
 
 
-def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
+def resolve_data(
+    data: DataConfig, work: Workload, world_size: int, node: Sequence[int]
+) -> str | None:
     """At the entrance (every rank, splitgraph-check): refuse a data file this node cannot
     load, from its header alone, then read data.features/outputs from it where null.
 
@@ -176,30 +184,32 @@ def resolve_data(cfg: Any, world_size: int, node: Sequence[int]) -> str | None:
     """
     from splitgraph.data import fill_shape_from_file
 
-    if DataName(cfg.data.name) == DataName.file and cfg.data.path:
+    if DataName(data.name) == DataName.file and data.path:
         try:  # which ranks hold the first and last stage needs only the layout
             from splitgraph.runtime.mesh import layout_of
 
-            layout = layout_of(cfg, world_size)
+            layout = layout_of(work.pipeline, work.parallel, world_size)
             from splitgraph.schedule import placement_of
 
-            virtual = max(cfg.schedule.virtual_stages, 1)
-            where = placement_of(
-                str(cfg.schedule.name), layout.pp, virtual, path=cfg.schedule.path
-            ) or tuple(range(layout.pp))  # auto chooses later: every rank may load
+            sched = work.schedule
+            virtual = max(sched.virtual_stages, 1)
+            where = placement_of(str(sched.name), layout.pp, virtual, path=sched.path)
+            where = where or tuple(range(layout.pp))  # auto chooses later: every rank may load
             ends = {where[0], where[-1]} if len(where) == layout.pp * virtual else set(where)
             loaders = [r for r in node if 0 <= r < layout.world_size]
             loaders = [r for r in loaders if layout.coords(r)[1] in ends]
         except (ValueError, ZeroDivisionError):  # an invalid layout: validate names it
             loaders = list(node)
-        _check_data(cfg, len(loaders))
-    return fill_shape_from_file(cfg)
+        _check_data(data, work, len(loaders))
+    return fill_shape_from_file(data, work.model.task, work.runtime)
 
 
 # -- the model ---------------------------------------------------------------------------
 
 
-def price_ranks(cfg: Any, layout: Any, plan: Any, schedule: Any = None) -> list[dict[str, Any]]:
+def price_ranks(
+    work: Workload, layout: Any, plan: Any, schedule: Any = None
+) -> list[dict[str, Any]]:
     """Every global rank's accounted bytes, from the plan alone: what
     `memcap.accounting(engine, cap, measured=False)` will say once the model exists."""
     from splitgraph.cost.memory_model import ModelShape, predict_for_plan, predictable
@@ -208,30 +218,30 @@ def price_ranks(cfg: Any, layout: Any, plan: Any, schedule: Any = None) -> list[
     from splitgraph.reliability.memcap import cap_bytes, optimizer_bytes_for
     from splitgraph.schedule import build_schedule
 
-    dtype = torch_dtype(cfg.runtime.dtype)
+    dtype = torch_dtype(work.runtime.dtype)
     es = torch.empty((), dtype=dtype).element_size()
-    local = cfg.train.batch_size // layout.dp
-    sizes = microbatch_sizes(local, cfg.pipeline.microbatches)
+    local = work.batch_size // layout.dp
+    sizes = microbatch_sizes(local, work.pipeline.microbatches)
     peaks: list[int] | None = None
-    if predictable(cfg.runtime):
+    if predictable(work.runtime):
         sched = schedule or build_schedule(
-            cfg.schedule.name,
+            work.schedule.name,
             layout.pp,
             len(sizes),
-            cfg.schedule.virtual_stages,
-            path=cfg.schedule.path,
+            work.schedule.virtual_stages,
+            path=work.schedule.path,
         )
-        shape = ModelShape.from_config(cfg, es)
-        recompute = recompute_stages(cfg.schedule, plan.num_stages)
+        shape = ModelShape.of(work.model, es)
+        recompute = recompute_stages(work.schedule, plan.num_stages)
         peaks = predict_for_plan(shape, plan.bounds, sizes, sched, recompute)
-    cap = cap_bytes(cfg.pipeline)
+    cap = cap_bytes(work.pipeline)
     records = []
     for rank in range(layout.world_size):
         p = layout.coords(rank)[1]
         layers = [plan.layers[i] for s in plan.stages_of(p) for i in plan.stage_range(s)]
         params = sum(layer.params for layer in layers) * es
         tensors = sum(2 if layer.bias else 1 for layer in layers)
-        opt = optimizer_bytes_for(cfg.optim, params, tensors)
+        opt = optimizer_bytes_for(work.optim, params, tensors)
         saved = peaks[p] if peaks is not None else None
         buckets = params if layout.dp > 1 else 0  # every gradient, flattened, at the all-reduce
         records.append(
@@ -272,7 +282,8 @@ def _largest_layer_note(runtime: RuntimeConfig, optim: Any, plan: Any, cap: int)
 
 
 def check_launch(
-    cfg: Any,
+    data: DataConfig,
+    work: Workload,
     layout: Any,
     plan: Any,
     node: Sequence[int],
@@ -291,12 +302,12 @@ def check_launch(
     machine = machine_memory() if machine is None else machine
     devices = list(devices) if devices is not None else [torch.device("cpu")] * len(node)
     loaders = loading_ranks(layout, plan, node)
-    per_loader = _check_data(cfg, len(loaders), machine)
+    per_loader = _check_data(data, work, len(loaders), machine)
 
-    records = price_ranks(cfg, layout, plan, schedule)
-    cap = memcap.cap_bytes(cfg.pipeline)
+    records = price_ranks(work, layout, plan, schedule)
+    cap = memcap.cap_bytes(work.pipeline)
     if cap is not None:
-        note = _largest_layer_note(cfg.runtime, cfg.optim, plan, cap)
+        note = _largest_layer_note(work.runtime, work.optim, plan, cap)
         memcap.check(records, cap, PHASE, note=note)
 
     # Each device of this node against its own memory; the data is held on the host.
@@ -313,9 +324,7 @@ def check_launch(
         need = sum(b for _, b in items)
         if need > capacity[key]:
             raise _over_machine(key, need, capacity[key], items, records, loaders, per_loader)
-    return Preflight(
-        records, per_loader, loaders, list(node), capacity, data_limit(cfg.data, machine)
-    )
+    return Preflight(records, per_loader, loaders, list(node), capacity, data_limit(data, machine))
 
 
 def _device_memory(dev: torch.device) -> int:

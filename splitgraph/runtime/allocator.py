@@ -21,7 +21,10 @@ its size; the CUDA context itself is outside the allocator and outside the cap.)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from splitgraph.config import DataConfig, Workload
 
 SMALL_SIZE = 1 << 20  # kSmallSize: the largest request served from the small pool
 SMALL_SEGMENT = 2 << 20  # kSmallBuffer
@@ -40,37 +43,37 @@ def segment_bytes(request: int) -> int:
     return ROUND_LARGE * math.ceil(request / ROUND_LARGE)
 
 
-def largest_tensor(cfg: Any) -> tuple[int, str]:
+def largest_tensor(work: Workload, data: DataConfig) -> tuple[int, str]:
     """The run's largest single tensor on any rank, in bytes, and what it is: a weight (its
     gradient and optimizer slots are the same size), a microbatch's widest activation, or the
     training inputs kept on the device (synthetic data, `data.on_device`)."""
     from splitgraph.config import DataName
 
-    p_item = {"float64": 8}.get(str(_value(cfg.runtime.dtype)), 4)  # bf16: float32 masters
-    c_item = {"float64": 8, "bfloat16": 2}.get(str(_value(cfg.runtime.dtype)), 4)
-    m = cfg.model
+    p_item = {"float64": 8}.get(str(_value(work.runtime.dtype)), 4)  # bf16: float32 masters
+    c_item = {"float64": 8, "bfloat16": 2}.get(str(_value(work.runtime.dtype)), 4)
+    m = work.model
     dims = [int(m.in_features), *(int(h) for h in m.hidden), int(m.out_features)]
     found = []
     i = max(range(len(dims) - 1), key=lambda k: dims[k] * dims[k + 1])
     found.append(
         (dims[i] * dims[i + 1] * p_item, f"the weight of layer {i} ({dims[i]} x {dims[i + 1]})")
     )
-    dp = max(cfg.parallel.dp, 1)  # each replica runs B/dp rows in m microbatches
-    rows = math.ceil(max(cfg.train.batch_size // dp, 1) / max(cfg.pipeline.microbatches, 1))
+    # each replica runs B/dp rows in m microbatches
+    rows = math.ceil(max(work.local_batch, 1) / max(work.pipeline.microbatches, 1))
     width = max(dims)
     found.append((rows * width * c_item, f"an activation of {rows} rows x {width} units"))
-    if DataName(_value(cfg.data.name)) == DataName.synthetic and cfg.data.on_device:
-        n = cfg.data.samples
-        train = n - int(n * cfg.data.test_fraction)
+    if DataName(_value(data.name)) == DataName.synthetic and data.on_device:
+        n = data.samples
+        train = n - int(n * data.test_fraction)
         found.append(
             (train * dims[0] * p_item, f"the training inputs on the device ({train} x {dims[0]})")
         )
     return max(found)
 
 
-def min_cap(cfg: Any) -> tuple[int, str]:
+def min_cap(work: Workload, data: DataConfig) -> tuple[int, str]:
     """The smallest cap the allocator can honour for this run, and why."""
-    size, what = largest_tensor(cfg)
+    size, what = largest_tensor(work, data)
     seg = segment_bytes(size)
     if size <= SMALL_SIZE:
         return seg, f"its largest tensor, {what}, fits one {seg >> 20} MiB small-pool segment"

@@ -29,6 +29,7 @@ from splitgraph.config import (
     ParallelConfig,
     Task,
     Transport,
+    Workload,
     recompute_stages,
 )
 from splitgraph.data import microbatch_sizes
@@ -75,7 +76,7 @@ def placed(plan: Plan, schedule: Schedule, adopt: bool = False) -> Plan:
 
 
 def schedule_for_run(
-    cfg: Any, pp: int, plan: Plan, microbatches: int | None = None
+    work: Workload, pp: int, plan: Plan, microbatches: int | None = None
 ) -> tuple[Schedule, Plan]:
     """The run's schedule and its plan placed as the schedule places it, before anything
     is allocated (train.run, splitgraph-check, the engine): a generated schedule from
@@ -84,17 +85,15 @@ def schedule_for_run(
     per replica (default: from the config's batch, dp and pipeline.microbatches)."""
     m = microbatches
     if m is None:
-        dp = max(int(cfg.parallel.dp), 1)
-        rows = int(cfg.train.batch_size) // dp
-        m = len(microbatch_sizes(rows, int(cfg.pipeline.microbatches)))
-    name = str(cfg.schedule.name)
+        m = len(microbatch_sizes(work.local_batch, int(work.pipeline.microbatches)))
+    name = str(work.schedule.name)
     if name == "auto":
         from splitgraph.cost.costs import auto_schedule
 
-        sched = auto_schedule(cfg, pp, plan.bounds)
+        sched = auto_schedule(work, pp, plan.bounds)
     else:
-        v = int(cfg.schedule.virtual_stages)
-        sched = build_schedule(name, pp, m, v, path=getattr(cfg.schedule, "path", None))
+        v = int(work.schedule.virtual_stages)
+        sched = build_schedule(name, pp, m, v, path=getattr(work.schedule, "path", None))
     return sched, placed(plan, sched, adopt=SCHEDULES[name].generate is None)
 
 
@@ -138,7 +137,7 @@ def _grad_sync(stages: dict[int, StageModule], dp_group: Any, parallel: Parallel
 class PipelineEngine:
     def __init__(
         self,
-        cfg: Any,
+        work: Workload,
         rank: int = 0,
         world_size: int = 1,
         group: Any = None,
@@ -159,49 +158,49 @@ class PipelineEngine:
         granularity (runtime/guard.py; None: no guard). Prefer `from_mesh`."""
         import torch.distributed as dist
 
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.work, self.rank, self.world_size = work, rank, world_size
         self.device = torch.device(device)
-        self.dtype = torch_dtype(cfg.runtime.dtype)  # parameters and data
-        self.compute_dtype = compute_dtype(cfg.runtime.dtype)  # activations between stages
+        self.dtype = torch_dtype(work.runtime.dtype)  # parameters and data
+        self.compute_dtype = compute_dtype(work.runtime.dtype)  # activations between stages
         self.transport = transport or (
-            "staged" if Transport(cfg.runtime.transport) == Transport.staged else "direct"
+            "staged" if Transport(work.runtime.transport) == Transport.staged else "direct"
         )
-        self.task = Task(cfg.model.task)
-        self.batch_size = cfg.train.batch_size  # the global minibatch B
-        self.weight_decay = cfg.optim.weight_decay
+        self.task = Task(work.model.task)
+        self.batch_size = work.batch_size  # the global minibatch B
+        self.weight_decay = work.optim.weight_decay
         self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.dp_rank = dist.get_rank(dp_group) if dp_group is not None else 0
         if self.batch_size % self.dp:
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by dp={self.dp}")
         #: rows of each minibatch this replica runs: [dp_rank * local, (dp_rank + 1) * local)
         self.local_batch = self.batch_size // self.dp
-        self.plan: Plan = plan if plan is not None else make_plan(cfg, world_size)
-        self.sizes = microbatch_sizes(self.local_batch, cfg.pipeline.microbatches)
+        self.plan: Plan = plan if plan is not None else make_plan(work, world_size)
+        self.sizes = microbatch_sizes(self.local_batch, work.pipeline.microbatches)
         if schedule is None:
-            schedule, self.plan = schedule_for_run(cfg, world_size, self.plan, len(self.sizes))
-        adopt = SCHEDULES[cfg.schedule.name].generate is None  # auto, csv
+            schedule, self.plan = schedule_for_run(work, world_size, self.plan, len(self.sizes))
+        adopt = SCHEDULES[work.schedule.name].generate is None  # auto, csv
         self.schedule: Schedule = schedule
         self.plan = placed(self.plan, schedule, adopt)
         self.stages: dict[int, StageModule] = _build_stages(
-            cfg.model, self.plan, rank, self.dtype, self.device, self.schedule.split_backward
+            work.model, self.plan, rank, self.dtype, self.device, self.schedule.split_backward
         )
-        self.recompute = recompute_stages(cfg.schedule, self.plan.num_stages) & set(self.stages)
-        self.optimizer = make_optimizer(cfg.optim, self.parameters())
-        self.meter = SavedTensorMeter(self.parameters()) if cfg.runtime.track_memory else None
+        self.recompute = recompute_stages(work.schedule, self.plan.num_stages) & set(self.stages)
+        self.optimizer = make_optimizer(work.optim, self.parameters())
+        self.meter = SavedTensorMeter(self.parameters()) if work.runtime.track_memory else None
         p2p_class = StagedP2P if self.transport == "staged" else P2P
         self.p2p = p2p_class(
             rank,
             group,
-            verbose=cfg.runtime.verbose,
+            verbose=work.runtime.verbose,
             replicas=replicas,
             channels=channels,
-            timeout=timedelta(seconds=cfg.runtime.timeout),  # every wait's bound
+            timeout=timedelta(seconds=work.runtime.timeout),  # every wait's bound
             links=schedule_channels(self.schedule),
         )
         #: each stage's gradients summed over its replicas (data parallel)
         self.gradsync: GradSync | None = None
         if self.dp > 1:
-            self.gradsync = _grad_sync(self.stages, dp_group, cfg.parallel)
+            self.gradsync = _grad_sync(self.stages, dp_group, work.parallel)
         #: the numerical guard the executor reports to; train.py reads its events
         self.guard: FiniteGuard | None = None
         if nan_check is not None:
@@ -226,7 +225,7 @@ class PipelineEngine:
     @classmethod
     def from_mesh(
         cls,
-        cfg: Any,
+        work: Workload,
         mesh: Any,
         device: torch.device | str = "cpu",
         transport: str | None = None,
@@ -241,7 +240,7 @@ class PipelineEngine:
 
         g = MeshGroups.from_mesh(mesh)
         return cls(
-            cfg,
+            work,
             g.pp_rank,
             g.pp_size,
             g.pp_group,

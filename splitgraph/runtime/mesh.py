@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from splitgraph.config import num_stages
+from splitgraph.config import ParallelConfig, PipelineConfig, num_stages
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,10 @@ class Layout:
         return "\n".join(rows)
 
 
-def layout_of(cfg: Any, world_size: int) -> Layout:
-    """The layout a validated config asks for on `world_size` ranks."""
-    return Layout(dp=cfg.parallel.dp, pp=num_stages(cfg, world_size))
+def layout_of(pipeline: PipelineConfig, parallel: ParallelConfig, world_size: int) -> Layout:
+    """The layout a validated config's pipeline and parallel sections ask for on
+    `world_size` ranks."""
+    return Layout(dp=parallel.dp, pp=num_stages(pipeline, parallel, world_size))
 
 
 def build_mesh(layout: Layout, device_type: str, timeout: timedelta | None = None) -> Any:

@@ -35,7 +35,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from splitgraph.schedule import SCHEDULES, Costs, Schedule, build_schedule, render_ascii, simulate
 from splitgraph.schedule.allreduce import (
@@ -45,6 +45,9 @@ from splitgraph.schedule.allreduce import (
     with_allreduce,
 )
 from splitgraph.schedule.simulate import SimResult
+
+if TYPE_CHECKING:
+    from splitgraph.config import ScheduleConfig, Workload
 
 
 def _costs_from_run(run_dir: Path, num_stages: int) -> tuple[Costs, str]:
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hydra.errors import HydraException
 
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
 
     auto_table = None
     try:
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cap is not None and name != "auto":
             raise ValueError(f"--cap is auto's memory cap; schedule={name} has its own memory")
         if name == "csv":
-            sched = _load_csv(cfg)
+            sched = _load_csv(cfg.schedule, cfg.pipeline.stages)
         ranks = cfg.pipeline.stages if name != "csv" else sched.num_ranks
         if ranks is None:
             raise ValueError("pass pipeline.stages=P: the number of ranks to simulate")
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name != "csv":
             sched = build_schedule(name, int(ranks), m, v)
         sim = simulate(sched, costs)
-        dp = _data_parallel(args, cfg, sched, sim) if args.dp != 1 else None
+        dp = _data_parallel(args, Workload.of(cfg), sched, sim) if args.dp != 1 else None
         if dp is not None:
             costs_text += f", dp={args.dp}"
         if args.to_csv is not None:
@@ -230,13 +233,12 @@ def _schedule_shorthand(overrides: list[str]) -> list[str]:
     return list(overrides)
 
 
-def _load_csv(cfg: Any) -> Schedule:
+def _load_csv(schedule: ScheduleConfig, stages: int | None) -> Schedule:
     from splitgraph.schedule.interop import load_csv
 
-    path = cfg.schedule.path
+    path = schedule.path
     if path is None:
         raise ValueError("schedule=csv reads a file: add schedule.path=FILE.csv")
-    stages = cfg.pipeline.stages
     return load_csv(str(path), num_ranks=None if stages is None else int(stages))
 
 
@@ -256,7 +258,7 @@ def _costs(args: argparse.Namespace, stages: int) -> tuple[Costs, str, str]:
 
 
 def _data_parallel(
-    args: argparse.Namespace, cfg: Any, sched: Schedule, sim: SimResult
+    args: argparse.Namespace, work: Workload, sched: Schedule, sim: SimResult
 ) -> DataParallelStep:
     """The step with `--dp` replicas' gradient all-reduce added."""
     if args.dp < 1:
@@ -274,11 +276,11 @@ def _data_parallel(
         from splitgraph.model import torch_dtype
         from splitgraph.partition import make_plan
 
-        plan = make_plan(cfg, sched.num_ranks)
-        size = torch_dtype(cfg.runtime.dtype).itemsize
+        plan = make_plan(work, sched.num_ranks)
+        size = torch_dtype(work.runtime.dtype).itemsize
         link = Link("given", args.dp_bandwidth * 1e9, args.dp_latency_us * 1e-6)
         nbytes = [plan.stage_params(s) * size for s in range(sched.num_stages)]
-        times = stage_allreduce_times(nbytes, args.dp, link, cfg.parallel.bucket_mb * 2**20)
+        times = stage_allreduce_times(nbytes, args.dp, link, work.parallel.bucket_mb * 2**20)
     else:
         raise ValueError("--dp needs --allreduce T (cost units) or --dp-bandwidth GB/s")
     return with_allreduce(sim, sched, times, overlap=not args.no_overlap)

@@ -25,7 +25,7 @@ def check_main(argv: list[str] | None = None) -> int:
     nproc, per_node, args = parsed
     from hydra.errors import HydraException
 
-    from splitgraph.config import load_config, validate
+    from splitgraph.config import Workload, load_config, validate
     from splitgraph.data import load_dataset, microbatch_sizes
     from splitgraph.errors import OutOfMemory
     from splitgraph.partition import make_plan
@@ -35,21 +35,22 @@ def check_main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args, fill_data=False)
-        found = preflight.resolve_data(cfg, nproc, range(per_node))
+        work = Workload.of(cfg)  # what the planner, pre-flight and the engine read
+        found = preflight.resolve_data(cfg.data, work, nproc, range(per_node))
         validate(cfg, nproc)
-        layout = layout_of(cfg, nproc)
-        plan = make_plan(cfg, layout.pp)
+        layout = layout_of(cfg.pipeline, cfg.parallel, nproc)
+        plan = make_plan(work, layout.pp)
         rows = cfg.train.batch_size // layout.dp
         sizes = microbatch_sizes(rows, cfg.pipeline.microbatches)
-        sched, plan = schedule_for_run(cfg, layout.pp, plan)  # auto: from the costs
+        sched, plan = schedule_for_run(work, layout.pp, plan)  # auto: from the costs
         try:
             devices = preflight.node_devices(cfg.runtime, per_node)
         except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
             raise SplitgraphError(str(e)) from None
         checked = preflight.check_launch(
-            cfg, layout, plan, range(per_node), devices, schedule=sched
+            cfg.data, work, layout, plan, range(per_node), devices, schedule=sched
         )
-        dataset = load_dataset(cfg)  # every value, as the ranks will read it
+        dataset = load_dataset(cfg.data, work)  # every value, as the ranks will read it
     except OutOfMemory as e:
         print(f"splitgraph-check: {e}", file=sys.stderr)
         return 3

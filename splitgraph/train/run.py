@@ -61,6 +61,7 @@ from splitgraph.config import (
     CheckpointConfig,
     Config,
     TrainConfig,
+    Workload,
     as_container,
     register_configs,
     register_resolvers,
@@ -111,7 +112,8 @@ def run(cfg: DictConfig | Config, env: DistEnv | None = None) -> dict[str, Any] 
     """
     env = env or DistEnv.from_environ()
     node = preflight.node_ranks(env.rank, env.local_rank, env.local_world_size)
-    found = preflight.resolve_data(cfg, env.world_size, node)  # data=file: bound, then shape
+    # data=file: the bound, then the shape
+    found = preflight.resolve_data(cfg.data, Workload.of(cfg), env.world_size, node)
     if found and env.rank == 0:
         log.info("%s", found)
     validate(cfg, env.world_size)
@@ -138,13 +140,14 @@ def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[s
 
     # Data and checkpoints are read before the process group exists: a bad file stops this
     # rank at once, and torchrun then stops the others.
-    layout = layout_of(cfg, env.world_size)
+    work = Workload.of(cfg)  # what the planner, pre-flight and the engine read
+    layout = layout_of(cfg.pipeline, cfg.parallel, env.world_size)
     # the plan placed as the schedule places its stages (V: stage s and 2p-1-s on rank s;
     # auto chooses its placement with its order, from the planner's costs)
-    schedule, plan = schedule_for_run(cfg, layout.pp, make_plan(cfg, layout.pp))
+    schedule, plan = schedule_for_run(work, layout.pp, make_plan(work, layout.pp))
     try:  # the data file's header and the model's bytes, before either is allocated
         devices = preflight.node_devices(cfg.runtime, len(node))
-        preflight.check_launch(cfg, layout, plan, node, devices, schedule=schedule)
+        preflight.check_launch(cfg.data, work, layout, plan, node, devices, schedule=schedule)
     except OutOfMemory as e:
         # Every rank reaches this verdict alone and exits; torchrun may stop rank 0 before it
         # writes summary.json, so each rank leaves the record the harness reads (atomically).
@@ -153,14 +156,16 @@ def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[s
         raise record.out_of_memory(e, torch.device("cpu"), phase) from None
     _, pp_rank = layout.coords(env.rank)
     needs_data = pp_rank in (plan.rank_of(0), plan.rank_of(plan.num_stages - 1))
-    dataset = load_dataset(cfg) if needs_data else None
+    dataset = load_dataset(cfg.data, work) if needs_data else None
     if dataset is not None and env.rank == 0:
         log.info("%s", dataset.describe())
     init_state = None
     if cfg.checkpoint.init_from:
         init_state = checkpoint.load_model_pt(cfg.checkpoint.init_from, cfg.model)
     resume = None
-    found = checkpoint.find_resume(cfg, quarantine=env.rank == 0)  # rank 0 moves damaged ones
+    ident = checkpoint.identity(cfg)  # what a resumed checkpoint must match
+    # rank 0 moves damaged ones aside
+    found = checkpoint.find_resume(cfg.checkpoint, cfg.model, ident, quarantine=env.rank == 0)
     if found is not None:
         ck, meta = found
         names = checkpoint.names_held(cfg.model, plan, pp_rank)  # every replica loads the same
@@ -306,7 +311,7 @@ def _setup(
     device, backend = placement.device, placement.backend
     torch.manual_seed(cfg.train.seed)
     tracer = make_tracer(device, enabled=cfg.trace.enabled)
-    engine = _engine(cfg, layout, placement, tracer, schedule)
+    engine = _engine(Workload.of(cfg), layout, placement, tracer, schedule)
     guard = engine.guard
     assert guard is not None  # asked for: nan_check
     if init_state is not None:
@@ -394,7 +399,7 @@ def _data_order(
 
 
 def _engine(
-    cfg: Config,
+    work: Workload,
     layout: Layout,
     placement: Placement,
     tracer: Tracer,
@@ -402,33 +407,33 @@ def _engine(
 ) -> PipelineEngine:
     """This rank's engine on rank 0's plan (and, for schedule=auto, the order every rank
     agrees it built); on a DeviceMesh when there are several ranks."""
-    plan = shared_plan(cfg, layout.pp)  # rank 0's plan on every rank
+    plan = shared_plan(work, layout.pp)  # rank 0's plan on every rank
     # auto and csv are built from what each rank reads (costs, a file); a generated schedule
     # is a function of (p, m, v), which validate already made equal everywhere
-    built_from_files = SCHEDULES[cfg.schedule.name].generate is None
+    built_from_files = SCHEDULES[work.schedule.name].generate is None
     if schedule is not None and built_from_files and layout.world_size > 1:
         same_schedule_everywhere(schedule)
     device, backend = placement.device, placement.backend
     if layout.world_size > 1:  # DeviceMesh's device type follows the backend (gloo: "cpu")
-        wait = timedelta(seconds=cfg.runtime.timeout)  # every group's bound on a wait
+        wait = timedelta(seconds=work.runtime.timeout)  # every group's bound on a wait
         mesh = build_mesh(layout, "cuda" if backend == "nccl" else "cpu", timeout=wait)
         return PipelineEngine.from_mesh(
-            cfg,
+            work,
             mesh,
             device,
             transport=placement.transport,
             plan=plan,
             tracer=tracer,
-            nan_check=cfg.runtime.nan_check,
+            nan_check=work.runtime.nan_check,
             schedule=schedule,
         )
     return PipelineEngine(
-        cfg,
+        work,
         device=device,
         transport=placement.transport,
         plan=plan,
         tracer=tracer,
-        nan_check=cfg.runtime.nan_check,
+        nan_check=work.runtime.nan_check,
         schedule=schedule,
     )
 
@@ -566,7 +571,7 @@ def _finish(run: _Run, st: _Progress) -> dict[str, Any] | None:
     )
     # the link prices the predicted times, which need one stage per rank; every rank takes part
     timed = s.costs.report and engine.plan.num_stages == engine.plan.num_ranks
-    link = measure_link(s, engine) if timed else None
+    link = measure_link(engine) if timed else None
     memories, merged = _gather(engine, env, _memory_record(run, st, trained_peaks))
     if not run.is_main:
         return None
@@ -582,7 +587,7 @@ def _finish(run: _Run, st: _Progress) -> dict[str, Any] | None:
         final["train"] = evaluate(s.model, merged, ds.X, ds.y, engine.dtype, scale)
     summary = _summary(run, st, final, memories, comms, timeline)
     summary["prediction"] = (
-        compare(s, engine, memories, timeline, st.step_times, link) if s.costs.report else None
+        compare(engine, memories, timeline, st.step_times, link) if s.costs.report else None
     )
     summary["checkpoint"] = st.last_saved
     summary["torch"] = torch.__version__
@@ -890,7 +895,8 @@ def _save(run: _Run, done: int) -> str:
     meta = None
     if run.is_main:
         spe = run.order.steps_per_epoch if run.order is not None else 0
-        meta = checkpoint.marker(run.config, run.engine, done, spe, env.world_size)
+        ident = checkpoint.identity(run.config)
+        meta = checkpoint.marker(ident, run.engine, done, spe, env.world_size)
     path = checkpoint.save(
         run.engine,
         ck.dir,
