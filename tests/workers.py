@@ -189,6 +189,7 @@ def precision_worker(rank: int, world: int, cases: list[list[str]]) -> list[dict
                 "grad_dtypes": sorted({str(p.grad.dtype) for p in engine.parameters()}),
                 "transfer_dtypes": sorted({str(d) for d in seen}),
                 "p2p": type(engine.p2p).__name__,
+                "grads": {k: g.detach().float().cpu() for k, g in got.items()},
             }
         )
     return out
