@@ -236,3 +236,19 @@ def environ_worker(rank: int, world: int, name: str) -> str | None:
     import os
 
     return os.environ.get(name)
+
+
+def schedule_agreement_worker(rank: int, world: int, names: list[str]) -> list[str]:
+    """Per case, `same_schedule_everywhere` on schedule `names[case][rank]`: 'agree' or its error."""
+    from splitgraph.errors import ConfigError
+    from splitgraph.planner.check import same_schedule_everywhere
+    from splitgraph.schedule import build_schedule
+
+    out = []
+    for per_rank in names:
+        try:
+            same_schedule_everywhere(build_schedule(per_rank[rank], world, 4))
+            out.append("agree")
+        except ConfigError as e:
+            out.append(str(e))
+    return out
