@@ -238,8 +238,8 @@ def environ_worker(rank: int, world: int, name: str) -> str | None:
     return os.environ.get(name)
 
 
-def schedule_agreement_worker(rank: int, world: int, names: list[str]) -> list[str]:
-    """Per case, `same_schedule_everywhere` on schedule `names[case][rank]`: 'agree' or its error."""
+def schedule_agreement_worker(rank: int, world: int, names: list[list[str]]) -> list[str]:
+    """Per case, `same_schedule_everywhere` on `names[case][rank]`: "agree" or its error."""
     from splitgraph.errors import ConfigError
     from splitgraph.planner.check import same_schedule_everywhere
     from splitgraph.schedule import build_schedule
