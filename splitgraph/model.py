@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from splitgraph.config import Activation, DType, ModelConfig, Task
 
@@ -66,34 +67,71 @@ def layer_dims(model: ModelConfig) -> list[int]:
 
 
 class WeightGradStore:
-    """The weight-gradient halves of one deferred backward (zero-bubble's W).
+    """The weight-gradient halves of one backward cut in two (zero-bubble's I and W).
 
-    While a store is active (`deferring`), a layer's backward computes only the gradient
-    w.r.t. its input, `dJ/dx = dz W`, and keeps `(x, dz)`; `run()` later does the rest of the
-    chapter's formula, `dJ/dW = dz^T x` (and `dJ/db = sum dz`). Together they are exactly one
-    full backward: nothing is computed twice. `meter`, if given, counts the kept tensors.
+    While the store records (`recording`), each split layer's forward notes its weight,
+    bias, input `x` and the autograd edge of its output `z = W x (+ b)` (an edge names the
+    node, it keeps no tensor alive). `input_grad` (I) then runs autograd towards those
+    edges and the stage input only: every node forms its input gradient, none forms
+    `dJ/dW` (autograd skips what no requested input needs), and the `dz` reaching each
+    edge is kept. `run` (W) does the rest of the chapter's formula, `dJ/dW = dz^T x` (and
+    `dJ/db = sum dz`). Together they are exactly one full backward: nothing is computed
+    twice, and the forward is plain `F.linear` (no autograd.Function on the hot path).
+
+        F:  x -> [z0 = W0 x] -> h1 -> [z1 = W1 h1] -> ...     records (W0, x, edge z0), ...
+        I:  grad -> ... dz1 -> dh1 -> dz0 -> dx              keeps dz1, dz0; no dJ/dW
+        W:  dJ/dW1 = dz1^T h1,  dJ/dW0 = dz0^T x
+
+    `meter`, if given, counts the kept tensors (each linear's input and output gradient).
     """
 
     def __init__(self, meter: Any = None) -> None:
+        self.layers: list[tuple[nn.Parameter, nn.Parameter | None, Tensor, Any]] = []
         self.jobs: list[tuple[nn.Parameter, nn.Parameter | None, Tensor, Tensor]] = []
         self.meter = meter
 
-    def defer(self, weight: nn.Parameter, bias: nn.Parameter | None, x: Tensor, dz: Tensor) -> None:
-        if self.meter is not None:
-            self.meter.hold(x)
-            self.meter.hold(dz)
-        self.jobs.append((weight, bias, x, dz))
+    def linear(self, x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> Tensor:
+        """`F.linear`, noted for I and W. Under autocast the input is cast first, as
+        autocast would, so the tensor kept for W is the one autograd keeps."""
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+        z = F.linear(x, weight, bias)
+        self.layers.append((weight, bias, x, get_gradient_edge(z)))
+        return z
+
+    def input_grad(self, target: Tensor, grad: Tensor | None, x: Tensor | None) -> Tensor | None:
+        """I: backpropagate `grad` from `target` to the stage input `x` (None: the first
+        stage, whose input needs no gradient); keep each layer's `dz` for W. Returns dx."""
+        if self.meter is not None:  # autograd releases them as it goes; W still needs them
+            for _, _, a, _ in self.layers:
+                self.meter.hold(a)
+        edges = [edge for *_, edge in self.layers]
+        wanted = [x, *edges] if x is not None else edges
+        grads = torch.autograd.grad(target, wanted, grad)
+        dzs = grads[1:] if x is not None else grads
+        for (weight, bias, a, _), dz in zip(self.layers, dzs, strict=True):
+            if self.meter is not None:
+                self.meter.hold(dz)
+            self.jobs.append((weight, bias, a, dz))
+        self.layers.clear()
+        return grads[0] if x is not None else None
 
     @torch.no_grad()
     def run(self) -> None:
+        """W: form and accumulate every deferred weight (and bias) gradient."""
         for weight, bias, x, dz in self.jobs:
-            _accumulate(weight, dz.t().mm(x).to(weight.dtype))
+            _accumulate(weight, _as(dz.t().mm(x), weight.dtype))
             if bias is not None:
-                _accumulate(bias, dz.sum(0).to(bias.dtype))
+                _accumulate(bias, _as(dz.sum(0), bias.dtype))
             if self.meter is not None:
                 self.meter.drop(x)
                 self.meter.drop(dz)
         self.jobs.clear()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _accumulate(p: nn.Parameter, g: Tensor) -> None:
@@ -103,64 +141,32 @@ def _accumulate(p: nn.Parameter, g: Tensor) -> None:
         p.grad.add_(g)
 
 
-#: The store that layer backwards defer into, set by `deferring`. A plain global, not a
-#: thread-local: autograd runs CUDA backwards on its own threads.
-_ACTIVE_STORE: WeightGradStore | None = None
+#: The store that split layers record into, set by `recording`. A plain global, not a
+#: thread-local: only the executor's thread runs forwards.
+_RECORDING: WeightGradStore | None = None
 
 
-class deferring:
-    """Within this block, split-backward layers defer their weight gradients into `store`."""
+class recording:
+    """Within this block, split layers note what I and W need in `store` (see WeightGradStore)."""
 
     def __init__(self, store: WeightGradStore) -> None:
         self.store = store
 
     def __enter__(self) -> WeightGradStore:
-        global _ACTIVE_STORE
-        _ACTIVE_STORE = self.store
+        global _RECORDING
+        _RECORDING = self.store
         return self.store
 
     def __exit__(self, *exc: object) -> None:
-        global _ACTIVE_STORE
-        _ACTIVE_STORE = None
-
-
-class _SplitLinear(torch.autograd.Function):
-    """`F.linear` whose backward can leave the weight gradient for later (see WeightGradStore).
-
-    Under autocast it casts as autocast would (inputs and weight to the autocast dtype) and
-    keeps the cast input for W; gradients come back in each input's own dtype, so float32
-    master weights get float32 gradients.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> Tensor:
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        xc, wc = x.to(dtype), weight.to(dtype)
-        bc = bias.to(dtype) if bias is not None else None
-        ctx.save_for_backward(xc)
-        ctx.weight, ctx.bias, ctx.x_dtype = weight, bias, x.dtype
-        with torch.autocast(dev, enabled=False):
-            return F.linear(xc, wc, bc)
-
-    @staticmethod
-    def backward(ctx: Any, dz: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        weight, bias = ctx.weight, ctx.bias
-        dx = dz.mm(weight.to(dz.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        store = _ACTIVE_STORE
-        if store is not None:
-            store.defer(weight, bias, x, dz)
-            return dx, None, None
-        db = dz.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dz.t().mm(x).to(weight.dtype), db
+        global _RECORDING
+        _RECORDING = None
 
 
 class Layer(nn.Module):
     """One layer of the chapter's graph: `z = W x (+ b)`, then `h = phi(z)` unless it is last.
 
-    With `split_backward` set (zero-bubble schedules), the linear map keeps its weight gradient
-    for a later W action when a WeightGradStore is active; otherwise it is plain `F.linear`.
+    The linear map is `F.linear`; while a WeightGradStore records (zero-bubble's I and W),
+    it is noted there too, so the backward can leave its weight gradient for a later W.
     """
 
     def __init__(
@@ -174,11 +180,11 @@ class Layer(nn.Module):
             self.register_parameter("bias", None)
         self.activation = activation
         self._phi = _ACTIVATIONS[activation] if activation is not None else None
-        self.split_backward = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.split_backward:
-            z = _SplitLinear.apply(x, self.weight, self.bias)
+        store = _RECORDING
+        if store is not None:
+            z = store.linear(x, self.weight, self.bias)
         else:
             z = F.linear(x, self.weight, self.bias)
         return self._phi(z) if self._phi is not None else z

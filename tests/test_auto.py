@@ -193,3 +193,18 @@ def test_the_docstring_picture_auto_against_zb1() -> None:
         "rank 1 | .  .  F0 F1 F2 F3 .  I0 W0 I1 W1 I2 W2 I3 F4 W3 .  .  .  I4 W4 .  .",
         "rank 2 | .  .  .  .  F0 I0 F1 I1 F2 I2 F3 I3 W0 W1 W2 W3 F4 I4 W4 .  .  .  .",
     ]
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_built_different_schedules_all_stop_naming_them() -> None:
+    """schedule=auto's order is built on each rank from its own costs: a rank whose order
+    differs from rank 0's would pair the wrong transfers, so every rank stops, naming it."""
+    from splitgraph.spawn import run_ranks
+    from tests.workers import schedule_agreement_worker
+
+    cases = [["1f1b", "1f1b"], ["1f1b", "gpipe"]]
+    per_rank = run_ranks(schedule_agreement_worker, 2, cases, timeout=90)
+    assert [r[0] for r in per_rank] == ["agree", "agree"]
+    for r in per_rank:  # both ranks, the same message
+        assert "built a different schedule on ranks [1] than on rank 0" in r[1], r[1]
+        assert "costs.times=flops" in r[1]

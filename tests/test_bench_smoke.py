@@ -42,3 +42,17 @@ def test_startup_bench_times_a_launch(tmp_path: Path, capsys: pytest.CaptureFixt
     (run,) = json.loads(out.read_text())["runs"]
     assert 0 < run["first_step_s"] <= run["exit_s"] and run["cpu_s"] > 0
     assert "| python -m splitgraph.train |" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(60)
+def test_split_bench_times_f_i_w_against_f_b(capsys: pytest.CaptureFixture[str]) -> None:
+    import math
+
+    from splitgraph.bench.split import main, measure
+
+    times = measure(TINY, (0, 2), 8, repeats=3, warmup=1)
+    assert set(times) == {"F", "B", "F_split", "I", "W"}
+    assert all(math.isfinite(v) and v > 0 for v in times.values()), times
+    assert main(["--rows", "8", "--repeats", "2", "--warmup", "1", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "rows     8:" in out and "(I+W)/B" in out and "layers [0, 1)" in out

@@ -71,7 +71,7 @@ def test_precision_table() -> None:
 def test_staged_transport_and_bf16_autocast_on_two_ranks() -> None:
     """Staging through host buffers changes nothing numerically (float64 to rounding); bf16
     autocast keeps float32 weights and gradients, sends bf16 between stages, and lands within
-    bf16's precision of the float32 gradients."""
+    bf16's precision of the float32 gradients; zb1 under autocast is 1f1b's backward, cut."""
     cases = [
         [
             "runtime.transport=staged",
@@ -88,6 +88,7 @@ def test_staged_transport_and_bf16_autocast_on_two_ranks() -> None:
         ],
         ["runtime.dtype=bfloat16", "schedule.name=1f1b", "pipeline.microbatches=3"],
         ["runtime.dtype=bfloat16", "schedule.name=zb1", "pipeline.microbatches=4"],
+        ["runtime.dtype=bfloat16", "schedule.name=1f1b", "pipeline.microbatches=4"],
         [
             "runtime.dtype=bfloat16",
             "schedule.name=gpipe",
@@ -107,6 +108,12 @@ def test_staged_transport_and_bf16_autocast_on_two_ranks() -> None:
             for r in results:
                 assert r["param_dtypes"] == ["torch.float32"] == r["grad_dtypes"]
                 assert r["transfer_dtypes"] == ["torch.bfloat16"]
+    # zb1's I and W are 1f1b's B cut in two, under autocast too: the same bf16 products,
+    # summed in float32 in the same order. Against each other, not against float32's 3e-2.
+    zb1, ofb = cases.index(cases[3]), cases.index(cases[4])
+    for r in per_rank:
+        assert r[zb1]["grads"], "no gradients on this rank"
+        torch.testing.assert_close(r[zb1]["grads"], r[ofb]["grads"], rtol=1e-6, atol=0)
 
 
 class _FakeNvml:

@@ -75,6 +75,9 @@ def test_train_help(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     assert {"1f1b", "gpipe", "interleaved", "zb1"} <= set(names)
     assert f"schedule: {', '.join(names)}\n" in page
     assert "common overrides" in page
+    from splitgraph.schedule import SCHEDULES  # the overrides name every registered schedule
+
+    assert f"schedule={'|'.join(SCHEDULES)}\n" in page and "zbv" in SCHEDULES
     assert "example:\n  torchrun --standalone --nproc-per-node 2 -m splitgraph.train" in page
 
 

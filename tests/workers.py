@@ -189,6 +189,7 @@ def precision_worker(rank: int, world: int, cases: list[list[str]]) -> list[dict
                 "grad_dtypes": sorted({str(p.grad.dtype) for p in engine.parameters()}),
                 "transfer_dtypes": sorted({str(d) for d in seen}),
                 "p2p": type(engine.p2p).__name__,
+                "grads": {k: g.detach().float().cpu() for k, g in got.items()},
             }
         )
     return out
@@ -235,3 +236,19 @@ def environ_worker(rank: int, world: int, name: str) -> str | None:
     import os
 
     return os.environ.get(name)
+
+
+def schedule_agreement_worker(rank: int, world: int, names: list[list[str]]) -> list[str]:
+    """Per case, `same_schedule_everywhere` on `names[case][rank]`: "agree" or its error."""
+    from splitgraph.errors import ConfigError
+    from splitgraph.planner.check import same_schedule_everywhere
+    from splitgraph.schedule import build_schedule
+
+    out = []
+    for per_rank in names:
+        try:
+            same_schedule_everywhere(build_schedule(per_rank[rank], world, 4))
+            out.append("agree")
+        except ConfigError as e:
+            out.append(str(e))
+    return out

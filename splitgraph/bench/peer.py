@@ -5,8 +5,9 @@
 
 Both systems train the same MLP, cut into the same uniform stages, on the same minibatches
 cut into the same microbatches, with the same loss scaling, L2 term and optimizer (see
-bench/torchpp.py): splitgraph's gpipe / 1f1b / interleaved (v=2) against the peer's
-ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B. Per world size one set of processes
+bench/torchpp.py): splitgraph's gpipe / 1f1b / interleaved (v=2) / zbv against the peer's
+ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B / ScheduleZBVZeroBubble (its stages
+on the V's ranks, I and W its own way). Per world size one set of processes
 (gloo, one thread each) runs every configuration:
 
 1. equal work: one step of each in float64; every rank compares its gradients with

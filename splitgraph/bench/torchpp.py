@@ -8,7 +8,8 @@ microbatch k contributes `loss_sum_k / B` to L; the peer's `loss_fn` returns exa
 and `scale_grads=False` stops its schedules from dividing the gradients by m again (with
 the default `scale_grads=True` they expect a per-microbatch *mean* loss instead).
 
-Stage s runs on rank s % p in both systems (the peer's "loop" placement for interleaving).
+Stage s runs on rank s % p in both systems (the peer's "loop" placement for interleaving),
+and for zbv on the V's rank (s, then 2p-1-s: the peer's "v" placement; the plan places it so).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ PEER_SCHEDULES = {
     "gpipe": ("ScheduleGPipe", 1),
     "1f1b": ("Schedule1F1B", 1),
     "interleaved": ("ScheduleInterleaved1F1B", 2),
+    "zbv": ("ScheduleZBVZeroBubble", 2),
 }
 
 
@@ -72,7 +74,10 @@ class TorchPipeline:
             )
         cls = getattr(pp, cls_name)
         self.schedule = cls(
-            stages if name == "interleaved" else stages[0], m, loss_fn=loss_fn, scale_grads=False
+            stages if PEER_SCHEDULES[name][1] > 1 else stages[0],
+            m,
+            loss_fn=loss_fn,
+            scale_grads=False,
         )
         self.holds_first = 0 in self.modules
         self.holds_last = plan.num_stages - 1 in self.modules

@@ -113,15 +113,12 @@ def _build_stages(
     rank: int,
     dtype: torch.dtype,
     device: torch.device,
-    split_backward: bool,
 ) -> dict[int, StageModule]:
-    """This rank's stages with their seeded weights; `split_backward`: zero-bubble I/W."""
+    """This rank's stages with their seeded weights."""
     stages = {}
     for s in plan.stages_of(rank):
         r = plan.stage_range(s)
         stages[s] = build_mlp(model, r.start, r.stop, dtype, device)
-        for layer in stages[s].layers.values():
-            layer.split_backward = split_backward
     return stages
 
 
@@ -182,7 +179,7 @@ class PipelineEngine:
         self.schedule: Schedule = schedule
         self.plan = placed(self.plan, schedule, adopt)
         self.stages: dict[int, StageModule] = _build_stages(
-            work.model, self.plan, rank, self.dtype, self.device, self.schedule.split_backward
+            work.model, self.plan, rank, self.dtype, self.device
         )
         self.recompute = recompute_stages(work.schedule, self.plan.num_stages) & set(self.stages)
         self.optimizer = make_optimizer(work.optim, self.parameters())

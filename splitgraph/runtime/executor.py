@@ -10,7 +10,8 @@ the gradient to send back, the posted receives and the deferred weight gradients
     SEND_F  isend the output's data                               (waited at step end)
     RECV_B  post irecv into a fresh [mb, out_features] buffer     (waited by B or I)
     B       autograd.backward(output, grad) or loss.backward(); keep x.grad
-    I       the same, but each layer keeps (x, dz) for W instead of forming dJ/dW
+    I       autograd towards the stage input only: no dJ/dW formed; each layer's dz kept
+            (its F noted each linear's input and output edge: model.WeightGradStore)
     W       dJ/dW = dz^T x (and dJ/db) from what I kept
     SEND_B  isend x.grad                                          (waited at step end)
 
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor
 
 from splitgraph.config import Task
-from splitgraph.model import StageModule, WeightGradStore, deferring, loss_sum
+from splitgraph.model import StageModule, WeightGradStore, loss_sum, recording
 from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.observe.trace import NULL_TRACER, Tracer
 from splitgraph.runtime.comm import P2P, Transfer
@@ -122,6 +123,8 @@ class Executor:
         self._grads_final = _last_weight_grad(self.program)
         self.last = schedule.num_stages - 1
         self._rank_of = schedule.stage_to_rank
+        #: (stage, mb) whose backward is an I: their forward records for I and W
+        self._split = {(a.stage, a.mb) for a in actions if a.op == I}
         #: records each action's start and end while `tracer.active` (observe/trace.py)
         self.tracer: Tracer = tracer if tracer is not None else NULL_TRACER
         #: called with a stage once its weight gradients of the step are final (data parallel)
@@ -287,7 +290,7 @@ class Executor:
                 self.meter.hold(x)
             st.inputs[(s, mb)] = x
         else:
-            out = stage(x)
+            out = self._stage_forward(st, s, mb, x)
             loss = self._loss(st, out, mb) if s == self.last else None
             if s > 0:
                 st.inputs[(s, mb)] = x
@@ -308,7 +311,7 @@ class Executor:
                 grad = self._take(st, Action(s, RECV_B, mb))
         if s in self.recompute:  # a forward: under the step's autocast, if any
             x = st.inputs[(s, mb)]
-            out = self.stages[s](x)
+            out = self._stage_forward(st, s, mb, x)
             target = self._loss(st, out, mb) if s == self.last else out
             if s == self.last:
                 st.outputs.pop((s, mb))  # the forward's value; the graph is `target`'s
@@ -316,18 +319,24 @@ class Executor:
                 self.meter.drop(x)  # autograd holds it now (saved by the first layer)
         else:
             target = st.outputs.pop((s, mb))
+        x = st.inputs.pop((s, mb), None)
         with self._no_autocast():
             if a.op == I:
-                store = WeightGradStore(self.meter)
-                with deferring(store):
-                    torch.autograd.backward(target, grad)
-                st.deferred[(s, mb)] = store
+                dx = st.deferred[(s, mb)].input_grad(target, grad, x if s > 0 else None)
             else:
                 torch.autograd.backward(target, grad)
-        x = st.inputs.pop((s, mb), None)
+                dx = x.grad if x is not None else None
         if s > 0:
-            assert x is not None and x.grad is not None
-            st.grads[(s, mb)] = x.grad
+            assert dx is not None
+            st.grads[(s, mb)] = dx
+
+    def _stage_forward(self, st: _Step, s: int, mb: int, x: Tensor) -> Tensor:
+        """The stage's forward with the graph; one whose backward is an I records for it."""
+        if (s, mb) not in self._split:
+            return self.stages[s](x)
+        store = st.deferred[(s, mb)] = WeightGradStore(self.meter)
+        with recording(store):
+            return self.stages[s](x)
 
     def _describe(self, item: object) -> str:
         if isinstance(item, tuple):

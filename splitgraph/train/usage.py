@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 
 from splitgraph.partition import STRATEGIES  # imports no torch: --help stays quick
+from splitgraph.schedule import SCHEDULES  # nor does this
 
 _PARTITIONS = "|".join(STRATEGIES)
+_SCHEDULES = "|".join(SCHEDULES)
 
 #: The overrides a newcomer needs first; every key of the config is listed by `--cfg job`.
 OVERRIDES = f"""\
@@ -21,7 +23,8 @@ common overrides (key=value, Hydra syntax; every key: python -m splitgraph.train
   data=synthetic|digits|file     data.path=X.npz (or .pt) with data=file
   partition={_PARTITIONS}
                                  how layers are cut into stages (partition.boundaries=[2,5])
-  schedule=1f1b|gpipe|zb1|interleaved|loopedbfs|naive
+  schedule={_SCHEDULES}
+                                 the order of forwards and backwards (splitgraph-schedule NAME)
   pipeline.microbatches=8        microbatches per minibatch
   pipeline.memory_cap=64MiB      per-device cap: over it the run stops out of memory
   parallel.dp=2                  data-parallel replicas (world size = stages x dp)
