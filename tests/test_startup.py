@@ -136,3 +136,74 @@ def test_optimizer_state_loads_back(tmp_path: Path) -> None:
     opt_b.step()
     for p, q in zip(a, b):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
+COUNT_COMPOSES = """
+import json, sys
+from hydra.core.hydra_config import HydraConfig
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+import splitgraph.train.run as R
+
+calls = []
+load = ConfigLoaderImpl.load_configuration
+def counted(self, *args, **kwargs):
+    calls.append(kwargs.get("run_mode"))
+    return load(self, *args, **kwargs)
+ConfigLoaderImpl.load_configuration = counted
+seen = []
+R.run = lambda cfg: seen.append((len(calls), str(HydraConfig.get().mode)))
+out = []
+for extra in ([], ["hydra.mode=MULTIRUN", "hydra.sweep.dir={tmp}/sweep"]):
+    calls.clear(); seen.clear()
+    sys.argv = ["splitgraph-train", "run_dir={tmp}/run", *extra]
+    R.main()
+    out.append({{"composes_before_run": seen[0][0], "mode": seen[0][1]}})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_hydra_composes_the_config_once(tmp_path: Path) -> None:
+    """`splitgraph-train` composes the config once before the run (Hydra's get_mode would
+    compose it a second time only to read hydra.mode); a hydra.mode override still wins."""
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_COMPOSES.format(tmp=tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, multirun = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plain == {"composes_before_run": 1, "mode": "RunMode.RUN"}
+    # the override is honoured: get_mode composes, as Hydra does, and the job is a sweep's
+    assert multirun["mode"] == "RunMode.MULTIRUN"
+    assert multirun["composes_before_run"] >= 2
+
+
+def test_no_packaged_config_sets_hydra_mode() -> None:
+    """compose_once's premise: no packaged config file sets hydra.mode, and Hydra's own
+    get_mode finds it unset for the default config, so answering None without composing is
+    exact; where an override can set it, Hydra's get_mode is asked."""
+    import yaml
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+
+    from splitgraph.config import register_configs, register_resolvers
+    from splitgraph.train.compose import mode_is_unset
+
+    files = sorted((Path(__file__).parents[1] / "splitgraph/conf").rglob("*.yaml"))
+    assert len(files) > 20
+    for f in files:
+        node = yaml.safe_load(f.read_text()) or {}
+        assert "mode" not in (node.get("hydra") or {}), f
+    register_configs()
+    register_resolvers()
+    hydra = Hydra.create_main_hydra2("train", create_config_search_path("pkg://splitgraph.conf"))
+    assert mode_is_unset([], [])
+    assert hydra.get_mode(config_name="config", overrides=[]) is None
+    assert hydra.get_mode(config_name="config", overrides=["hydra.mode=MULTIRUN"]) is not None
+    assert not mode_is_unset(["hydra.mode=MULTIRUN"], [])
+    assert not mode_is_unset(["hydra.searchpath=[file:///x]"], [])
+    assert not mode_is_unset([], ["--config-dir", "/x"])
+    assert not mode_is_unset([], ["-cn=other"])

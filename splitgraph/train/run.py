@@ -1009,6 +1009,8 @@ def main() -> None:
     """Console script and `python -m splitgraph.train`."""
     import hydra
 
+    from splitgraph.train.compose import compose_once
+
     rank = int(os.environ.get("RANK", "0") or 0)
     exit_at_once_while_starting(rank, on_abort=runlock.release_all)  # until run() takes over
     register_configs()
@@ -1030,7 +1032,8 @@ def main() -> None:
             print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 
-    _main()
+    with compose_once():  # Hydra composes the config once, not twice (hydra.mode unset)
+        _main()
 
 
 def cli() -> None:
