@@ -3,11 +3,12 @@
 `@hydra.main` composes the whole config twice before the task runs: first (`Hydra.get_mode`)
 only to read `hydra.mode`, then again for the run. Composition is the costliest part of Hydra
 at start-up (the defaults tree and its YAML files merged into the structured schema: 0.23-0.33
-s of CPU per compose on the 2-core reference machine, paid by every rank). `hydra.mode` is None unless an override or a
-config file sets it, and splitgraph's own config files never do (tests/test_startup.py), so
-while nothing else can set it - no override naming `hydra.mode` or `hydra.searchpath`, no
-`--config-dir`, `--config-path` or `--config-name` - the answer is None without composing,
-which is what Hydra's own `get_mode` then returns. Otherwise Hydra's get_mode runs as it is.
+s of CPU per compose on the 2-core reference machine, paid by every rank). `hydra.mode` is
+None unless an override or a config file sets it, and splitgraph's own config files never do
+(tests/test_startup.py), so while nothing else can set it - no override naming `hydra.mode`
+or `hydra.searchpath`, no `--config-dir`, `--config-path` or `--config-name` - the answer is
+None without composing, which is what Hydra's own `get_mode` then returns. Otherwise Hydra's
+get_mode runs as it is.
 """
 
 from __future__ import annotations
