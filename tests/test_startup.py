@@ -207,3 +207,27 @@ def test_no_packaged_config_sets_hydra_mode() -> None:
     assert not mode_is_unset(["hydra.searchpath=[file:///x]"], [])
     assert not mode_is_unset([], ["--config-dir", "/x"])
     assert not mode_is_unset([], ["-cn=other"])
+
+
+@pytest.mark.timeout(120)
+def test_the_launcher_checks_the_launch_in_its_own_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`splitgraph.train.torchrun --check` (launch/train.sh, multinode.sh) runs splitgraph-check
+    for the world torchrun's flags describe, before torchrun, without a second interpreter."""
+    from splitgraph.train.torchrun import check
+
+    monkeypatch.setenv("SPLITGRAPH_RUN_DIR", str(tmp_path / "run"))
+    mod, dp2pp2 = ["-m", "splitgraph.train"], ["parallel.dp=2", "pipeline.stages=2"]
+    bad = check(["--standalone", "--nproc-per-node", "2", *mod, "pipeline.microbatches=0"])
+    out = capsys.readouterr()
+    assert bad == 2 and "pipeline.microbatches=0 must be >= 1" in out.err
+    assert "run dir:" not in out.err and out.out == ""
+    # 2 nodes x 2 ranks: a 2 x 2 data x pipeline layout is valid only for a world of 4
+    assert check(["--nnodes", "2", "--nproc-per-node", "2", *mod, *dp2pp2]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and f"run dir: {tmp_path / 'run'}" in out.err
+    assert check(["--standalone", "--nproc-per-node", "2", *mod, *dp2pp2]) == 2
+    assert check(["--standalone", "--nproc-per-node", "2", "-m", "other.module"]) == 2
+    assert "-m splitgraph.train` only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
