@@ -3,16 +3,19 @@
     python -m splitgraph.bench.startup                     # 5 repeats, 1 process and torchrun 2
     python -m splitgraph.bench.startup --repeats 9 --nproc 2 4
     python -m splitgraph.bench.startup --tree /path/to/other/checkout   # A/B, alternating
+    python -m splitgraph.bench.startup --nproc 2 --train-sh   # also through launch/train.sh
 
 Each launch is `python -m splitgraph.train train.steps=1 ...` (one process) or `torchrun
 --standalone --nproc-per-node N -m splitgraph.train train.steps=1 ...`, from a fresh interpreter,
-into a fresh run dir. "first step" is when the first line of metrics.jsonl appears (rank 0
-writes it when every rank has finished step 0; polled every 5 ms), "exit" when the launch
-returns; "CPU" is the user + system seconds of every process of the launch (torchrun and its
-ranks), which load inflates far less than wall time. With `--tree`, each repeat runs every
-tree in turn (the current checkout first), so trees share the machine's load; `-m
-splitgraph.train` runs from the tree's own directory, so it imports that tree's code (the tree
-needs no install of its own: this interpreter's packages serve). Prints medians (and min/max)
+into a fresh run dir; with `--train-sh`, also `launch/train.sh N ...` for each N > 1 (the
+check before torchrun, then torchrun: `make demo`'s path). "first step" is when the first
+line of metrics.jsonl appears (rank 0 writes it when every rank has finished step 0; polled
+every 5 ms), "exit" when the launch returns; "CPU" is the user + system seconds of every
+process of the launch (torchrun and its ranks), which load inflates far less than wall time.
+With `--tree`, each repeat runs every tree in turn (the current checkout first), so trees
+share the machine's load; `-m splitgraph.train` runs from the tree's own directory, so it
+imports that tree's code (the tree needs no install of its own: this interpreter's packages
+serve; launch/train.sh gets this interpreter as PYTHON). Prints medians (and min/max)
 per tree and launch, and `uptime`'s load before and after: numbers under load are not an idle
 machine's.
 """
@@ -43,17 +46,20 @@ def _load() -> str:
 
 
 def launch(
-    tree: Path, nproc: int, run_dir: Path, overrides: list[str]
+    tree: Path, nproc: int, run_dir: Path, overrides: list[str], train_sh: bool = False
 ) -> tuple[float, float, float]:
     """(seconds to the first metrics line, seconds to exit, CPU seconds of every process of
-    the launch) of one launch from `tree`."""
+    the launch) of one launch from `tree` (`train_sh`: through its launch/train.sh)."""
     args = [*BASE, f"run_dir={run_dir}", *overrides]
-    if nproc == 1:
+    if train_sh:
+        cmd = ["bash", str(tree / "launch" / "train.sh"), str(nproc), *args]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "splitgraph.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc-per-node", str(nproc), "-m", "splitgraph.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    env["PYTHON"] = sys.executable  # launch/train.sh's interpreter
     env.pop("SPLITGRAPH_RUN_DIR", None)
     metrics = run_dir / "metrics.jsonl"
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -88,21 +94,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tree", type=Path, action="append", default=[], help="another checkout to compare"
     )
+    p.add_argument(
+        "--train-sh",
+        action="store_true",
+        help="also launch each N > 1 through launch/train.sh (check, then torchrun)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every launch")
     ns = p.parse_intermixed_args(argv)
     trees = [ROOT, *[t.resolve() for t in ns.tree]]
-    rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    launches = [(n, False) for n in ns.nproc]
+    launches += [(n, True) for n in ns.nproc if ns.train_sh and n > 1]
+    rows: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="splitgraph-startup-") as tmp:
         for r in range(ns.repeats):
-            for nproc in ns.nproc:
+            for nproc, train_sh in launches:
+                how = _launch_text(nproc, train_sh)
                 for i, tree in enumerate(trees):
-                    run_dir = Path(tmp) / f"r{r}-n{nproc}-t{i}"
-                    got = launch(tree, nproc, run_dir, ns.overrides)
-                    rows.setdefault((str(tree), nproc), []).append(got)
+                    run_dir = Path(tmp) / f"r{r}-n{nproc}-{'sh' if train_sh else 'py'}-t{i}"
+                    got = launch(tree, nproc, run_dir, ns.overrides, train_sh)
+                    rows.setdefault((str(tree), how, nproc), []).append(got)
                     print(
-                        f"repeat {r + 1}/{ns.repeats}  {tree}  nproc {nproc}: first step "
+                        f"repeat {r + 1}/{ns.repeats}  {tree}  {how}: first step "
                         f"{got[0]:.2f} s, exit {got[1]:.2f} s, CPU {got[2]:.2f} s  "
                         f"(load {_load()})",
                         file=sys.stderr,
@@ -112,10 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before {load_before}, after {load_after}; {os.cpu_count()} CPUs\n")
     print("| tree | launch | first step | exit | CPU (all processes) |")
     print("| --- | --- | --- | --- | --- |")
-    for (tree, nproc), xs in rows.items():
-        launch_text = "python -m splitgraph.train" if nproc == 1 else f"torchrun x{nproc}"
+    for (tree, how, _), xs in rows.items():
         cells = " | ".join(_stat([x[i] for x in xs]) for i in range(3))
-        print(f"| {tree} | {launch_text} | {cells} |")
+        print(f"| {tree} | {how} | {cells} |")
     if ns.json:
         ns.json.write_text(
             json.dumps(
@@ -124,8 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                     "load_after": load_after,
                     "overrides": [*BASE, *ns.overrides],
                     "runs": [
-                        {"tree": t, "nproc": n, "first_step_s": a, "exit_s": b, "cpu_s": c}
-                        for (t, n), xs in rows.items()
+                        {
+                            "tree": t,
+                            "launch": how,
+                            "nproc": n,
+                            "first_step_s": a,
+                            "exit_s": b,
+                            "cpu_s": c,
+                        }
+                        for (t, how, n), xs in rows.items()
                         for a, b, c in xs
                     ],
                 },
@@ -134,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
         )
     return 0
+
+
+def _launch_text(nproc: int, train_sh: bool) -> str:
+    if train_sh:
+        return f"launch/train.sh {nproc}"
+    return "python -m splitgraph.train" if nproc == 1 else f"torchrun x{nproc}"
 
 
 def _stat(xs: list[float]) -> str:
