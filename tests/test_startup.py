@@ -31,17 +31,28 @@ from splitgraph.runtime.engine import PipelineEngine
 HEAVY = {heavy!r}
 at_first_step = {{}}
 forward_backward = PipelineEngine.forward_backward
+as_container = train.as_container
+containers = []  # the config converted to plain data (summary.json's copy)
 
 def spy(self, *args, **kwargs):
     if not at_first_step:
         at_first_step.update({{m: m in sys.modules for m in HEAVY}})
+        at_first_step["containers"] = len(containers)
     return forward_backward(self, *args, **kwargs)
+
+def counted(cfg):
+    containers.append(1)
+    return as_container(cfg)
+
+train.as_container = counted
 
 PipelineEngine.forward_backward = spy
 summary = train.run(load_config({overrides!r}))
 print(json.dumps({{
     "at_first_step": at_first_step,
     "at_exit": {{m: m in sys.modules for m in HEAVY}},
+    "containers": len(containers),
+    "summary_config": summary["config"]["train"]["batch_size"],
     "prediction": summary["prediction"] is not None,
     "timeline": summary["timeline"] is not None,
     "checkpoint": summary["checkpoint"],
@@ -52,7 +63,8 @@ print(json.dumps({{
 @pytest.mark.timeout(180)
 def test_heavy_modules_wait_until_after_the_first_step(tmp_path: Path) -> None:
     """A default run (prediction report, trace, timeline picture, checkpoint at the end)
-    imports dynamo, DCP, sympy and matplotlib only after its first step, if at all."""
+    imports dynamo, DCP, sympy and matplotlib only after its first step, if at all, and
+    converts the config for summary.json only then."""
     overrides = [
         "model.hidden=[32,32]",
         "data.features=16",
@@ -71,7 +83,10 @@ def test_heavy_modules_wait_until_after_the_first_step(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
+    containers = got["at_first_step"].pop("containers")
     assert got["at_first_step"] == dict.fromkeys(HEAVY, False)
+    # summary.json's plain copy of the config is made when it is written, once, not before
+    assert containers == 0 and got["containers"] == 1 and got["summary_config"] == 64
     # the run did what needs them, afterwards: the features are on, not skipped
     assert got["prediction"] and got["timeline"] and got["checkpoint"]
     assert got["at_exit"]["torch.distributed.checkpoint"] and got["at_exit"]["matplotlib"]
