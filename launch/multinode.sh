@@ -29,7 +29,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # A fresh rendezvous store per restart: torch 2.13's shared one keeps the failed attempt's keys
 # (pytorch/pytorch#135712), so --max-restarts could reconnect to dead ranks.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-"$py" -m splitgraph.train.cli --nproc "$((nnodes * nproc))" --nproc-per-node "$nproc" "$@" >/dev/null
-# splitgraph.train.torchrun: torchrun whose stop on Ctrl-C/SIGTERM is one line and exit code 75
-exec "$py" -m splitgraph.train.torchrun --nnodes "$nnodes" --nproc-per-node "$nproc" \
+# splitgraph.train.torchrun: torchrun whose stop on Ctrl-C/SIGTERM is one line and exit code 75;
+# --check: splitgraph-check --nproc NNODES*NPROC --nproc-per-node NPROC in its process, first
+exec "$py" -m splitgraph.train.torchrun --check --nnodes "$nnodes" --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$job" -m splitgraph.train "$@"

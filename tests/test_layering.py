@@ -61,6 +61,10 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
     ("splitgraph.config", "splitgraph.train.usage"): (
         "the `splitgraph_help` Hydra resolver renders splitgraph-train's --help page"
     ),
+    ("splitgraph.train.torchrun", "splitgraph.train.cli"): (
+        "the launcher runs splitgraph-check in its own process (--check, launch/train.sh); "
+        "goes when check_main's body moves to a train-layer module (train/check.py)"
+    ),
     ("splitgraph.data", "splitgraph.reliability.preflight"): (
         "data loading refuses a data set over the machine's limit with pre-flight's wording"
     ),

@@ -31,17 +31,28 @@ from splitgraph.runtime.engine import PipelineEngine
 HEAVY = {heavy!r}
 at_first_step = {{}}
 forward_backward = PipelineEngine.forward_backward
+as_container = train.as_container
+containers = []  # the config converted to plain data (summary.json's copy)
 
 def spy(self, *args, **kwargs):
     if not at_first_step:
         at_first_step.update({{m: m in sys.modules for m in HEAVY}})
+        at_first_step["containers"] = len(containers)
     return forward_backward(self, *args, **kwargs)
+
+def counted(cfg):
+    containers.append(1)
+    return as_container(cfg)
+
+train.as_container = counted
 
 PipelineEngine.forward_backward = spy
 summary = train.run(load_config({overrides!r}))
 print(json.dumps({{
     "at_first_step": at_first_step,
     "at_exit": {{m: m in sys.modules for m in HEAVY}},
+    "containers": len(containers),
+    "summary_config": summary["config"]["train"]["batch_size"],
     "prediction": summary["prediction"] is not None,
     "timeline": summary["timeline"] is not None,
     "checkpoint": summary["checkpoint"],
@@ -52,7 +63,8 @@ print(json.dumps({{
 @pytest.mark.timeout(180)
 def test_heavy_modules_wait_until_after_the_first_step(tmp_path: Path) -> None:
     """A default run (prediction report, trace, timeline picture, checkpoint at the end)
-    imports dynamo, DCP, sympy and matplotlib only after its first step, if at all."""
+    imports dynamo, DCP, sympy and matplotlib only after its first step, if at all, and
+    converts the config for summary.json only then."""
     overrides = [
         "model.hidden=[32,32]",
         "data.features=16",
@@ -71,7 +83,10 @@ def test_heavy_modules_wait_until_after_the_first_step(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
+    containers = got["at_first_step"].pop("containers")
     assert got["at_first_step"] == dict.fromkeys(HEAVY, False)
+    # summary.json's plain copy of the config is made when it is written, once, not before
+    assert containers == 0 and got["containers"] == 1 and got["summary_config"] == 64
     # the run did what needs them, afterwards: the features are on, not skipped
     assert got["prediction"] and got["timeline"] and got["checkpoint"]
     assert got["at_exit"]["torch.distributed.checkpoint"] and got["at_exit"]["matplotlib"]
@@ -136,3 +151,98 @@ def test_optimizer_state_loads_back(tmp_path: Path) -> None:
     opt_b.step()
     for p, q in zip(a, b):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
+COUNT_COMPOSES = """
+import json, sys
+from hydra.core.hydra_config import HydraConfig
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+import splitgraph.train.run as R
+
+calls = []
+load = ConfigLoaderImpl.load_configuration
+def counted(self, *args, **kwargs):
+    calls.append(kwargs.get("run_mode"))
+    return load(self, *args, **kwargs)
+ConfigLoaderImpl.load_configuration = counted
+seen = []
+R.run = lambda cfg: seen.append((len(calls), str(HydraConfig.get().mode)))
+out = []
+for extra in ([], ["hydra.mode=MULTIRUN", "hydra.sweep.dir={tmp}/sweep"]):
+    calls.clear(); seen.clear()
+    sys.argv = ["splitgraph-train", "run_dir={tmp}/run", *extra]
+    R.main()
+    out.append({{"composes_before_run": seen[0][0], "mode": seen[0][1]}})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_hydra_composes_the_config_once(tmp_path: Path) -> None:
+    """`splitgraph-train` composes the config once before the run (Hydra's get_mode would
+    compose it a second time only to read hydra.mode); a hydra.mode override still wins."""
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_COMPOSES.format(tmp=tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, multirun = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plain == {"composes_before_run": 1, "mode": "RunMode.RUN"}
+    # the override is honoured: get_mode composes, as Hydra does, and the job is a sweep's
+    assert multirun["mode"] == "RunMode.MULTIRUN"
+    assert multirun["composes_before_run"] >= 2
+
+
+def test_no_packaged_config_sets_hydra_mode() -> None:
+    """compose_once's premise: no packaged config file sets hydra.mode, and Hydra's own
+    get_mode finds it unset for the default config, so answering None without composing is
+    exact; where an override can set it, Hydra's get_mode is asked."""
+    import yaml
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+
+    from splitgraph.config import register_configs, register_resolvers
+    from splitgraph.train.compose import mode_is_unset
+
+    files = sorted((Path(__file__).parents[1] / "splitgraph/conf").rglob("*.yaml"))
+    assert len(files) > 20
+    for f in files:
+        node = yaml.safe_load(f.read_text()) or {}
+        assert "mode" not in (node.get("hydra") or {}), f
+    register_configs()
+    register_resolvers()
+    hydra = Hydra.create_main_hydra2("train", create_config_search_path("pkg://splitgraph.conf"))
+    assert mode_is_unset([], [])
+    assert hydra.get_mode(config_name="config", overrides=[]) is None
+    assert hydra.get_mode(config_name="config", overrides=["hydra.mode=MULTIRUN"]) is not None
+    assert not mode_is_unset(["hydra.mode=MULTIRUN"], [])
+    assert not mode_is_unset(["hydra.searchpath=[file:///x]"], [])
+    assert not mode_is_unset([], ["--config-dir", "/x"])
+    assert not mode_is_unset([], ["-cn=other"])
+
+
+@pytest.mark.timeout(120)
+def test_the_launcher_checks_the_launch_in_its_own_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`splitgraph.train.torchrun --check` (launch/train.sh, multinode.sh) runs splitgraph-check
+    for the world torchrun's flags describe, before torchrun, without a second interpreter."""
+    from splitgraph.train.torchrun import check
+
+    monkeypatch.setenv("SPLITGRAPH_RUN_DIR", str(tmp_path / "run"))
+    mod, dp2pp2 = ["-m", "splitgraph.train"], ["parallel.dp=2", "pipeline.stages=2"]
+    bad = check(["--standalone", "--nproc-per-node", "2", *mod, "pipeline.microbatches=0"])
+    out = capsys.readouterr()
+    assert bad == 2 and "pipeline.microbatches=0 must be >= 1" in out.err
+    assert "run dir:" not in out.err and out.out == ""
+    # 2 nodes x 2 ranks: a 2 x 2 data x pipeline layout is valid only for a world of 4
+    assert check(["--nnodes", "2", "--nproc-per-node", "2", *mod, *dp2pp2]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and f"run dir: {tmp_path / 'run'}" in out.err
+    assert check(["--standalone", "--nproc-per-node", "2", *mod, *dp2pp2]) == 2
+    assert check(["--standalone", "--nproc-per-node", "2", "-m", "other.module"]) == 2
+    assert "-m splitgraph.train` only" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -3,16 +3,21 @@
     python -m splitgraph.bench.startup                     # 5 repeats, 1 process and torchrun 2
     python -m splitgraph.bench.startup --repeats 9 --nproc 2 4
     python -m splitgraph.bench.startup --tree /path/to/other/checkout   # A/B, alternating
+    python -m splitgraph.bench.startup --nproc 2 --train-sh   # also through launch/train.sh
 
 Each launch is `python -m splitgraph.train train.steps=1 ...` (one process) or `torchrun
 --standalone --nproc-per-node N -m splitgraph.train train.steps=1 ...`, from a fresh interpreter,
-into a fresh run dir. "first step" is when the first line of metrics.jsonl appears (rank 0
-writes it when every rank has finished step 0; polled every 5 ms), "exit" when the launch
-returns; "CPU" is the user + system seconds of every process of the launch (torchrun and its
-ranks), which load inflates far less than wall time. With `--tree`, each repeat runs every
-tree in turn (the current checkout first), so trees share the machine's load; `-m
-splitgraph.train` runs from the tree's own directory, so it imports that tree's code (the tree
-needs no install of its own: this interpreter's packages serve). Prints medians (and min/max)
+into a fresh run dir; with `--train-sh`, also `launch/train.sh N ...` for each N > 1 (the
+check before torchrun, then torchrun: `make demo`'s path). "first step" is when the first
+line of metrics.jsonl appears (rank 0 writes it when every rank has finished step 0; polled
+every 5 ms), "exit" when the launch returns; "CPU" is the user + system seconds of every
+process of the launch (torchrun and its ranks), which load inflates far less than wall time,
+and "CPU to the first step" the part of it the launch's processes (with the children they
+reaped: train.sh's check) had spent when that first line appeared.
+With `--tree`, each repeat runs every tree in turn (the current checkout first), so trees
+share the machine's load; `-m splitgraph.train` runs from the tree's own directory, so it
+imports that tree's code (the tree needs no install of its own: this interpreter's packages
+serve; launch/train.sh gets this interpreter as PYTHON). Prints medians (and min/max)
 per tree and launch, and `uptime`'s load before and after: numbers under load are not an idle
 machine's.
 """
@@ -42,18 +47,47 @@ def _load() -> str:
         return "unknown"
 
 
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) spent so far by process `root` and its descendants, the
+    children they have reaped included (Linux /proc; NaN where there is none)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return float("nan")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[pid] = int(fields[1])  # then utime, stime, cutime, cstime: fields 14-17
+        ticks[pid] = sum(int(x) for x in fields[11:15])
+    tree, grew = {root}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(ticks.get(p, 0) for p in tree) / tick
+
+
 def launch(
-    tree: Path, nproc: int, run_dir: Path, overrides: list[str]
-) -> tuple[float, float, float]:
+    tree: Path, nproc: int, run_dir: Path, overrides: list[str], train_sh: bool = False
+) -> tuple[float, float, float, float]:
     """(seconds to the first metrics line, seconds to exit, CPU seconds of every process of
-    the launch) of one launch from `tree`."""
+    the launch, of them those spent before the first metrics line) of one launch from `tree`
+    (`train_sh`: through its launch/train.sh)."""
     args = [*BASE, f"run_dir={run_dir}", *overrides]
-    if nproc == 1:
+    if train_sh:
+        cmd = ["bash", str(tree / "launch" / "train.sh"), str(nproc), *args]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "splitgraph.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc-per-node", str(nproc), "-m", "splitgraph.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    env["PYTHON"] = sys.executable  # launch/train.sh's interpreter
     env.pop("SPLITGRAPH_RUN_DIR", None)
     metrics = run_dir / "metrics.jsonl"
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -61,10 +95,11 @@ def launch(
     proc = subprocess.Popen(
         cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    first = None
+    first, cpu_first = None, float("nan")
     while proc.poll() is None:
         if first is None and metrics.exists() and metrics.read_text().count("\n") >= 1:
             first = time.perf_counter() - t0
+            cpu_first = _tree_cpu(proc.pid)
         time.sleep(0.005)
     total = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -73,8 +108,8 @@ def launch(
     if proc.returncode != 0:
         raise SystemExit(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
     if first is None:  # written in the last poll interval
-        first = total
-    return first, total, cpu
+        first, cpu_first = total, cpu
+    return first, total, cpu, cpu_first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,34 +123,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tree", type=Path, action="append", default=[], help="another checkout to compare"
     )
+    p.add_argument(
+        "--train-sh",
+        action="store_true",
+        help="also launch each N > 1 through launch/train.sh (check, then torchrun)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every launch")
     ns = p.parse_intermixed_args(argv)
     trees = [ROOT, *[t.resolve() for t in ns.tree]]
-    rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    launches = [(n, False) for n in ns.nproc]
+    launches += [(n, True) for n in ns.nproc if ns.train_sh and n > 1]
+    rows: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="splitgraph-startup-") as tmp:
         for r in range(ns.repeats):
-            for nproc in ns.nproc:
+            for nproc, train_sh in launches:
+                how = _launch_text(nproc, train_sh)
                 for i, tree in enumerate(trees):
-                    run_dir = Path(tmp) / f"r{r}-n{nproc}-t{i}"
-                    got = launch(tree, nproc, run_dir, ns.overrides)
-                    rows.setdefault((str(tree), nproc), []).append(got)
+                    run_dir = Path(tmp) / f"r{r}-n{nproc}-{'sh' if train_sh else 'py'}-t{i}"
+                    got = launch(tree, nproc, run_dir, ns.overrides, train_sh)
+                    rows.setdefault((str(tree), how, nproc), []).append(got)
                     print(
-                        f"repeat {r + 1}/{ns.repeats}  {tree}  nproc {nproc}: first step "
-                        f"{got[0]:.2f} s, exit {got[1]:.2f} s, CPU {got[2]:.2f} s  "
+                        f"repeat {r + 1}/{ns.repeats}  {tree}  {how}: first step "
+                        f"{got[0]:.2f} s (CPU {got[3]:.2f} s), exit {got[1]:.2f} s, CPU "
+                        f"{got[2]:.2f} s  "
                         f"(load {_load()})",
                         file=sys.stderr,
                     )
     load_after = _load()
     print(f"time to the first step, {ns.repeats} launches each (seconds: median [min-max])")
     print(f"load average before {load_before}, after {load_after}; {os.cpu_count()} CPUs\n")
-    print("| tree | launch | first step | exit | CPU (all processes) |")
-    print("| --- | --- | --- | --- | --- |")
-    for (tree, nproc), xs in rows.items():
-        launch_text = "python -m splitgraph.train" if nproc == 1 else f"torchrun x{nproc}"
-        cells = " | ".join(_stat([x[i] for x in xs]) for i in range(3))
-        print(f"| {tree} | {launch_text} | {cells} |")
+    print("| tree | launch | first step | CPU to the first step | exit | CPU (all processes) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (tree, how, _), xs in rows.items():
+        cells = " | ".join(_stat([x[i] for x in xs]) for i in (0, 3, 1, 2))
+        print(f"| {tree} | {how} | {cells} |")
     if ns.json:
         ns.json.write_text(
             json.dumps(
@@ -124,9 +167,17 @@ def main(argv: list[str] | None = None) -> int:
                     "load_after": load_after,
                     "overrides": [*BASE, *ns.overrides],
                     "runs": [
-                        {"tree": t, "nproc": n, "first_step_s": a, "exit_s": b, "cpu_s": c}
-                        for (t, n), xs in rows.items()
-                        for a, b, c in xs
+                        {
+                            "tree": t,
+                            "launch": how,
+                            "nproc": n,
+                            "first_step_s": a,
+                            "exit_s": b,
+                            "cpu_s": c,
+                            "cpu_first_step_s": d,
+                        }
+                        for (t, how, n), xs in rows.items()
+                        for a, b, c, d in xs
                     ],
                 },
                 indent=2,
@@ -134,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
         )
     return 0
+
+
+def _launch_text(nproc: int, train_sh: bool) -> str:
+    if train_sh:
+        return f"launch/train.sh {nproc}"
+    return "python -m splitgraph.train" if nproc == 1 else f"torchrun x{nproc}"
 
 
 def _stat(xs: list[float]) -> str:

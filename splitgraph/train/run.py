@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -136,7 +137,7 @@ def _run(cfg: Config, env: DistEnv, node: range, signals: StopSignals) -> dict[s
     torch.backends.cudnn.allow_tf32 = cfg.runtime.tf32
     cap = memcap.cap_bytes(cfg.pipeline)
     memcap.apply_cuda_cap(cap, device)  # GPU: the allocator enforces it
-    record = _Record(Path(cfg.run_dir), as_container(cfg), env, cap)
+    record = _Record(Path(cfg.run_dir), cfg, env, cap)
 
     # Data and checkpoints are read before the process group exists: a bad file stops this
     # rank at once, and torchrun then stops the others.
@@ -351,7 +352,7 @@ def _setup(
     wait = timedelta(seconds=rt.timeout)
     return _Run(
         config=cfg,
-        record=_Record(run_dir, as_container(cfg), env, memcap.cap_bytes(cfg.pipeline)),
+        record=_Record(run_dir, cfg, env, memcap.cap_bytes(cfg.pipeline)),
         env=env,
         layout=layout,
         placement=placement,
@@ -683,12 +684,19 @@ def _summary(
 @dataclass
 class _Record:
     """Where a run that stops early leaves its record: summary.json (rank 0), the
-    out-of-memory files, the stop file. Holds the config as plain data for them."""
+    out-of-memory files, the stop file. Gives them the config as plain data."""
 
     run_dir: Path
-    config: dict[str, Any]  # the resolved config, as summary.json records it
+    typed_config: Config
     env: DistEnv
     cap: int | None  # pipeline.memory_cap in bytes
+
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        """The resolved config, as summary.json records it: converted when a record is
+        written (rank 0, after the steps or at a stop), not before the first step, where
+        it cost ~0.1 s of CPU on every rank (tests/test_startup.py)."""
+        return as_container(self.typed_config)
 
     def stopped(
         self,
@@ -1015,6 +1023,8 @@ def main() -> None:
     """Console script and `python -m splitgraph.train`."""
     import hydra
 
+    from splitgraph.train.compose import compose_once
+
     rank = int(os.environ.get("RANK", "0") or 0)
     exit_at_once_while_starting(rank, on_abort=runlock.release_all)  # until run() takes over
     register_configs()
@@ -1036,7 +1046,8 @@ def main() -> None:
             print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
             sys.exit(2)
 
-    _main()
+    with compose_once():  # Hydra composes the config once, not twice (hydra.mode unset)
+        _main()
 
 
 def cli() -> None:
