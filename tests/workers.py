@@ -238,7 +238,7 @@ def saved_peak_worker(rank: int, world: int, cases: list[dict[str, Any]]) -> dic
     out = {}
     batches: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for case in cases:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(case["overrides"]))
+        cfg = make_cfg(base, case["overrides"])
         engine = PipelineEngine(cfg, rank, world)
         key = (str(cfg.model.task), str(cfg.runtime.dtype))
         if key not in batches:
