@@ -243,6 +243,18 @@ def fault_launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="session")
+def one_process_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests.test_e2e.SMALL trained by one process on the full minibatch (one stage, m=1), in
+    this process: the run the torchrun launches of test_e2e.py and test_dataparallel.py are
+    compared with (its model.pt and metrics.jsonl), trained once per session."""
+    from tests.test_e2e import SMALL
+
+    run = tmp_path_factory.mktemp("one-process") / "run"
+    train.run(load_config([*SMALL, "pipeline.microbatches=1", f"run_dir={run}"]), DistEnv())
+    return run
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     old = os.environ.get("SPLITGRAPH_CACHE")

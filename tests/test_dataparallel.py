@@ -31,7 +31,7 @@ from splitgraph.spawn import run_ranks
 from tests.dp_workers import dp_grid_worker
 from tests.reference import worst
 from tests.test_config import problems
-from tests.test_e2e import SMALL, launch_script, single, torchrun
+from tests.test_e2e import SMALL, launch_script, torchrun
 
 # -- layout, sharding, buckets ---------------------------------------------------------------
 
@@ -320,13 +320,13 @@ def test_the_grid_covers_every_schedule_in_2x2_and_both_degenerate_layouts() -> 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_torchrun_dp2_pp2_matches_single_process_training(tmp_path: Path) -> None:
+def test_torchrun_dp2_pp2_matches_single_process_training(
+    tmp_path: Path, one_process_small: Path
+) -> None:
     over = [*SMALL, "schedule=zb1", "pipeline.microbatches=2", "partition=params"]
     run = tmp_path / "dp"
     res = torchrun(4, *over, "parallel.dp=2", f"run_dir={run}", timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    one = single(*over, f"run_dir={tmp_path / 'one'}")
-    assert one.returncode == 0, one.stderr[-3000:]
     assert "layout: dp=2 x pp=2 = 4 ranks" in res.stdout + res.stderr
 
     summary = json.loads((run / "summary.json").read_text())
@@ -338,12 +338,13 @@ def test_torchrun_dp2_pp2_matches_single_process_training(tmp_path: Path) -> Non
     assert {e["pid"] for e in trace["traceEvents"] if e.get("cat") == "F"} == {0, 1}
 
     # the loss each step, and the consolidated weights, equal one process on the full batch
+    one = one_process_small  # conftest
     mine = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(mine, ref, strict=True):
         assert a["J"] == pytest.approx(b["J"], rel=1e-12) and a["L"] == pytest.approx(b["L"])
     state = torch.load(run / "model.pt", weights_only=True)
-    want = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    want = torch.load(one / "model.pt", weights_only=True)
     assert state.keys() == want.keys()
     for k in want:
         err = (state[k] - want[k]).abs().max() / want[k].abs().max()

@@ -250,7 +250,7 @@ def test_gpu_check_script_is_valid_bash() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
-    """The whole GPU check on the CPU with tiny sizes: its plumbing up to the device boundary.
+    """The GPU check on the CPU with tiny sizes: its plumbing up to the device boundary.
     Every step runs within the script's deadline; what comes back is what the device tool
     returns (at most 8 files of 16 MiB, no folders), without weights or checkpoints."""
     import json
@@ -274,10 +274,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
-    assert len(steps) == 8 and all(s["outcome"] == "ok" for s in steps), steps
-    assert {"stage_bf16", "stage_fp32", "pp2_1f1b", "pp2_zb1", "pp4_1f1b", "pp4_zb1"} <= set(
-        results
-    )
+    # the dry run's pipelines: each size and schedule once (the GPU runs all four)
+    assert len(steps) == 6 and all(s["outcome"] == "ok" for s in steps), steps
+    assert {"stage_bf16", "stage_fp32", "pp2_1f1b", "pp4_zb1"} <= set(results)
     assert results["pp2_1f1b"]["transport"] == "staged"
     assert "staged over gloo" in results["pp4_zb1"]["link"]["source"]
     assert {r["variant"]: r["status"] for r in results["compare"]["rows"]} == {

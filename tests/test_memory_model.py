@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from splitgraph.config import Activation, Task, Workload, load_config, recompute_stages
 from splitgraph.cost.memory_model import (
@@ -27,7 +26,7 @@ from splitgraph.model import torch_dtype
 from splitgraph.partition import make_plan
 from splitgraph.runtime.engine import schedule_for_run
 from splitgraph.spawn import run_ranks
-from tests.workers import TINY, saved_peak_worker
+from tests.workers import TINY, make_cfg, saved_peak_worker
 
 MANUAL = {1: [], 2: [2], 3: [1, 4]}
 #: (schedule, microbatches, extra overrides): F/B, zero-bubble I/W, recomputation, chunks.
@@ -86,7 +85,7 @@ def _base() -> Any:
 
 
 def predicted(p: int, overrides: list[str]) -> list[int]:
-    cfg = OmegaConf.merge(_base(), OmegaConf.from_dotlist(overrides))
+    cfg = make_cfg(_base(), overrides)
     work = Workload.of(cfg)
     plan = make_plan(work, p)
     sizes = microbatch_sizes(int(cfg.train.batch_size), int(cfg.pipeline.microbatches))
@@ -190,7 +189,7 @@ def test_prediction_equals_the_meter_with_the_v_placement(p: int, case: dict[str
     got = _measured(p)[case["id"]]
     assert [current for _, current in got] == [0] * p
     assert predicted(p, case["overrides"]) == [peak for peak, _ in got]
-    cfg = OmegaConf.merge(_base(), OmegaConf.from_dotlist(case["overrides"]))
+    cfg = make_cfg(_base(), case["overrides"])
     if "auto" not in case["id"]:
         plan = make_plan(Workload.of(cfg), p)
         assert plan.stage_to_rank[0] == plan.stage_to_rank[-1] == 0  # the V, not round robin
