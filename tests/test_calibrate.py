@@ -84,3 +84,30 @@ def test_fit_recovers_known_overheads() -> None:
     assert o == pytest.approx(o_true)
     assert c == pytest.approx(c_true)
     assert rms < 1e-9
+
+
+def test_search_ranks_by_the_price_it_is_given() -> None:
+    from splitgraph.planner.search import search
+
+    cfg, costs, _, _ = _setup("1f1b", 4)
+    plain = [c for c in search(cfg, 2, costs.link) if c.fits]
+    flipped = [c for c in search(cfg, 2, costs.link, price=lambda p: -p.step_time) if c.fits]
+    assert [c.step_s for c in plain] == sorted(c.step_s for c in plain)
+    assert plain[0].step_s < plain[-1].step_s
+    # the priced order is the reverse of the simulated one
+    assert [c.prediction.step_time for c in flipped] == sorted(
+        (c.prediction.step_time for c in plain), reverse=True
+    )
+    assert flipped[0].priced_s == -flipped[0].prediction.step_time
+
+
+def test_pricer_prices_a_prediction_as_priced_step() -> None:
+    from splitgraph.planner.predict import predict
+
+    cfg, costs, bounds, sched = _setup("gpipe", 4)
+    calib = Calibration(2, 1e-4, 5e-4)
+    plan = make_plan(cfg, 2, costs)
+    fixed = FixedCosts(1e-8, 1e-6)
+    got = cal_mod.pricer(cfg, 2, calib, fixed)(predict(plan, costs))
+    assert got == pytest.approx(priced_step(cfg, costs, bounds, sched, 2, calib, fixed).step_s)
+    assert got > predict(plan, costs).step_time

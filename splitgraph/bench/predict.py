@@ -301,13 +301,38 @@ def predict_point(point: Point, shared: Sequence[str], predictor: str) -> Predic
         return Predicted(
             pred.step_time, pred.step_time, 0.0, pred.bubble, "planner", list(plan.bounds)
         )
-    from splitgraph.cost.calibrate import load_calibration, priced_step
+    from splitgraph.cost.calibrate import (
+        Calibration,
+        FixedCosts,
+        fixed_costs,
+        load_calibration,
+        priced_step,
+    )
 
     cal = load_calibration(cfg, point.p)
     sched = costs.schedule(stages)
     priced = priced_step(cfg, costs, plan.bounds, sched, point.p, cal)
+    none = FixedCosts(0.0, 0.0)
+    b, p = plan.bounds, point.p
+    ablations = {
+        "profile only (planner)": predict(plan, costs).step_time,
+        "+ contention": priced_step(cfg, costs, b, sched, p, Calibration(p, 0.0, 0.0), none).step_s,
+        "+ per-action overhead": priced_step(
+            cfg, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), none
+        ).step_s,
+        "+ weight decay and optimizer": priced_step(
+            cfg, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), fixed_costs(cfg)
+        ).step_s,
+        "+ per-step constant (all)": priced.step_s,
+    }
     return Predicted(
-        priced.step_s, priced.span_s, priced.fixed_s, priced.bubble, "calibrated", list(plan.bounds)
+        priced.step_s,
+        priced.span_s,
+        priced.fixed_s,
+        priced.bubble,
+        "calibrated",
+        list(plan.bounds),
+        ablations,
     )
 
 
@@ -378,6 +403,7 @@ def error_stats(errors: Sequence[float]) -> dict[str, Any]:
         "median_abs": percentile(finite, 0.5),
         "p90_abs": percentile(finite, 0.9),
         "max_abs": max(finite) if finite else float("nan"),
+        "median_signed": percentile([e for e in errors if math.isfinite(e)], 0.5),
     }
 
 
@@ -392,7 +418,7 @@ def noise_floor(steps: Sequence[float]) -> float:
 # -- the run --------------------------------------------------------------------------------
 
 
-def prepare(out: Path) -> list[str]:
+def prepare(out: Path | None) -> list[str]:
     """The shared cache (`<out>/cache`: layer profiles, calibration, link; not committed, so a
     fresh clone measures its own machine) and the link, measured once (1 thread, as the ranks
     run): every prediction and every launch reads the same numbers."""
@@ -402,7 +428,7 @@ def prepare(out: Path) -> list[str]:
     from splitgraph.cost.costs import link_from_config
 
     torch.set_num_threads(1)
-    cache = [f"costs.cache_dir={out / 'cache'}"]
+    cache = [f"costs.cache_dir={out / 'cache'}"] if out is not None else []
     link = link_from_config(load_config(cache))
     return [
         *cache,
@@ -548,9 +574,9 @@ SEARCH_SCHEDULES = ("gpipe", "1f1b", "zb1", "naive")
 def search_candidates(
     model: ModelSpec, p: int, cap: str | None, shared: Sequence[str], predictor: str, top: int
 ) -> list[tuple[Point, float]]:
-    """planner.search's candidates that fit, ranked by `predictor` (calibrated: each one's
-    plan re-priced by cost/calibrate.py), the first `top` as points that pin the split
-    (partition=manual) and the recomputation."""
+    """planner.search's ranking (calibrated: `search(price=calibrate.pricer(...))`), its first
+    `top` candidates that fit, as points that pin the split (partition=manual) and the
+    recomputation."""
     from splitgraph.config import load_config
     from splitgraph.cost.costs import link_from_config
     from splitgraph.planner.search import search
@@ -559,12 +585,12 @@ def search_candidates(
     if cap is not None:
         base.append(f"pipeline.memory_cap={cap}")
     cfg = load_config(base)
-    ranked = search(cfg, p, link_from_config(cfg))
-    cal = None
+    price = None
     if predictor == "calibrated":
-        from splitgraph.cost.calibrate import load_calibration, priced_step
+        from splitgraph.cost.calibrate import pricer
 
-        cal = load_calibration(cfg, p)
+        price = pricer(cfg, p)
+    ranked = search(cfg, p, link_from_config(cfg), price=price)
     seen: set[str] = set()
     out: list[tuple[Point, float]] = []
     for c in ranked:
@@ -580,11 +606,7 @@ def search_candidates(
         if pt.key() in seen:
             continue
         seen.add(pt.key())
-        step = c.prediction.step_time
-        if cal is not None:
-            mc = c.prediction.costs
-            step = priced_step(cfg, mc, bounds, mc.schedule(p), p, cal).step_s
-        out.append((pt, step))
+        out.append((pt, c.step_s))
     out.sort(key=lambda t: t[1])
     return out[:top]
 
@@ -656,7 +678,21 @@ def main(argv: list[str] | None = None) -> int:
         help="measure the machine's calibration again even if <out>/cache has one",
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline per launch, seconds")
+    ap.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="measure this machine's calibration for 2 and 4 ranks into the user's cache "
+        "(costs.cache_dir, $SPLITGRAPH_CACHE or ~/.cache/splitgraph: where splitgraph-plan "
+        "reads it) and stop",
+    )
     ns = ap.parse_args(argv)
+    if ns.calibrate_only:
+        workdir = Path(tempfile.mkdtemp(prefix="splitgraph-calibrate-"))
+        shared = [o for o in prepare(None) if not o.startswith("pipeline.")]
+        for p in (2, 4):
+            ensure_calibration(shared, p, workdir, ns.timeout, print, ns.recalibrate)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     return run(ns)
 
 
@@ -754,6 +790,18 @@ def summarize(
         str(p): error_stats([r["rel_error"] for r in rows if r["p"] == p])
         for p in sorted({r["p"] for r in rows})
     }
+    names = list(rows[0]["predicted"].get("ablations", {})) if rows else []
+    ablations = {
+        name: error_stats(
+            [
+                rel_error(
+                    r["measured_step_s"], r["predicted"].get("ablations", {}).get(name, math.nan)
+                )
+                for r in rows
+            ]
+        )
+        for name in names
+    }
     finite = [r for r in rows if math.isfinite(r["rel_error"])]
     worst = sorted(finite, key=lambda r: -abs(r["rel_error"]))[:5]
     hits = sum(1 for s in searches if s["hit"])
@@ -773,6 +821,7 @@ def summarize(
         "within_noise": sum(1 for r in finite if abs(r["rel_error"]) <= noise),
         "by_schedule": by_schedule,
         "by_p": by_p,
+        "ablations": ablations,
         "worst": [
             {"point": r["point"], "rel_error": r["rel_error"], "why": why(r, noise)} for r in worst
         ],
@@ -842,6 +891,19 @@ def table(result: dict[str, Any]) -> str:
             f"| {name} | {st['points']} | {st['measured']} | {st['failed']} | "
             f"{_fmt(st['median_abs'])} | {_fmt(st['p90_abs'])} | {_fmt(st['max_abs'])} |"
         )
+    if result.get("ablations"):
+        lines += [
+            "",
+            "The same points, the prediction built up term by term (every column a priori):",
+            "",
+            "| prediction | median abs error | p90 | median signed |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, st in result["ablations"].items():
+            lines.append(
+                f"| {name} | {_fmt(st['median_abs'])} | {_fmt(st['p90_abs'])} | "
+                f"{_fmt(st.get('median_signed', math.nan))} |"
+            )
     lines += [
         "",
         f"Within the noise floor: {result['within_noise']} of {o['measured']}.",

@@ -313,3 +313,18 @@ def fit_overheads(
         if rms < best[2]:
             best = (o, c, rms)
     return best
+
+
+def pricer(
+    cfg: Any, ranks: int, cal: Calibration | None = None, fixed: FixedCosts | None = None
+) -> Callable[[Any], float]:
+    """`planner.search`'s `price`: a candidate's prediction -> its step priced here, under
+    this machine's calibration for `ranks` (LookupError if none is stored)."""
+    cal = cal if cal is not None else load_calibration(cfg, ranks)
+    fixed = fixed if fixed is not None else fixed_costs(cfg)
+
+    def price(pred: Any) -> float:
+        mc, bounds = pred.costs, pred.plan.bounds
+        return priced_step(cfg, mc, bounds, mc.schedule(len(bounds) - 1), ranks, cal, fixed).step_s
+
+    return price
