@@ -37,7 +37,8 @@ def test_grid_covers_the_required_ranges(seed: int) -> None:
         else:
             assert len(set(m.hidden)) == 1, m
         assert 6 * m.batch * m.params <= bp.STEP_FLOP_BUDGET, m
-    points = bp.grid_points(models, seed, {2: 2, 4: 1})
+    points = bp.grid_points(models, seed, bp.parse_per_model(bp.PER_MODEL))
+    assert len(points) >= 20
     assert {p.schedule for p in points} == set(bp.SCHEDULES)
     assert {p.p for p in points} == {2, 4}
     assert all(1 <= p.m <= 16 for p in points)
@@ -149,3 +150,24 @@ def test_a_failed_launch_is_recorded_and_the_run_goes_on(
     assert rows[1]["rel_error"] == pytest.approx(0.0)
     st = bp.error_stats([r["rel_error"] for r in rows])
     assert st["failed"] == 1 and st["measured"] == 1
+
+
+def test_predict_point_builds_the_step_term_by_term(tmp_path: Path) -> None:
+    """The real prediction, deterministic (FLOP-priced layers, a given calibration): each
+    term adds to the step, and nothing is launched."""
+    from splitgraph.config import load_config
+    from splitgraph.cost.calibrate import Calibration, store_calibration
+
+    shared = [f"costs.cache_dir={tmp_path}", "costs.times=flops", "pipeline.bandwidth=1GB"]
+    store_calibration(load_config(shared), Calibration(2, 1e-4, 1e-3, "test"))
+    spec = bp.ModelSpec("t", 32, (64, 256, 64), 10, 64, "unbalanced")
+    pred = bp.predict_point(bp.Point(spec, 2, "1f1b", 4), shared, "calibrated")
+    steps = list(pred.ablations.values())
+    assert len(steps) == 5 and all(math.isfinite(s) and s > 0 for s in steps)
+    # FLOP-priced layers have no contention profile; each other term adds time
+    assert steps[1] == pytest.approx(steps[0])
+    assert steps[1] < steps[2] < steps[3] < steps[4]
+    assert pred.step_s == steps[-1]
+    assert pred.step_s == pytest.approx(pred.span_s + pred.fixed_s)
+    planner = bp.predict_point(bp.Point(spec, 2, "1f1b", 4), shared, "planner")
+    assert planner.step_s == pytest.approx(steps[0])

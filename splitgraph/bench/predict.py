@@ -57,7 +57,7 @@ BATCHES: tuple[int, ...] = (64, 128, 256, 512, 1024)
 #: ~0.1-0.2 s on one core, so that ~60 launches fit the 15-minute budget.
 STEP_FLOP_BUDGET = 2.5e9
 #: Steps per launch; the median skips the first (summary.json's step_time_median_s).
-STEPS = 30
+STEPS = 20
 #: Every launch: no checkpoint, no trace, no in-run report (the run's own link measurement).
 COMMON = (
     "train.progress=false",
@@ -240,6 +240,15 @@ def defined(schedule: str, p: int, m: int, layers: int) -> bool:
     return not REGISTRY[schedule].problems(p, v, m)
 
 
+#: Points per model at each rank count (p:count): 22 points at seed 17.
+PER_MODEL = "2:1,4:1"
+
+
+def parse_per_model(text: str) -> dict[int, int]:
+    """ "2:1,4:1" -> {2: 1, 4: 1}."""
+    return {int(k): int(v) for k, v in (x.split(":") for x in text.split(","))}
+
+
 def grid_points(models: Sequence[ModelSpec], seed: int, per_model: dict[int, int]) -> list[Point]:
     """`per_model[p]` points per model at each p, schedules cycled over the whole grid so each
     appears about equally often, m drawn from MICROBATCHES (1 for naive) among the counts the
@@ -274,6 +283,8 @@ class Predicted:
     bubble: float
     source: str
     bounds: list[int] = field(default_factory=list)
+    #: the same step priced with fewer terms (all a priori): which term buys what
+    ablations: dict[str, float] = field(default_factory=dict)
 
 
 def point_config(point: Point, shared: Sequence[str]) -> Any:
@@ -669,6 +680,11 @@ def main(argv: list[str] | None = None) -> int:
         help="calibrated: cost/calibrate.py (default); planner: the profile-only "
         "prediction splitgraph-plan printed before issue 17",
     )
+    ap.add_argument(
+        "--per-model",
+        default=PER_MODEL,
+        help="points per model at each rank count, p:count,... (2:1,4:1: 22 points at seed 17)",
+    )
     ap.add_argument("--noise", type=int, default=3, help="launches of the noise configuration")
     ap.add_argument("--searches", type=int, default=8, help="searches judged (8; half capped)")
     ap.add_argument("--top", type=int, default=5, help="candidates measured per search (5)")
@@ -724,7 +740,7 @@ def run(ns: argparse.Namespace) -> int:
         noise_point, noise_n, n_search = points[0], 2, min(ns.searches, 1)
     else:
         models = grid_models(ns.seed, ns.models)
-        points = grid_points(models, ns.seed, {2: 2, 4: 1})
+        points = grid_points(models, ns.seed, parse_per_model(ns.per_model))
         noise_point, noise_n, n_search = points[1], ns.noise, ns.searches
     print(f"grid: {len(models)} models, {len(points)} points", flush=True)
     for m in models:
