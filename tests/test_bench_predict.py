@@ -171,3 +171,8 @@ def test_predict_point_builds_the_step_term_by_term(tmp_path: Path) -> None:
     assert pred.step_s == pytest.approx(pred.span_s + pred.fixed_s)
     planner = bp.predict_point(bp.Point(spec, 2, "1f1b", 4), shared, "planner")
     assert planner.step_s == pytest.approx(steps[0])
+
+
+def test_a_run_started_under_load_is_labelled_preliminary() -> None:
+    assert bp.load_warning("0.40 0.90 1.20") == ""
+    assert "PRELIMINARY" in bp.load_warning("6.85 6.36 6.17")

@@ -72,18 +72,31 @@ def test_more_ranks_than_cores_take_turns(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_fit_recovers_known_overheads() -> None:
-    # three launches with 4, 12 and 40 actions on the critical path
-    base, actions, fixed = [1e-3, 2e-3, 5e-3], [4, 12, 40], [1e-4, 1e-4, 2e-4]
-    o_true, c_true = 1e-6 * 1.25**20, 3e-4
-    measured = [b + n * o_true + f + c_true for b, n, f in zip(base, actions, fixed)]
+    # four launches: compute actions and transfer groups on the critical path
+    base, actions, groups = [1e-3, 2e-3, 5e-3, 3e-3], [4, 12, 40, 16], [2, 6, 20, 12]
+    fixed = [1e-4, 1e-4, 2e-4, 1e-4]
+    o_true, t_true, c_true = cal_mod.GRID[21], cal_mod.GRID[10], 3e-4
+    measured = [
+        b + n * o_true + g * t_true + f + c_true for b, n, g, f in zip(base, actions, groups, fixed)
+    ]
 
-    def spans(o: float) -> list[float]:
-        return [b + n * o for b, n in zip(base, actions)]
+    def spans(o: float, t: float) -> list[float]:
+        return [b + n * o + g * t for b, n, g in zip(base, actions, groups)]
 
-    o, c, rms = fit_overheads(spans, fixed, measured)
+    o, t, c, rms = fit_overheads(spans, fixed, measured)
     assert o == pytest.approx(o_true)
+    assert t == pytest.approx(t_true)
     assert c == pytest.approx(c_true)
     assert rms < 1e-9
+
+
+def test_each_transfer_group_pays_its_post() -> None:
+    cfg, costs, bounds, sched = _setup("naive", 1)  # F0 | send, recv | F1 B1 | ... B0
+    base = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 0.0), NO_FIXED)
+    t = priced_step(
+        cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 0.0, transfer_s=1e-3), NO_FIXED
+    )
+    assert t.step_s > base.step_s + 1e-3
 
 
 def test_search_ranks_by_the_price_it_is_given() -> None:

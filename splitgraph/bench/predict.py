@@ -456,8 +456,10 @@ def run_points(
     timeout: float,
     tag: str,
     measure: Callable[..., dict[str, Any]] = measure_point,
+    deadline: float = math.inf,
 ) -> list[dict[str, Any]]:
-    """Predict each point (recorded first), then launch it; print progress."""
+    """Predict each point (recorded first), then launch it; print progress. Past `deadline`
+    (time.monotonic()) a point is predicted but not launched: recorded as skipped."""
     rows = []
     for i, pt in enumerate(points):
         t0 = time.monotonic()
@@ -480,7 +482,9 @@ def run_points(
             "predicted_at": time.time(),
             "predict_s": time.monotonic() - t0,
         }
-        if perr is None:
+        if perr is None and time.monotonic() > deadline:
+            got = {"step_s": float("nan"), "wall_s": 0.0, "error": "skipped: past --budget"}
+        elif perr is None:
             got = measure(pt, shared, workdir, timeout)
         else:
             got = {"step_s": float("nan"), "wall_s": 0.0, "error": perr}
@@ -503,7 +507,7 @@ def run_points(
 #: The calibration model: layers so small that a step is nearly all overhead, at the
 #: schedules and microbatch counts that vary how many actions a step has.
 CAL_MODEL = ModelSpec("calibration", 32, (32,) * 7, 10, 64, "balanced")
-CAL_POINTS = (("naive", 1), ("1f1b", 4), ("gpipe", 16), ("zb1", 8))
+CAL_POINTS = (("naive", 1), ("1f1b", 4), ("gpipe", 16), ("zb1", 8), ("interleaved", 8))
 
 
 def ensure_calibration(
@@ -545,10 +549,10 @@ def ensure_calibration(
     measured, priced = [], []
     for pt in points:
         cfg = point_config(pt, shared)
-        costs = model_costs(cfg, p, link=link_from_config(cfg))
+        costs = model_costs(cfg, p * pt.virtual, link=link_from_config(cfg))
         plan = make_plan(cfg, p, costs)
         mc = in_conditions(cfg, costs, p)
-        sched = costs.schedule(p)
+        sched = costs.schedule(p * pt.virtual)
         got = measure_point(pt, shared, workdir, timeout)
         log(
             f"[calibration p={p}] {pt.describe()}: {got['step_s'] * 1e3:.2f} ms "
@@ -561,10 +565,10 @@ def ensure_calibration(
     if len(measured) < 2:
         raise RuntimeError(f"calibration for p={p}: fewer than 2 launches ran")
 
-    def spans(o: float) -> list[float]:
-        return [simulate(s, sim_with_overhead(mc, b, o)).step_time for mc, b, s, _ in priced]
+    def spans(o: float, t: float) -> list[float]:
+        return [simulate(s, sim_with_overhead(mc, b, o, t)).step_time for mc, b, s, _ in priced]
 
-    o, c, rms = fit_overheads(spans, [f for *_, f in priced], measured)
+    o, t, c, rms = fit_overheads(spans, [f for *_, f in priced], measured)
     fixed_costs(cfg0)  # measured now too, so grid predictions only read the cache
     cal = Calibration(
         p,
@@ -573,9 +577,13 @@ def ensure_calibration(
         f"fitted to {len(measured)} launches of the calibration model "
         f"{'x'.join(map(str, CAL_MODEL.dims))} B={CAL_MODEL.batch} "
         f"(rms {rms:.1%}), {time.strftime('%Y-%m-%d %H:%M')}, load {load}",
+        transfer_s=t,
     )
     store_calibration(cfg0, cal)
-    log(f"calibration p={p}: action {o * 1e6:.0f} us, step {c * 1e6:.0f} us (rms {rms:.1%})")
+    log(
+        f"calibration p={p}: action {o * 1e6:.0f} us, transfers {t * 1e6:.0f} us, step "
+        f"{c * 1e6:.0f} us (rms {rms:.1%})"
+    )
     return cal
 
 
@@ -689,6 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--searches", type=int, default=8, help="searches judged (8; half capped)")
     ap.add_argument("--top", type=int, default=5, help="candidates measured per search (5)")
     ap.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for the whole run: points not yet launched by then are predicted and "
+        "recorded as skipped (counted as failed), so the command ends on time (default: none)",
+    )
+    ap.add_argument(
         "--recalibrate",
         action="store_true",
         help="measure the machine's calibration again even if <out>/cache has one",
@@ -746,12 +760,19 @@ def run(ns: argparse.Namespace) -> int:
     for m in models:
         print(f"  {m.name} {m.shape}: {'x'.join(map(str, m.dims))}, batch {m.batch}", flush=True)
 
+    deadline = started + ns.budget if ns.budget else math.inf
     noise_rows = run_points(
-        [noise_point] * noise_n, shared, ns.predictor, workdir, ns.timeout, "noise"
+        [noise_point] * noise_n,
+        shared,
+        ns.predictor,
+        workdir,
+        ns.timeout,
+        "noise",
+        deadline=deadline,
     )
     noise = noise_floor([r["measured_step_s"] for r in noise_rows])
     print(f"noise floor: {noise:.1%}", flush=True)
-    rows = run_points(points, shared, ns.predictor, workdir, ns.timeout, "grid")
+    rows = run_points(points, shared, ns.predictor, workdir, ns.timeout, "grid", deadline=deadline)
 
     searches = []
     pool = [m for m in (models if ns.quick else models[2:]) if m.layers >= 3][: (n_search + 1) // 2]
@@ -766,6 +787,7 @@ def run(ns: argparse.Namespace) -> int:
             workdir,
             ns.timeout,
             f"search {k + 1}/{n_search}",
+            deadline=deadline,
         )
         verdict = judge_search([r["measured_step_s"] for r in srows], noise)
         searches.append({"model": model.name, "cap_bytes": cap, "candidates": srows, **verdict})
@@ -874,6 +896,17 @@ def why(row: dict[str, Any], noise: float) -> str:
     return "; ".join(parts)
 
 
+def load_warning(load: str) -> str:
+    """A line for a run that started while other jobs held the cores (1-minute load > 1)."""
+    first = float(load.split()[0])
+    if first <= 1.0:
+        return ""
+    return (
+        f"PRELIMINARY: the 1-minute load was {first:.1f} on {cores()} cores when this run "
+        "started (other jobs shared the machine); rerun on an idle machine for numbers to quote."
+    )
+
+
 def _fmt(x: float, pct: bool = True) -> str:
     if not math.isfinite(x):
         return "-"
@@ -887,6 +920,7 @@ def table(result: dict[str, Any]) -> str:
         "",
         f"    {result['command']}",
         "",
+        *([f"**{busy}**", ""] if (busy := load_warning(result["load_before"])) else []),
         f"Machine: {result['machine']}; load before {result['load_before']}, after "
         f"{result['load_after']}; {result['wall_s']:.0f} s; predictor {result['predictor']}; "
         f"seed {result['seed']}.",

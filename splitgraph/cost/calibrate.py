@@ -8,7 +8,8 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
                     bandwidth and caches), at the run's microbatch rows and thread count,
              + o    per compute action (dispatch, the saved-tensor meter, the guard's
                     extremes, Python) - every F, B, I and W pays it,
-             comm   the link (latency + bytes / bandwidth), as before
+             comm   the link (latency + bytes / bandwidth), as before,
+             + t    per group of transfers a rank posts (the simulator's `post`)
          + max over ranks of the fixed costs:
              c                              per step: the step sum's collective, zeroing,
                                             the loop (measured: fitted, see below)
@@ -18,7 +19,7 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
     and, where ranks > cores, at least (the ranks' busy time + fixed costs) / cores: the
     ranks take turns on the cores.
 
-`o` and `c` are fitted once per machine and rank count from launches of a *calibration
+`o`, `t` and `c` are fitted once per machine and rank count from launches of a *calibration
 model* (tiny layers: the step is nearly all overhead), never from the run being predicted;
 bench/predict.py measures them (`ensure_calibration`) and stores them here. Everything is
 cached beside the layer profile (profiler.py's cache), keyed by the machine.
@@ -40,7 +41,7 @@ from splitgraph.cost.profiler import _Cache, _layer_key, cache_dir, device_name,
 from splitgraph.schedule import Costs, Schedule, simulate
 
 #: Bumped when what a calibration means changes: older entries are measured again.
-VERSION = 1
+VERSION = 2
 
 
 def cores() -> int:
@@ -58,6 +59,7 @@ class Calibration:
     action_s: float  # per compute action
     step_s: float  # per step, beside weight decay and the optimizer
     source: str = ""  # how and when it was measured
+    transfer_s: float = 0.0  # per group of transfers posted (and waited on)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,13 +253,16 @@ def in_conditions(cfg: Any, costs: ModelCosts, ranks: int) -> ModelCosts:
     )
 
 
-def sim_with_overhead(mc: ModelCosts, bounds: Sequence[int], action_s: float) -> Costs:
-    """The simulator's costs with `action_s` on every compute action (I and W: B/2 each)."""
+def sim_with_overhead(
+    mc: ModelCosts, bounds: Sequence[int], action_s: float, transfer_s: float = 0.0
+) -> Costs:
+    """The simulator's costs with `action_s` on every compute action (I and W: B/2 each) and
+    `transfer_s` on every group of transfers a rank posts (the simulator's `post`)."""
     base = mc.sim_costs(bounds)
     f = [x + action_s for x in base.forward]
     b = [x + action_s for x in base.backward]
     half = [x / 2 + action_s for x in base.backward]
-    return Costs(f, b, half, half, base.comm, base.mb_scale)
+    return Costs(f, b, half, half, base.comm, base.mb_scale, post=transfer_s)
 
 
 def priced_step(
@@ -272,7 +277,7 @@ def priced_step(
     """The step of `bounds` under `sched` on `ranks` ranks, priced a priori (module doc)."""
     mc = in_conditions(cfg, costs, ranks)
     fixed = fixed if fixed is not None else fixed_costs(cfg)
-    sim = simulate(sched, sim_with_overhead(mc, bounds, cal.action_s))
+    sim = simulate(sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s))
     per_rank = []
     for r in range(ranks):
         ss = sched.stages_of(r)
@@ -293,25 +298,31 @@ def priced_step(
     )
 
 
+#: The overheads tried by the fit: 0, then 1 us to ~6 ms in steps of 25%.
+GRID: tuple[float, ...] = (0.0, *(1e-6 * 1.25**k for k in range(40)))
+
+
 def fit_overheads(
-    span_of: Callable[[float], list[float]],
+    span_of: Callable[[float, float], list[float]],
     fixed: Sequence[float],
     measured: Sequence[float],
-    grid: Sequence[float] | None = None,
-) -> tuple[float, float, float]:
-    """(action_s, step_s, rms relative error) that best explain `measured` steps of the
-    calibration launches: for each candidate `action_s`, `span_of(action_s)` gives their
-    simulated spans; `step_s` is the median residual after the spans and the fixed costs."""
-    grid = grid or [0.0] + [1e-6 * 1.25**k for k in range(0, 40)]
-    best = (0.0, 0.0, float("inf"))
+    grid: Sequence[float] = GRID,
+    transfer_grid: Sequence[float] = GRID[::2],
+) -> tuple[float, float, float, float]:
+    """(action_s, transfer_s, step_s, rms relative error) that best explain the `measured`
+    steps of the calibration launches: for each candidate pair, `span_of(action_s,
+    transfer_s)` gives their simulated spans; `step_s` is the median residual after the spans
+    and the fixed costs (never negative)."""
+    best = (0.0, 0.0, 0.0, float("inf"))
     for o in grid:
-        spans = span_of(o)
-        resid = [m - s - f for m, s, f in zip(measured, spans, fixed)]
-        c = max(statistics.median(resid), 0.0)
-        err = sum(((s + f + c) / m - 1) ** 2 for s, f, m in zip(spans, fixed, measured))
-        rms = (err / len(measured)) ** 0.5
-        if rms < best[2]:
-            best = (o, c, rms)
+        for t in transfer_grid:
+            spans = span_of(o, t)
+            resid = [m - s - f for m, s, f in zip(measured, spans, fixed)]
+            c = max(statistics.median(resid), 0.0)
+            err = sum(((s + f + c) / m - 1) ** 2 for s, f, m in zip(spans, fixed, measured))
+            rms = (err / len(measured)) ** 0.5
+            if rms < best[3]:
+                best = (o, t, c, rms)
     return best
 
 
