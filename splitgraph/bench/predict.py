@@ -1017,7 +1017,7 @@ def scatter(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 6))
     pts = [r for r in result["rows"] if math.isfinite(r["rel_error"])]
-    for s in SCHEDULES:
+    for i, s in enumerate(SCHEDULES):
         for over, marker in ((False, "o"), (True, "^")):
             sel = [r for r in pts if r["schedule"] == s and r["oversubscribed"] == over]
             if sel:
@@ -1025,6 +1025,7 @@ def scatter(result: dict[str, Any], path: Path) -> None:
                     [r["predicted"]["step_s"] * 1e3 for r in sel],
                     [r["measured_step_s"] * 1e3 for r in sel],
                     marker=marker,
+                    color=f"C{i}",
                     label=f"{s}{' (p > cores)' if over else ''}",
                     alpha=0.8,
                 )
@@ -1046,8 +1047,9 @@ def scatter(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("measured median step, ms")
     o = result["overall"]
     ax.set_title(
-        f"median |error| {_fmt(o['median_abs'])}, p90 {_fmt(o['p90_abs'])}; "
-        f"load {result['load_before']}",
+        f"{'PRELIMINARY (loaded machine): ' if load_warning(result['load_before']) else ''}"
+        f"median |error| {_fmt(o['median_abs'])}, p90 {_fmt(o['p90_abs'])}\n"
+        f"load before {result['load_before']}",
         fontsize=9,
     )
     ax.legend(fontsize=7)
