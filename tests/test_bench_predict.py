@@ -176,3 +176,48 @@ def test_predict_point_builds_the_step_term_by_term(tmp_path: Path) -> None:
 def test_a_run_started_under_load_is_labelled_preliminary() -> None:
     assert bp.load_warning("0.40 0.90 1.20") == ""
     assert "PRELIMINARY" in bp.load_warning("6.85 6.36 6.17")
+
+
+def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ensure_calibration launches only the calibration model (faked here: steps made from
+    known overheads on the simulator), recovers the overheads, stores them, and reads them
+    back the second time without launching."""
+    from splitgraph.config import load_config
+    from splitgraph.cost.calibrate import (
+        GRID,
+        Calibration,
+        fixed_costs,
+        in_conditions,
+        load_calibration,
+        priced_step,
+    )
+    from splitgraph.cost.costs import link_from_config, model_costs
+    from splitgraph.partition import make_plan
+
+    shared = [f"costs.cache_dir={tmp_path}", "costs.times=flops", "pipeline.bandwidth=1GB"]
+    truth = Calibration(2, GRID[20], GRID[12], transfer_s=GRID[10])
+    launched: list[str] = []
+
+    def fake_measure(pt: bp.Point, sh: Any, workdir: Path, timeout: float) -> dict:
+        assert pt.model == bp.CAL_MODEL
+        launched.append(pt.schedule)
+        cfg = bp.point_config(pt, sh)
+        costs = model_costs(cfg, 2 * pt.virtual, link=link_from_config(cfg))
+        plan = make_plan(cfg, 2, costs)
+        sched = costs.schedule(2 * pt.virtual)
+        step = priced_step(cfg, in_conditions(cfg, costs, 2), plan.bounds, sched, 2, truth)
+        return {"step_s": step.step_s, "wall_s": 0.0, "error": None}
+
+    monkeypatch.setattr(bp, "measure_point", fake_measure)
+    cal = bp.ensure_calibration(shared, 2, tmp_path, 10.0, log=lambda _: None)
+    assert sorted(launched) == sorted(s for s, _ in bp.CAL_POINTS)
+    assert cal.action_s == pytest.approx(truth.action_s)
+    assert cal.transfer_s == pytest.approx(truth.transfer_s)
+    assert cal.step_s == pytest.approx(truth.step_s, rel=1e-6)
+    assert load_calibration(load_config(shared), 2) == cal
+    fixed_costs(load_config(shared))  # measured and cached by the calibration
+    launched.clear()
+    assert bp.ensure_calibration(shared, 2, tmp_path, 10.0, log=lambda _: None) == cal
+    assert launched == []
