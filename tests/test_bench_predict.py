@@ -221,3 +221,30 @@ def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
     launched.clear()
     assert bp.ensure_calibration(shared, 2, tmp_path, 10.0, log=lambda _: None) == cal
     assert launched == []
+
+
+def test_a_search_reuses_a_measurement_only_for_the_same_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(
+        bp, "predict_point", lambda pt, sh, pr: bp.Predicted(0.01, 0.01, 0.0, 0.0, pr)
+    )
+    launched: list[str] = []
+
+    def fake_measure(pt: bp.Point, *_: Any) -> dict:
+        launched.append(pt.key())
+        return {"step_s": 0.012, "wall_s": 1.0, "error": None}
+
+    spec = bp.ModelSpec("t", 32, (32, 32, 32), 10, 64, "balanced")
+    split = ("partition=manual", "partition.boundaries=[2]")
+    free = bp.Point(spec, 2, "1f1b", 4, split)
+    capped = bp.Point(spec, 2, "1f1b", 4, (*split, "pipeline.memory_cap=1000000"))
+    other = bp.Point(spec, 2, "1f1b", 8, (*split, "pipeline.memory_cap=1000000"))
+    memo: dict = {}
+    bp.run_points([free], [], "calibrated", tmp_path, 10.0, "a", fake_measure, memo=memo)
+    rows = bp.run_points(
+        [capped, other], [], "calibrated", tmp_path, 10.0, "b", fake_measure, memo=memo
+    )
+    assert launched == [free.key(), other.key()]
+    assert rows[0]["reused"] and not rows[1]["reused"]
+    assert rows[0]["measured_step_s"] == 0.012

@@ -1,7 +1,8 @@
 """Joint search: schedule x microbatches x recomputation x strategy, ranked under the cap.
 
 Every candidate is priced by the same cost model as a single plan (planner.predict): the
-simulator's step time and the exact memory prediction. Candidates that fit the memory
+simulator's step time and the exact memory prediction; `price` (cost/calibrate.py's `pricer`)
+ranks them by the step priced in the run's conditions instead. Candidates that fit the memory
 cap come first, then the faster, then the smaller; splits that several strategies agree
 on are listed once with all their names.
 """
