@@ -600,8 +600,6 @@ def same_work(pt: Point) -> str:
     return " ".join(x for x in pt.key().split(" ") if not x.startswith("pipeline.memory_cap="))
 
 
-
-
 def search_candidates(
     model: ModelSpec, p: int, cap: str | None, shared: Sequence[str], predictor: str, top: int
 ) -> list[tuple[Point, float]]:
