@@ -79,10 +79,19 @@ def main(argv: list[str] | None = None) -> int:
         prediction = predict(plan, costs)
         result = prediction.to_dict()
         print(prediction.table())
+        from splitgraph.cost.calibrate import has_calibration, pricer
+
+        price = pricer(cfg, nproc) if has_calibration(cfg, nproc) else None
+        if price is not None:  # docs/prediction.md: the step in the run's conditions
+            result["calibrated_step_s"] = price(prediction)
+            print(
+                f"in the run's conditions (this machine's calibration, docs/prediction.md): "
+                f"step {result['calibrated_step_s'] * 1e3:.3f} ms"
+            )
         if do_search:
             from splitgraph.planner import search
 
-            ranked = search.search(work, nproc, link)
+            ranked = search.search(work, nproc, link, price=price)
             print(f"\nsearch: {len(ranked)} candidates, best first")
             print(search.table(ranked, top))
             result["search"] = [c.to_dict() for c in ranked]

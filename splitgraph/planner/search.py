@@ -1,7 +1,8 @@
 """Joint search: schedule x microbatches x recomputation x strategy, ranked under the cap.
 
 Every candidate is priced by the same cost model as a single plan (planner.predict): the
-simulator's step time and the exact memory prediction. Candidates that fit the memory
+simulator's step time and the exact memory prediction; `price` (cost/calibrate.py's `pricer`)
+ranks them by the step priced in the run's conditions instead. Candidates that fit the memory
 cap come first, then the faster, then the smaller; splits that several strategies agree
 on are listed once with all their names.
 """
@@ -9,6 +10,7 @@ on are listed once with all their names.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,16 +41,26 @@ class Candidate:
     error: str | None = None  # e.g. optimal: nothing fits
     why: str = ""
     key: tuple[Any, ...] = field(default=(), repr=False)
+    #: the step as `search(price=...)` priced it (cost/calibrate.py); None: the simulator's
+    priced_s: float | None = None
 
     @property
     def fits(self) -> bool:
         return self.prediction is not None and self.prediction.fits
 
+    @property
+    def step_s(self) -> float:
+        """The step it is ranked by: priced (`search(price=...)`), else simulated."""
+        p = self.prediction
+        if p is None:
+            return float("nan")
+        return p.step_time if self.priced_s is None else self.priced_s
+
     def sort_key(self) -> tuple[Any, ...]:
         p = self.prediction
         if p is None:
             return (2, 0.0, 0)
-        return (0 if p.fits else 1, p.step_time, p.peak_memory)
+        return (0 if p.fits else 1, self.step_s, p.peak_memory)
 
     def to_dict(self) -> dict[str, Any]:
         p = self.prediction
@@ -59,6 +71,7 @@ class Candidate:
             "strategies": self.strategies,
             "bounds": list(p.plan.bounds) if p else None,
             "step_time_s": p.step_time if p else None,
+            "priced_step_s": self.priced_s,
             "bubble": p.bubble if p else None,
             "peak_memory_bytes": p.peak_memory if p else None,
             "fits": self.fits,
@@ -87,8 +100,15 @@ def _variant(work: Workload, schedule: str, m: int, recompute: bool, strategy: s
     return replace(work, schedule=sched, pipeline=pipe, partition=part)
 
 
-def search(work: Workload, stages: int, link: Link, device: Any = "cpu") -> list[Candidate]:
-    """Every candidate, best first."""
+def search(
+    work: Workload,
+    stages: int,
+    link: Link,
+    device: Any = "cpu",
+    price: Callable[[Prediction], float] | None = None,
+) -> list[Candidate]:
+    """Every candidate, best first; `price`: the step each is ranked by (default the
+    simulator's; `cost.calibrate.pricer` prices it in the run's conditions)."""
     strategies = list(STRATEGIES)
     own = REGISTRY.get(work.partition.strategy)
     if own is not None and own.user_cuts:  # the user's cut points: one more candidate
@@ -121,6 +141,8 @@ def search(work: Workload, stages: int, link: Link, device: Any = "cpu") -> list
                     else:
                         pred = predict(plan, costs)
                         found[key] = Candidate(schedule, m, recompute, [strategy], pred, key=key)
+                        if price is not None:
+                            found[key].priced_s = price(pred)
     ranked = sorted(found.values(), key=Candidate.sort_key)
     _explain(ranked)
     return ranked
@@ -148,7 +170,7 @@ def _explain(ranked: list[Candidate]) -> None:
         if best is not None and best.prediction is not None and c is not best:
             b = best.prediction
             parts.append(
-                f"{p.step_time / b.step_time - 1:+.0%} time and "
+                f"{c.step_s / best.step_s - 1:+.0%} time and "
                 f"{p.peak_memory / b.peak_memory - 1:+.0%} peak memory vs #1"
             )
         elif c is best:
@@ -168,7 +190,7 @@ def table(ranked: list[Candidate], top: int) -> str:
                 "yes" if c.recompute else "no",
                 "=".join(c.strategies),
                 str(list(p.plan.bounds)) if p else "-",
-                f"{p.step_time * 1e3:.3f}" if p else "-",
+                f"{c.step_s * 1e3:.3f}" if p else "-",
                 format_bytes(p.peak_memory) if p else "-",
                 "yes" if c.fits else "no",
             )

@@ -1,0 +1,341 @@
+"""The step priced in the conditions of the run: what the layer profile alone leaves out.
+
+The profile (profiler.py) times each layer alone, on an idle machine. A run's step is longer:
+
+    step = span of the schedule, simulated with
+             F, B   the layer times profiled while `busy` processes run the same layers at
+                    once (busy = min(ranks, cores): the other ranks compete for memory
+                    bandwidth and caches), at the run's microbatch rows and thread count,
+             + o    per compute action (dispatch, the saved-tensor meter, the guard's
+                    extremes, Python) - every F, B, I and W pays it,
+             comm   the link (latency + bytes / bandwidth), as before,
+             + t    per group of transfers a rank posts (the simulator's `post`)
+         + max over ranks of the fixed costs:
+             c                              per step: the step sum's collective, zeroing,
+                                            the loop (measured: fitted, see below)
+             + a * parameters + t * tensors the weight-decay term and its gradient, and the
+                                            optimizer step, timed on stand-in modules of
+                                            two sizes and fitted (microbenchmark)
+    and, where ranks > cores, at least (the ranks' busy time + fixed costs) / cores: the
+    ranks take turns on the cores.
+
+`o`, `t` and `c` are fitted once per machine and rank count from launches of a *calibration
+model* (tiny layers: the step is nearly all overhead), never from the run being predicted;
+bench/predict.py measures them (`ensure_calibration`) and stores them here. Everything is
+cached beside the layer profile (profiler.py's cache), keyed by the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from splitgraph.cost.costs import ModelCosts
+from splitgraph.cost.profiler import _Cache, _layer_key, cache_dir, device_name, time_layer
+from splitgraph.schedule import Costs, Schedule, simulate
+
+#: Bumped when what a calibration means changes: older entries are measured again.
+VERSION = 2
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-machine, per-rank-count terms the profile does not hold (seconds)."""
+
+    ranks: int
+    action_s: float  # per compute action
+    step_s: float  # per step, beside weight decay and the optimizer
+    source: str = ""  # how and when it was measured
+    transfer_s: float = 0.0  # per group of transfers posted (and waited on)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """Weight decay + optimizer per step: `per_param_s * params + per_tensor_s * tensors`."""
+
+    per_param_s: float
+    per_tensor_s: float
+
+    def time(self, params: int, tensors: int) -> float:
+        return max(self.per_param_s * params + self.per_tensor_s * tensors, 0.0)
+
+
+def _machine(device: torch.device | str = "cpu") -> str:
+    return device_name(torch.device(device))
+
+
+def _cal_key(ranks: int) -> str:
+    return f"calibration|v{VERSION}|{_machine()}|ranks={ranks}"
+
+
+def load_calibration(cfg: Any, ranks: int) -> Calibration:
+    """The stored calibration for `ranks` on this machine; a clear error if there is none."""
+    with _Cache(cache_dir(cfg.costs)).locked() as data:
+        got = data.get(_cal_key(ranks))
+    if got is None:
+        raise LookupError(
+            f"no calibration for {ranks} ranks on this machine in {cache_dir(cfg.costs)}: "
+            "run `python -m splitgraph.bench.predict --calibrate-only` (or costs.times=flops)"
+        )
+    return Calibration(**got)
+
+
+def store_calibration(cfg: Any, cal: Calibration) -> None:
+    with _Cache(cache_dir(cfg.costs)).locked() as data:
+        data[_cal_key(cal.ranks)] = cal.to_dict()
+
+
+def has_calibration(cfg: Any, ranks: int) -> bool:
+    with _Cache(cache_dir(cfg.costs)).locked() as data:
+        return _cal_key(ranks) in data
+
+
+# -- layer times under contention -----------------------------------------------------------
+
+
+def _busy_worker(rank: int, world: int, cfg: Any, n: int, dtype: str, indices: list[int]) -> Any:
+    """Every rank times the same layers in the same order, so each runs while the others do."""
+    import torch.distributed as dist
+
+    dt = getattr(torch, dtype)
+    out = {}
+    for i in indices:
+        dist.barrier()
+        out[i] = time_layer(cfg, i, n, dt, torch.device("cpu"))
+    return out if rank == 0 else None
+
+
+def busy_profile(
+    cfg: Any, n: int, dtype: torch.dtype, busy: int, timeout: float = 600.0
+) -> list[tuple[float, float]]:
+    """(forward, backward) seconds per layer at `n` rows, timed while `busy` processes (this
+    one included) run the same layers at once; cached per layer and `busy`. busy=1: the
+    plain profile."""
+    from splitgraph.cost.profiler import profile_layers
+
+    if busy <= 1:
+        return profile_layers(cfg, n, dtype, torch.device("cpu"))
+    dims = [cfg.model.in_features, *cfg.model.hidden, cfg.model.out_features]
+    keys = [
+        _layer_key(cfg.model, i, n, dtype, torch.device("cpu")) + f"|busy={busy}"
+        for i in range(len(dims) - 1)
+    ]
+    suffix = "_min" if cfg.costs.statistic == "min" else ""
+    with _Cache(cache_dir(cfg.costs)).locked() as data:
+        missing = [i for i, k in enumerate(keys) if k not in data]
+    if missing:
+        from splitgraph.spawn import run_ranks
+
+        got = run_ranks(
+            _busy_worker,
+            busy,
+            cfg,
+            n,
+            str(dtype).removeprefix("torch."),
+            missing,
+            timeout=timeout,
+        )[0]
+        with _Cache(cache_dir(cfg.costs)).locked() as data:
+            for i in missing:
+                data[keys[i]] = got[i]
+    with _Cache(cache_dir(cfg.costs)).locked() as data:
+        return [
+            (float(data[k][f"forward{suffix}"]), float(data[k][f"backward{suffix}"])) for k in keys
+        ]
+
+
+# -- the step's fixed costs, from the model's sizes --------------------------------------------
+
+
+def _time_fixed(cfg: Any, shape: tuple[int, int], layers: int, repeats: int = 7) -> float:
+    """Median seconds of weight decay (term + gradient) and the optimizer step on `layers`
+    stand-in layers of `shape`, as the engine runs them after the schedule."""
+    from omegaconf import OmegaConf, open_dict
+
+    from splitgraph.model import StageModule, add_l2_grad_, l2_term
+    from splitgraph.optim import make_optimizer
+
+    model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    with open_dict(model):
+        model.in_features, model.out_features = shape[1], shape[0]
+        model.hidden = [shape[0]] * (layers - 1)
+        model.out_features = shape[0]
+    module = StageModule(model, 0, layers)
+    params = list(module.parameters())
+    opt = make_optimizer(cfg.optim, params)
+    wd = float(cfg.optim.weight_decay)
+    times = []
+    for r in range(repeats + 2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        t0 = time.perf_counter()
+        float(l2_term(module, wd))
+        add_l2_grad_(module, wd)
+        opt.step()
+        for p in params:
+            p.grad = None
+        if r >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fixed_costs(cfg: Any) -> FixedCosts:
+    """Weight decay + optimizer per step, fitted over stand-in modules (per parameter, per
+    tensor); cached per machine, optimizer and weight decay."""
+    o = cfg.optim
+    key = (
+        f"fixed|v{VERSION}|{_machine()}|optim={o.name}|momentum={float(o.momentum)}|"
+        f"wd={float(o.weight_decay) > 0}|bias={bool(cfg.model.bias)}|dtype={cfg.runtime.dtype}"
+    )
+    with _Cache(cache_dir(cfg.costs)).locked() as data:
+        got = data.get(key)
+    if got is None:
+        # many small tensors (the per-tensor cost), few large ones (the per-parameter cost)
+        small = _time_fixed(cfg, (32, 32), 16)
+        large = _time_fixed(cfg, (1024, 1024), 2)
+        t_small = 16 * (1 + int(bool(cfg.model.bias)))
+        t_large = 2 * (1 + int(bool(cfg.model.bias)))
+        p_small, p_large = 16 * 32 * 32, 2 * 1024 * 1024
+        # solve  small = a p_small + t t_small,  large = a p_large + t t_large
+        det = p_small * t_large - p_large * t_small
+        a = (small * t_large - large * t_small) / det
+        t = (p_small * large - p_large * small) / det
+        got = {"per_param_s": max(a, 0.0), "per_tensor_s": max(t, 0.0)}
+        with _Cache(cache_dir(cfg.costs)).locked() as data:
+            data[key] = got
+    return FixedCosts(float(got["per_param_s"]), float(got["per_tensor_s"]))
+
+
+# -- the priced step ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PricedStep:
+    step_s: float
+    span_s: float
+    fixed_s: float  # the largest rank's fixed costs
+    bubble: float
+    busy_s: tuple[float, ...]
+    bound: str  # "schedule" or "cores"
+
+
+def in_conditions(cfg: Any, costs: ModelCosts, ranks: int) -> ModelCosts:
+    """`costs` with its layer times profiled under the run's contention (min(ranks, cores)
+    busy processes); `costs.times=flops` stays as it is (deterministic)."""
+    if costs.time_source != "measured":
+        return costs
+    from splitgraph.model import torch_dtype
+
+    busy = min(ranks, cores())
+    times = busy_profile(cfg, costs.n, torch_dtype(cfg.runtime.dtype), busy)
+    return replace(
+        costs,
+        forward=tuple(t[0] for t in times),
+        backward=tuple(t[1] for t in times),
+        time_source=f"measured, {busy} busy",
+        _memo={},
+    )
+
+
+def sim_with_overhead(
+    mc: ModelCosts, bounds: Sequence[int], action_s: float, transfer_s: float = 0.0
+) -> Costs:
+    """The simulator's costs with `action_s` on every compute action (I and W: B/2 each) and
+    `transfer_s` on every group of transfers a rank posts (the simulator's `post`)."""
+    base = mc.sim_costs(bounds)
+    f = [x + action_s for x in base.forward]
+    b = [x + action_s for x in base.backward]
+    half = [x / 2 + action_s for x in base.backward]
+    return Costs(f, b, half, half, base.comm, base.mb_scale, post=transfer_s)
+
+
+def priced_step(
+    cfg: Any,
+    costs: ModelCosts,
+    bounds: Sequence[int],
+    sched: Schedule,
+    ranks: int,
+    cal: Calibration,
+    fixed: FixedCosts | None = None,
+) -> PricedStep:
+    """The step of `bounds` under `sched` on `ranks` ranks, priced a priori (module doc)."""
+    mc = in_conditions(cfg, costs, ranks)
+    fixed = fixed if fixed is not None else fixed_costs(cfg)
+    sim = simulate(sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s))
+    per_rank = []
+    for r in range(ranks):
+        ss = sched.stages_of(r)
+        params = sum(mc.param_bytes(bounds[s], bounds[s + 1]) for s in ss) // max(
+            mc.shape.element_size, 1
+        )
+        tensors = sum(mc.param_tensors(bounds[s], bounds[s + 1]) for s in ss)
+        per_rank.append(cal.step_s + fixed.time(params, tensors))
+    step = sim.step_time + max(per_rank)
+    bound = "schedule"
+    n = cores()
+    if ranks > n:
+        turns = (sum(sim.busy) + sum(per_rank)) / n
+        if turns > step:
+            step, bound = turns, "cores"
+    return PricedStep(
+        step, sim.step_time, max(per_rank), sim.bubble_fraction, tuple(sim.busy), bound
+    )
+
+
+#: The overheads tried by the fit: 0, then 1 us to ~6 ms in steps of 25%.
+GRID: tuple[float, ...] = (0.0, *(1e-6 * 1.25**k for k in range(40)))
+
+
+def fit_overheads(
+    span_of: Callable[[float, float], list[float]],
+    fixed: Sequence[float],
+    measured: Sequence[float],
+    grid: Sequence[float] = GRID,
+    transfer_grid: Sequence[float] = GRID[::2],
+) -> tuple[float, float, float, float]:
+    """(action_s, transfer_s, step_s, rms relative error) that best explain the `measured`
+    steps of the calibration launches: for each candidate pair, `span_of(action_s,
+    transfer_s)` gives their simulated spans; `step_s` is the median residual after the spans
+    and the fixed costs (never negative)."""
+    best = (0.0, 0.0, 0.0, float("inf"))
+    for o in grid:
+        for t in transfer_grid:
+            spans = span_of(o, t)
+            resid = [m - s - f for m, s, f in zip(measured, spans, fixed)]
+            c = max(statistics.median(resid), 0.0)
+            err = sum(((s + f + c) / m - 1) ** 2 for s, f, m in zip(spans, fixed, measured))
+            rms = (err / len(measured)) ** 0.5
+            if rms < best[3]:
+                best = (o, t, c, rms)
+    return best
+
+
+def pricer(
+    cfg: Any, ranks: int, cal: Calibration | None = None, fixed: FixedCosts | None = None
+) -> Callable[[Any], float]:
+    """`planner.search`'s `price`: a candidate's prediction -> its step priced here, under
+    this machine's calibration for `ranks` (LookupError if none is stored)."""
+    cal = cal if cal is not None else load_calibration(cfg, ranks)
+    fixed = fixed if fixed is not None else fixed_costs(cfg)
+
+    def price(pred: Any) -> float:
+        mc, bounds = pred.costs, pred.plan.bounds
+        return priced_step(cfg, mc, bounds, mc.schedule(len(bounds) - 1), ranks, cal, fixed).step_s
+
+    return price

@@ -1,0 +1,126 @@
+"""The step priced in the run's conditions (cost/calibrate.py): each term lands where it
+should, and the fit recovers known overheads. Deterministic: FLOP-priced layers, given
+calibrations; nothing is timed here."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitgraph.config import load_config
+from splitgraph.cost import calibrate as cal_mod
+from splitgraph.cost.calibrate import Calibration, FixedCosts, fit_overheads, priced_step
+from splitgraph.cost.costs import model_costs
+from splitgraph.partition import make_plan
+from splitgraph.schedule import simulate
+
+NO_FIXED = FixedCosts(0.0, 0.0)
+
+
+def _setup(schedule: str, m: int) -> tuple:
+    cfg = load_config(
+        [
+            "model.hidden=[64,256,64]",
+            "costs.times=flops",
+            "pipeline.bandwidth=1GB",
+            f"schedule={schedule}",
+            f"pipeline.microbatches={m}",
+        ]
+    )
+    costs = model_costs(cfg, 2)
+    plan = make_plan(cfg, 2, costs)
+    return cfg, costs, plan.bounds, costs.schedule(2)
+
+
+def test_no_overhead_is_the_simulated_step() -> None:
+    cfg, costs, bounds, sched = _setup("1f1b", 4)
+    got = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 0.0), NO_FIXED)
+    assert got.step_s == pytest.approx(simulate(sched, costs.sim_costs(bounds)).step_time)
+
+
+def test_each_compute_action_pays_the_overhead_and_each_step_the_constant() -> None:
+    cfg, costs, bounds, sched = _setup("naive", 1)  # F0 F1 B1 B0 in a chain: 4 actions
+    base = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 0.0), NO_FIXED)
+    o = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 1e-3, 0.0), NO_FIXED)
+    c = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 2e-3), NO_FIXED)
+    assert o.step_s - base.step_s == pytest.approx(4e-3)
+    assert c.step_s - base.step_s == pytest.approx(2e-3)
+
+
+def test_fixed_costs_follow_the_larger_rank_sizes() -> None:
+    cfg, costs, bounds, sched = _setup("1f1b", 4)
+    per_param = 1e-8
+    got = priced_step(
+        cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 0.0), FixedCosts(per_param, 0.0)
+    )
+    params = [
+        costs.param_bytes(bounds[s], bounds[s + 1]) // costs.shape.element_size for s in range(2)
+    ]
+    assert got.fixed_s == pytest.approx(per_param * max(params))
+    assert got.step_s == pytest.approx(got.span_s + per_param * max(params))
+
+
+def test_more_ranks_than_cores_take_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, costs, bounds, sched = _setup("1f1b", 4)
+    calib = Calibration(2, 0.0, 0.0)
+    two = priced_step(cfg, costs, bounds, sched, 2, calib, NO_FIXED)
+    assert two.bound == "schedule"
+    monkeypatch.setattr(cal_mod, "cores", lambda: 1)
+    one = priced_step(cfg, costs, bounds, sched, 2, calib, NO_FIXED)
+    assert one.bound == "cores"
+    assert one.step_s == pytest.approx(sum(one.busy_s))
+    assert one.step_s > two.step_s
+
+
+def test_fit_recovers_known_overheads() -> None:
+    # four launches: compute actions and transfer groups on the critical path
+    base, actions, groups = [1e-3, 2e-3, 5e-3, 3e-3], [4, 12, 40, 16], [2, 6, 20, 12]
+    fixed = [1e-4, 1e-4, 2e-4, 1e-4]
+    o_true, t_true, c_true = cal_mod.GRID[21], cal_mod.GRID[10], 3e-4
+    measured = [
+        b + n * o_true + g * t_true + f + c_true for b, n, g, f in zip(base, actions, groups, fixed)
+    ]
+
+    def spans(o: float, t: float) -> list[float]:
+        return [b + n * o + g * t for b, n, g in zip(base, actions, groups)]
+
+    o, t, c, rms = fit_overheads(spans, fixed, measured)
+    assert o == pytest.approx(o_true)
+    assert t == pytest.approx(t_true)
+    assert c == pytest.approx(c_true)
+    assert rms < 1e-9
+
+
+def test_each_transfer_group_pays_its_post() -> None:
+    cfg, costs, bounds, sched = _setup("naive", 1)  # F0 | send, recv | F1 B1 | ... B0
+    base = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 0.0), NO_FIXED)
+    t = priced_step(
+        cfg, costs, bounds, sched, 2, Calibration(2, 0.0, 0.0, transfer_s=1e-3), NO_FIXED
+    )
+    assert t.step_s > base.step_s + 1e-3
+
+
+def test_search_ranks_by_the_price_it_is_given() -> None:
+    from splitgraph.planner.search import search
+
+    cfg, costs, _, _ = _setup("1f1b", 4)
+    plain = [c for c in search(cfg, 2, costs.link) if c.fits]
+    flipped = [c for c in search(cfg, 2, costs.link, price=lambda p: -p.step_time) if c.fits]
+    assert [c.step_s for c in plain] == sorted(c.step_s for c in plain)
+    assert plain[0].step_s < plain[-1].step_s
+    # the priced order is the reverse of the simulated one
+    assert [c.prediction.step_time for c in flipped] == sorted(
+        (c.prediction.step_time for c in plain), reverse=True
+    )
+    assert flipped[0].priced_s == -flipped[0].prediction.step_time
+
+
+def test_pricer_prices_a_prediction_as_priced_step() -> None:
+    from splitgraph.planner.predict import predict
+
+    cfg, costs, bounds, sched = _setup("gpipe", 4)
+    calib = Calibration(2, 1e-4, 5e-4)
+    plan = make_plan(cfg, 2, costs)
+    fixed = FixedCosts(1e-8, 1e-6)
+    got = cal_mod.pricer(cfg, 2, calib, fixed)(predict(plan, costs))
+    assert got == pytest.approx(priced_step(cfg, costs, bounds, sched, 2, calib, fixed).step_s)
+    assert got > predict(plan, costs).step_time
