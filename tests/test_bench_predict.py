@@ -159,7 +159,7 @@ def test_predict_point_builds_the_step_term_by_term(tmp_path: Path) -> None:
     from splitgraph.cost.calibrate import Calibration, store_calibration
 
     shared = [f"costs.cache_dir={tmp_path}", "costs.times=flops", "pipeline.bandwidth=1GB"]
-    store_calibration(load_config(shared), Calibration(2, 1e-4, 1e-3, "test"))
+    store_calibration(load_config(shared).costs, Calibration(2, 1e-4, 1e-3, "test"))
     spec = bp.ModelSpec("t", 32, (64, 256, 64), 10, 64, "unbalanced")
     pred = bp.predict_point(bp.Point(spec, 2, "1f1b", 4), shared, "calibrated")
     steps = list(pred.ablations.values())
@@ -184,7 +184,7 @@ def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
     """ensure_calibration launches only the calibration model (faked here: steps made from
     known overheads on the simulator), recovers the overheads, stores them, and reads them
     back the second time without launching."""
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
     from splitgraph.cost.calibrate import (
         GRID,
         Calibration,
@@ -203,8 +203,8 @@ def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
     def fake_measure(pt: bp.Point, sh: Any, workdir: Path, timeout: float) -> dict:
         assert pt.model == bp.CAL_MODEL
         launched.append(pt.schedule)
-        cfg = bp.point_config(pt, sh)
-        costs = model_costs(cfg, 2 * pt.virtual, link=link_from_config(cfg))
+        cfg = Workload.of(bp.point_config(pt, sh))
+        costs = model_costs(cfg, 2 * pt.virtual, link=link_from_config(cfg.pipeline, cfg.costs))
         plan = make_plan(cfg, 2, costs)
         sched = costs.schedule(2 * pt.virtual)
         step = priced_step(cfg, in_conditions(cfg, costs, 2), plan.bounds, sched, 2, truth)
@@ -216,8 +216,8 @@ def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
     assert cal.action_s == pytest.approx(truth.action_s)
     assert cal.transfer_s == pytest.approx(truth.transfer_s)
     assert cal.step_s == pytest.approx(truth.step_s, rel=1e-6)
-    assert load_calibration(load_config(shared), 2) == cal
-    fixed_costs(load_config(shared))  # measured and cached by the calibration
+    assert load_calibration(load_config(shared).costs, 2) == cal
+    fixed_costs(Workload.of(load_config(shared)))  # measured and cached by the calibration
     launched.clear()
     assert bp.ensure_calibration(shared, 2, tmp_path, 10.0, log=lambda _: None) == cal
     assert launched == []

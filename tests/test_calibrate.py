@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitgraph.config import load_config
+from splitgraph.config import Workload, load_config
 from splitgraph.cost import calibrate as cal_mod
 from splitgraph.cost.calibrate import Calibration, FixedCosts, fit_overheads, priced_step
 from splitgraph.cost.costs import model_costs
@@ -26,6 +26,7 @@ def _setup(schedule: str, m: int) -> tuple:
             f"pipeline.microbatches={m}",
         ]
     )
+    cfg = Workload.of(cfg)
     costs = model_costs(cfg, 2)
     plan = make_plan(cfg, 2, costs)
     return cfg, costs, plan.bounds, costs.schedule(2)

@@ -298,15 +298,17 @@ def point_config(point: Point, shared: Sequence[str]) -> Any:
 def predict_point(point: Point, shared: Sequence[str], predictor: str) -> Predicted:
     """The step predicted for `point` from the profile, the link, the sizes and (calibrated)
     the machine's calibration: nothing of the run it predicts (it has not run yet)."""
+    from splitgraph.config import Workload
     from splitgraph.cost.costs import link_from_config, model_costs
     from splitgraph.partition import make_plan
     from splitgraph.planner.predict import predict
 
     cfg = point_config(point, shared)
+    work = Workload.of(cfg)
     stages = point.p * point.virtual
-    link = link_from_config(cfg)
-    costs = model_costs(cfg, stages, link=link)
-    plan = make_plan(cfg, point.p, costs)
+    link = link_from_config(cfg.pipeline, cfg.costs)
+    costs = model_costs(work, stages, link=link)
+    plan = make_plan(work, point.p, costs)
     if predictor == "planner":
         pred = predict(plan, costs)
         return Predicted(
@@ -320,19 +322,19 @@ def predict_point(point: Point, shared: Sequence[str], predictor: str) -> Predic
         priced_step,
     )
 
-    cal = load_calibration(cfg, point.p)
+    cal = load_calibration(cfg.costs, point.p)
     sched = costs.schedule(stages)
-    priced = priced_step(cfg, costs, plan.bounds, sched, point.p, cal)
+    priced = priced_step(work, costs, plan.bounds, sched, point.p, cal)
     none = FixedCosts(0.0, 0.0)
     b, p = plan.bounds, point.p
     ablations = {
         "profile only (planner)": predict(plan, costs).step_time,
-        "+ contention": priced_step(cfg, costs, b, sched, p, Calibration(p, 0.0, 0.0), none).step_s,
+        "+ contention": priced_step(work, costs, b, sched, p, Calibration(p, 0, 0), none).step_s,
         "+ per-action overhead": priced_step(
-            cfg, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), none
+            work, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), none
         ).step_s,
         "+ weight decay and optimizer": priced_step(
-            cfg, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), fixed_costs(cfg)
+            work, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), fixed_costs(work)
         ).step_s,
         "+ per-step constant (all)": priced.step_s,
     }
@@ -529,7 +531,7 @@ def ensure_calibration(
     """The machine's calibration for `p` ranks (cost/calibrate.py), measured if not cached:
     the calibration model launched at CAL_POINTS; per-action overhead and the per-step
     constant fitted to those launches (never to a grid point)."""
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
     from splitgraph.cost.calibrate import (
         Calibration,
         fit_overheads,
@@ -546,8 +548,9 @@ def ensure_calibration(
     from splitgraph.schedule import simulate
 
     cfg0 = load_config([*CAL_MODEL.overrides(), *shared])
-    if has_calibration(cfg0, p) and not force:
-        cal = load_calibration(cfg0, p)
+    work0 = Workload.of(cfg0)
+    if has_calibration(cfg0.costs, p) and not force:
+        cal = load_calibration(cfg0.costs, p)
         log(f"calibration p={p} (cached): {cal}")
         return cal
     points = [
@@ -557,9 +560,10 @@ def ensure_calibration(
     measured, priced = [], []
     for pt in points:
         cfg = point_config(pt, shared)
-        costs = model_costs(cfg, p * pt.virtual, link=link_from_config(cfg))
-        plan = make_plan(cfg, p, costs)
-        mc = in_conditions(cfg, costs, p)
+        work = Workload.of(cfg)
+        costs = model_costs(work, p * pt.virtual, link=link_from_config(cfg.pipeline, cfg.costs))
+        plan = make_plan(work, p, costs)
+        mc = in_conditions(work, costs, p)
         sched = costs.schedule(p * pt.virtual)
         got = measure_point(pt, shared, workdir, timeout)
         log(
@@ -567,7 +571,7 @@ def ensure_calibration(
             f"{got['error'] or ''} [{got['wall_s']:.0f} s, load {_load()}]"
         )
         if math.isfinite(got["step_s"]):
-            fixed = priced_step(cfg, costs, plan.bounds, sched, p, Calibration(p, 0.0, 0.0)).fixed_s
+            fixed = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0)).fixed_s
             measured.append(got["step_s"])
             priced.append((mc, plan.bounds, sched, fixed))
     if len(measured) < 2:
@@ -577,7 +581,7 @@ def ensure_calibration(
         return [simulate(s, sim_with_overhead(mc, b, o, t)).step_time for mc, b, s, _ in priced]
 
     o, t, c, rms = fit_overheads(spans, [f for *_, f in priced], measured)
-    fixed_costs(cfg0)  # measured now too, so grid predictions only read the cache
+    fixed_costs(work0)  # measured now too, so grid predictions only read the cache
     cal = Calibration(
         p,
         o,
@@ -587,7 +591,7 @@ def ensure_calibration(
         f"(rms {rms:.1%}), {time.strftime('%Y-%m-%d %H:%M')}, load {load}",
         transfer_s=t,
     )
-    store_calibration(cfg0, cal)
+    store_calibration(cfg0.costs, cal)
     log(
         f"calibration p={p}: action {o * 1e6:.0f} us, transfers {t * 1e6:.0f} us, step "
         f"{c * 1e6:.0f} us (rms {rms:.1%})"
@@ -606,7 +610,7 @@ def search_candidates(
     """planner.search's ranking (calibrated: `search(price=calibrate.pricer(...))`), its first
     `top` candidates that fit, as points that pin the split (partition=manual) and the
     recomputation."""
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
     from splitgraph.cost.costs import link_from_config
     from splitgraph.planner.search import search
 
@@ -614,12 +618,13 @@ def search_candidates(
     if cap is not None:
         base.append(f"pipeline.memory_cap={cap}")
     cfg = load_config(base)
+    work = Workload.of(cfg)
     price = None
     if predictor == "calibrated":
         from splitgraph.cost.calibrate import pricer
 
-        price = pricer(cfg, p)
-    ranked = search(cfg, p, link_from_config(cfg), price=price)
+        price = pricer(work, p)
+    ranked = search(work, p, link_from_config(cfg.pipeline, cfg.costs), price=price)
     seen: set[str] = set()
     out: list[tuple[Point, float]] = []
     for c in ranked:
@@ -643,13 +648,15 @@ def search_candidates(
 def search_cap(model: ModelSpec, p: int, shared: Sequence[str]) -> str:
     """A cap that rules out the hungrier half of the candidates: the median peak memory of
     the searched candidates (computed from the model's sizes, before any run)."""
-    from splitgraph.config import load_config
+    from splitgraph.config import Workload, load_config
     from splitgraph.cost.costs import link_from_config
     from splitgraph.planner.search import search
 
     cfg = load_config([*model.overrides(), *shared])
     peaks = [
-        c.prediction.peak_memory for c in search(cfg, p, link_from_config(cfg)) if c.prediction
+        c.prediction.peak_memory
+        for c in search(Workload.of(cfg), p, link_from_config(cfg.pipeline, cfg.costs))
+        if c.prediction
     ]
     return str(int(statistics.median(peaks)))
 
@@ -986,7 +993,12 @@ def table(result: dict[str, Any]) -> str:
             f"{r['predicted']['step_s'] * 1e3:.2f} | {r['measured_step_s'] * 1e3:.2f} | "
             f"{_fmt(r['rel_error']) if math.isfinite(r['rel_error']) else failed} |"
         )
-    lines += [
+    return "\n".join(lines + _search_lines(result)) + "\n"
+
+
+def _search_lines(result: dict[str, Any]) -> list[str]:
+    """The searches' part of table.md: hits, regret, one row per search."""
+    lines = [
         "",
         f"Searches: the pick within the noise floor of the measured best in "
         f"{result['search_hits']} of {len(result['searches'])}; regret median "
@@ -1005,7 +1017,7 @@ def table(result: dict[str, Any]) -> str:
             f"{steps[best] * 1e3 if best is not None else float('nan'):.2f} "
             f"(#{(best or 0) + 1}) | {_fmt(s['regret'], False)} | {'yes' if s['hit'] else 'no'} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write(out: Path, result: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from splitgraph.config import CostsConfig, Workload
 from splitgraph.cost.costs import ModelCosts
 from splitgraph.cost.profiler import _Cache, _layer_key, cache_dir, device_name, time_layer
 from splitgraph.schedule import Costs, Schedule, simulate
@@ -84,32 +85,34 @@ def _cal_key(ranks: int) -> str:
     return f"calibration|v{VERSION}|{_machine()}|ranks={ranks}"
 
 
-def load_calibration(cfg: Any, ranks: int) -> Calibration:
+def load_calibration(costs: CostsConfig, ranks: int) -> Calibration:
     """The stored calibration for `ranks` on this machine; a clear error if there is none."""
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+    with _Cache(cache_dir(costs)).locked() as data:
         got = data.get(_cal_key(ranks))
     if got is None:
         raise LookupError(
-            f"no calibration for {ranks} ranks on this machine in {cache_dir(cfg.costs)}: "
+            f"no calibration for {ranks} ranks on this machine in {cache_dir(costs)}: "
             "run `python -m splitgraph.bench.predict --calibrate-only` (or costs.times=flops)"
         )
     return Calibration(**got)
 
 
-def store_calibration(cfg: Any, cal: Calibration) -> None:
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+def store_calibration(costs: CostsConfig, cal: Calibration) -> None:
+    with _Cache(cache_dir(costs)).locked() as data:
         data[_cal_key(cal.ranks)] = cal.to_dict()
 
 
-def has_calibration(cfg: Any, ranks: int) -> bool:
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+def has_calibration(costs: CostsConfig, ranks: int) -> bool:
+    with _Cache(cache_dir(costs)).locked() as data:
         return _cal_key(ranks) in data
 
 
 # -- layer times under contention -----------------------------------------------------------
 
 
-def _busy_worker(rank: int, world: int, cfg: Any, n: int, dtype: str, indices: list[int]) -> Any:
+def _busy_worker(
+    rank: int, world: int, work: Workload, n: int, dtype: str, indices: list[int]
+) -> Any:
     """Every rank times the same layers in the same order, so each runs while the others do."""
     import torch.distributed as dist
 
@@ -117,12 +120,12 @@ def _busy_worker(rank: int, world: int, cfg: Any, n: int, dtype: str, indices: l
     out = {}
     for i in indices:
         dist.barrier()
-        out[i] = time_layer(cfg, i, n, dt, torch.device("cpu"))
+        out[i] = time_layer(work.model, work.costs, i, n, dt, torch.device("cpu"))
     return out if rank == 0 else None
 
 
 def busy_profile(
-    cfg: Any, n: int, dtype: torch.dtype, busy: int, timeout: float = 600.0
+    work: Workload, n: int, dtype: torch.dtype, busy: int, timeout: float = 600.0
 ) -> list[tuple[float, float]]:
     """(forward, backward) seconds per layer at `n` rows, timed while `busy` processes (this
     one included) run the same layers at once; cached per layer and `busy`. busy=1: the
@@ -130,14 +133,14 @@ def busy_profile(
     from splitgraph.cost.profiler import profile_layers
 
     if busy <= 1:
-        return profile_layers(cfg, n, dtype, torch.device("cpu"))
-    dims = [cfg.model.in_features, *cfg.model.hidden, cfg.model.out_features]
+        return profile_layers(work.model, work.costs, n, dtype, torch.device("cpu"))
+    dims = [work.model.in_features, *work.model.hidden, work.model.out_features]
     keys = [
-        _layer_key(cfg.model, i, n, dtype, torch.device("cpu")) + f"|busy={busy}"
+        _layer_key(work.model, i, n, dtype, torch.device("cpu")) + f"|busy={busy}"
         for i in range(len(dims) - 1)
     ]
-    suffix = "_min" if cfg.costs.statistic == "min" else ""
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+    suffix = "_min" if work.costs.statistic == "min" else ""
+    with _Cache(cache_dir(work.costs)).locked() as data:
         missing = [i for i, k in enumerate(keys) if k not in data]
     if missing:
         from splitgraph.spawn import run_ranks
@@ -145,16 +148,16 @@ def busy_profile(
         got = run_ranks(
             _busy_worker,
             busy,
-            cfg,
+            work,
             n,
             str(dtype).removeprefix("torch."),
             missing,
             timeout=timeout,
         )[0]
-        with _Cache(cache_dir(cfg.costs)).locked() as data:
+        with _Cache(cache_dir(work.costs)).locked() as data:
             for i in missing:
                 data[keys[i]] = got[i]
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+    with _Cache(cache_dir(work.costs)).locked() as data:
         return [
             (float(data[k][f"forward{suffix}"]), float(data[k][f"backward{suffix}"])) for k in keys
         ]
@@ -163,7 +166,7 @@ def busy_profile(
 # -- the step's fixed costs, from the model's sizes --------------------------------------------
 
 
-def _time_fixed(cfg: Any, shape: tuple[int, int], layers: int, repeats: int = 7) -> float:
+def _time_fixed(work: Workload, shape: tuple[int, int], layers: int, repeats: int = 7) -> float:
     """Median seconds of weight decay (term + gradient) and the optimizer step on `layers`
     stand-in layers of `shape`, as the engine runs them after the schedule."""
     from omegaconf import OmegaConf, open_dict
@@ -171,15 +174,15 @@ def _time_fixed(cfg: Any, shape: tuple[int, int], layers: int, repeats: int = 7)
     from splitgraph.model import StageModule, add_l2_grad_, l2_term
     from splitgraph.optim import make_optimizer
 
-    model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    model = OmegaConf.create(OmegaConf.to_container(work.model, resolve=True))
     with open_dict(model):
         model.in_features, model.out_features = shape[1], shape[0]
         model.hidden = [shape[0]] * (layers - 1)
         model.out_features = shape[0]
     module = StageModule(model, 0, layers)
     params = list(module.parameters())
-    opt = make_optimizer(cfg.optim, params)
-    wd = float(cfg.optim.weight_decay)
+    opt = make_optimizer(work.optim, params)
+    wd = float(work.optim.weight_decay)
     times = []
     for r in range(repeats + 2):
         for p in params:
@@ -195,29 +198,29 @@ def _time_fixed(cfg: Any, shape: tuple[int, int], layers: int, repeats: int = 7)
     return statistics.median(times)
 
 
-def fixed_costs(cfg: Any) -> FixedCosts:
+def fixed_costs(work: Workload) -> FixedCosts:
     """Weight decay + optimizer per step, fitted over stand-in modules (per parameter, per
     tensor); cached per machine, optimizer and weight decay."""
-    o = cfg.optim
+    o = work.optim
     key = (
         f"fixed|v{VERSION}|{_machine()}|optim={o.name}|momentum={float(o.momentum)}|"
-        f"wd={float(o.weight_decay) > 0}|bias={bool(cfg.model.bias)}|dtype={cfg.runtime.dtype}"
+        f"wd={float(o.weight_decay) > 0}|bias={bool(work.model.bias)}|dtype={work.runtime.dtype}"
     )
-    with _Cache(cache_dir(cfg.costs)).locked() as data:
+    with _Cache(cache_dir(work.costs)).locked() as data:
         got = data.get(key)
     if got is None:
         # many small tensors (the per-tensor cost), few large ones (the per-parameter cost)
-        small = _time_fixed(cfg, (32, 32), 16)
-        large = _time_fixed(cfg, (1024, 1024), 2)
-        t_small = 16 * (1 + int(bool(cfg.model.bias)))
-        t_large = 2 * (1 + int(bool(cfg.model.bias)))
+        small = _time_fixed(work, (32, 32), 16)
+        large = _time_fixed(work, (1024, 1024), 2)
+        t_small = 16 * (1 + int(bool(work.model.bias)))
+        t_large = 2 * (1 + int(bool(work.model.bias)))
         p_small, p_large = 16 * 32 * 32, 2 * 1024 * 1024
         # solve  small = a p_small + t t_small,  large = a p_large + t t_large
         det = p_small * t_large - p_large * t_small
         a = (small * t_large - large * t_small) / det
         t = (p_small * large - p_large * small) / det
         got = {"per_param_s": max(a, 0.0), "per_tensor_s": max(t, 0.0)}
-        with _Cache(cache_dir(cfg.costs)).locked() as data:
+        with _Cache(cache_dir(work.costs)).locked() as data:
             data[key] = got
     return FixedCosts(float(got["per_param_s"]), float(got["per_tensor_s"]))
 
@@ -235,7 +238,7 @@ class PricedStep:
     bound: str  # "schedule" or "cores"
 
 
-def in_conditions(cfg: Any, costs: ModelCosts, ranks: int) -> ModelCosts:
+def in_conditions(work: Workload, costs: ModelCosts, ranks: int) -> ModelCosts:
     """`costs` with its layer times profiled under the run's contention (min(ranks, cores)
     busy processes); `costs.times=flops` stays as it is (deterministic)."""
     if costs.time_source != "measured":
@@ -243,7 +246,7 @@ def in_conditions(cfg: Any, costs: ModelCosts, ranks: int) -> ModelCosts:
     from splitgraph.model import torch_dtype
 
     busy = min(ranks, cores())
-    times = busy_profile(cfg, costs.n, torch_dtype(cfg.runtime.dtype), busy)
+    times = busy_profile(work, costs.n, torch_dtype(work.runtime.dtype), busy)
     return replace(
         costs,
         forward=tuple(t[0] for t in times),
@@ -266,7 +269,7 @@ def sim_with_overhead(
 
 
 def priced_step(
-    cfg: Any,
+    work: Workload,
     costs: ModelCosts,
     bounds: Sequence[int],
     sched: Schedule,
@@ -275,8 +278,8 @@ def priced_step(
     fixed: FixedCosts | None = None,
 ) -> PricedStep:
     """The step of `bounds` under `sched` on `ranks` ranks, priced a priori (module doc)."""
-    mc = in_conditions(cfg, costs, ranks)
-    fixed = fixed if fixed is not None else fixed_costs(cfg)
+    mc = in_conditions(work, costs, ranks)
+    fixed = fixed if fixed is not None else fixed_costs(work)
     sim = simulate(sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s))
     per_rank = []
     for r in range(ranks):
@@ -327,15 +330,15 @@ def fit_overheads(
 
 
 def pricer(
-    cfg: Any, ranks: int, cal: Calibration | None = None, fixed: FixedCosts | None = None
+    work: Workload, ranks: int, cal: Calibration | None = None, fixed: FixedCosts | None = None
 ) -> Callable[[Any], float]:
     """`planner.search`'s `price`: a candidate's prediction -> its step priced here, under
     this machine's calibration for `ranks` (LookupError if none is stored)."""
-    cal = cal if cal is not None else load_calibration(cfg, ranks)
-    fixed = fixed if fixed is not None else fixed_costs(cfg)
+    cal = cal if cal is not None else load_calibration(work.costs, ranks)
+    fixed = fixed if fixed is not None else fixed_costs(work)
 
     def price(pred: Any) -> float:
         mc, bounds = pred.costs, pred.plan.bounds
-        return priced_step(cfg, mc, bounds, mc.schedule(len(bounds) - 1), ranks, cal, fixed).step_s
+        return priced_step(work, mc, bounds, mc.schedule(len(bounds) - 1), ranks, cal, fixed).step_s
 
     return price

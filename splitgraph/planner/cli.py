@@ -19,8 +19,25 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from splitgraph.errors import SplitgraphError
+
+
+def _calibrated(work: Any, nproc: int, prediction: Any, result: dict[str, Any]) -> Any:
+    """The step in the run's conditions when this machine has a calibration (docs/prediction.md):
+    printed and put in `result`; returns the pricer for the search (None: none cached)."""
+    from splitgraph.cost.calibrate import has_calibration, pricer
+
+    if not has_calibration(work.costs, nproc):
+        return None
+    price = pricer(work, nproc)
+    result["calibrated_step_s"] = price(prediction)
+    print(
+        "in the run's conditions (this machine's calibration, docs/prediction.md): "
+        f"step {result['calibrated_step_s'] * 1e3:.3f} ms"
+    )
+    return price
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,15 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         prediction = predict(plan, costs)
         result = prediction.to_dict()
         print(prediction.table())
-        from splitgraph.cost.calibrate import has_calibration, pricer
-
-        price = pricer(cfg, nproc) if has_calibration(cfg, nproc) else None
-        if price is not None:  # docs/prediction.md: the step in the run's conditions
-            result["calibrated_step_s"] = price(prediction)
-            print(
-                f"in the run's conditions (this machine's calibration, docs/prediction.md): "
-                f"step {result['calibrated_step_s'] * 1e3:.3f} ms"
-            )
+        price = _calibrated(work, nproc, prediction, result)
         if do_search:
             from splitgraph.planner import search
 
