@@ -21,8 +21,11 @@ setup: $(VENV)/.installed
 demo: setup
 	PYTHON=$(PY) SPLITGRAPH_RUN_DIR=outputs/demo launch/train.sh $(NPROC) checkpoint.resume=never
 
+# Two workers (pytest-xdist), one test file (or shared launch) per group: the suite's launches
+# and single-process tests overlap on 2 cores. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 compat:
 	.ci/compat

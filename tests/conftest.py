@@ -36,6 +36,30 @@ from tests.fault_workers import TINY, cases
 OPTIMS = {"sgd": ["optim.momentum=0.9"], "adam": ["optim=adam", "optim.lr=0.01"]}
 
 
+#: Files whose tests read one session launch: under pytest-xdist (`make test`: -n 2 --dist
+#: loadgroup) each group runs on one worker, so the launch runs once, not once per worker.
+SHARED_LAUNCH = {
+    **dict.fromkeys(
+        ("test_guard.py", "test_integrity.py", "test_resume.py", "test_signals.py"),
+        "fault_launches",
+    ),
+    "test_timeouts.py": "fault_launches",
+    "test_e2e.py": "one_process_small",
+    "test_dataparallel.py": "one_process_small",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One xdist group per test file (its module-level launches and caches stay on one
+    worker), files sharing a session launch in one group (SHARED_LAUNCH). Without xdist the
+    marker does nothing."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            name = item.path.name
+            item.add_marker(pytest.mark.xdist_group(SHARED_LAUNCH.get(name, name)))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     expr = str(config.getoption("markexpr") or "")
     if "gpu" in expr and "not gpu" not in expr:
