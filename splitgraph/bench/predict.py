@@ -442,7 +442,8 @@ def prepare(out: Path | None) -> list[str]:
 
     torch.set_num_threads(1)
     cache = [f"costs.cache_dir={out / 'cache'}"] if out is not None else []
-    link = link_from_config(load_config(cache))
+    base = load_config(cache)
+    link = link_from_config(base.pipeline, base.costs)
     return [
         *cache,
         f"pipeline.bandwidth={link.bandwidth:.0f}",
