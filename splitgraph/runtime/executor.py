@@ -2,7 +2,8 @@
 
 The executor owns no policy: the order of every forward, backward and transfer comes from
 the schedule. Per step it keeps, per (stage, microbatch), the stage input (a leaf whose
-`.grad` is what travels back), the stage output (or the microbatch loss on the last stage),
+gradient is what travels back: its `.grad` after B, what autograd.grad returns in I), the
+stage output (or the microbatch loss on the last stage),
 the gradient to send back, the posted receives and the deferred weight gradients:
 
     RECV_F  post irecv into a fresh [mb, in_features] buffer      (waited by F)
