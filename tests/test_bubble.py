@@ -70,7 +70,7 @@ def test_log_summary_and_picture_print_the_same_bubble(
     with caplog.at_level(logging.INFO, logger="splitgraph"):
         out = window.finish(tmp_path, True, sched, [8, 8, 8, 8], step_times=[30 * MS, 30 * MS])
     assert out is not None
-    measured, predicted = out["measured"]["bubble"], out["predicted"]["bubble"]
+    measured, predicted = out["measured"]["bubble"], out["reconstructed"]["bubble"]
     assert measured == pytest.approx(expected)  # the delay is idle time in the span
     assert predicted < measured - 0.05  # the costs alone do not explain it
     assert out["bubble_at_unit_costs"] == pytest.approx(1 / 5)  # (p-1)/(m+p-1)
@@ -79,8 +79,8 @@ def test_log_summary_and_picture_print_the_same_bubble(
     assert m_text != p_text
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timeline:")]
     assert (
-        f", {m_text})" in line.split("predicted")[0]
-        and f", {p_text})" in line.split("predicted")[1]
+        f", {m_text})" in line.split("reconstructed")[0]
+        and f", {p_text})" in line.split("reconstructed")[1]
     )
     text = Image.open(tmp_path / "timeline.png").text  # the PNG's titles
     pred_title, meas_title = text["Description"].splitlines()
@@ -103,7 +103,7 @@ def test_the_step_sum_wait_is_drawn_as_a_wait(
         lambda panels, path, suptitle="": drawn.extend([list(p.boxes) for p in panels]),
     )
     m = trace.measure(rows, build_schedule("1f1b", 2, 4), [8] * 4)
-    sim = trace.predict(m, build_schedule("1f1b", 2, 4), [8] * 4)
+    sim = trace.reconstruct(m, build_schedule("1f1b", 2, 4), [8] * 4)
     trace._draw(
         tmp_path / "t.png", rows, build_schedule("1f1b", 2, 4), sim, m, {}, Bubbles(0, 0, 0)
     )

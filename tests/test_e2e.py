@@ -67,8 +67,8 @@ def test_torchrun_pipeline_matches_single_process_training(
     assert {e["pid"] for e in forwards} == {0, 1}
     assert len(forwards) == 2 * 4 * (timeline["steps_traced"][1] - timeline["steps_traced"][0] + 1)
     assert all(0.0 <= b <= 1.0 for b in timeline["measured"]["bubble_per_rank"])
-    assert timeline["predicted"]["step_time_s"] > 0
-    assert timeline["measured_over_predicted_step_time"] > 0
+    assert timeline["reconstructed"]["step_time_s"] > 0
+    assert timeline["measured_over_reconstructed_step_time"] > 0
     test = summary["final"]["test"]
     assert test["samples"] == 51 and 0.0 <= test["accuracy"] <= 1.0 and test["loss"] > 0
     assert "plan: params" in pp.stdout + pp.stderr  # the plan table, printed by rank 0

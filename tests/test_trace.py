@@ -189,13 +189,13 @@ def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Pat
     out = window.finish(tmp_path, True, sched, [4, 4], step_times=[9 * ms, 8 * ms])
     assert out is not None and (tmp_path / "timeline.png").stat().st_size > 0
     span = simulate(sched, costs).step_time  # 6 ms
-    pred = out["predicted"]
+    pred = out["reconstructed"]
     assert pred["schedule_span_s"] == pytest.approx(span)
     assert sum(pred["fixed_per_step_s"].values()) == pytest.approx(2 * ms)
     assert pred["step_time_s"] == pytest.approx(span + 2 * ms)
     assert out["measured"]["step_time_median_s"] == pytest.approx(9 * ms)  # the traced step
-    assert out["measured_over_predicted_step_time"] == pytest.approx(9 / 8)
-    assert out["measured_over_predicted_span"] == pytest.approx(1.0)
+    assert out["measured_over_reconstructed_step_time"] == pytest.approx(9 / 8)
+    assert out["measured_over_reconstructed_span"] == pytest.approx(1.0)
 
 
 def test_a_span_records_its_block_only_while_the_window_is_open() -> None:

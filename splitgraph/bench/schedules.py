@@ -1,4 +1,4 @@
-"""Schedules side by side on real runs: step time, throughput, bubble measured and predicted,
+"""Schedules side by side on real runs: step time, throughput, bubble measured and reconstructed,
 and activation memory per stage.
 
     python -m splitgraph.bench.schedules --nproc 2 --repeats 3
@@ -7,9 +7,11 @@ and activation memory per stage.
 Each configuration (schedule x microbatches, at fixed ranks) is a real `torchrun` launch of
 `splitgraph.train`. Every round runs every configuration once, in a rotated order, so drift
 on the machine lands on all of them; the table reports the median over rounds of each
-launch's median step. The prediction is the simulator fed with that launch's own measured
-per-stage costs (see observe/trace.py). `--overhead` alternates the default run with tracing
-on (every step recorded) and off, and reports the ratio of median step times.
+launch's median step. The reconstruction is the simulator fed with that launch's own measured
+per-stage costs (see observe/trace.py): it checks the simulator, it is not a prediction (the
+planner's a-priori prediction is `python -m splitgraph.bench.predict`'s). `--overhead`
+alternates the default run with tracing on (every step recorded) and off, and reports the
+ratio of median step times.
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ def _one(summary: dict[str, Any]) -> dict[str, float]:
     mem = [r["saved_activation_peak_bytes"] for r in summary["memory_per_rank"]]
     return {
         "step_ms": 1e3 * tl["measured"]["step_time_median_s"],
-        "pred_ms": 1e3 * tl["predicted"]["step_time_s"],
+        "pred_ms": 1e3 * tl["reconstructed"]["step_time_s"],
         "samples_per_s": summary["config"]["train"]["batch_size"]
         / tl["measured"]["step_time_median_s"],
         "bubble": tl["measured"]["bubble"],  # simulate.idle_share, as the run printed it
-        "bubble_pred": tl["predicted"]["bubble"],
-        "ratio": tl["measured_over_predicted_step_time"],
-        "span_ratio": tl["measured_over_predicted_span"],
+        "bubble_pred": tl["reconstructed"]["bubble"],
+        "ratio": tl["measured_over_reconstructed_step_time"],
+        "span_ratio": tl["measured_over_reconstructed_span"],
         "saved_kib": [b / 1024 for b in mem],
         # backward compute per (mean-size) microbatch, summed over stages: B, or I + W (zb1)
         "backward_ms": 1e3 * sum(tl["costs_per_stage_s"]["backward"]),
@@ -140,9 +142,9 @@ def sweep(
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| schedule | m | step ms (median) | samples/s | predicted ms | measured/predicted "
-        "| span measured/predicted | bubble measured | bubble predicted | saved KiB per rank "
-        "| spread |"
+        "| schedule | m | step ms (median) | samples/s | reconstructed ms | measured/reconstructed "
+        "| span measured/reconstructed | bubble measured | bubble reconstructed "
+        "| saved KiB per rank | spread |"
     )
     lines = [head, "|" + "---|" * 11]
     for r in rows:

@@ -13,7 +13,8 @@ gathers them and writes:
   chrome://tracing): one process per rank, one slice per action;
 * per-stage costs measured from the trace (mean compute time of F, B, I and W per stage,
   the transfer time of each boundary, the time to post a transfer group), which feed the
-  simulator so the prediction and the measurement can be set side by side.
+  simulator so the measurement and its reconstruction can be set side by side (the
+  simulator fed with the run's own costs: it checks the simulator, it is not a prediction).
 
 Recording costs two clock reads and a list append per action (well under 2% of a step: see
 `results/schedules/README.md` for the measurement).
@@ -47,7 +48,7 @@ Event = tuple[int, Label, str, float, float]
 
 COMPUTE_KINDS = ("F", "B", "I", "W")
 #: Per-step work outside the schedule's span: weight decay, the step sum (loss, flags), the
-#: optimizer, the wait on the gradient all-reduce (dp). The prediction adds them to the span.
+#: optimizer, the wait on the gradient all-reduce (dp). The reconstruction adds them to the span.
 STEP_KINDS = ("L2", "SYNC", "OPT", "DP")
 BLOCKED = 20e-6  # a receive that waited longer than this was waiting for its data
 
@@ -301,7 +302,7 @@ def _mean(xs: Sequence[float]) -> float:
     """Per-action costs are averaged, not medianed: a step is a sum of many actions, and a
     sum's typical value is n x the mean; the median of a right-skewed cost (a descheduled
     process, a slow gloo post) underestimates it (measured: interleaved m=8 on 2 CPU ranks
-    was predicted 19% short with medians, 4% with means)."""
+    was reconstructed 19% short with medians, 4% with means)."""
     return statistics.fmean(xs) if xs else 0.0
 
 
@@ -427,8 +428,10 @@ def _msg_key(a: Action) -> tuple[str, int, int]:
     return message(a)
 
 
-def predict(measured: Measured, sched: Schedule, sizes: Sequence[int]) -> SimResult:
-    """The simulator fed with the run's own measured costs."""
+def reconstruct(measured: Measured, sched: Schedule, sizes: Sequence[int]) -> SimResult:
+    """The simulator fed with the run's own measured costs: a reconstruction of the run (it
+    checks the simulator's structure), not a prediction (made before the run, from what the
+    planner knows: `splitgraph-plan`, docs/prediction.md)."""
     return simulate(sched, measured.costs(sizes))
 
 
@@ -440,11 +443,11 @@ BUBBLE_DEFINITION = (
 
 @dataclass(frozen=True)
 class Bubbles:
-    """A run's bubble, measured and predicted (both simulate.idle_share), and the schedule's
+    """A run's bubble, measured and reconstructed (both simulate.idle_share), and the schedule's
     at equal stage costs without transfers; `text` is how the log and the picture print one."""
 
     measured: float
-    predicted: float
+    reconstructed: float
     unit_costs: float
 
     @staticmethod
@@ -515,7 +518,7 @@ class TraceWindow:
             json.dumps(chrome_trace(gathered, {"schedule": sched.name}))
         )
         measured = measure(gathered, sched, sizes)
-        sim = predict(measured, sched, sizes)
+        sim = reconstruct(measured, sched, sizes)
         # The step = the schedule's span + its fixed costs: the slowest rank's weight decay,
         # the step sum's own latency (the rank that arrives last waits for nothing
         # else: the minimum over ranks), the slowest rank's optimizer step, and with dp the
@@ -528,26 +531,26 @@ class TraceWindow:
         }
         window = list(step_times[self.first : self.last])
         step_measured = _median(window)
-        step_predicted = sim.step_time + sum(fixed.values())
+        step_reconstructed = sim.step_time + sum(fixed.values())
         # the same schedule at equal stage costs (F=1, B=2) and no transfers: the README's
         # closed forms, for reference beside what this run's costs give
         unit = simulate(sched, Costs.uniform(sched.num_stages, 1.0, 2.0)).bubble_fraction
         bubbles = Bubbles(measured.bubble_fraction, sim.bubble_fraction, unit)
         _draw(out / "timeline.png", gathered, sched, sim, measured, fixed, bubbles)
         log.info(
-            "timeline: median traced step %.2f ms (schedule span %.2f ms, %s); predicted from "
+            "timeline: median traced step %.2f ms (schedule span %.2f ms, %s); reconstructed from "
             "its measured costs %.2f ms (span %.2f ms, %s); timeline.png",
             step_measured * 1e3,
             measured.span * 1e3,
             bubbles.text(bubbles.measured),
-            step_predicted * 1e3,
+            step_reconstructed * 1e3,
             sim.step_time * 1e3,
-            bubbles.text(bubbles.predicted),
+            bubbles.text(bubbles.reconstructed),
         )
         return _timeline_record(
             [self.first, self.first + len(window) - 1],
             step_measured,
-            step_predicted,
+            step_reconstructed,
             measured,
             sim,
             fixed,
@@ -558,13 +561,14 @@ class TraceWindow:
 def _timeline_record(
     steps_traced: list[int],
     step_measured: float,
-    step_predicted: float,
+    step_reconstructed: float,
     measured: Measured,
     sim: SimResult,
     fixed: dict[str, float],
     bubbles: Bubbles,
 ) -> dict[str, Any]:
-    """summary.json's `timeline`: what was measured, the costs, what they predict."""
+    """summary.json's `timeline`: what was measured, the costs, and the step they reconstruct
+    (the simulator fed with them; a prediction is made before the run, not from it)."""
     return {
         "steps_traced": steps_traced,
         "trace": "trace.json",
@@ -588,20 +592,20 @@ def _timeline_record(
             "comm_per_boundary": measured.comm,
             "post_per_transfer_group": measured.post,
         },
-        "predicted": {
-            "step_time_s": step_predicted,
+        "reconstructed": {
+            "step_time_s": step_reconstructed,
             "schedule_span_s": sim.step_time,
             "fixed_per_step_s": fixed,
-            "bubble": bubbles.predicted,
+            "bubble": bubbles.reconstructed,
             "bubble_per_rank": sim.bubble,
         },
         "bubble_at_unit_costs": bubbles.unit_costs,
         "bubble_definition": BUBBLE_DEFINITION,
-        "measured_over_predicted_step_time": (
-            step_measured / step_predicted if step_predicted > 0 else None
+        "measured_over_reconstructed_step_time": (
+            step_measured / step_reconstructed if step_reconstructed > 0 else None
         ),
         # the simulator's own part: the schedule's span, first action to last
-        "measured_over_predicted_span": (
+        "measured_over_reconstructed_span": (
             measured.span / sim.step_time if sim.step_time > 0 else None
         ),
     }
@@ -616,7 +620,7 @@ def _draw(
     fixed: dict[str, float],
     bubbles: Bubbles,
 ) -> None:
-    """timeline.png: the prediction above the traced step of median span, each from the start
+    """timeline.png: the reconstruction above the traced step of median span, each from the start
     of its schedule on one time axis, each step's fixed costs after its span; waits drawn
     apart from work (the compute boxes start when their data arrived, and the step sum's wait
     for the last rank is a wait); the bubble as the log and summary.json give it."""
@@ -624,13 +628,13 @@ def _draw(
 
     step = _median_step(gathered)
     meas, lo, hi = _measured_boxes(gathered, step)
-    pred, t = _predicted_boxes(sched, sim, fixed)
+    pred, t = _reconstructed_boxes(sched, sim, fixed)
     per_rank = sched.num_stages // sched.num_ranks
     draw(
         [
             Panel(
-                f"predicted from this run's measured costs: step {t * 1e3:.2f} ms, schedule "
-                f"span {sim.step_time * 1e3:.2f} ms, {Bubbles.text(bubbles.predicted)}",
+                f"reconstructed from this run's measured costs: step {t * 1e3:.2f} ms, schedule "
+                f"span {sim.step_time * 1e3:.2f} ms, {Bubbles.text(bubbles.reconstructed)}",
                 pred,
                 sched.num_ranks,
                 per_rank,
@@ -696,7 +700,7 @@ def _measured_boxes(
     return meas, lo, hi
 
 
-def _predicted_boxes(
+def _reconstructed_boxes(
     sched: Schedule, sim: SimResult, fixed: dict[str, float]
 ) -> tuple[list[Any], float]:
     """The simulated schedule, then the fixed costs it adds in the run's order; the end."""
