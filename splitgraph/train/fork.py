@@ -272,7 +272,7 @@ class _Ranks:
         self.codes[rank] = _code(status)
         if os.WIFSIGNALED(status):
             self.died_of[rank] = os.WTERMSIG(status)
-        if self.failed is None and not self._expected(rank):
+        if self.failed is None and rank not in self.killed and not self._expected(rank):
             self.failed = rank
             self.kill_at = time.monotonic() + self.grace
 
@@ -307,11 +307,19 @@ class _Ranks:
                 flush=True,
             )
             return codes[r] if 0 < codes[r] < 256 else 1
+        if self.killed:  # after a second signal
+            ranks = ", ".join(str(r) for r in sorted(self.killed))
+            print(
+                f"{self.prog}: rank(s) {ranks} had not stopped {self.kill_after:g} s after the "
+                "second signal: killed",
+                file=sys.stderr,
+                flush=True,
+            )
         if all(c == 0 for c in codes):
             return 0
         if all(c in (0, EXIT_STOPPED) for c in codes):
             return EXIT_STOPPED
-        return 128 + self.signals[0]  # stopped at once (rank 0 said so)
+        return 128 + self.signals[0] if self.signals else 1  # stopped at once (rank 0 said so)
 
     def _how(self, rank: int) -> str:
         if rank in self.died_of:
