@@ -111,22 +111,28 @@ def test_ranks_that_do_not_stop_by_themselves_are_killed_on_a_deadline() -> None
     """After a failure, a rank that would wait forever is killed once the grace has passed;
     every signal is forwarded to every rank, and ranks still running past the deadline after
     a second signal are killed: the launcher never hangs on its ranks."""
-    proc = _fake_launch("fail")
-    out, err = proc.communicate(timeout=30)
+    with _fake_launch("fail") as proc:
+        try:
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()  # its ranks die with it
     assert proc.returncode == 0 and "exit 7" in out, out + err
     assert err.strip().endswith(
         "rank 1 failed first: it exited with code 7; then rank 0 died of SIGKILL (killed by "
         "the launcher)"
     ), err
 
-    proc = _fake_launch("signals")
-    _read_until(proc, {"ready 0", "ready 1"})
-    proc.send_signal(signal.SIGTERM)
-    _read_until(proc, {"rank 0 got SIGTERM", "rank 1 got SIGTERM"})
-    time.sleep(2.5)  # past DEDUPE_S: a second signal, not a copy of the first
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    with _fake_launch("signals") as proc:
+        try:
+            _read_until(proc, {"ready 0", "ready 1"})
+            proc.send_signal(signal.SIGTERM)
+            _read_until(proc, {"rank 0 got SIGTERM", "rank 1 got SIGTERM"})
+            time.sleep(2.5)  # past DEDUPE_S: a second signal, not a copy of the first
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
     assert time.monotonic() - t0 < 10
     assert out.count("got SIGTERM") == 2 and f"exit {128 + signal.SIGTERM}" in out, out + err
     assert "rank(s) 0, 1 had not stopped 1 s after the second signal: killed" in err, err
@@ -194,3 +200,33 @@ def test_sigterm_stops_every_rank_at_a_step_with_one_checkpoint_and_one_line(
     assert isinstance(found, checkpoint.Checkpoint) and checkpoint.verify(found) is None
     assert [p.name for p in (run / "checkpoints").iterdir()] == [ck.name]
     assert not (run / runlock.LOCK_NAME).exists()
+
+
+_LOCKED = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from splitgraph.reliability import runlock
+    from splitgraph.train.fork import fork_ranks
+
+    run = Path(sys.argv[1])
+    runlock.acquire(run)  # as the launcher takes it (RunDirCheck) before forking
+    code = fork_ranks(1, lambda rank: (runlock.release_all(), 0)[1])  # a rank stopping at once
+    print(code, (run / runlock.LOCK_NAME).exists())
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_rank_never_removes_the_launchers_lock(tmp_path: Path) -> None:
+    """A rank that stops at once releases its locks (reliability/signals.py): the run dir's,
+    which it inherited from the launcher, stays the launcher's until the launcher exits."""
+    res = subprocess.run(
+        [sys.executable, "-c", _LOCKED, str(tmp_path / "run")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert res.returncode == 0 and res.stdout.split() == ["0", "True"], res.stdout + res.stderr
