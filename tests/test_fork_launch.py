@@ -71,22 +71,28 @@ _FAKE = textwrap.dedent(
     import os, signal, sys, time
     from splitgraph.train.fork import fork_ranks
 
+    def say(text):  # one write: lines of two ranks never interleave in the pipe
+        os.write(1, (text + "\\n").encode())
+
     def rank_main(rank):
         if sys.argv[1] == "fail":  # rank 1 fails at once; rank 0 would wait for it forever
             if rank == 1:
                 return 7
-        print("ready", rank, flush=True)
+        else:  # a rank that never finishes its step: it notes each signal and goes on
+            signal.signal(signal.SIGTERM, lambda *a: say(f"rank {rank} got SIGTERM"))
+        say(f"ready {rank}")
         time.sleep(600)
         return 0
 
     code = fork_ranks(2, rank_main, grace=1.0, kill_after=1.0)
-    print("exit", code, flush=True)
+    say(f"exit {code}")
     """
 )
 
 
 def _fake_launch(mode: str) -> subprocess.Popen[str]:
-    """The launcher on ranks that only wait (`mode` "fail": rank 1 fails at once)."""
+    """The launcher on ranks that only wait (`mode` "fail": rank 1 fails at once; else
+    they ignore SIGTERM)."""
     return subprocess.Popen(
         [sys.executable, "-c", _FAKE, mode],
         cwd=REPO,
@@ -97,10 +103,19 @@ def _fake_launch(mode: str) -> subprocess.Popen[str]:
     )
 
 
+def _read_until(proc: subprocess.Popen[str], wanted: set[str]) -> None:
+    assert proc.stdout is not None
+    while wanted:
+        line = proc.stdout.readline()
+        assert line, f"the launch ended before printing {wanted}"
+        wanted.discard(line.strip())
+
+
 @pytest.mark.timeout(60)
 def test_ranks_that_do_not_stop_by_themselves_are_killed_on_a_deadline() -> None:
-    """After a failure, a rank that would wait forever is killed once the grace has passed:
-    the launcher never hangs on its ranks."""
+    """After a failure, a rank that would wait forever is killed once the grace has passed;
+    every signal is forwarded to every rank, and ranks still running past the deadline after
+    a second signal are killed: the launcher never hangs on its ranks."""
     with _fake_launch("fail") as proc:
         try:
             out, err = proc.communicate(timeout=30)
@@ -111,6 +126,21 @@ def test_ranks_that_do_not_stop_by_themselves_are_killed_on_a_deadline() -> None
         "rank 1 failed first: it exited with code 7; then rank 0 died of SIGKILL (killed by "
         "the launcher)"
     ), err
+
+    with _fake_launch("signals") as proc:
+        try:
+            _read_until(proc, {"ready 0", "ready 1"})
+            proc.send_signal(signal.SIGTERM)
+            _read_until(proc, {"rank 0 got SIGTERM", "rank 1 got SIGTERM"})
+            time.sleep(2.5)  # past DEDUPE_S: a second signal, not a copy of the first
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert time.monotonic() - t0 < 10
+    assert out.count("got SIGTERM") == 2 and f"exit {128 + signal.SIGTERM}" in out, out + err
+    assert "rank(s) 0, 1 had not stopped 1 s after the second signal: killed" in err, err
 
 
 def _wait_for_steps(run: Path, proc: subprocess.Popen[str], n: int, timeout: float = 150) -> None:
