@@ -3,10 +3,9 @@
 #
 #   launch/train2d.sh 2 2 schedule=1f1b pipeline.microbatches=8
 #   = launch/train.sh 4 parallel.dp=2 pipeline.stages=2 schedule=1f1b pipeline.microbatches=8
-#   = splitgraph-check --nproc 4 parallel.dp=2 pipeline.stages=2 schedule=1f1b ... &&
-#     SPLITGRAPH_RUN_DIR=outputs/<date>/<time>-np4 OMP_NUM_THREADS=1 \
-#     torchrun --standalone --nproc-per-node 4 -m splitgraph.train parallel.dp=2 \
-#       pipeline.stages=2 schedule=1f1b pipeline.microbatches=8
+#   = SPLITGRAPH_RUN_DIR=outputs/<date>/<time>-np4 OMP_NUM_THREADS=1 \
+#     python -m splitgraph.train --nproc 4 parallel.dp=2 pipeline.stages=2 schedule=1f1b \
+#       pipeline.microbatches=8   (checked, then 4 ranks forked; launch/train.sh says more)
 #
 # Replica d is the pipeline of ranks d*PP .. d*PP+PP-1 and runs rows [d*B/DP, (d+1)*B/DP) of
 # every minibatch (B = train.batch_size, the global batch); each stage's gradients are summed

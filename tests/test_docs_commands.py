@@ -90,6 +90,11 @@ def _launch(tokens: list[str]) -> None:
     _check(["--nproc", str(nproc * nnodes), "--nproc-per-node", str(nproc), *overrides])
 
 
+def _splitgraph_train(tokens: list[str]) -> None:
+    """splitgraph-train --nproc N OVERRIDES: the launch it checks before forking."""
+    _check(tokens[1:])
+
+
 def _train_sh(tokens: list[str]) -> None:
     _check(["--nproc", tokens[1], *tokens[2:]])
 
@@ -131,6 +136,7 @@ def _splitgraph_compare(tokens: list[str]) -> None:
 RULES: list[tuple[str, str, Callable[[list[str]], None]]] = [
     ("torchrun ", "checked", _launch),
     ("python -m splitgraph.train", "checked", _launch),
+    ("splitgraph-train --nproc ", "checked", _splitgraph_train),
     ("launch/train.sh ", "checked", _train_sh),
     ("launch/train2d.sh ", "checked", _train2d_sh),
     ("launch/multinode.sh ", "checked", _multinode_sh),

@@ -45,6 +45,7 @@ def torchrun(nproc: int, *overrides: str, timeout: float = 120) -> subprocess.Co
 def test_torchrun_pipeline_matches_single_process_training(
     tmp_path: Path, one_process_small: Path
 ) -> None:
+    """torchrun's 2-rank run equals one process's training; the fork launcher's equals it."""
     over = [*SMALL, "schedule=gpipe", "pipeline.microbatches=4", "partition=params"]
     pp = torchrun(2, *over, f"run_dir={tmp_path / 'pp'}")
     assert pp.returncode == 0, pp.stderr[-3000:]
@@ -84,6 +85,25 @@ def test_torchrun_pipeline_matches_single_process_training(
     for k in ref:
         err = (state[k] - ref[k]).abs().max() / ref[k].abs().max()
         assert err < 1e-10, (k, float(err))
+
+    # The fork launcher (splitgraph-train --nproc 2, launch/train.sh's) trains the same run
+    # to the same weights and losses as torchrun: the same ranks, on the same config.
+    fork = subprocess.run(
+        [sys.executable, "-m", "splitgraph.train", "--nproc", "2", *over, f"run_dir={tmp_path}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fork.returncode == 0, fork.stderr[-3000:]
+    forked = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert forked.keys() == state.keys()
+    for k in state:
+        torch.testing.assert_close(forked[k], state[k], rtol=0, atol=0)
+    again = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["L"], r["J"]) for r in again] == [(r["L"], r["J"]) for r in lines]
+    assert json.loads((tmp_path / "summary.json").read_text())["final"] == summary["final"]
 
 
 @pytest.mark.slow

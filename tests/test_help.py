@@ -67,8 +67,9 @@ def test_train_help(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
 
     monkeypatch.setattr(sys, "argv", ["splitgraph-train", "-h"])
     page = _page(capsys, train.main)
-    assert page.startswith("usage: torchrun --standalone --nproc-per-node N -m splitgraph.train")
-    assert "splitgraph-train [key=value ...]" in page
+    assert page.startswith("usage: splitgraph-train --nproc N [key=value ...]")
+    assert "splitgraph-train [key=value ...]" in page and "  --nproc N " in page
+    assert "torchrun --standalone --nproc-per-node N -m splitgraph.train" in page
     assert "--cfg job" in page and "--hydra-help" in page
     # from Hydra: the schedule group as conf/schedule holds it (V, auto and csv included)
     names = sorted(f.stem for f in (Path(__file__).parents[1] / "conf" / "schedule").glob("*.yaml"))
@@ -78,7 +79,7 @@ def test_train_help(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     from splitgraph.schedule import SCHEDULES  # the overrides name every registered schedule
 
     assert f"schedule={'|'.join(SCHEDULES)}\n" in page and "zbv" in SCHEDULES
-    assert "example:\n  torchrun --standalone --nproc-per-node 2 -m splitgraph.train" in page
+    assert "example:\n  splitgraph-train --nproc 2 schedule=zb1" in page
 
 
 def test_python_m_train_help() -> None:
@@ -91,5 +92,5 @@ def test_python_m_train_help() -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("usage: torchrun")
+    assert proc.stdout.startswith("usage: splitgraph-train --nproc N")
     assert "torchrun" in proc.stdout and "config groups" in proc.stdout

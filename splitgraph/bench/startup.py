@@ -4,11 +4,14 @@
     python -m splitgraph.bench.startup --repeats 9 --nproc 2 4
     python -m splitgraph.bench.startup --tree /path/to/other/checkout   # A/B, alternating
     python -m splitgraph.bench.startup --nproc 2 --train-sh   # also through launch/train.sh
+    python -m splitgraph.bench.startup --nproc 2 --no-fork    # without the fork launcher's row
 
-Each launch is `python -m splitgraph.train train.steps=1 ...` (one process) or `torchrun
---standalone --nproc-per-node N -m splitgraph.train train.steps=1 ...`, from a fresh interpreter,
-into a fresh run dir; with `--train-sh`, also `launch/train.sh N ...` for each N > 1 (the
-check before torchrun, then torchrun: `make demo`'s path). "first step" is when the first
+Each launch is `python -m splitgraph.train train.steps=1 ...` (one process), `torchrun
+--standalone --nproc-per-node N -m splitgraph.train train.steps=1 ...` and, for each N > 1,
+`python -m splitgraph.train --nproc N ...` ("fork xN": the check, then N ranks forked from the
+launcher, train/fork.py; a tree without it has no such row), from a fresh interpreter, into a
+fresh run dir; with `--train-sh`, also `launch/train.sh N ...` for each N > 1 (`make demo`'s
+path: the fork launcher, or in older trees the check and torchrun). "first step" is when the first
 line of metrics.jsonl appears (rank 0 writes it when every rank has finished step 0; polled
 every 5 ms), "exit" when the launch returns; "CPU" is the user + system seconds of every
 process of the launch (torchrun and its ranks), which load inflates far less than wall time,
@@ -73,14 +76,21 @@ def _tree_cpu(root: int) -> float:
 
 
 def launch(
-    tree: Path, nproc: int, run_dir: Path, overrides: list[str], train_sh: bool = False
+    tree: Path,
+    nproc: int,
+    run_dir: Path,
+    overrides: list[str],
+    train_sh: bool = False,
+    fork: bool = False,
 ) -> tuple[float, float, float, float]:
     """(seconds to the first metrics line, seconds to exit, CPU seconds of every process of
     the launch, of them those spent before the first metrics line) of one launch from `tree`
-    (`train_sh`: through its launch/train.sh)."""
+    (`train_sh`: through its launch/train.sh; `fork`: splitgraph-train --nproc N)."""
     args = [*BASE, f"run_dir={run_dir}", *overrides]
     if train_sh:
         cmd = ["bash", str(tree / "launch" / "train.sh"), str(nproc), *args]
+    elif fork:
+        cmd = [sys.executable, "-m", "splitgraph.train", "--nproc", str(nproc), *args]
     elif nproc == 1:
         cmd = [sys.executable, "-m", "splitgraph.train", *args]
     else:
@@ -128,21 +138,29 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also launch each N > 1 through launch/train.sh (check, then torchrun)",
     )
+    p.add_argument(
+        "--no-fork",
+        action="store_true",
+        help="leave out the fork launcher's rows (splitgraph-train --nproc N, N > 1)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every launch")
     ns = p.parse_intermixed_args(argv)
     trees = [ROOT, *[t.resolve() for t in ns.tree]]
-    launches = [(n, False) for n in ns.nproc]
-    launches += [(n, True) for n in ns.nproc if ns.train_sh and n > 1]
+    launches = [(n, "") for n in ns.nproc]
+    launches += [(n, "fork") for n in ns.nproc if not ns.no_fork and n > 1]
+    launches += [(n, "sh") for n in ns.nproc if ns.train_sh and n > 1]
     rows: dict[tuple[str, str, int], list[tuple[float, float, float, float]]] = {}
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="splitgraph-startup-") as tmp:
         for r in range(ns.repeats):
-            for nproc, train_sh in launches:
-                how = _launch_text(nproc, train_sh)
+            for nproc, way in launches:
+                how = _launch_text(nproc, way)
                 for i, tree in enumerate(trees):
-                    run_dir = Path(tmp) / f"r{r}-n{nproc}-{'sh' if train_sh else 'py'}-t{i}"
-                    got = launch(tree, nproc, run_dir, ns.overrides, train_sh)
+                    if way == "fork" and not (tree / "splitgraph" / "train" / "fork.py").exists():
+                        continue  # a tree from before the fork launcher
+                    run_dir = Path(tmp) / f"r{r}-n{nproc}-{way or 'py'}-t{i}"
+                    got = launch(tree, nproc, run_dir, ns.overrides, way == "sh", way == "fork")
                     rows.setdefault((str(tree), how, nproc), []).append(got)
                     print(
                         f"repeat {r + 1}/{ns.repeats}  {tree}  {how}: first step "
@@ -187,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _launch_text(nproc: int, train_sh: bool) -> str:
-    if train_sh:
+def _launch_text(nproc: int, way: str) -> str:
+    if way == "sh":
         return f"launch/train.sh {nproc}"
+    if way == "fork":
+        return f"fork x{nproc}"
     return "python -m splitgraph.train" if nproc == 1 else f"torchrun x{nproc}"
 
 

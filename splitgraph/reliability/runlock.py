@@ -141,7 +141,10 @@ class RunLock:
             return
         _HELD.pop(_key(self.path.parent), None)
         found = _read(self.path)
-        if found is not None and found.token == self.holder.token:
+        # only the process that created the file removes it: a child forked while it was
+        # held (splitgraph-train --nproc's ranks) holds the parent's lock, not its own
+        mine = self.holder.pid == os.getpid()
+        if found is not None and found.token == self.holder.token and mine:
             with suppress(FileNotFoundError):
                 self.path.unlink()
 

@@ -12,6 +12,10 @@ import torch.distributed as dist
 
 from splitgraph.config import Backend, Device, Transport
 
+#: a file the fork launcher's ranks meet through (`splitgraph-train --nproc`, train/fork.py):
+#: a FileStore, so no port is chosen, raced for or left listening
+RENDEZVOUS_ENV = "SPLITGRAPH_RENDEZVOUS_FILE"
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -79,7 +83,8 @@ def place(runtime_cfg: Any, local_rank: int, local_world_size: int) -> Placement
 
 
 def init_process_group(backend: str, timeout_s: float, device: torch.device) -> None:
-    """torchrun's env:// rendezvous with a timeout that bounds every collective and p2p wait.
+    """torchrun's env:// rendezvous (the fork launcher's: a file, RENDEZVOUS_ENV) with a
+    timeout that bounds every collective and p2p wait.
 
     Only an NCCL group is bound to its device (`device_id`: eager communicator, subgroups by
     `ncclCommSplit`). A gloo group on a GPU machine (ranks sharing a GPU, staged transport)
@@ -92,10 +97,13 @@ def init_process_group(backend: str, timeout_s: float, device: torch.device) -> 
         torch.cuda.set_device(device)
         if backend == "nccl":
             kwargs["device_id"] = device
+    env = DistEnv.from_environ()
     store = restart_safe_store(timeout_s)
     if store is not None:
-        env = DistEnv.from_environ()
         kwargs.update(store=store, rank=env.rank, world_size=env.world_size)
+    elif os.environ.get(RENDEZVOUS_ENV):
+        path = os.environ[RENDEZVOUS_ENV]
+        kwargs.update(init_method=f"file://{path}", rank=env.rank, world_size=env.world_size)
     dist.init_process_group(**kwargs)
 
 

@@ -4,8 +4,10 @@
                  plan, engine, steps, evaluation, checkpoints, summary.json
     compose.py   Hydra composes the config once per process, not twice
     evaluate.py  held-out metrics of the consolidated weights
-    cli.py       `splitgraph-check`: the config and plan checked before torchrun starts
-    torchrun.py  torchrun with a quiet, resumable stop (launch/*.sh use it)
+    cli.py       `splitgraph-check`, and `splitgraph-train`'s `--nproc N` flag
+    check.py     splitgraph-check's checks of a composed config
+    fork.py      `splitgraph-train --nproc N`: the ranks forked from one process (launch/train.sh)
+    torchrun.py  torchrun with a quiet, resumable stop (launch/multinode.sh, slurm.sbatch)
     usage.py     every command's --help page
 
 This file imports nothing: `splitgraph-check`, the launcher and --help stay light.

@@ -1,6 +1,6 @@
 """`python -m splitgraph.train`: the same as the `splitgraph-train` console script."""
 
-from splitgraph.train.run import cli
+from splitgraph.train.cli import train_main
 
 if __name__ == "__main__":
-    cli()
+    train_main()

@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import sys
 
-from splitgraph.errors import SplitgraphError
+
+def train_main(argv: list[str] | None = None) -> None:
+    """`splitgraph-train` and `python -m splitgraph.train`: `--nproc N` forks N ranks from
+    this process (train/fork.py), with OMP_NUM_THREADS=1 unless set, as torchrun does for
+    several ranks (it must be set before torch is imported); without it, one process, or one
+    rank of torchrun. The flag is taken out before Hydra reads the command line."""
+    import os
+
+    from splitgraph.train.fork import nproc_flag
+
+    nproc, rest = nproc_flag(list(sys.argv[1:] if argv is None else argv))
+    if nproc is not None:
+        sys.argv[1:] = rest
+        if nproc > 1:
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from splitgraph.train.run import cli
+
+    cli(nproc)
 
 
 def check_main(argv: list[str] | None = None) -> int:
@@ -17,7 +34,7 @@ def check_main(argv: list[str] | None = None) -> int:
     against the cap and this machine (splitgraph/reliability/preflight.py; L ranks on this machine,
     default N), reads the data file and checks every value, and prints what it found. Exit 0
     if the launch would start, 2 with the reasons if not, 3 if it cannot fit in memory.
-    launch/*.sh run it before torchrun.
+    launch/*.sh run it before torchrun (train/check.py holds the checks).
     """
     parsed = _check_args(sys.argv[1:] if argv is None else argv)
     if parsed is None:
@@ -25,48 +42,14 @@ def check_main(argv: list[str] | None = None) -> int:
     nproc, per_node, args = parsed
     from hydra.errors import HydraException
 
-    from splitgraph.config import Workload, load_config, validate
-    from splitgraph.data import load_dataset, microbatch_sizes
-    from splitgraph.errors import OutOfMemory
-    from splitgraph.partition import make_plan
-    from splitgraph.reliability import preflight
-    from splitgraph.runtime.engine import schedule_for_run
-    from splitgraph.runtime.mesh import layout_of
+    from splitgraph.config import load_config
+    from splitgraph.train.check import check_launch, refuse
 
     try:
         cfg = load_config(args, fill_data=False)
-        work = Workload.of(cfg)  # what the planner, pre-flight and the engine read
-        found = preflight.resolve_data(cfg.data, work, nproc, range(per_node))
-        validate(cfg, nproc)
-        layout = layout_of(cfg.pipeline, cfg.parallel, nproc)
-        plan = make_plan(work, layout.pp)
-        rows = cfg.train.batch_size // layout.dp
-        sizes = microbatch_sizes(rows, cfg.pipeline.microbatches)
-        sched, plan = schedule_for_run(work, layout.pp, plan)  # auto: from the costs
-        try:
-            devices = preflight.node_devices(cfg.runtime, per_node)
-        except RuntimeError as e:  # no CUDA for runtime.device=cuda, too few GPUs
-            raise SplitgraphError(str(e)) from None
-        checked = preflight.check_launch(
-            cfg.data, work, layout, plan, range(per_node), devices, schedule=sched
-        )
-        dataset = load_dataset(cfg.data, work)  # every value, as the ranks will read it
-    except OutOfMemory as e:
-        print(f"splitgraph-check: {e}", file=sys.stderr)
-        return 3
-    except (SplitgraphError, HydraException) as e:
-        cause = f"\n  ({e.__cause__})" if e.__cause__ else ""
-        print(f"splitgraph-check: {e}{cause}", file=sys.stderr)
-        return 2
-    if found:
-        print(found)
-    print(dataset.describe())
-    print(plan.table(sizes[0]))
-    if layout.dp > 1:
-        print(layout.describe() + f"\n  each replica runs {rows} rows of every minibatch")
-    print("\n".join(checked.lines()))
-    print(f"schedule {sched.name}: {len(sizes)} microbatches {sizes}, valid")
-    return 0
+    except HydraException as e:
+        return refuse(e)
+    return check_launch(cfg, nproc, per_node)
 
 
 def _check_args(argv: list[str]) -> tuple[int, int, list[str]] | None:

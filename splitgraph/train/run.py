@@ -1019,11 +1019,63 @@ def _rank_overrides() -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none"]
 
 
-def main() -> None:
-    """Console script and `python -m splitgraph.train`."""
+def train_rank(cfg: DictConfig) -> int:
+    """One rank's run as a launcher starts it (torchrun's ranks, the fork launcher's): 0, or
+    the exit code after the rank's one line (EXIT_STOPPED: rank 0 logged the stop)."""
+    try:
+        run(cfg)
+    except Stopped:  # rank 0 logged the line
+        return EXIT_STOPPED
+    except OutOfMemory as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return memcap.EXIT_OOM
+    except SplitgraphError as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def _launch(cfg: DictConfig, nproc: int) -> int:
+    """`splitgraph-train --nproc N`, inside Hydra's run (the config composed and checked once,
+    the run dir's lock held, .hydra/ and train.log written as rank 0's): fork the N ranks
+    from this process (train/fork.py), each on this config; the launch's exit code."""
+    import tempfile
+
+    from splitgraph.runtime.dist import RENDEZVOUS_ENV
+    from splitgraph.train import fork
+
+    cfg.run_dir = str(cfg.run_dir)  # resolved once: every rank writes into the same dir
+
+    def rank_main(rank: int) -> int:
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            GROUP_RANK="0",
+            ROLE_RANK=str(rank),
+            ROLE_WORLD_SIZE=str(nproc),
+        )
+        os.environ[RENDEZVOUS_ENV] = rendezvous
+        if rank != 0:  # as torchrun's other ranks: the console only, no train.log
+            root = logging.getLogger()
+            for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+                root.removeHandler(h)
+        return train_rank(cfg)
+
+    with tempfile.TemporaryDirectory(prefix="splitgraph-rendezvous-") as tmp:
+        rendezvous = os.path.join(tmp, "store")
+        return fork.fork_ranks(nproc, rank_main)
+
+
+def main(nproc: int | None = None) -> None:
+    """Console script and `python -m splitgraph.train`; `nproc`: fork that many ranks."""
     import hydra
 
     from splitgraph.train.compose import compose_once
+    from splitgraph.train.fork import launching
 
     rank = int(os.environ.get("RANK", "0") or 0)
     exit_at_once_while_starting(rank, on_abort=runlock.release_all)  # until run() takes over
@@ -1033,39 +1085,40 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://splitgraph.conf", config_name="config")
     def _main(cfg: DictConfig) -> None:
-        try:
-            run(cfg)
-        except Stopped:  # rank 0 logged the line
-            sys.exit(EXIT_STOPPED)
-        except OutOfMemory as e:
-            rank = os.environ.get("RANK", "0")
-            print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
-            sys.exit(memcap.EXIT_OOM)
-        except SplitgraphError as e:
-            rank = os.environ.get("RANK", "0")
-            print(f"splitgraph (rank {rank}): {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        code = train_rank(cfg) if nproc is None else _launch(cfg, nproc)
+        if code:
+            sys.exit(code)
 
-    with compose_once():  # Hydra composes the config once, not twice (hydra.mode unset)
+    # Hydra composes the config once, not twice (hydra.mode unset); with nproc, the launch
+    # is checked before anything is written (train/fork.py)
+    with compose_once(), launching(nproc):
         _main()
 
 
-def cli() -> None:
-    """Console script `splitgraph-train` and `python -m splitgraph.train`: `main`, then out.
+def cli(nproc: int | None = None) -> None:
+    """Console script `splitgraph-train` and `python -m splitgraph.train` (train/cli.py parses
+    `--nproc`): `main`, then out.
 
     A finished run leaves with os._exit after the atexit handlers (logging's flush among them)
     and a flush of stdout/stderr: every file it wrote is closed by then, and skipping the
     interpreter's teardown, which frees torch's (and DCP's) modules one by one, saves about a
-    second per rank (splitgraph/bench/startup.py). Errors leave through sys.exit as before.
+    second per rank (splitgraph/bench/startup.py). Errors leave through sys.exit as before,
+    except the fork launcher's, whose ranks are gone by then: it leaves the same quick way.
     """
-    main()
+    code = 0
+    try:
+        main(nproc)
+    except SystemExit as e:
+        if nproc is None:
+            raise
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
     if run_exitfuncs is None:  # not CPython: the ordinary exit
-        return
+        sys.exit(code)
     run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

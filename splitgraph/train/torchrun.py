@@ -1,5 +1,7 @@
 """torchrun, with a quiet and resumable stop: `python -m splitgraph.train.torchrun` takes torchrun's
-arguments (launch/train.sh and launch/slurm.sbatch use it).
+arguments (launch/multinode.sh, launch/slurm.sbatch, and launch/train.sh with
+SPLITGRAPH_LAUNCHER=torchrun use it; one machine's default is `splitgraph-train --nproc N`,
+train/fork.py).
 
     python -m splitgraph.train.torchrun --standalone --nproc-per-node 4 -m splitgraph.train ...
 

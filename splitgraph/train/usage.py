@@ -32,29 +32,32 @@ common overrides (key=value, Hydra syntax; every key: python -m splitgraph.train
   runtime.dtype=float32|float64|bfloat16"""
 
 TRAIN_USAGE = """\
-usage: torchrun --standalone --nproc-per-node N -m splitgraph.train [key=value ...]
+usage: splitgraph-train --nproc N [key=value ...]   (N ranks on this machine, forked)
        splitgraph-train [key=value ...]      (one process: plain single-device training)
-       launch/train.sh N [key=value ...]     (checks the config first, pins the run dir)"""
+       launch/train.sh N [key=value ...]     (--nproc N, and pins the run dir)
+       torchrun --standalone --nproc-per-node N -m splitgraph.train [key=value ...]"""
 
 TRAIN_ABOUT = """\
 Trains the MLP split by layer into pipeline stages, one stage per rank (CPU: gloo, GPU: NCCL).
-Launch it with torchrun, which starts N copies of this command and gives each its rank: the
-world size N is pipeline.stages x parallel.dp. Run alone, it is plain single-device training
-of the same model. Rank 0 writes metrics.jsonl, summary.json, trace.json, timeline.png and
-model.pt to the run dir: SPLITGRAPH_RUN_DIR, else outputs/torchrun/<id> under torchrun, else
-outputs/<date>/<time>."""
+With --nproc N it checks the launch, then forks N ranks from its own process (torch imported
+and the config composed once: about half torchrun's start-up); torchrun (several nodes) starts
+N copies of this command and gives each its rank. The world size N is pipeline.stages x
+parallel.dp. Run alone, it is plain single-device training of the same model.
+Rank 0 writes metrics.jsonl, summary.json, trace.json, timeline.png and model.pt to the run
+dir: SPLITGRAPH_RUN_DIR, else outputs/torchrun/<id> under torchrun, else outputs/<date>/<time>."""
 
 TRAIN_FLAGS = """\
 flags:
   -h, --help        this page
+  --nproc N         fork N ranks on this machine after checking the launch as
+                    splitgraph-check --nproc N does; OMP_NUM_THREADS=1 unless set
   --cfg job         print the composed config and exit (--resolve: with values resolved)
   --info            where each config file came from
   --hydra-help      Hydra's own flags (multirun, shell completion, ...)"""
 
 TRAIN_EXAMPLE = """\
 example:
-  torchrun --standalone --nproc-per-node 2 -m splitgraph.train schedule=zb1 \\
-      pipeline.microbatches=8 train.steps=50
+  splitgraph-train --nproc 2 schedule=zb1 pipeline.microbatches=8 train.steps=50
   splitgraph-check --nproc 2 schedule=zb1 pipeline.microbatches=8   # check it without running"""
 
 
