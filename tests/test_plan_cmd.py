@@ -82,3 +82,13 @@ def test_bad_requests_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "only 4 layers" in capsys.readouterr().err
     assert main(["--nproc", "3", *UNBALANCED, "partition=optimal", "pipeline.memory_cap=1MiB"]) == 2
     assert "smallest cap that fits" in capsys.readouterr().err
+
+
+def test_interleaved_plans_ranks_times_virtual_stages(tmp_path: Path) -> None:
+    """Interleaved on 2 ranks: 4 stages, two per rank (the cost model once had 2 and failed)."""
+    over = [*UNBALANCED, "schedule=interleaved", "schedule.virtual_stages=2"]
+    assert main(["--nproc", "2", *over, "pipeline.microbatches=4", "--out", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["plan"]["bounds"]) == 5
+    assert [s["rank"] for s in plan["stages"]] == [0, 1, 0, 1]
+    assert plan["step_time_s"] > 0
