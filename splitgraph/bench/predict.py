@@ -542,11 +542,11 @@ def ensure_calibration(
         load_calibration,
         priced_step,
         sim_with_overhead,
+        span,
         store_calibration,
     )
     from splitgraph.cost.costs import link_from_config, model_costs
     from splitgraph.partition import make_plan
-    from splitgraph.schedule import simulate
 
     cfg0 = load_config([*CAL_MODEL.overrides(), *shared])
     work0 = Workload.of(cfg0)
@@ -579,7 +579,7 @@ def ensure_calibration(
         raise RuntimeError(f"calibration for p={p}: fewer than 2 launches ran")
 
     def spans(o: float, t: float) -> list[float]:
-        return [simulate(s, sim_with_overhead(mc, b, o, t)).step_time for mc, b, s, _ in priced]
+        return [span(s, sim_with_overhead(mc, b, o, t), p)[0] for mc, b, s, _ in priced]
 
     o, t, c, rms = fit_overheads(spans, [f for *_, f in priced], measured)
     fixed_costs(work0)  # measured now too, so grid predictions only read the cache

@@ -16,8 +16,9 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
              + a * parameters + t * tensors the weight-decay term and its gradient, and the
                                             optimizer step, timed on stand-in modules of
                                             two sizes and fitted (microbenchmark)
-    and, where ranks > cores, at least (the ranks' busy time + fixed costs) / cores: the
-    ranks take turns on the cores.
+    where ranks > cores, the span and the fixed costs are simulated with the ranks taking
+    turns on the cores (processor sharing, cost/timeshare.py): each of k busy ranks runs
+    at min(1, cores / k) of its speed.
 
 `o`, `t` and `c` are fitted once per machine and rank count from launches of a *calibration
 model* (tiny layers: the step is nearly all overhead), never from the run being predicted;
@@ -39,7 +40,9 @@ import torch
 from splitgraph.config import CostsConfig, Workload
 from splitgraph.cost.costs import ModelCosts
 from splitgraph.cost.profiler import _Cache, _layer_key, cache_dir, device_name, time_layer
+from splitgraph.cost.timeshare import shared_tail, simulate_shared
 from splitgraph.schedule import Costs, Schedule, simulate
+from splitgraph.schedule.simulate import idle_share
 
 #: Bumped when what a calibration means changes: older entries are measured again.
 VERSION = 2
@@ -235,7 +238,7 @@ class PricedStep:
     fixed_s: float  # the largest rank's fixed costs
     bubble: float
     busy_s: tuple[float, ...]
-    bound: str  # "schedule" or "cores"
+    bound: str  # "schedule", or "timeshared" where ranks > cores (cost/timeshare.py)
 
 
 def in_conditions(work: Workload, costs: ModelCosts, ranks: int) -> ModelCosts:
@@ -268,6 +271,17 @@ def sim_with_overhead(
     return Costs(f, b, half, half, base.comm, base.mb_scale, post=transfer_s)
 
 
+def span(sched: Schedule, costs: Costs, ranks: int) -> tuple[float, tuple[float, ...]]:
+    """(step time, busy per rank) of the schedule: the simulator's, or where `ranks` exceed
+    this machine's cores, the ranks taking turns on them (cost/timeshare.py)."""
+    n = cores()
+    if ranks > n:
+        shared = simulate_shared(sched, costs, n)
+        return shared.step_time, shared.busy
+    sim = simulate(sched, costs)
+    return sim.step_time, tuple(sim.busy)
+
+
 def priced_step(
     work: Workload,
     costs: ModelCosts,
@@ -280,7 +294,9 @@ def priced_step(
     """The step of `bounds` under `sched` on `ranks` ranks, priced a priori (module doc)."""
     mc = in_conditions(work, costs, ranks)
     fixed = fixed if fixed is not None else fixed_costs(work)
-    sim = simulate(sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s))
+    step_span, busy = span(
+        sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s), ranks
+    )
     per_rank = []
     for r in range(ranks):
         ss = sched.stages_of(r)
@@ -288,16 +304,18 @@ def priced_step(
             mc.shape.element_size, 1
         )
         tensors = sum(mc.param_tensors(bounds[s], bounds[s + 1]) for s in ss)
-        per_rank.append(cal.step_s + fixed.time(params, tensors))
-    step = sim.step_time + max(per_rank)
-    bound = "schedule"
+        per_rank.append(fixed.time(params, tensors))
     n = cores()
-    if ranks > n:
-        turns = (sum(sim.busy) + sum(per_rank)) / n
-        if turns > step:
-            step, bound = turns, "cores"
+    # every rank's weight decay and optimizer at once: they take turns where ranks > cores
+    tail = shared_tail(per_rank, n)
+    step = step_span + cal.step_s + tail
     return PricedStep(
-        step, sim.step_time, max(per_rank), sim.bubble_fraction, tuple(sim.busy), bound
+        step,
+        step_span,
+        cal.step_s + tail,
+        idle_share(busy, step_span),
+        busy,
+        "timeshared" if ranks > n else "schedule",
     )
 
 
