@@ -248,3 +248,15 @@ def test_a_search_reuses_a_measurement_only_for_the_same_work(
     assert launched == [free.key(), other.key()]
     assert rows[0]["reused"] and not rows[1]["reused"]
     assert rows[0]["measured_step_s"] == 0.012
+
+
+def test_the_searches_keep_their_share_of_the_budget() -> None:
+    grid, end = bp.budget_deadlines(100.0, 800.0, 0.4, 8)
+    assert end == 900.0 and grid == pytest.approx(580.0)
+    assert bp.budget_deadlines(100.0, 800.0, 0.4, 0) == (900.0, 900.0)
+    assert bp.budget_deadlines(100.0, None, 0.4, 8) == (math.inf, math.inf)
+    # a grid that ran to its deadline leaves each of 8 searches 1/8 of the share; the first
+    # running over its slice still leaves the last one a slice of its own
+    assert bp.search_slice(580.0, 900.0, 8) == pytest.approx(620.0)
+    assert bp.search_slice(700.0, 900.0, 1) == pytest.approx(900.0)
+    assert bp.search_slice(700.0, 900.0, 4) == pytest.approx(750.0)

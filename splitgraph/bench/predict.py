@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -721,6 +722,18 @@ def main(argv: list[str] | None = None) -> int:
         "recorded as skipped (counted as failed), so the command ends on time (default: none)",
     )
     ap.add_argument(
+        "--search-share",
+        type=float,
+        default=0.4,
+        help="with --budget: the share of it kept for the searches (0.4); the grid and the "
+        "noise stop launching before it, and each search gets an equal slice of what is left",
+    )
+    ap.add_argument(
+        "--filter",
+        help="only the grid points whose description matches this regular expression "
+        "(e.g. 'p=4', 'zb1', 'm0[0-3] '): a subset while developing; table.md shows it",
+    )
+    ap.add_argument(
         "--recalibrate",
         action="store_true",
         help="measure the machine's calibration again even if <out>/cache has one",
@@ -742,6 +755,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         return 0
     return run(ns)
+
+
+def budget_deadlines(
+    started: float, budget: float | None, share: float, searches: int
+) -> tuple[float, float]:
+    """(when the grid and the noise stop launching, when everything stops): the searches
+    keep `share` of the budget for themselves, so a long grid cannot crowd them out."""
+    if not budget:
+        return math.inf, math.inf
+    end = started + budget
+    return (end - budget * share if searches else end), end
+
+
+def search_slice(now: float, end: float, left: int) -> float:
+    """Until when the next of `left` searches may launch: an equal slice of what is left,
+    so a slow search cannot starve the ones after it."""
+    if not math.isfinite(end):
+        return math.inf
+    return now + max(end - now, 0.0) / max(left, 1)
 
 
 def _quick_models() -> list[ModelSpec]:
@@ -778,7 +810,10 @@ def run(ns: argparse.Namespace) -> int:
     for m in models:
         print(f"  {m.name} {m.shape}: {'x'.join(map(str, m.dims))}, batch {m.batch}", flush=True)
 
-    deadline = started + ns.budget if ns.budget else math.inf
+    deadline, end = budget_deadlines(started, ns.budget, ns.search_share, n_search)
+    if ns.filter:
+        points = [pt for pt in points if re.search(ns.filter, pt.describe())]
+        print(f"--filter {ns.filter!r}: {len(points)} points", flush=True)
     noise_rows = run_points(
         [noise_point] * noise_n,
         shared,
@@ -796,6 +831,7 @@ def run(ns: argparse.Namespace) -> int:
     memo: dict[str, dict[str, Any]] = {}
     pool = [m for m in (models if ns.quick else models[2:]) if m.layers >= 3][: (n_search + 1) // 2]
     for k in range(n_search):
+        slice_end = search_slice(time.monotonic(), end, n_search - k)
         model = pool[(k // 2) % len(pool)] if pool else models[0]
         cap = search_cap(model, 2, shared) if k % 2 else None
         cands = search_candidates(model, 2, cap, shared, ns.predictor, ns.top)
@@ -806,7 +842,7 @@ def run(ns: argparse.Namespace) -> int:
             workdir,
             ns.timeout,
             f"search {k + 1}/{n_search}",
-            deadline=deadline,
+            deadline=slice_end,
             memo=memo,
         )
         verdict = judge_search([r["measured_step_s"] for r in srows], noise)
@@ -1006,14 +1042,16 @@ def _search_lines(result: dict[str, Any]) -> list[str]:
         f"{_fmt(result['search_regret_median'], False)}, max "
         f"{_fmt(result['search_regret_max'], False)}.",
         "",
-        "| search | model | cap bytes | pick, measured ms | best, measured ms (#) | regret | hit |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| search | model | cap bytes | candidates measured | pick, measured ms | "
+        "best, measured ms (#) | regret | hit |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for k, s in enumerate(result["searches"], 1):
         steps = [c["measured_step_s"] for c in s["candidates"]]
         best = s["best"]
+        ran = sum(1 for x in steps if math.isfinite(x))
         lines.append(
-            f"| {k} | {s['model']} | {s['cap_bytes'] or '-'} | "
+            f"| {k} | {s['model']} | {s['cap_bytes'] or '-'} | {ran} of {len(steps)} | "
             f"{steps[0] * 1e3 if steps else float('nan'):.2f} | "
             f"{steps[best] * 1e3 if best is not None else float('nan'):.2f} "
             f"(#{(best or 0) + 1}) | {_fmt(s['regret'], False)} | {'yes' if s['hit'] else 'no'} |"
