@@ -544,6 +544,7 @@ def ensure_calibration(
         priced_step,
         sim_with_overhead,
         span,
+        split_times,
         store_calibration,
     )
     from splitgraph.cost.costs import link_from_config, model_costs
@@ -575,14 +576,15 @@ def ensure_calibration(
         if math.isfinite(got["step_s"]):
             fixed = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0)).fixed_s
             measured.append(got["step_s"])
-            priced.append((mc, plan.bounds, sched, fixed))
+            split = split_times(work, mc, p) if sched.split_backward else None
+            priced.append((mc, plan.bounds, sched, fixed, split))
     if len(measured) < 2:
         raise RuntimeError(f"calibration for p={p}: fewer than 2 launches ran")
 
     def spans(o: float, t: float) -> list[float]:
-        return [span(s, sim_with_overhead(mc, b, o, t), p)[0] for mc, b, s, _ in priced]
+        return [span(s, sim_with_overhead(mc, b, o, t, sp), p)[0] for mc, b, s, _, sp in priced]
 
-    o, t, c, rms = fit_overheads(spans, [f for *_, f in priced], measured)
+    o, t, c, rms = fit_overheads(spans, [f for *_, f, _ in priced], measured)
     fixed_costs(work0)  # measured now too, so grid predictions only read the cache
     cal = Calibration(
         p,

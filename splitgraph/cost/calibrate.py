@@ -6,6 +6,8 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
              F, B   the layer times profiled while `busy` processes run the same layers at
                     once (busy = min(ranks, cores): the other ranks compete for memory
                     bandwidth and caches), at the run's microbatch rows and thread count,
+             I, W   zero bubble's halves of B, profiled the same way as the executor runs
+                    them (WeightGradStore: input gradient, then dJ/dW = dz^T x),
              + o    per compute action (dispatch, the saved-tensor meter, the guard's
                     extremes, Python) - every F, B, I and W pays it,
              comm   the link (latency + bytes / bandwidth), as before,
@@ -166,6 +168,88 @@ def busy_profile(
         ]
 
 
+def time_split(
+    model: Any, costs: CostsConfig, index: int, n: int, dtype: torch.dtype
+) -> dict[str, float]:
+    """Median seconds of layer `index`'s backward cut in two, as the executor runs a
+    zero-bubble stage: the forward recording into a `WeightGradStore`, then its I (input
+    gradient, every dz kept) and its W (dJ/dW = dz^T x). The profile's B does not say how
+    the two halves split, nor what the cut adds (bench/split.py: (I + W) / B is 1.2-1.6)."""
+    from splitgraph.config import Task
+    from splitgraph.model import WeightGradStore, build_mlp, loss_sum, recording
+
+    module = build_mlp(model, index, index + 1, dtype, torch.device("cpu"))
+    last, task = module.is_last, Task(model.task)
+    gen = torch.Generator().manual_seed(index)
+    x = torch.randn(n, module.in_features, generator=gen).to(dtype=dtype)
+    x.requires_grad_(index > 0)
+    out_f = module.out_features
+    if last and task == Task.classification:
+        target = torch.randint(0, out_f, (n,), generator=gen)
+    else:
+        target = torch.randn(n, out_f, generator=gen).to(dtype=dtype)
+    grad = None if last else torch.randn(n, out_f, generator=gen).to(dtype=dtype)
+    i_s, w_s = [], []
+    for r in range(costs.warmup + costs.repeats):
+        for p in module.parameters():
+            p.grad = None
+        store = WeightGradStore()
+        with recording(store):
+            out = module(x)
+            if last:
+                out = loss_sum(out, target, task) / n
+        t0 = time.perf_counter()
+        store.input_grad(out, grad, x if index > 0 else None)
+        t1 = time.perf_counter()
+        store.run()
+        t2 = time.perf_counter()
+        if r >= costs.warmup:
+            i_s.append(t1 - t0)
+            w_s.append(t2 - t1)
+    return {"input": statistics.median(i_s), "weight": statistics.median(w_s)}
+
+
+def _split_worker(
+    rank: int, world: int, work: Workload, n: int, dtype: str, indices: list[int]
+) -> Any:
+    """As `_busy_worker`, for the split backward: every rank times the same layer at once."""
+    import torch.distributed as dist
+
+    dt = getattr(torch, dtype)
+    out = {}
+    for i in indices:
+        dist.barrier()
+        out[i] = time_split(work.model, work.costs, i, n, dt)
+    return out if rank == 0 else None
+
+
+def split_profile(
+    work: Workload, n: int, dtype: torch.dtype, busy: int, timeout: float = 600.0
+) -> list[tuple[float, float]]:
+    """(I, W) seconds per layer at `n` rows under `busy` processes, as `busy_profile`;
+    cached per layer and busy count."""
+    dims = [work.model.in_features, *work.model.hidden, work.model.out_features]
+    keys = [
+        _layer_key(work.model, i, n, dtype, torch.device("cpu")) + f"|split|busy={busy}"
+        for i in range(len(dims) - 1)
+    ]
+    with _Cache(cache_dir(work.costs)).locked() as data:
+        missing = [i for i, k in enumerate(keys) if k not in data]
+    if missing:
+        name = str(dtype).removeprefix("torch.")
+        if busy <= 1:
+            got = {i: time_split(work.model, work.costs, i, n, dtype) for i in missing}
+        else:
+            from splitgraph.spawn import run_ranks
+
+            got = run_ranks(_split_worker, busy, work, n, name, missing, timeout=timeout)[0]
+        with _Cache(cache_dir(work.costs)).locked() as data:
+            for i in missing:
+                data[keys[i]] = got[i]
+    with _Cache(cache_dir(work.costs)).locked() as data:
+        return [(float(data[k]["input"]), float(data[k]["weight"])) for k in keys]
+
+
 # -- the step's fixed costs, from the model's sizes --------------------------------------------
 
 
@@ -259,16 +343,40 @@ def in_conditions(work: Workload, costs: ModelCosts, ranks: int) -> ModelCosts:
     )
 
 
+def split_times(work: Workload, costs: ModelCosts, ranks: int) -> list[tuple[float, float]] | None:
+    """(I, W) seconds per layer at the run's rows under its contention (`split_profile`);
+    None where the layer times are not measured (costs.times=flops: I = W = B/2)."""
+    if not costs.time_source.startswith("measured"):
+        return None
+    from splitgraph.model import torch_dtype
+
+    busy = min(ranks, cores())
+    return split_profile(work, costs.n, torch_dtype(work.runtime.dtype), busy)
+
+
 def sim_with_overhead(
-    mc: ModelCosts, bounds: Sequence[int], action_s: float, transfer_s: float = 0.0
+    mc: ModelCosts,
+    bounds: Sequence[int],
+    action_s: float,
+    transfer_s: float = 0.0,
+    split: Sequence[tuple[float, float]] | None = None,
 ) -> Costs:
-    """The simulator's costs with `action_s` on every compute action (I and W: B/2 each) and
-    `transfer_s` on every group of transfers a rank posts (the simulator's `post`)."""
+    """The simulator's costs with `action_s` on every compute action and `transfer_s` on
+    every group of transfers a rank posts (the simulator's `post`). I and W: the stage's
+    layers' measured halves (`split`, per layer), else B/2 each."""
     base = mc.sim_costs(bounds)
     f = [x + action_s for x in base.forward]
     b = [x + action_s for x in base.backward]
-    half = [x / 2 + action_s for x in base.backward]
-    return Costs(f, b, half, half, base.comm, base.mb_scale, post=transfer_s)
+    if split is None:
+        i_s = w_s = [x / 2 + action_s for x in base.backward]
+    else:
+        i_s, w_s = [], []
+        for s in range(len(bounds) - 1):
+            lo, hi, speed = bounds[s], bounds[s + 1], mc.devices[s].speed
+            again = base.forward[s] if s in mc.recompute else 0.0  # recomputed: F in I
+            i_s.append(sum(x for x, _ in split[lo:hi]) / speed + again + action_s)
+            w_s.append(sum(y for _, y in split[lo:hi]) / speed + action_s)
+    return Costs(f, b, i_s, w_s, base.comm, base.mb_scale, post=transfer_s)
 
 
 def span(sched: Schedule, costs: Costs, ranks: int) -> tuple[float, tuple[float, ...]]:
@@ -294,8 +402,9 @@ def priced_step(
     """The step of `bounds` under `sched` on `ranks` ranks, priced a priori (module doc)."""
     mc = in_conditions(work, costs, ranks)
     fixed = fixed if fixed is not None else fixed_costs(work)
+    split = split_times(work, mc, ranks) if sched.split_backward else None
     step_span, busy = span(
-        sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s), ranks
+        sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s, split), ranks
     )
     per_rank = []
     for r in range(ranks):
