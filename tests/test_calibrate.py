@@ -177,3 +177,19 @@ def test_split_profile_times_each_layer_and_caches_it(tmp_path: Path) -> None:
     got = cal_mod.split_profile(cfg, 16, torch.float32, busy=1)
     assert len(got) == 3 and all(i > 0 and w > 0 for i, w in got)
     assert cal_mod.split_profile(cfg, 16, torch.float32, busy=1) == got  # read back
+
+
+def test_the_compute_factor_scales_every_compute_action_not_the_overheads() -> None:
+    cfg, costs, bounds, sched = _setup("gpipe", 4)
+    one = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 1e-4, 1e-3), NO_FIXED)
+    k = Calibration(2, 1e-4, 1e-3, compute_factor=1.5)
+    got = priced_step(cfg, costs, bounds, sched, 2, k, NO_FIXED)
+    assert got.step_s > one.step_s
+    base = costs.sim_costs(bounds)
+    sim = cal_mod.sim_with_overhead(costs, bounds, 1e-4, 0.0, None, 1.5)
+    assert list(sim.forward) == pytest.approx([1.5 * f + 1e-4 for f in base.forward])
+    assert list(sim.backward) == pytest.approx([1.5 * b + 1e-4 for b in base.backward])
+    # every action on the critical path is F or B here: the busy time grows by exactly half
+    assert sum(got.busy_s) - 4 * 2 * 2 * 1e-4 == pytest.approx(
+        1.5 * (sum(one.busy_s) - 4 * 2 * 2 * 1e-4)
+    )

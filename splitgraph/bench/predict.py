@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +337,10 @@ def predict_point(point: Point, shared: Sequence[str], predictor: str) -> Predic
         "+ weight decay and optimizer": priced_step(
             work, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), fixed_costs(work)
         ).step_s,
-        "+ per-step constant (all)": priced.step_s,
+        "+ per-step constant and transfers": priced_step(
+            work, costs, b, sched, p, replace(cal, compute_factor=1.0), fixed_costs(work)
+        ).step_s,
+        "+ compute factor (all)": priced.step_s,
     }
     return Predicted(
         priced.step_s,
@@ -520,6 +523,10 @@ def run_points(
 #: schedules and microbatch counts that vary how many actions a step has.
 CAL_MODEL = ModelSpec("calibration", 32, (32,) * 7, 10, 64, "balanced")
 CAL_POINTS = (("naive", 1), ("1f1b", 4), ("gpipe", 16), ("zb1", 8), ("interleaved", 8))
+#: The compute-bound calibration model (not a grid model): its layers are most of a step,
+#: so its launches measure how much longer they take inside a step than in the profile.
+CAL_HEAVY = ModelSpec("calibration-heavy", 128, (512,) * 4, 10, 256, "balanced")
+CAL_HEAVY_POINTS = (("naive", 1), ("1f1b", 4))
 
 
 def ensure_calibration(
@@ -536,7 +543,7 @@ def ensure_calibration(
     from splitgraph.config import Workload, load_config
     from splitgraph.cost.calibrate import (
         Calibration,
-        fit_overheads,
+        fit_calibration,
         fixed_costs,
         has_calibration,
         in_conditions,
@@ -557,10 +564,14 @@ def ensure_calibration(
         log(f"calibration p={p} (cached): {cal}")
         return cal
     points = [
-        Point(CAL_MODEL, p, s, m) for s, m in CAL_POINTS if defined(s, p, m, CAL_MODEL.layers)
+        Point(model, p, s, m)
+        for model, pts in ((CAL_MODEL, CAL_POINTS), (CAL_HEAVY, CAL_HEAVY_POINTS))
+        for s, m in pts
+        if defined(s, p, m, model.layers)
     ]
     load = _load()
-    measured, priced = [], []
+    measured: dict[str, list[float]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
+    priced: dict[str, list[Any]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
     for pt in points:
         cfg = point_config(pt, shared)
         work = Workload.of(cfg)
@@ -575,30 +586,48 @@ def ensure_calibration(
         )
         if math.isfinite(got["step_s"]):
             fixed = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0)).fixed_s
-            measured.append(got["step_s"])
+            measured[pt.model.name].append(got["step_s"])
             split = split_times(work, mc, p) if sched.split_backward else None
-            priced.append((mc, plan.bounds, sched, fixed, split))
-    if len(measured) < 2:
-        raise RuntimeError(f"calibration for p={p}: fewer than 2 launches ran")
+            priced[pt.model.name].append((mc, plan.bounds, sched, fixed, split))
+    light, heavy = priced[CAL_MODEL.name], priced[CAL_HEAVY.name]
+    if len(light) < 2 or not heavy:
+        raise RuntimeError(
+            f"calibration for p={p}: {len(light)} launches of the overhead model and "
+            f"{len(heavy)} of the compute-bound one ran (need 2 and 1)"
+        )
 
-    def spans(o: float, t: float) -> list[float]:
-        return [span(s, sim_with_overhead(mc, b, o, t, sp), p)[0] for mc, b, s, _, sp in priced]
+    def spans(rows: list[Any]) -> Callable[[float, float, float], list[float]]:
+        def of(o: float, t: float, k: float) -> list[float]:
+            return [
+                span(s, sim_with_overhead(mc, b, o, t, sp, k), p)[0] for mc, b, s, _, sp in rows
+            ]
 
-    o, t, c, rms = fit_overheads(spans, [f for *_, f, _ in priced], measured)
+        return of
+
+    o, t, c, rms, k, krms = fit_calibration(
+        spans(light),
+        [f for *_, f, _ in light],
+        measured[CAL_MODEL.name],
+        spans(heavy),
+        [f for *_, f, _ in heavy],
+        measured[CAL_HEAVY.name],
+    )
     fixed_costs(work0)  # measured now too, so grid predictions only read the cache
     cal = Calibration(
         p,
         o,
         c,
-        f"fitted to {len(measured)} launches of the calibration model "
-        f"{'x'.join(map(str, CAL_MODEL.dims))} B={CAL_MODEL.batch} "
-        f"(rms {rms:.1%}), {time.strftime('%Y-%m-%d %H:%M')}, load {load}",
+        f"fitted to {len(light)} launches of the calibration model "
+        f"{'x'.join(map(str, CAL_MODEL.dims))} B={CAL_MODEL.batch} (rms {rms:.1%}) and "
+        f"{len(heavy)} of {'x'.join(map(str, CAL_HEAVY.dims))} B={CAL_HEAVY.batch} "
+        f"(rms {krms:.1%}), {time.strftime('%Y-%m-%d %H:%M')}, load {load}",
         transfer_s=t,
+        compute_factor=k,
     )
     store_calibration(cfg0.costs, cal)
     log(
         f"calibration p={p}: action {o * 1e6:.0f} us, transfers {t * 1e6:.0f} us, step "
-        f"{c * 1e6:.0f} us (rms {rms:.1%})"
+        f"{c * 1e6:.0f} us (rms {rms:.1%}); compute factor {k:.2f} (rms {krms:.1%})"
     )
     return cal
 

@@ -22,8 +22,12 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
     turns on the cores (processor sharing, cost/timeshare.py): each of k busy ranks runs
     at min(1, cores / k) of its speed.
 
+and every compute action's layer times are multiplied by `k`, the compute factor: how much
+longer layers take inside a training step than in the profile's loop.
+
 `o`, `t` and `c` are fitted once per machine and rank count from launches of a *calibration
-model* (tiny layers: the step is nearly all overhead), never from the run being predicted;
+model* (tiny layers: the step is nearly all overhead), `k` from a compute-bound one, never
+from the run being predicted;
 bench/predict.py measures them (`ensure_calibration`) and stores them here. Everything is
 cached beside the layer profile (profiler.py's cache), keyed by the machine.
 """
@@ -66,6 +70,9 @@ class Calibration:
     step_s: float  # per step, beside weight decay and the optimizer
     source: str = ""  # how and when it was measured
     transfer_s: float = 0.0  # per group of transfers posted (and waited on)
+    #: the layers' time inside a training step over their profiled time (a compute-bound
+    #: calibration model's launches): caches and memory shared with the rest of the step
+    compute_factor: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -360,22 +367,25 @@ def sim_with_overhead(
     action_s: float,
     transfer_s: float = 0.0,
     split: Sequence[tuple[float, float]] | None = None,
+    compute_factor: float = 1.0,
 ) -> Costs:
-    """The simulator's costs with `action_s` on every compute action and `transfer_s` on
-    every group of transfers a rank posts (the simulator's `post`). I and W: the stage's
-    layers' measured halves (`split`, per layer), else B/2 each."""
+    """The simulator's costs: every compute action's layers times `compute_factor`, plus
+    `action_s`; `transfer_s` on every group of transfers a rank posts (the simulator's
+    `post`). I and W: the stage's layers' measured halves (`split`, per layer), else B/2
+    each."""
     base = mc.sim_costs(bounds)
-    f = [x + action_s for x in base.forward]
-    b = [x + action_s for x in base.backward]
+    k = compute_factor
+    f = [k * x + action_s for x in base.forward]
+    b = [k * x + action_s for x in base.backward]
     if split is None:
-        i_s = w_s = [x / 2 + action_s for x in base.backward]
+        i_s = w_s = [k * x / 2 + action_s for x in base.backward]
     else:
         i_s, w_s = [], []
         for s in range(len(bounds) - 1):
             lo, hi, speed = bounds[s], bounds[s + 1], mc.devices[s].speed
             again = base.forward[s] if s in mc.recompute else 0.0  # recomputed: F in I
-            i_s.append(sum(x for x, _ in split[lo:hi]) / speed + again + action_s)
-            w_s.append(sum(y for _, y in split[lo:hi]) / speed + action_s)
+            i_s.append(k * (sum(x for x, _ in split[lo:hi]) / speed + again) + action_s)
+            w_s.append(k * sum(y for _, y in split[lo:hi]) / speed + action_s)
     return Costs(f, b, i_s, w_s, base.comm, base.mb_scale, post=transfer_s)
 
 
@@ -404,7 +414,9 @@ def priced_step(
     fixed = fixed if fixed is not None else fixed_costs(work)
     split = split_times(work, mc, ranks) if sched.split_backward else None
     step_span, busy = span(
-        sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s, split), ranks
+        sched,
+        sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s, split, cal.compute_factor),
+        ranks,
     )
     per_rank = []
     for r in range(ranks):
@@ -426,6 +438,29 @@ def priced_step(
         busy,
         "timeshared" if ranks > n else "schedule",
     )
+
+
+#: The compute factors tried by the fit: 0.8 to 2.5 in steps of 0.02.
+FACTORS: tuple[float, ...] = tuple(round(0.8 + 0.02 * k, 2) for k in range(86))
+
+
+def fit_compute_factor(
+    span_of: Callable[[float], list[float]],
+    rest: Sequence[float],
+    measured: Sequence[float],
+    grid: Sequence[float] = FACTORS,
+) -> tuple[float, float]:
+    """(factor, rms relative error): the compute factor whose simulated spans (`span_of`,
+    the overheads already in) plus `rest` (the fixed costs and the per-step constant) best
+    explain the `measured` steps of the compute-bound calibration launches."""
+    best = (1.0, float("inf"))
+    for k in grid:
+        spans = span_of(k)
+        err = sum(((s + r) / m - 1) ** 2 for s, r, m in zip(spans, rest, measured))
+        rms = (err / len(measured)) ** 0.5
+        if rms < best[1]:
+            best = (k, rms)
+    return best
 
 
 #: The overheads tried by the fit: 0, then 1 us to ~6 ms in steps of 25%.
@@ -454,6 +489,46 @@ def fit_overheads(
             if rms < best[3]:
                 best = (o, t, c, rms)
     return best
+
+
+def _near(grid: Sequence[float], x: float, steps: int = 3) -> Sequence[float]:
+    """The grid values within `steps` of `x`'s place in it."""
+    i = min(range(len(grid)), key=lambda j: abs(grid[j] - x))
+    return grid[max(i - steps, 0) : i + steps + 1]
+
+
+def fit_calibration(
+    light_spans: Callable[[float, float, float], list[float]],
+    light_fixed: Sequence[float],
+    light_measured: Sequence[float],
+    heavy_spans: Callable[[float, float, float], list[float]],
+    heavy_fixed: Sequence[float],
+    heavy_measured: Sequence[float],
+) -> tuple[float, float, float, float, float, float]:
+    """(action_s, transfer_s, step_s, rms, compute_factor, its rms) from the two calibration
+    models' launches: the overheads from the overhead-bound model (`light_*`, spans as a
+    function of (o, t, k)), the compute factor from the compute-bound one (`heavy_*`), then
+    the overheads again near the first fit with that factor, and the factor again: the
+    light model's layers are small but not free, so each fit reads the other."""
+    o, t, c, rms = fit_overheads(lambda o, t: light_spans(o, t, 1.0), light_fixed, light_measured)
+    k = 1.0
+    for _ in range(2):
+        k, krms = fit_compute_factor(
+            lambda k, o=o, t=t: heavy_spans(o, t, k),
+            [f + c for f in heavy_fixed],
+            heavy_measured,
+        )
+        o, t, c, rms = fit_overheads(
+            lambda o, t, k=k: light_spans(o, t, k),
+            light_fixed,
+            light_measured,
+            _near(GRID, o),
+            _near(GRID[::2], t),
+        )
+    k, krms = fit_compute_factor(
+        lambda k: heavy_spans(o, t, k), [f + c for f in heavy_fixed], heavy_measured
+    )
+    return o, t, c, rms, k, krms
 
 
 def pricer(
