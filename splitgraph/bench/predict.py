@@ -854,9 +854,12 @@ def run(ns: argparse.Namespace) -> int:
         "noise",
         deadline=deadline,
     )
+    phases = {"setup and calibration": time.monotonic() - started}
     noise = noise_floor([r["measured_step_s"] for r in noise_rows])
     print(f"noise floor: {noise:.1%}", flush=True)
+    phases["noise"] = time.monotonic() - started - sum(phases.values())
     rows = run_points(points, shared, ns.predictor, workdir, ns.timeout, "grid", deadline=deadline)
+    phases["grid"] = time.monotonic() - started - sum(phases.values())
 
     searches = []
     memo: dict[str, dict[str, Any]] = {}
@@ -886,6 +889,8 @@ def run(ns: argparse.Namespace) -> int:
 
     result = summarize(rows, noise_rows, noise, searches, ns, load_before, started)
     result["calibration"] = calibrations
+    phases["searches"] = time.monotonic() - started - sum(phases.values())
+    result["phases_s"] = phases
     shutil.rmtree(workdir, ignore_errors=True)
     write(out, result)
     print(table(result), flush=True)
@@ -1010,7 +1015,14 @@ def table(result: dict[str, Any]) -> str:
         *([f"**{busy}**", ""] if (busy := load_warning(result["load_before"])) else []),
         f"Machine: {result['machine']}; load before {result['load_before']}, after "
         f"{result['load_after']}; {result['wall_s']:.0f} s; predictor {result['predictor']}; "
-        f"seed {result['seed']}.",
+        f"seed {result['seed']}."
+        + (
+            " Wall time by phase: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in result["phases_s"].items())
+            + "."
+            if result.get("phases_s")
+            else ""
+        ),
         "",
         f"Noise floor (one configuration, {len(result['noise_runs'])} launches, max/min - 1): "
         f"{_fmt(result['noise_floor'])}.",

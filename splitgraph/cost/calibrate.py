@@ -19,8 +19,8 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
                                             optimizer step, timed on stand-in modules of
                                             two sizes and fitted (microbenchmark)
     where ranks > cores, the span and the fixed costs are simulated with the ranks taking
-    turns on the cores (processor sharing, cost/timeshare.py): each of k busy ranks runs
-    at min(1, cores / k) of its speed.
+    turns on the cores (processor sharing, cost/timeshare.py): each of n busy ranks runs
+    at min(1, cores / n) of its speed.
 
 and every compute action's layer times are multiplied by `k`, the compute factor: how much
 longer layers take inside a training step than in the profile's loop.
@@ -440,8 +440,8 @@ def priced_step(
     )
 
 
-#: The compute factors tried by the fit: 0.8 to 2.5 in steps of 0.02.
-FACTORS: tuple[float, ...] = tuple(round(0.8 + 0.02 * k, 2) for k in range(86))
+#: The compute factors tried by the fit: 0.5 to 2.5 in steps of 0.02.
+FACTORS: tuple[float, ...] = tuple(round(0.5 + 0.02 * k, 2) for k in range(101))
 
 
 def fit_compute_factor(
