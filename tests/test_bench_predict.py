@@ -159,14 +159,16 @@ def test_predict_point_builds_the_step_term_by_term(tmp_path: Path) -> None:
     from splitgraph.cost.calibrate import Calibration, store_calibration
 
     shared = [f"costs.cache_dir={tmp_path}", "costs.times=flops", "pipeline.bandwidth=1GB"]
-    store_calibration(load_config(shared).costs, Calibration(2, 1e-4, 1e-3, "test"))
+    store_calibration(
+        load_config(shared).costs, Calibration(2, 1e-4, 1e-3, "test", compute_factor=1.3)
+    )
     spec = bp.ModelSpec("t", 32, (64, 256, 64), 10, 64, "unbalanced")
     pred = bp.predict_point(bp.Point(spec, 2, "1f1b", 4), shared, "calibrated")
     steps = list(pred.ablations.values())
-    assert len(steps) == 5 and all(math.isfinite(s) and s > 0 for s in steps)
+    assert len(steps) == 6 and all(math.isfinite(s) and s > 0 for s in steps)
     # FLOP-priced layers have no contention profile; each other term adds time
     assert steps[1] == pytest.approx(steps[0])
-    assert steps[1] < steps[2] < steps[3] < steps[4]
+    assert steps[1] < steps[2] < steps[3] < steps[4] < steps[5]
     assert pred.step_s == steps[-1]
     assert pred.step_s == pytest.approx(pred.span_s + pred.fixed_s)
     planner = bp.predict_point(bp.Point(spec, 2, "1f1b", 4), shared, "planner")
@@ -197,12 +199,12 @@ def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
     from splitgraph.partition import make_plan
 
     shared = [f"costs.cache_dir={tmp_path}", "costs.times=flops", "pipeline.bandwidth=1GB"]
-    truth = Calibration(2, GRID[20], GRID[12], transfer_s=GRID[10])
+    truth = Calibration(2, GRID[20], GRID[12], transfer_s=GRID[10], compute_factor=1.4)
     launched: list[str] = []
 
     def fake_measure(pt: bp.Point, sh: Any, workdir: Path, timeout: float) -> dict:
-        assert pt.model == bp.CAL_MODEL
-        launched.append(pt.schedule)
+        assert pt.model in (bp.CAL_MODEL, bp.CAL_HEAVY)
+        launched.append(f"{pt.model.name} {pt.schedule}")
         cfg = Workload.of(bp.point_config(pt, sh))
         costs = model_costs(cfg, 2 * pt.virtual, link=link_from_config(cfg.pipeline, cfg.costs))
         plan = make_plan(cfg, 2, costs)
@@ -212,10 +214,14 @@ def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
 
     monkeypatch.setattr(bp, "measure_point", fake_measure)
     cal = bp.ensure_calibration(shared, 2, tmp_path, 10.0, log=lambda _: None)
-    assert sorted(launched) == sorted(s for s, _ in bp.CAL_POINTS)
+    assert sorted(launched) == sorted(
+        [f"{bp.CAL_MODEL.name} {s}" for s, _ in bp.CAL_POINTS]
+        + [f"{bp.CAL_HEAVY.name} {s}" for s, _ in bp.CAL_HEAVY_POINTS]
+    )
     assert cal.action_s == pytest.approx(truth.action_s)
     assert cal.transfer_s == pytest.approx(truth.transfer_s)
     assert cal.step_s == pytest.approx(truth.step_s, rel=1e-6)
+    assert cal.compute_factor == pytest.approx(truth.compute_factor)
     assert load_calibration(load_config(shared).costs, 2) == cal
     fixed_costs(Workload.of(load_config(shared)))  # measured and cached by the calibration
     launched.clear()
@@ -248,3 +254,15 @@ def test_a_search_reuses_a_measurement_only_for_the_same_work(
     assert launched == [free.key(), other.key()]
     assert rows[0]["reused"] and not rows[1]["reused"]
     assert rows[0]["measured_step_s"] == 0.012
+
+
+def test_the_searches_keep_their_share_of_the_budget() -> None:
+    grid, end = bp.budget_deadlines(100.0, 800.0, 0.4, 8)
+    assert end == 900.0 and grid == pytest.approx(580.0)
+    assert bp.budget_deadlines(100.0, 800.0, 0.4, 0) == (900.0, 900.0)
+    assert bp.budget_deadlines(100.0, None, 0.4, 8) == (math.inf, math.inf)
+    # a grid that ran to its deadline leaves each of 8 searches 1/8 of the share; the first
+    # running over its slice still leaves the last one a slice of its own
+    assert bp.search_slice(580.0, 900.0, 8) == pytest.approx(620.0)
+    assert bp.search_slice(700.0, 900.0, 1) == pytest.approx(900.0)
+    assert bp.search_slice(700.0, 900.0, 4) == pytest.approx(750.0)

@@ -1,8 +1,10 @@
 """The step priced in the run's conditions (cost/calibrate.py): each term lands where it
 should, and the fit recovers known overheads. Deterministic: FLOP-priced layers, given
-calibrations; nothing is timed here."""
+calibrations; nothing is timed here but one tiny split profile (that it runs and caches)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -67,9 +69,24 @@ def test_more_ranks_than_cores_take_turns(monkeypatch: pytest.MonkeyPatch) -> No
     assert two.bound == "schedule"
     monkeypatch.setattr(cal_mod, "cores", lambda: 1)
     one = priced_step(cfg, costs, bounds, sched, 2, calib, NO_FIXED)
-    assert one.bound == "cores"
-    assert one.step_s == pytest.approx(sum(one.busy_s))
-    assert one.step_s > two.step_s
+    assert one.bound == "timeshared"
+    # one core: never faster than all the work in a row, idle only while a transfer moves
+    comm = sum(costs.sim_costs(bounds).comm or []) * 2 * len(costs.sizes)
+    assert sum(one.busy_s) <= one.step_s <= sum(one.busy_s) + comm
+    assert one.step_s > two.step_s * 1.2
+
+
+def test_fixed_costs_take_turns_where_ranks_exceed_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks' optimizer steps at once on one core take their sum, on two the larger."""
+    cfg, costs, bounds, sched = _setup("1f1b", 4)
+    calib, fixed = Calibration(2, 0.0, 0.0), FixedCosts(1e-8, 0.0)
+    params = [
+        costs.param_bytes(bounds[s], bounds[s + 1]) // costs.shape.element_size for s in range(2)
+    ]
+    monkeypatch.setattr(cal_mod, "cores", lambda: 1)
+    assert priced_step(cfg, costs, bounds, sched, 2, calib, fixed).fixed_s == pytest.approx(
+        1e-8 * sum(params)
+    )
 
 
 def test_fit_recovers_known_overheads() -> None:
@@ -125,3 +142,54 @@ def test_pricer_prices_a_prediction_as_priced_step() -> None:
     got = cal_mod.pricer(cfg, 2, calib, fixed)(predict(plan, costs))
     assert got == pytest.approx(priced_step(cfg, costs, bounds, sched, 2, calib, fixed).step_s)
     assert got > predict(plan, costs).step_time
+
+
+def test_zero_bubble_prices_its_measured_input_and_weight_halves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zb1's I and W are the split profile's, per layer, not B/2 each: halves that sum to
+    1.5 B lengthen the step; the 1f1b step (no I, no W) does not read them."""
+    cfg, costs, bounds, sched = _setup("zb1", 4)
+    calib = Calibration(2, 0.0, 0.0)
+    half = priced_step(cfg, costs, bounds, sched, 2, calib, NO_FIXED)
+    split = [(0.75 * b, 0.75 * b) for b in costs.backward]
+    monkeypatch.setattr(cal_mod, "split_times", lambda work, mc, ranks: split)
+    measured = priced_step(cfg, costs, bounds, sched, 2, calib, NO_FIXED)
+    assert measured.step_s > half.step_s * 1.1
+    sim = cal_mod.sim_with_overhead(costs, bounds, 1e-3, 0.0, split)
+    for s in range(2):
+        lo, hi = bounds[s], bounds[s + 1]
+        assert sim.backward_input[s] == pytest.approx(sum(x for x, _ in split[lo:hi]) + 1e-3)
+        assert sim.weight[s] == pytest.approx(sum(y for _, y in split[lo:hi]) + 1e-3)
+    cfg1, costs1, bounds1, sched1 = _setup("1f1b", 4)
+    assert not sched1.split_backward
+    assert priced_step(cfg1, costs1, bounds1, sched1, 2, calib, NO_FIXED).step_s == pytest.approx(
+        simulate(sched1, costs1.sim_costs(bounds1)).step_time
+    )
+
+
+def test_split_profile_times_each_layer_and_caches_it(tmp_path: Path) -> None:
+    cfg = Workload.of(
+        load_config(["model.hidden=[64,64]", f"costs.cache_dir={tmp_path}", "costs.repeats=3"])
+    )
+    import torch
+
+    got = cal_mod.split_profile(cfg, 16, torch.float32, busy=1)
+    assert len(got) == 3 and all(i > 0 and w > 0 for i, w in got)
+    assert cal_mod.split_profile(cfg, 16, torch.float32, busy=1) == got  # read back
+
+
+def test_the_compute_factor_scales_every_compute_action_not_the_overheads() -> None:
+    cfg, costs, bounds, sched = _setup("gpipe", 4)
+    one = priced_step(cfg, costs, bounds, sched, 2, Calibration(2, 1e-4, 1e-3), NO_FIXED)
+    k = Calibration(2, 1e-4, 1e-3, compute_factor=1.5)
+    got = priced_step(cfg, costs, bounds, sched, 2, k, NO_FIXED)
+    assert got.step_s > one.step_s
+    base = costs.sim_costs(bounds)
+    sim = cal_mod.sim_with_overhead(costs, bounds, 1e-4, 0.0, None, 1.5)
+    assert list(sim.forward) == pytest.approx([1.5 * f + 1e-4 for f in base.forward])
+    assert list(sim.backward) == pytest.approx([1.5 * b + 1e-4 for b in base.backward])
+    # every action on the critical path is F or B here: the busy time grows by exactly half
+    assert sum(got.busy_s) - 4 * 2 * 2 * 1e-4 == pytest.approx(
+        1.5 * (sum(one.busy_s) - 4 * 2 * 2 * 1e-4)
+    )

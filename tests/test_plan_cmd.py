@@ -82,3 +82,32 @@ def test_bad_requests_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "only 4 layers" in capsys.readouterr().err
     assert main(["--nproc", "3", *UNBALANCED, "partition=optimal", "pipeline.memory_cap=1MiB"]) == 2
     assert "smallest cap that fits" in capsys.readouterr().err
+
+
+def test_interleaved_plans_ranks_times_virtual_stages(tmp_path: Path) -> None:
+    """Interleaved on 2 ranks: 4 stages, two per rank (the cost model once had 2 and failed)."""
+    over = [*UNBALANCED, "schedule=interleaved", "schedule.virtual_stages=2"]
+    assert main(["--nproc", "2", *over, "pipeline.microbatches=4", "--out", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["plan"]["bounds"]) == 5
+    assert [s["rank"] for s in plan["stages"]] == [0, 1, 0, 1]
+    assert plan["step_time_s"] > 0
+
+
+def test_interleaved_is_simulated_on_its_ranks_not_one_rank_per_stage() -> None:
+    """The cost model's schedule for 4 interleaved stages is the runtime's: 2 ranks of 2
+    stages. Priced as 4 ranks (one stage each), the step came out shorter than 2 ranks can
+    run it."""
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.planner.predict import predict
+    from splitgraph.schedule import build_schedule, simulate
+
+    over = [*UNBALANCED, "schedule=interleaved", "schedule.virtual_stages=2"]
+    work = Workload.of(load_config([*over, "pipeline.microbatches=4"]))
+    costs = model_costs(work, 4)
+    sched = costs.schedule()
+    assert (sched.num_ranks, sched.num_stages) == (2, 4)
+    plan = make_plan(work, 2, costs)
+    got = predict(plan, costs).step_time
+    four_ranks = simulate(build_schedule("interleaved", 4, 4), costs.sim_costs(plan.bounds))
+    assert got > four_ranks.step_time * 1.05

@@ -35,13 +35,14 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +337,10 @@ def predict_point(point: Point, shared: Sequence[str], predictor: str) -> Predic
         "+ weight decay and optimizer": priced_step(
             work, costs, b, sched, p, Calibration(p, cal.action_s, 0.0), fixed_costs(work)
         ).step_s,
-        "+ per-step constant (all)": priced.step_s,
+        "+ per-step constant and transfers": priced_step(
+            work, costs, b, sched, p, replace(cal, compute_factor=1.0), fixed_costs(work)
+        ).step_s,
+        "+ compute factor (all)": priced.step_s,
     }
     return Predicted(
         priced.step_s,
@@ -519,6 +523,10 @@ def run_points(
 #: schedules and microbatch counts that vary how many actions a step has.
 CAL_MODEL = ModelSpec("calibration", 32, (32,) * 7, 10, 64, "balanced")
 CAL_POINTS = (("naive", 1), ("1f1b", 4), ("gpipe", 16), ("zb1", 8), ("interleaved", 8))
+#: The compute-bound calibration model (not a grid model): its layers are most of a step,
+#: so its launches measure how much longer they take inside a step than in the profile.
+CAL_HEAVY = ModelSpec("calibration-heavy", 128, (512,) * 4, 10, 256, "balanced")
+CAL_HEAVY_POINTS = (("naive", 1), ("1f1b", 4))
 
 
 def ensure_calibration(
@@ -535,18 +543,19 @@ def ensure_calibration(
     from splitgraph.config import Workload, load_config
     from splitgraph.cost.calibrate import (
         Calibration,
-        fit_overheads,
+        fit_calibration,
         fixed_costs,
         has_calibration,
         in_conditions,
         load_calibration,
         priced_step,
         sim_with_overhead,
+        span,
+        split_times,
         store_calibration,
     )
     from splitgraph.cost.costs import link_from_config, model_costs
     from splitgraph.partition import make_plan
-    from splitgraph.schedule import simulate
 
     cfg0 = load_config([*CAL_MODEL.overrides(), *shared])
     work0 = Workload.of(cfg0)
@@ -555,10 +564,14 @@ def ensure_calibration(
         log(f"calibration p={p} (cached): {cal}")
         return cal
     points = [
-        Point(CAL_MODEL, p, s, m) for s, m in CAL_POINTS if defined(s, p, m, CAL_MODEL.layers)
+        Point(model, p, s, m)
+        for model, pts in ((CAL_MODEL, CAL_POINTS), (CAL_HEAVY, CAL_HEAVY_POINTS))
+        for s, m in pts
+        if defined(s, p, m, model.layers)
     ]
     load = _load()
-    measured, priced = [], []
+    measured: dict[str, list[float]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
+    priced: dict[str, list[Any]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
     for pt in points:
         cfg = point_config(pt, shared)
         work = Workload.of(cfg)
@@ -573,29 +586,48 @@ def ensure_calibration(
         )
         if math.isfinite(got["step_s"]):
             fixed = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0)).fixed_s
-            measured.append(got["step_s"])
-            priced.append((mc, plan.bounds, sched, fixed))
-    if len(measured) < 2:
-        raise RuntimeError(f"calibration for p={p}: fewer than 2 launches ran")
+            measured[pt.model.name].append(got["step_s"])
+            split = split_times(work, mc, p) if sched.split_backward else None
+            priced[pt.model.name].append((mc, plan.bounds, sched, fixed, split))
+    light, heavy = priced[CAL_MODEL.name], priced[CAL_HEAVY.name]
+    if len(light) < 2 or not heavy:
+        raise RuntimeError(
+            f"calibration for p={p}: {len(light)} launches of the overhead model and "
+            f"{len(heavy)} of the compute-bound one ran (need 2 and 1)"
+        )
 
-    def spans(o: float, t: float) -> list[float]:
-        return [simulate(s, sim_with_overhead(mc, b, o, t)).step_time for mc, b, s, _ in priced]
+    def spans(rows: list[Any]) -> Callable[[float, float, float], list[float]]:
+        def of(o: float, t: float, k: float) -> list[float]:
+            return [
+                span(s, sim_with_overhead(mc, b, o, t, sp, k), p)[0] for mc, b, s, _, sp in rows
+            ]
 
-    o, t, c, rms = fit_overheads(spans, [f for *_, f in priced], measured)
+        return of
+
+    o, t, c, rms, k, krms = fit_calibration(
+        spans(light),
+        [f for *_, f, _ in light],
+        measured[CAL_MODEL.name],
+        spans(heavy),
+        [f for *_, f, _ in heavy],
+        measured[CAL_HEAVY.name],
+    )
     fixed_costs(work0)  # measured now too, so grid predictions only read the cache
     cal = Calibration(
         p,
         o,
         c,
-        f"fitted to {len(measured)} launches of the calibration model "
-        f"{'x'.join(map(str, CAL_MODEL.dims))} B={CAL_MODEL.batch} "
-        f"(rms {rms:.1%}), {time.strftime('%Y-%m-%d %H:%M')}, load {load}",
+        f"fitted to {len(light)} launches of the calibration model "
+        f"{'x'.join(map(str, CAL_MODEL.dims))} B={CAL_MODEL.batch} (rms {rms:.1%}) and "
+        f"{len(heavy)} of {'x'.join(map(str, CAL_HEAVY.dims))} B={CAL_HEAVY.batch} "
+        f"(rms {krms:.1%}), {time.strftime('%Y-%m-%d %H:%M')}, load {load}",
         transfer_s=t,
+        compute_factor=k,
     )
     store_calibration(cfg0.costs, cal)
     log(
         f"calibration p={p}: action {o * 1e6:.0f} us, transfers {t * 1e6:.0f} us, step "
-        f"{c * 1e6:.0f} us (rms {rms:.1%})"
+        f"{c * 1e6:.0f} us (rms {rms:.1%}); compute factor {k:.2f} (rms {krms:.1%})"
     )
     return cal
 
@@ -721,6 +753,18 @@ def main(argv: list[str] | None = None) -> int:
         "recorded as skipped (counted as failed), so the command ends on time (default: none)",
     )
     ap.add_argument(
+        "--search-share",
+        type=float,
+        default=0.4,
+        help="with --budget: the share of it kept for the searches (0.4); the grid and the "
+        "noise stop launching before it, and each search gets an equal slice of what is left",
+    )
+    ap.add_argument(
+        "--filter",
+        help="only the grid points whose description matches this regular expression "
+        "(e.g. 'p=4', 'zb1', 'm0[0-3] '): a subset while developing; table.md shows it",
+    )
+    ap.add_argument(
         "--recalibrate",
         action="store_true",
         help="measure the machine's calibration again even if <out>/cache has one",
@@ -742,6 +786,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         return 0
     return run(ns)
+
+
+def budget_deadlines(
+    started: float, budget: float | None, share: float, searches: int
+) -> tuple[float, float]:
+    """(when the grid and the noise stop launching, when everything stops): the searches
+    keep `share` of the budget for themselves, so a long grid cannot crowd them out."""
+    if not budget:
+        return math.inf, math.inf
+    end = started + budget
+    return (end - budget * share if searches else end), end
+
+
+def search_slice(now: float, end: float, left: int) -> float:
+    """Until when the next of `left` searches may launch: an equal slice of what is left,
+    so a slow search cannot starve the ones after it."""
+    if not math.isfinite(end):
+        return math.inf
+    return now + max(end - now, 0.0) / max(left, 1)
 
 
 def _quick_models() -> list[ModelSpec]:
@@ -778,7 +841,10 @@ def run(ns: argparse.Namespace) -> int:
     for m in models:
         print(f"  {m.name} {m.shape}: {'x'.join(map(str, m.dims))}, batch {m.batch}", flush=True)
 
-    deadline = started + ns.budget if ns.budget else math.inf
+    deadline, end = budget_deadlines(started, ns.budget, ns.search_share, n_search)
+    if ns.filter:
+        points = [pt for pt in points if re.search(ns.filter, pt.describe())]
+        print(f"--filter {ns.filter!r}: {len(points)} points", flush=True)
     noise_rows = run_points(
         [noise_point] * noise_n,
         shared,
@@ -788,14 +854,18 @@ def run(ns: argparse.Namespace) -> int:
         "noise",
         deadline=deadline,
     )
+    phases = {"setup and calibration": time.monotonic() - started}
     noise = noise_floor([r["measured_step_s"] for r in noise_rows])
     print(f"noise floor: {noise:.1%}", flush=True)
+    phases["noise"] = time.monotonic() - started - sum(phases.values())
     rows = run_points(points, shared, ns.predictor, workdir, ns.timeout, "grid", deadline=deadline)
+    phases["grid"] = time.monotonic() - started - sum(phases.values())
 
     searches = []
     memo: dict[str, dict[str, Any]] = {}
     pool = [m for m in (models if ns.quick else models[2:]) if m.layers >= 3][: (n_search + 1) // 2]
     for k in range(n_search):
+        slice_end = search_slice(time.monotonic(), end, n_search - k)
         model = pool[(k // 2) % len(pool)] if pool else models[0]
         cap = search_cap(model, 2, shared) if k % 2 else None
         cands = search_candidates(model, 2, cap, shared, ns.predictor, ns.top)
@@ -806,7 +876,7 @@ def run(ns: argparse.Namespace) -> int:
             workdir,
             ns.timeout,
             f"search {k + 1}/{n_search}",
-            deadline=deadline,
+            deadline=slice_end,
             memo=memo,
         )
         verdict = judge_search([r["measured_step_s"] for r in srows], noise)
@@ -819,6 +889,8 @@ def run(ns: argparse.Namespace) -> int:
 
     result = summarize(rows, noise_rows, noise, searches, ns, load_before, started)
     result["calibration"] = calibrations
+    phases["searches"] = time.monotonic() - started - sum(phases.values())
+    result["phases_s"] = phases
     shutil.rmtree(workdir, ignore_errors=True)
     write(out, result)
     print(table(result), flush=True)
@@ -943,7 +1015,14 @@ def table(result: dict[str, Any]) -> str:
         *([f"**{busy}**", ""] if (busy := load_warning(result["load_before"])) else []),
         f"Machine: {result['machine']}; load before {result['load_before']}, after "
         f"{result['load_after']}; {result['wall_s']:.0f} s; predictor {result['predictor']}; "
-        f"seed {result['seed']}.",
+        f"seed {result['seed']}."
+        + (
+            " Wall time by phase: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in result["phases_s"].items())
+            + "."
+            if result.get("phases_s")
+            else ""
+        ),
         "",
         f"Noise floor (one configuration, {len(result['noise_runs'])} launches, max/min - 1): "
         f"{_fmt(result['noise_floor'])}.",
@@ -1006,14 +1085,16 @@ def _search_lines(result: dict[str, Any]) -> list[str]:
         f"{_fmt(result['search_regret_median'], False)}, max "
         f"{_fmt(result['search_regret_max'], False)}.",
         "",
-        "| search | model | cap bytes | pick, measured ms | best, measured ms (#) | regret | hit |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| search | model | cap bytes | candidates measured | pick, measured ms | "
+        "best, measured ms (#) | regret | hit |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for k, s in enumerate(result["searches"], 1):
         steps = [c["measured_step_s"] for c in s["candidates"]]
         best = s["best"]
+        ran = sum(1 for x in steps if math.isfinite(x))
         lines.append(
-            f"| {k} | {s['model']} | {s['cap_bytes'] or '-'} | "
+            f"| {k} | {s['model']} | {s['cap_bytes'] or '-'} | {ran} of {len(steps)} | "
             f"{steps[0] * 1e3 if steps else float('nan'):.2f} | "
             f"{steps[best] * 1e3 if best is not None else float('nan'):.2f} "
             f"(#{(best or 0) + 1}) | {_fmt(s['regret'], False)} | {'yes' if s['hit'] else 'no'} |"

@@ -6,6 +6,8 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
              F, B   the layer times profiled while `busy` processes run the same layers at
                     once (busy = min(ranks, cores): the other ranks compete for memory
                     bandwidth and caches), at the run's microbatch rows and thread count,
+             I, W   zero bubble's halves of B, profiled the same way as the executor runs
+                    them (WeightGradStore: input gradient, then dJ/dW = dz^T x),
              + o    per compute action (dispatch, the saved-tensor meter, the guard's
                     extremes, Python) - every F, B, I and W pays it,
              comm   the link (latency + bytes / bandwidth), as before,
@@ -16,11 +18,16 @@ The profile (profiler.py) times each layer alone, on an idle machine. A run's st
              + a * parameters + t * tensors the weight-decay term and its gradient, and the
                                             optimizer step, timed on stand-in modules of
                                             two sizes and fitted (microbenchmark)
-    and, where ranks > cores, at least (the ranks' busy time + fixed costs) / cores: the
-    ranks take turns on the cores.
+    where ranks > cores, the span and the fixed costs are simulated with the ranks taking
+    turns on the cores (processor sharing, cost/timeshare.py): each of n busy ranks runs
+    at min(1, cores / n) of its speed.
+
+and every compute action's layer times are multiplied by `k`, the compute factor: how much
+longer layers take inside a training step than in the profile's loop.
 
 `o`, `t` and `c` are fitted once per machine and rank count from launches of a *calibration
-model* (tiny layers: the step is nearly all overhead), never from the run being predicted;
+model* (tiny layers: the step is nearly all overhead), `k` from a compute-bound one, never
+from the run being predicted;
 bench/predict.py measures them (`ensure_calibration`) and stores them here. Everything is
 cached beside the layer profile (profiler.py's cache), keyed by the machine.
 """
@@ -39,10 +46,12 @@ import torch
 from splitgraph.config import CostsConfig, Workload
 from splitgraph.cost.costs import ModelCosts
 from splitgraph.cost.profiler import _Cache, _layer_key, cache_dir, device_name, time_layer
+from splitgraph.cost.timeshare import shared_tail, simulate_shared
 from splitgraph.schedule import Costs, Schedule, simulate
+from splitgraph.schedule.simulate import idle_share
 
 #: Bumped when what a calibration means changes: older entries are measured again.
-VERSION = 2
+VERSION = 3
 
 
 def cores() -> int:
@@ -61,6 +70,9 @@ class Calibration:
     step_s: float  # per step, beside weight decay and the optimizer
     source: str = ""  # how and when it was measured
     transfer_s: float = 0.0  # per group of transfers posted (and waited on)
+    #: the layers' time inside a training step over their profiled time (a compute-bound
+    #: calibration model's launches): caches and memory shared with the rest of the step
+    compute_factor: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +175,88 @@ def busy_profile(
         ]
 
 
+def time_split(
+    model: Any, costs: CostsConfig, index: int, n: int, dtype: torch.dtype
+) -> dict[str, float]:
+    """Median seconds of layer `index`'s backward cut in two, as the executor runs a
+    zero-bubble stage: the forward recording into a `WeightGradStore`, then its I (input
+    gradient, every dz kept) and its W (dJ/dW = dz^T x). The profile's B does not say how
+    the two halves split, nor what the cut adds (bench/split.py: (I + W) / B is 1.2-1.6)."""
+    from splitgraph.config import Task
+    from splitgraph.model import WeightGradStore, build_mlp, loss_sum, recording
+
+    module = build_mlp(model, index, index + 1, dtype, torch.device("cpu"))
+    last, task = module.is_last, Task(model.task)
+    gen = torch.Generator().manual_seed(index)
+    x = torch.randn(n, module.in_features, generator=gen).to(dtype=dtype)
+    x.requires_grad_(index > 0)
+    out_f = module.out_features
+    if last and task == Task.classification:
+        target = torch.randint(0, out_f, (n,), generator=gen)
+    else:
+        target = torch.randn(n, out_f, generator=gen).to(dtype=dtype)
+    grad = None if last else torch.randn(n, out_f, generator=gen).to(dtype=dtype)
+    i_s, w_s = [], []
+    for r in range(costs.warmup + costs.repeats):
+        for p in module.parameters():
+            p.grad = None
+        store = WeightGradStore()
+        with recording(store):
+            out = module(x)
+            if last:
+                out = loss_sum(out, target, task) / n
+        t0 = time.perf_counter()
+        store.input_grad(out, grad, x if index > 0 else None)
+        t1 = time.perf_counter()
+        store.run()
+        t2 = time.perf_counter()
+        if r >= costs.warmup:
+            i_s.append(t1 - t0)
+            w_s.append(t2 - t1)
+    return {"input": statistics.median(i_s), "weight": statistics.median(w_s)}
+
+
+def _split_worker(
+    rank: int, world: int, work: Workload, n: int, dtype: str, indices: list[int]
+) -> Any:
+    """As `_busy_worker`, for the split backward: every rank times the same layer at once."""
+    import torch.distributed as dist
+
+    dt = getattr(torch, dtype)
+    out = {}
+    for i in indices:
+        dist.barrier()
+        out[i] = time_split(work.model, work.costs, i, n, dt)
+    return out if rank == 0 else None
+
+
+def split_profile(
+    work: Workload, n: int, dtype: torch.dtype, busy: int, timeout: float = 600.0
+) -> list[tuple[float, float]]:
+    """(I, W) seconds per layer at `n` rows under `busy` processes, as `busy_profile`;
+    cached per layer and busy count."""
+    dims = [work.model.in_features, *work.model.hidden, work.model.out_features]
+    keys = [
+        _layer_key(work.model, i, n, dtype, torch.device("cpu")) + f"|split|busy={busy}"
+        for i in range(len(dims) - 1)
+    ]
+    with _Cache(cache_dir(work.costs)).locked() as data:
+        missing = [i for i, k in enumerate(keys) if k not in data]
+    if missing:
+        name = str(dtype).removeprefix("torch.")
+        if busy <= 1:
+            got = {i: time_split(work.model, work.costs, i, n, dtype) for i in missing}
+        else:
+            from splitgraph.spawn import run_ranks
+
+            got = run_ranks(_split_worker, busy, work, n, name, missing, timeout=timeout)[0]
+        with _Cache(cache_dir(work.costs)).locked() as data:
+            for i in missing:
+                data[keys[i]] = got[i]
+    with _Cache(cache_dir(work.costs)).locked() as data:
+        return [(float(data[k]["input"]), float(data[k]["weight"])) for k in keys]
+
+
 # -- the step's fixed costs, from the model's sizes --------------------------------------------
 
 
@@ -235,7 +329,7 @@ class PricedStep:
     fixed_s: float  # the largest rank's fixed costs
     bubble: float
     busy_s: tuple[float, ...]
-    bound: str  # "schedule" or "cores"
+    bound: str  # "schedule", or "timeshared" where ranks > cores (cost/timeshare.py)
 
 
 def in_conditions(work: Workload, costs: ModelCosts, ranks: int) -> ModelCosts:
@@ -256,16 +350,54 @@ def in_conditions(work: Workload, costs: ModelCosts, ranks: int) -> ModelCosts:
     )
 
 
+def split_times(work: Workload, costs: ModelCosts, ranks: int) -> list[tuple[float, float]] | None:
+    """(I, W) seconds per layer at the run's rows under its contention (`split_profile`);
+    None where the layer times are not measured (costs.times=flops: I = W = B/2)."""
+    if not costs.time_source.startswith("measured"):
+        return None
+    from splitgraph.model import torch_dtype
+
+    busy = min(ranks, cores())
+    return split_profile(work, costs.n, torch_dtype(work.runtime.dtype), busy)
+
+
 def sim_with_overhead(
-    mc: ModelCosts, bounds: Sequence[int], action_s: float, transfer_s: float = 0.0
+    mc: ModelCosts,
+    bounds: Sequence[int],
+    action_s: float,
+    transfer_s: float = 0.0,
+    split: Sequence[tuple[float, float]] | None = None,
+    compute_factor: float = 1.0,
 ) -> Costs:
-    """The simulator's costs with `action_s` on every compute action (I and W: B/2 each) and
-    `transfer_s` on every group of transfers a rank posts (the simulator's `post`)."""
+    """The simulator's costs: every compute action's layers times `compute_factor`, plus
+    `action_s`; `transfer_s` on every group of transfers a rank posts (the simulator's
+    `post`). I and W: the stage's layers' measured halves (`split`, per layer), else B/2
+    each."""
     base = mc.sim_costs(bounds)
-    f = [x + action_s for x in base.forward]
-    b = [x + action_s for x in base.backward]
-    half = [x / 2 + action_s for x in base.backward]
-    return Costs(f, b, half, half, base.comm, base.mb_scale, post=transfer_s)
+    k = compute_factor
+    f = [k * x + action_s for x in base.forward]
+    b = [k * x + action_s for x in base.backward]
+    if split is None:
+        i_s = w_s = [k * x / 2 + action_s for x in base.backward]
+    else:
+        i_s, w_s = [], []
+        for s in range(len(bounds) - 1):
+            lo, hi, speed = bounds[s], bounds[s + 1], mc.devices[s].speed
+            again = base.forward[s] if s in mc.recompute else 0.0  # recomputed: F in I
+            i_s.append(k * (sum(x for x, _ in split[lo:hi]) / speed + again) + action_s)
+            w_s.append(k * sum(y for _, y in split[lo:hi]) / speed + action_s)
+    return Costs(f, b, i_s, w_s, base.comm, base.mb_scale, post=transfer_s)
+
+
+def span(sched: Schedule, costs: Costs, ranks: int) -> tuple[float, tuple[float, ...]]:
+    """(step time, busy per rank) of the schedule: the simulator's, or where `ranks` exceed
+    this machine's cores, the ranks taking turns on them (cost/timeshare.py)."""
+    n = cores()
+    if ranks > n:
+        shared = simulate_shared(sched, costs, n)
+        return shared.step_time, shared.busy
+    sim = simulate(sched, costs)
+    return sim.step_time, tuple(sim.busy)
 
 
 def priced_step(
@@ -280,7 +412,12 @@ def priced_step(
     """The step of `bounds` under `sched` on `ranks` ranks, priced a priori (module doc)."""
     mc = in_conditions(work, costs, ranks)
     fixed = fixed if fixed is not None else fixed_costs(work)
-    sim = simulate(sched, sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s))
+    split = split_times(work, mc, ranks) if sched.split_backward else None
+    step_span, busy = span(
+        sched,
+        sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s, split, cal.compute_factor),
+        ranks,
+    )
     per_rank = []
     for r in range(ranks):
         ss = sched.stages_of(r)
@@ -288,17 +425,42 @@ def priced_step(
             mc.shape.element_size, 1
         )
         tensors = sum(mc.param_tensors(bounds[s], bounds[s + 1]) for s in ss)
-        per_rank.append(cal.step_s + fixed.time(params, tensors))
-    step = sim.step_time + max(per_rank)
-    bound = "schedule"
+        per_rank.append(fixed.time(params, tensors))
     n = cores()
-    if ranks > n:
-        turns = (sum(sim.busy) + sum(per_rank)) / n
-        if turns > step:
-            step, bound = turns, "cores"
+    # every rank's weight decay and optimizer at once: they take turns where ranks > cores
+    tail = shared_tail(per_rank, n)
+    step = step_span + cal.step_s + tail
     return PricedStep(
-        step, sim.step_time, max(per_rank), sim.bubble_fraction, tuple(sim.busy), bound
+        step,
+        step_span,
+        cal.step_s + tail,
+        idle_share(busy, step_span),
+        busy,
+        "timeshared" if ranks > n else "schedule",
     )
+
+
+#: The compute factors tried by the fit: 0.5 to 2.5 in steps of 0.02.
+FACTORS: tuple[float, ...] = tuple(round(0.5 + 0.02 * k, 2) for k in range(101))
+
+
+def fit_compute_factor(
+    span_of: Callable[[float], list[float]],
+    rest: Sequence[float],
+    measured: Sequence[float],
+    grid: Sequence[float] = FACTORS,
+) -> tuple[float, float]:
+    """(factor, rms relative error): the compute factor whose simulated spans (`span_of`,
+    the overheads already in) plus `rest` (the fixed costs and the per-step constant) best
+    explain the `measured` steps of the compute-bound calibration launches."""
+    best = (1.0, float("inf"))
+    for k in grid:
+        spans = span_of(k)
+        err = sum(((s + r) / m - 1) ** 2 for s, r, m in zip(spans, rest, measured))
+        rms = (err / len(measured)) ** 0.5
+        if rms < best[1]:
+            best = (k, rms)
+    return best
 
 
 #: The overheads tried by the fit: 0, then 1 us to ~6 ms in steps of 25%.
@@ -327,6 +489,46 @@ def fit_overheads(
             if rms < best[3]:
                 best = (o, t, c, rms)
     return best
+
+
+def _near(grid: Sequence[float], x: float, steps: int = 3) -> Sequence[float]:
+    """The grid values within `steps` of `x`'s place in it."""
+    i = min(range(len(grid)), key=lambda j: abs(grid[j] - x))
+    return grid[max(i - steps, 0) : i + steps + 1]
+
+
+def fit_calibration(
+    light_spans: Callable[[float, float, float], list[float]],
+    light_fixed: Sequence[float],
+    light_measured: Sequence[float],
+    heavy_spans: Callable[[float, float, float], list[float]],
+    heavy_fixed: Sequence[float],
+    heavy_measured: Sequence[float],
+) -> tuple[float, float, float, float, float, float]:
+    """(action_s, transfer_s, step_s, rms, compute_factor, its rms) from the two calibration
+    models' launches: the overheads from the overhead-bound model (`light_*`, spans as a
+    function of (o, t, k)), the compute factor from the compute-bound one (`heavy_*`), then
+    the overheads again near the first fit with that factor, and the factor again: the
+    light model's layers are small but not free, so each fit reads the other."""
+    o, t, c, rms = fit_overheads(lambda o, t: light_spans(o, t, 1.0), light_fixed, light_measured)
+    k = 1.0
+    for _ in range(2):
+        k, krms = fit_compute_factor(
+            lambda k, o=o, t=t: heavy_spans(o, t, k),
+            [f + c for f in heavy_fixed],
+            heavy_measured,
+        )
+        o, t, c, rms = fit_overheads(
+            lambda o, t, k=k: light_spans(o, t, k),
+            light_fixed,
+            light_measured,
+            _near(GRID, o),
+            _near(GRID[::2], t),
+        )
+    k, krms = fit_compute_factor(
+        lambda k: heavy_spans(o, t, k), [f + c for f in heavy_fixed], heavy_measured
+    )
+    return o, t, c, rms, k, krms
 
 
 def pricer(

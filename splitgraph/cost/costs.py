@@ -90,6 +90,7 @@ class ModelCosts:
     optimizer_scalar_bytes: int = 0  # per parameter tensor (Adam's step: 4)
     schedule_name: str = "1f1b"
     recompute: frozenset[int] = frozenset()  # stages that recompute their forward in backward
+    virtual_stages: int = 1  # stages per rank (schedule.virtual_stages: interleaved, V)
     _memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -145,10 +146,18 @@ class ModelCosts:
         return slots + self.optimizer_scalar_bytes * self.param_tensors(start, stop)
 
     def schedule(self, stages: int | None = None) -> Schedule:
+        """The schedule over `stages` stages (default: one per device), on
+        `stages / virtual_stages` ranks, as the runtime builds it."""
         k = self.num_stages if stages is None else stages
+        v = max(int(self.virtual_stages), 1)
+        if k % v:
+            raise ValueError(
+                f"{k} stages do not spread over ranks of {v} stages each "
+                f"(schedule.virtual_stages={v})"
+            )
         key = ("schedule", k)
         if key not in self._memo:
-            self._memo[key] = build_schedule(self.schedule_name, k, len(self.sizes))
+            self._memo[key] = build_schedule(self.schedule_name, k // v, len(self.sizes), v)
         return self._memo[key]
 
     def saved_peak(self, stage: int, start: int, stop: int) -> int:
@@ -291,6 +300,7 @@ def model_costs(
         time_source=source.value if times else "none",
         schedule_name=work.schedule.name,
         recompute=frozenset(recompute_stages(work.schedule, k)),
+        virtual_stages=int(work.schedule.virtual_stages),
     )
 
 

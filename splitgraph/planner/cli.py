@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(threads))
         work = Workload.of(cfg)
         link = link_from_config(work.pipeline, work.costs)
-        costs = model_costs(work, nproc, link=link)
+        # one cost-model stage per pipeline stage: nproc x schedule.virtual_stages (the
+        # interleaved and V schedules hold several stages per rank)
+        stages = nproc * int(work.schedule.virtual_stages)
+        costs = model_costs(work, stages, link=link)
         plan = make_plan(work, nproc, costs)
         prediction = predict(plan, costs)
         result = prediction.to_dict()

@@ -91,6 +91,7 @@ def _variant(work: Workload, schedule: str, m: int, recompute: bool, strategy: s
     the three sections it changes; the rest shared)."""
     sched, pipe, part = (copy.deepcopy(x) for x in (work.schedule, work.pipeline, work.partition))
     sched.name = schedule
+    sched.virtual_stages = 1  # the searched schedules hold one stage per rank
     pipe.microbatches = m
     part.strategy = strategy
     if not REGISTRY[strategy].user_cuts:

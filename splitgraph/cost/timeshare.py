@@ -1,0 +1,134 @@
+"""The schedule simulated on fewer cores than ranks: the ranks take turns (processor sharing).
+
+`schedule.simulate` gives every rank a processor of its own. With more ranks than cores (4
+gloo ranks on a 2-core machine) the operating system time-shares the cores: while `k` ranks
+have work, each advances at `min(1, cores / k)` of its own speed. A rank that waits for a
+message takes no share, so the others run faster then:
+
+    cores = 2, ranks 0-3 all computing     each at 1/2 speed
+    ranks 0, 1 computing, 2, 3 waiting     each at full speed
+
+That is the whole model: the same actions, costs and transfer semantics as the simulator's
+timing mode (`strict=False`: a message arrives `comm` after its send was posted; a group of
+transfers costs `post` of the rank's time before it goes out), events advanced in time
+order. The core count is the machine's (known before any run), so this stays a priori. With
+`cores >= ranks` nobody is ever slowed and the result is `simulate`'s step time
+(tests/test_timeshare.py holds it to that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from splitgraph.schedule import Costs, Schedule
+from splitgraph.schedule.ir import message
+from splitgraph.schedule.simulate import Deadlock, _needs
+
+#: Work left below this (seconds) counts as done: floating-point dust from `rem - speed * dt`.
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class SharedResult:
+    step_time: float  # the last rank's end
+    busy: tuple[float, ...]  # per rank: compute at full speed, as simulate's busy
+
+
+def simulate_shared(sched: Schedule, costs: Costs, cores: int) -> SharedResult:
+    """The step of `sched` with every rank's work sharing `cores` processors (module doc)."""
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores}")
+    acts = sched.actions
+    R = sched.num_ranks
+    pos = [0] * R
+    work: list[float | None] = [None] * R  # work left of the item in progress (full speed)
+    kind: list[str] = [""] * R  # "post" or "compute": what the item in progress is
+    posted = [False] * R  # the post of the current group of transfers is paid
+    busy = [0.0] * R
+    sent: dict[tuple[str, int, int], float] = {}
+    t = 0.0
+
+    def finish(r: int) -> None:
+        """Rank r's item in progress is done: a compute moves the rank on, a post lets
+        its transfers go out."""
+        if kind[r] == "compute":
+            pos[r] += 1
+        else:
+            posted[r] = True
+        work[r] = None
+
+    def arrival(r: int) -> float | None:
+        """When the data rank r's next compute reads is there (None: not sent yet)."""
+        a = acts[r][pos[r]]
+        need = _needs(a.stage, a.op, a.mb, sched)
+        if need is None:
+            return t
+        if need not in sent:
+            return None
+        return sent[need] + costs.transfer(need)
+
+    while True:
+        # everything that takes no time: transfers posted, computes started
+        moved = True
+        while moved:
+            moved = False
+            for r in range(R):
+                if work[r] is not None or pos[r] >= len(acts[r]):
+                    continue
+                a = acts[r][pos[r]]
+                if a.op.is_comm:
+                    first = pos[r] == 0 or acts[r][pos[r] - 1].op.is_compute
+                    if costs.post and first and not posted[r]:
+                        work[r], kind[r] = costs.post, "post"
+                    else:
+                        if a.op.is_send:
+                            sent.setdefault(message(a), t)
+                        pos[r] += 1
+                        posted[r] = False
+                    moved = True
+                    continue
+                at = arrival(r)
+                if at is None or at > t + _EPS:
+                    continue
+                work[r], kind[r] = costs.compute(a.op, a.stage, a.mb), "compute"
+                busy[r] += work[r]  # type: ignore[operator]
+                moved = True
+            for r in range(R):  # zero-work items end where they start
+                if work[r] is not None and work[r] <= _EPS:
+                    finish(r)
+                    moved = True
+        running = [r for r in range(R) if work[r] is not None]
+        wakes = []
+        for r in range(R):
+            if work[r] is None and pos[r] < len(acts[r]) and acts[r][pos[r]].op.is_compute:
+                at = arrival(r)
+                if at is not None and at > t + _EPS:
+                    wakes.append(at)
+        if not running and not wakes:
+            break
+        speed = min(1.0, cores / len(running)) if running else 1.0
+        dt = min([work[r] / speed for r in running] + [w - t for w in wakes])  # type: ignore[operator]
+        t += dt
+        for r in running:
+            left = work[r] - speed * dt  # type: ignore[operator]
+            if left <= _EPS:
+                finish(r)
+            else:
+                work[r] = left
+    stuck = {r: pos[r] for r in range(R) if pos[r] < len(acts[r])}
+    if stuck:
+        raise Deadlock(stuck, {r: f"{acts[r][i]} waits for data" for r, i in stuck.items()})
+    return SharedResult(t, tuple(busy))
+
+
+def shared_tail(works: Sequence[float], cores: int) -> float:
+    """How long per-rank work that all starts at once takes on `cores` shared processors:
+    `max(works)` when there are enough cores, longer when they take turns."""
+    t, done = 0.0, 0.0
+    ws = sorted(max(w, 0.0) for w in works)
+    for i, w in enumerate(ws):
+        speed = min(1.0, cores / (len(ws) - i))
+        t += (w - done) / speed
+        done = w
+    return t
