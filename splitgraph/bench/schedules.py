@@ -3,6 +3,7 @@ and activation memory per stage.
 
     python -m splitgraph.bench.schedules --nproc 2 --repeats 3
     python -m splitgraph.bench.schedules --nproc 2 --overhead      # what tracing costs
+    launch/bench_schedules.sh                      # issue 18's tables at p=2 and p=4 (~13 min)
 
 Each configuration (schedule x microbatches, at fixed ranks) is a real `torchrun` launch of
 `splitgraph.train`. Every round runs every configuration once, in a rotated order, so drift
@@ -10,6 +11,10 @@ on the machine lands on all of them; the table reports the median over rounds of
 launch's median step. The prediction is the simulator fed with that launch's own measured
 per-stage costs (see observe/trace.py). `--overhead` alternates the default run with tracing
 on (every step recorded) and off, and reports the ratio of median step times.
+
+After the rows each table reads off issue 18's criteria at each m (zbv and auto against zb1's
+bubble and 1F1B's saved peak, zb2 below zb1, auto's step against the best fixed schedule
+within the noise floor, zb1's I+W over B), printing yes or NO with the numbers.
 """
 
 from __future__ import annotations
