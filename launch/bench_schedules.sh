@@ -12,7 +12,7 @@
 #   issue18_p4_wide  the same at 4 ranks (1024-wide, 9 layers; 4 ranks on 2 cores are
 #                    oversubscribed: rows marked p=4*); 1 launch per row
 #
-# m = 4, 8, 16 everywhere; 5 untraced + 20 traced steps per launch. 48 launches, about 13
+# m = 4, 8, 16 everywhere; 5 untraced + 20 traced steps per launch. 54 launches, about 14
 # minutes on an idle 2-core machine (estimate; 25+ under load). Run it with nothing else on
 # the machine: the header of each table records the load average.
 set -euo pipefail

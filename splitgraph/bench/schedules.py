@@ -3,7 +3,7 @@ and activation memory per stage.
 
     python -m splitgraph.bench.schedules --nproc 2 --repeats 3
     python -m splitgraph.bench.schedules --nproc 2 --overhead      # what tracing costs
-    launch/bench_schedules.sh                      # issue 18's tables at p=2 and p=4 (~13 min)
+    launch/bench_schedules.sh                      # issue 18's tables at p=2 and p=4 (~14 min)
 
 Each configuration (schedule x microbatches, at fixed ranks) is a real `torchrun` launch of
 `splitgraph.train`. Every round runs every configuration once, in a rotated order, so drift
