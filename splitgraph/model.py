@@ -121,7 +121,11 @@ class WeightGradStore:
     def run(self) -> None:
         """W: form and accumulate every deferred weight (and bias) gradient."""
         for weight, bias, x, dz in self.jobs:
-            _accumulate(weight, _as(dz.t().mm(x), weight.dtype))
+            g = weight.grad
+            if g is not None and g.dtype == dz.dtype == x.dtype:
+                g.addmm_(dz.t(), x)  # in place: no product tensor, no second pass to add it
+            else:
+                _accumulate(weight, _as(dz.t().mm(x), weight.dtype))
             if bias is not None:
                 _accumulate(bias, _as(dz.sum(0), bias.dtype))
             if self.meter is not None:

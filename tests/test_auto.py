@@ -208,3 +208,34 @@ def test_ranks_that_built_different_schedules_all_stop_naming_them() -> None:
     for r in per_rank:  # both ranks, the same message
         assert "built a different schedule on ranks [1] than on rank 0" in r[1], r[1]
         assert "costs.times=flops" in r[1]
+
+
+def test_auto_under_a_byte_cap_is_never_slower_than_a_fixed_schedule_that_fits() -> None:
+    """The trainer's path (costs.ModelCosts.auto_input: exact bytes, caps from
+    pipeline.memory_cap): the default model on 2 ranks, capped at 1F1B's bytes as
+    bench.schedules' auto-cap1f1b row is. Whatever auto picks fits every rank's cap and
+    simulates no slower than any fixed schedule that fits the same cap (with one chunk
+    1F1B fits and zb1 does not; with two no fixed schedule fits: auto still must)."""
+    from splitgraph.bench.schedules import onefoneb_bytes
+    from splitgraph.config import load_config
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.partition import make_plan
+
+    link = ["pipeline.bandwidth=1GB", "pipeline.latency=2.5e-4", "costs.times=flops"]
+    for v, m in ((1, 4), (1, 8), (2, 4)):
+        _, total = onefoneb_bytes(2, m, link)
+        cfg = load_config(
+            [*link, "pipeline.stages=2", f"pipeline.microbatches={m}", "schedule=auto"]
+            + [f"schedule.virtual_stages={v}", f"pipeline.memory_cap={max(total)}"]
+        )
+        work = Workload.of(cfg)
+        plan = make_plan(work, 2)
+        inp = model_costs(work, plan.num_stages).auto_input(plan.bounds, 2)
+        result = plan_auto(inp)
+        assert all(x <= max(total) for x in inp.peaks(result.schedule))
+        step = simulate(result.schedule, inp.costs).step_time
+        fitting = [c for c in result.candidates if c.fixed and c.fits]
+        assert any(not c.fits for c in result.candidates if c.fixed)  # the cap binds
+        assert bool(fitting) == (v == 1), [c.name for c in fitting]
+        for c in fitting:
+            assert step <= simulate(c.schedule, inp.costs).step_time + 1e-12, c.name

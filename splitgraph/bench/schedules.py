@@ -3,6 +3,7 @@ and activation memory per stage.
 
     python -m splitgraph.bench.schedules --nproc 2 --repeats 3
     python -m splitgraph.bench.schedules --nproc 2 --overhead      # what tracing costs
+    launch/bench_schedules.sh                      # issue 18's tables at p=2 and p=4 (~14 min)
 
 Each configuration (schedule x microbatches, at fixed ranks) is a real `torchrun` launch of
 `splitgraph.train`. Every round runs every configuration once, in a rotated order, so drift
@@ -12,16 +13,22 @@ per-stage costs (see observe/trace.py): it checks the simulator, it is not a pre
 planner's a-priori prediction is `python -m splitgraph.bench.predict`'s). `--overhead`
 alternates the default run with tracing on (every step recorded) and off, and reports the
 ratio of median step times.
+
+After the rows each table reads off issue 18's criteria at each m (zbv and auto against zb1's
+bubble and 1F1B's saved peak, zb2 below zb1, auto's step against the best fixed schedule
+within the noise floor, zb1's I+W over B), printing yes or NO with the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +50,53 @@ SCHEDULES = [
     # built for the run from the planner's costs and the memory cap, one or two chunks
     ("auto", ["schedule=auto"]),
     ("auto v=2", ["schedule=auto", "schedule.virtual_stages=2"]),
+    # auto within 1F1B's memory: pipeline.memory_cap set, per run, to the largest per-rank
+    # bytes (parameters, gradients, optimizer state and saved activations) 1F1B needs there.
+    # Two chunks only: with one, the cap leaves auto 1F1B's own room (zb1 does not fit).
+    ("auto-cap1f1b v=2", ["schedule=auto", "schedule.virtual_stages=2"]),
 ]
+
+#: Labels whose memory cap is 1F1B's (see `onefoneb_bytes`).
+CAPPED = "auto-cap1f1b"
 
 
 #: Untraced steps before the traced window: the first steps run slower (allocator, gloo's
 #: connections, caches).
 WARMUP = 10
+
+
+def onefoneb_bytes(nproc: int, m: int, extra: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Per rank, what 1F1B holds at m microbatches with these overrides: the saved-activation
+    peak and the whole (static + saved: what `pipeline.memory_cap` counts), from the exact
+    memory model (tests/test_memory*.py hold it to the measured bytes)."""
+    from splitgraph.config import Workload, load_config
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.cost.memory_model import plan_walk, predict_saved_peak
+    from splitgraph.partition import make_plan
+    from splitgraph.schedule import build_schedule
+
+    cfg = load_config(
+        [*extra, f"pipeline.stages={nproc}", f"pipeline.microbatches={m}", "schedule=1f1b"]
+    )
+    work = Workload.of(cfg)
+    plan = make_plan(work, nproc)
+    mc = model_costs(work, plan.num_stages, times=False)
+    walk = plan_walk(mc.shape, plan.bounds, mc.sizes, mc.recompute)
+    saved = predict_saved_peak(build_schedule("1f1b", nproc, len(mc.sizes), 1), walk)
+    static = [mc.static_bytes(plan.bounds[r], plan.bounds[r + 1]) for r in range(nproc)]
+    return list(saved), [a + b for a, b in zip(saved, static)]
+
+
+def auto_link(extra: Sequence[str]) -> list[str]:
+    """pipeline.bandwidth and latency for the auto rows: this host's gloo link as the planner
+    measures it (cached). Without them the trainer's auto prices a transfer at zero
+    (costs.auto_schedule does not measure the link on every rank) and favours schedules
+    with more transfers than this machine can afford."""
+    from splitgraph.config import load_config
+    from splitgraph.cost.profiler import measured_link
+
+    link = measured_link(load_config(list(extra)).costs)
+    return [f"pipeline.bandwidth={int(link.bandwidth)}", f"pipeline.latency={link.latency:.3e}"]
 
 
 def configurations(
@@ -88,6 +136,46 @@ def _one(summary: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def compute_medians(trace: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """(kind, stage) -> median seconds of one compute action (F, B, I, W) in a run's
+    trace.json, less the time it sat blocked on its own receive. Medians, not the
+    prediction's means: on a shared machine a descheduled action inflates a mean, and more
+    so where the backward is two actions; the ratio I+W over B is about the work."""
+    import re
+
+    waits: dict[tuple[int, int, str], list[tuple[float, float]]] = {}
+    acts = []
+    for e in trace["traceEvents"]:
+        if e.get("ph") != "X":
+            continue
+        key = (e["pid"], e["args"]["step"], e["name"])
+        if e["cat"] == "wait":
+            waits.setdefault(key, []).append((e["ts"], e["ts"] + e["dur"]))
+        elif e["cat"] in ("F", "B", "I", "W"):
+            acts.append(e)
+    out: dict[tuple[str, int], list[float]] = {}
+    for e in acts:
+        match = re.fullmatch(r"(\d+)[FBIW](\d+)", e["name"])
+        if match is None:
+            raise ValueError(f"trace.json: unexpected compute event name {e['name']!r}")
+        stage, mb = match.groups()
+        recv = f"{stage}RECV_F{mb}" if e["cat"] == "F" else f"{stage}RECV_B{mb}"
+        lo, hi = e["ts"], e["ts"] + e["dur"]
+        blocked = sum(
+            min(b, hi) - max(a, lo)
+            for a, b in waits.get((e["pid"], e["args"]["step"], recv), [])
+            if e["cat"] != "W" and b > lo and a < hi
+        )
+        out.setdefault((e["cat"], int(stage)), []).append(1e-6 * (e["dur"] - blocked))
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def backward_median_ms(trace: dict[str, Any]) -> float:
+    """A microbatch's backward summed over the stages, from per-stage medians: B, or I + W."""
+    med = compute_medians(trace)
+    return 1e3 * sum(v for (kind, _), v in med.items() if kind in ("B", "I", "W"))
+
+
 def sweep(
     nproc: int,
     microbatches: list[int],
@@ -96,13 +184,22 @@ def sweep(
     extra: list[str],
     workdir: Path,
     names: list[str] | None = None,
+    warmup: int = WARMUP,
 ) -> list[dict[str, Any]]:
     configs = configurations(nproc, microbatches, names)
+    link = auto_link(extra) if any(c[0].startswith("auto") for c in configs) else []
+    for i, (label, m, ov) in enumerate(configs):
+        if label.startswith("auto"):
+            ov = [*ov, *link]
+        if label.startswith(CAPPED):
+            saved, total = onefoneb_bytes(nproc, m, extra)
+            ov = [*ov, f"pipeline.memory_cap={max(total)}"]
+        configs[i] = (label, m, ov)
     runs: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(configs))}
     errors: dict[int, str] = {}
-    common = [  # WARMUP untraced steps, then `steps` traced ones
-        f"train.steps={steps + WARMUP}",
-        f"trace.warmup={WARMUP}",
+    common = [  # `warmup` untraced steps, then `steps` traced ones
+        f"train.steps={steps + warmup}",
+        f"trace.warmup={warmup}",
         f"trace.steps={steps}",
         "checkpoint.save=false",
         *extra,
@@ -114,8 +211,14 @@ def sweep(
             label, m, ov = configs[i]
             t0 = time.monotonic()
             try:
-                summary = run_training(nproc, [*common, *ov], workdir / f"r{rnd}c{i}")
-                runs[i].append(_one(summary))
+                run_dir = workdir / f"r{rnd}c{i}"
+                summary = run_training(nproc, [*common, *ov], run_dir)
+                one = _one(summary)
+                one["round"] = rnd
+                one["backward_median_ms"] = backward_median_ms(
+                    json.loads((run_dir / "trace.json").read_text())
+                )
+                runs[i].append(one)
             except RunFailed as e:
                 errors[i] = e.tail.strip().splitlines()[-1] if e.tail.strip() else str(e)
             print(
@@ -131,49 +234,143 @@ def sweep(
         if not r:
             rows.append({"schedule": label, "m": m, "error": errors.get(i, "no run")})
             continue
-        med = {k: statistics.median(x[k] for x in r) for k in r[0] if k != "saved_kib"}
+        med = {
+            k: statistics.median(x[k] for x in r) for k in r[0] if k not in ("saved_kib", "round")
+        }
         med["saved_kib"] = [
             statistics.median(x["saved_kib"][s] for x in r) for s in range(len(r[0]["saved_kib"]))
         ]
         spread = (max(x["step_ms"] for x in r) - min(x["step_ms"] for x in r)) / med["step_ms"]
-        rows.append({"schedule": label, "m": m, "launches": len(r), "spread": spread, **med})
+        row = {"schedule": label, "m": m, "launches": len(r), "spread": spread, **med}
+        row["per_round"] = {
+            int(x["round"]): {
+                "step_ms": x["step_ms"],
+                "backward_median_ms": x["backward_median_ms"],
+            }
+            for x in r
+        }
+        if label.startswith(CAPPED):
+            saved, total = onefoneb_bytes(nproc, m, extra)
+            row["cap_bytes"] = max(total)
+            row["onefoneb_saved_kib"] = [b / 1024 for b in saved]
+        rows.append(row)
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], nproc: int = 2, cores: int | None = None) -> str:
+    """The rows, then zb1's backward against 1f1b's and issue 18's criteria, each checked.
+    `p` is marked `*` where the ranks outnumber the cores (oversubscribed: ranks share a
+    core, so bubbles and steps include time-slicing)."""
+    cores = cores or os.cpu_count() or 1
+    ptext = f"{nproc}*" if nproc > cores else str(nproc)
     head = (
-        "| schedule | m | step ms (median) | samples/s | reconstructed ms | measured/reconstructed "
-        "| span measured/reconstructed | bubble measured | bubble reconstructed "
-        "| saved KiB per rank | spread |"
+        "| schedule | p | m | step ms (median) | samples/s | reconstructed ms "
+        "| measured/reconstructed | span measured/reconstructed | bubble measured "
+        "| bubble reconstructed | saved KiB per rank | spread |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['schedule']} | {r['m']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(
+                f"| {r['schedule']} | {ptext} | {r['m']} | failed: {r['error']} |" + " |" * 8
+            )
             continue
         saved = " / ".join(f"{k:.0f}" for k in r["saved_kib"])
         lines.append(
-            f"| {r['schedule']} | {r['m']} | {r['step_ms']:.2f} | {r['samples_per_s']:.0f} | "
-            f"{r['pred_ms']:.2f} | {r['ratio']:.2f} | {r['span_ratio']:.2f} | {r['bubble']:.0%} | "
-            f"{r['bubble_pred']:.0%} | {saved} | {r['spread']:.0%} |"
+            f"| {r['schedule']} | {ptext} | {r['m']} | {r['step_ms']:.2f} | "
+            f"{r['samples_per_s']:.0f} | {r['pred_ms']:.2f} | {r['ratio']:.2f} | "
+            f"{r['span_ratio']:.2f} | {r['bubble']:.0%} | {r['bubble_pred']:.0%} | {saved} | "
+            f"{r['spread']:.0%} |"
         )
-    return "\n".join(lines + backward_lines(rows))
+    notes = []
+    if nproc > cores:
+        notes.append(
+            f"\n`p*`: {nproc} ranks on {cores} cores, oversubscribed: ranks take turns on a "
+            "core, so a rank's idle time includes waiting for the CPU, not only for data."
+        )
+    return "\n".join(lines + notes + backward_lines(rows) + criteria(rows))
+
+
+def _paired(zb: dict[str, Any], ref: dict[str, Any], key: str) -> float | None:
+    """Median over rounds of zb's value over ref's from the same round (adjacent launches:
+    the machine's drift between rounds cancels); None without a common round."""
+    a, b = zb.get("per_round", {}), ref.get("per_round", {})
+    ratios = [a[k][key] / b[k][key] for k in a if k in b and b[k][key] > 0]
+    return statistics.median(ratios) if ratios else None
 
 
 def backward_lines(rows: list[dict[str, Any]]) -> list[str]:
     """zb1's backward (I + W) against 1f1b's (B) at each m, both measured per microbatch: W must
-    be deferred work, not a second backward."""
+    be deferred work, not a second backward. Two readings: per-stage medians of each launch's
+    actions (less blocked receives), paired by round; and the means the prediction uses,
+    median over launches."""
     by = {(r["schedule"], r["m"]): r for r in rows if "error" not in r and "backward_ms" in r}
     out = []
     for (name, m), zb in sorted(by.items()):
         ref = by.get(("1f1b", m))
         if name == "zb1" and ref is not None and ref["backward_ms"] > 0:
+            paired = _paired(zb, ref, "backward_median_ms")
+            shown = f"{paired:.3f}" if paired is not None else "n/a"
             out.append(
-                f"zb1 m={m}: backward (I + W) {zb['backward_ms']:.3f} ms per microbatch over all "
-                f"stages, 1f1b (B) {ref['backward_ms']:.3f} ms: "
-                f"ratio {zb['backward_ms'] / ref['backward_ms']:.3f}"
+                f"zb1 m={m}: backward per microbatch over all stages, medians: (I + W) "
+                f"{zb['backward_median_ms']:.3f} ms, 1f1b (B) {ref['backward_median_ms']:.3f} ms, "
+                f"ratio paired by round {shown}; means: {zb['backward_ms']:.3f} / "
+                f"{ref['backward_ms']:.3f} ms = {zb['backward_ms'] / ref['backward_ms']:.3f}"
             )
     return ["", *out] if out else []
+
+
+def criteria(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 18's 'done when', each read off the rows at each m: yes or no, with the numbers.
+    Noise floor: the larger spread of the two rows compared."""
+    ok = [r for r in rows if "error" not in r]
+    out = []
+    for m in sorted({r["m"] for r in ok}):
+        at = {r["schedule"]: r for r in ok if r["m"] == m}
+        zb1, f1b = at.get("zb1"), at.get("1f1b")
+        if zb1 is None or f1b is None:
+            continue
+        peak_1f1b = max(f1b["saved_kib"])
+        for name, r in at.items():
+            if name.startswith(("zbv", "auto")):
+                b_ok = r["bubble"] <= zb1["bubble"]
+                m_ok = max(r["saved_kib"]) <= peak_1f1b * (1 + 1e-9)
+                out.append(
+                    f"m={m} {name}: bubble {r['bubble']:.0%} <= zb1's {zb1['bubble']:.0%}: "
+                    f"{'yes' if b_ok else 'NO'}; peak saved {max(r['saved_kib']):.0f} KiB <= "
+                    f"1f1b's {peak_1f1b:.0f}: {'yes' if m_ok else 'NO'}"
+                )
+        if "zb2" in at:
+            z2 = at["zb2"]
+            out.append(
+                f"m={m} zb2: bubble {z2['bubble']:.0%} < zb1's {zb1['bubble']:.0%}: "
+                f"{'yes' if z2['bubble'] < zb1['bubble'] else 'NO'}"
+            )
+        fixed = [r for n, r in at.items() if not n.startswith("auto")]
+        for name, r in at.items():
+            if not name.startswith("auto"):
+                continue
+            pool = fixed
+            if name.startswith(CAPPED):  # the fixed schedules that fit the same cap
+                pool = [f for f in fixed if max(f["saved_kib"]) <= peak_1f1b * (1 + 1e-9)]
+            if not pool:
+                continue
+            best = min(pool, key=lambda f: f["step_ms"])
+            noise = max(best["spread"], r["spread"])
+            s_ok = r["step_ms"] <= best["step_ms"] * (1 + noise)
+            fits = " that fits" if pool is not fixed else ""
+            out.append(
+                f"m={m} {name}: step {r['step_ms']:.2f} ms <= best fixed{fits} "
+                f"({best['schedule']}) {best['step_ms']:.2f} ms within the noise floor "
+                f"{noise:.0%}: {'yes' if s_ok else 'NO'}"
+            )
+        paired = _paired(zb1, f1b, "backward_median_ms")
+        if paired is not None:
+            out.append(
+                f"m={m} zb1: (I + W) / B {paired:.2f} <= 1.10 (medians, paired by round): "
+                f"{'yes' if paired <= 1.10 else 'NO'}"
+            )
+    return ["", "Issue 18 criteria, read off the rows above:", *out] if out else []
 
 
 def event_cost(n: int = 200_000) -> float:
@@ -241,12 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--microbatches", default="1,2,4,8")
     ap.add_argument("--schedules", help="comma-separated subset, e.g. 1f1b,zb1 (default: all)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="traced steps per launch")
+    ap.add_argument("--warmup", type=int, default=WARMUP, help="untraced steps before them")
     ap.add_argument("--overhead", action="store_true", help="measure the cost of tracing")
     ap.add_argument("--out", type=Path, help="write the result here (.md and .json)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args(argv)
     cmd = "python -m splitgraph.bench.schedules " + " ".join(argv or sys.argv[1:])
+    load = os.getloadavg()  # other work on the machine makes these numbers preliminary
     with tempfile.TemporaryDirectory(prefix="splitgraph-bench-") as tmp:
         if args.overhead:
             result = overhead(args.nproc, args.repeats, args.steps, args.overrides, Path(tmp))
@@ -267,16 +466,25 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 ap.error(str(e))
             rows = sweep(
-                args.nproc, mbs, args.repeats, args.steps, args.overrides, Path(tmp), names
+                args.nproc,
+                mbs,
+                args.repeats,
+                args.steps,
+                args.overrides,
+                Path(tmp),
+                names,
+                args.warmup,
             )
-            result = {"rows": rows}
-            text = table(rows)
+            result = {"rows": rows, "cores": os.cpu_count(), "load_start": load}
+            text = table(rows, args.nproc)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         header = (
             f"<!-- {cmd} -->\n\nMachine: {machine()}; gloo, OMP_NUM_THREADS=1, "
-            f"{time.strftime('%Y-%m-%d')}.\n\n"
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at the start "
+            f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at the end "
+            f"{os.getloadavg()[0]:.2f} (above the bench's own ranks: preliminary).\n\n"
         )
         args.out.with_suffix(".md").write_text(header + text + "\n")
         args.out.with_suffix(".json").write_text(
