@@ -34,7 +34,7 @@ def _env() -> dict[str, str]:
 
 
 def torchrun(nproc: int, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = train_command(nproc, overrides)  # the exact launch line users run
+    cmd = train_command(nproc, overrides, launcher="torchrun")  # as users type it
     return subprocess.run(
         cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
     )

@@ -1,5 +1,7 @@
-"""Launch a real training run (torchrun for several ranks, plain python for one) and read
-its summary: what the benchmarks measure is exactly what users run."""
+"""Launch a real training run and read its summary: what the benchmarks measure is exactly
+what users run. One rank: plain python; several: `splitgraph-train --nproc N` (the fork
+launcher `launch/train.sh` runs), or torchrun where a caller asks for it (the compare
+harness, whose reports print torchrun lines; the test that holds the two launchers equal)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,16 @@ class RunFailed(RuntimeError):
         super().__init__(f"exit {code}: {' '.join(command)}\n{tail}")
 
 
-def train_command(nproc: int, overrides: Sequence[str]) -> list[str]:
+def train_command(nproc: int, overrides: Sequence[str], launcher: str = "fork") -> list[str]:
+    """`launcher`: "fork" (ranks forked from one process that imported torch once: a launch
+    starts ~2x faster, so a benchmark's many short launches measure training, not start-up)
+    or "torchrun"."""
     if nproc == 1:
         return [sys.executable, "-m", "splitgraph.train", *overrides]
+    if launcher == "fork":
+        return [sys.executable, "-m", "splitgraph.train", "--nproc", str(nproc), *overrides]
+    if launcher != "torchrun":
+        raise ValueError(f"launcher must be 'fork' or 'torchrun', not {launcher!r}")
     return [
         sys.executable,
         "-m",

@@ -15,7 +15,8 @@ What it does, in order:
    the planner knows a priori: the layer profile, the link, the model's sizes and (with
    `--predictor calibrated`, the default) the machine's calibration (cost/calibrate.py),
    never from the run it predicts (`predict_point` takes no run output).
-3. Then a real `torchrun` launch of `splitgraph.train` (`bench/launch.py`) with a deadline;
+3. Then a real launch of `splitgraph.train` (`--nproc N`: the fork launcher, `bench/launch.py`)
+   with a deadline;
    the measured number is the run's `step_time_median_s` (every step but the first), as a
    user's training run reports it, with tracing off. A failed launch is recorded (NaN) and
    the run goes on.
@@ -714,7 +715,7 @@ def judge_search(steps: Sequence[float], noise: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m splitgraph.bench.predict",
-        description="The planner's a-priori step time against real torchrun launches, on a "
+        description="The planner's a-priori step time against real launches, on a "
         "seeded grid of held-out models; the noise floor; the search judged by measurement.",
     )
     ap.add_argument(

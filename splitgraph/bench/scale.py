@@ -5,7 +5,7 @@
 
 `measure` runs the same training (same global batch, same microbatches per replica) as
 dp=1 x pp=4, dp=2 x pp=2 and dp=4 x pp=1 on the same ranks, plus dp=2 x pp=2 with and
-without the all-reduce overlap, each a real `torchrun` launch of `splitgraph.train`. Every
+without the all-reduce overlap, each a real launch (`--nproc N`) of `splitgraph.train`. Every
 round runs every configuration once in a rotated order; the table reports medians over
 rounds of each launch's median step.
 

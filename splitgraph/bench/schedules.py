@@ -5,7 +5,8 @@ and activation memory per stage.
     python -m splitgraph.bench.schedules --nproc 2 --overhead      # what tracing costs
     launch/bench_schedules.sh                      # issue 18's tables at p=2 and p=4 (~14 min)
 
-Each configuration (schedule x microbatches, at fixed ranks) is a real `torchrun` launch of
+Each configuration (schedule x microbatches, at fixed ranks) is a real launch
+(`splitgraph-train --nproc N`) of
 `splitgraph.train`. Every round runs every configuration once, in a rotated order, so drift
 on the machine lands on all of them; the table reports the median over rounds of each
 launch's median step. The reconstruction is the simulator fed with that launch's own measured

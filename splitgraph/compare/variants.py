@@ -256,7 +256,9 @@ def command(v: Variant, base: dict[str, Any], run_dir: str) -> list[str]:
     """The exact command that trains variant `v` into `run_dir`."""
     from splitgraph.bench.launch import train_command
 
-    return train_command(v.nproc, overrides(base | v.settings | {"run_dir": run_dir}))
+    return train_command(
+        v.nproc, overrides(base | v.settings | {"run_dir": run_dir}), launcher="torchrun"
+    )
 
 
 def printable(cmd: list[str]) -> str:
