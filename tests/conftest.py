@@ -275,7 +275,8 @@ def one_process_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.test_e2e import SMALL
 
     run = tmp_path_factory.mktemp("one-process") / "run"
-    train.run(load_config([*SMALL, "pipeline.microbatches=1", f"run_dir={run}"]), DistEnv())
+    over = [*SMALL, "pipeline.microbatches=1", "trace.picture=false", f"run_dir={run}"]
+    train.run(load_config(over), DistEnv())
     return run
 
 
