@@ -30,11 +30,15 @@ from splitgraph.config import load_config
 from splitgraph.errors import RankFailure
 from splitgraph.reliability import checkpoint
 from splitgraph.runtime.dist import DistEnv
-from splitgraph.spawn import run_ranks
+from splitgraph.spawn import preload, run_ranks
 from splitgraph.train import run as train
 from tests.fault_workers import TINY, cases
 
 OPTIMS = {"sgd": ["optim.momentum=0.9"], "adam": ["optim=adam", "optim.lr=0.01"]}
+
+# The suite's ranks start from one fork server per worker; many import DCP (they save
+# checkpoints) or torch._dynamo (torch.optim in the plain-PyTorch references): once there.
+preload("torch._dynamo", "torch.distributed.checkpoint")
 
 
 #: Files whose tests read one session launch: under pytest-xdist (`make test`: -n 2 --dist
