@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,15 @@ from splitgraph.config import load_config
 from splitgraph.errors import RankFailure
 from splitgraph.reliability import checkpoint
 from splitgraph.runtime.dist import DistEnv
-from splitgraph.spawn import run_ranks
+from splitgraph.spawn import preload, run_ranks
 from splitgraph.train import run as train
 from tests.fault_workers import TINY, cases
 
 OPTIMS = {"sgd": ["optim.momentum=0.9"], "adam": ["optim=adam", "optim.lr=0.01"]}
+
+# The suite's ranks start from one fork server per worker; many import DCP (they save
+# checkpoints) or torch._dynamo (torch.optim in the plain-PyTorch references): once there.
+preload("torch._dynamo", "torch.distributed.checkpoint")
 
 
 #: Files whose tests read one session launch: under pytest-xdist (`make test`: -n 2 --dist
@@ -49,15 +54,36 @@ SHARED_LAUNCH = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """One xdist group per test file (its module-level launches and caches stay on one
-    worker), files sharing a session launch in one group (SHARED_LAUNCH). Without xdist the
-    marker does nothing."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            name = item.path.name
-            item.add_marker(pytest.mark.xdist_group(SHARED_LAUNCH.get(name, name)))
+def worker_group(nodeid: str) -> str:
+    """The xdist group of a test, from its id: its file (the file's module-level launches and
+    caches stay on one worker), the launch its file shares (SHARED_LAUNCH), or for
+    test_equivalence.py's cases their world size (one launch each, run where its cases run)."""
+    path, _, rest = nodeid.partition("::")
+    name = Path(path).name
+    if name == "test_equivalence.py":
+        p = re.match(r"test_matches_single_device\[p(\d+)-", rest)
+        if p:
+            return f"{name}[p{p.group(1)}]"
+    return SHARED_LAUNCH.get(name, name)
+
+
+@pytest.hookimpl(optionalhook=True)  # runs without pytest-xdist (compat venvs) ignore it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup` by worker_group. pytest-xdist's own loadgroup reads an `@group`
+    suffix that it writes into each test's id, and under pytest 9 (whose ids are no longer
+    that attribute) the suffix never appears: each file's tests were spread over both
+    workers, and each worker ran every launch its tests read (the equivalence grid's, the
+    fault launches) once more. The groups are computed here, from the ids, as the scheduler
+    sees them."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return FileGroups(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -275,7 +301,8 @@ def one_process_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.test_e2e import SMALL
 
     run = tmp_path_factory.mktemp("one-process") / "run"
-    train.run(load_config([*SMALL, "pipeline.microbatches=1", f"run_dir={run}"]), DistEnv())
+    over = [*SMALL, "pipeline.microbatches=1", "trace.picture=false", f"run_dir={run}"]
+    train.run(load_config(over), DistEnv())
     return run
 
 

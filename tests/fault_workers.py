@@ -16,11 +16,14 @@ from splitgraph.runtime.engine import PipelineEngine
 from splitgraph.train import run as train
 from tests import workers
 
-#: the 6-layer model of tests/workers.py, in float64, quiet, with checkpoints every 3 steps
+#: the 6-layer model of tests/workers.py, in float64, quiet, with checkpoints every 3 steps;
+#: traced, but no timeline.png (no test here reads it; drawing it was half a run's CPU:
+#: test_e2e and test_bubble check the picture)
 TINY = [
     *workers.TINY,
     "runtime.dtype=float64",
     "train.progress=false",
+    "trace.picture=false",
     "checkpoint.every=3",
     "checkpoint.keep=4",
 ]

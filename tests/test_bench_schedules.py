@@ -15,7 +15,13 @@ from splitgraph.bench.schedules import (
     onefoneb_bytes,
 )
 
-TINY = ["model.hidden=[16,16,16]", "data.samples=256", "train.batch_size=32"]
+#: traced, without timeline.png (the benchmark reads summaries; drawing is after the steps)
+TINY = [
+    "model.hidden=[16,16,16]",
+    "data.samples=256",
+    "train.batch_size=32",
+    "trace.picture=false",
+]
 
 
 def test_configurations_skip_what_a_schedule_refuses() -> None:

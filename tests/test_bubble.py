@@ -65,7 +65,7 @@ def test_log_summary_and_picture_print_the_same_bubble(
     )
     tracer = Tracer()
     tracer.events = rows[0]
-    window = TraceWindow(SimpleNamespace(warmup=0, steps=2), tracer, 2)
+    window = TraceWindow(SimpleNamespace(warmup=0, steps=2, picture=True), tracer, 2)
     sched = build_schedule("1f1b", 2, 4)
     with caplog.at_level(logging.INFO, logger="splitgraph"):
         out = window.finish(tmp_path, True, sched, [8, 8, 8, 8], step_times=[30 * MS, 30 * MS])
@@ -86,6 +86,41 @@ def test_log_summary_and_picture_print_the_same_bubble(
     pred_title, meas_title = text["Description"].splitlines()
     assert pred_title.endswith(p_text) and meas_title.endswith(m_text)
     assert Bubbles.text(1 / 5) in text["Title"]
+    assert out["picture"] == "timeline.png" and (tmp_path / "trace.json").exists()
+
+
+def test_trace_picture_off_keeps_the_trace_and_the_numbers_and_draws_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trace.picture=false (what the tests that read no picture run with): trace.json and the
+    summary's numbers as with the picture, no timeline.png, and the log says there is none."""
+    rows, expected = _two_rank_trace(delay=2 * MS)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(
+        dist, "gather_object", lambda mine, out, dst=0: out.__setitem__(slice(None), rows)
+    )
+    outs = {}
+    for picture in (True, False):
+        tracer = Tracer()
+        tracer.events = rows[0]
+        window = TraceWindow(SimpleNamespace(warmup=0, steps=2, picture=picture), tracer, 2)
+        d = tmp_path / str(picture)
+        d.mkdir()
+        with caplog.at_level(logging.INFO, logger="splitgraph"):
+            outs[picture] = window.finish(
+                d, True, build_schedule("1f1b", 2, 4), [8] * 4, step_times=[30 * MS] * 2
+            )
+        assert (d / "trace.json").exists() and (d / "timeline.png").exists() == picture
+    on, off = outs[True], outs[False]
+    assert on is not None and off is not None
+    assert off["picture"] is None and on["picture"] == "timeline.png"
+    assert off["measured"]["bubble"] == pytest.approx(expected)
+    assert {k: v for k, v in off.items() if k != "picture"} == {
+        k: v for k, v in on.items() if k != "picture"
+    }
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timeline:")]
+    assert lines[0].endswith("timeline.png") and lines[1].endswith("(trace.picture=false)")
 
 
 def test_the_step_sum_wait_is_drawn_as_a_wait(

@@ -260,3 +260,32 @@ def test_grid_covers_the_required_combinations() -> None:
         assert any(i.startswith(f"p{p}-{sched}2-{part}-m{m}-") for i in ids), (p, sched, part, m)
     for p in (2, 3, 4):
         assert f"p{p}-auto2-manual-m8" in ids and f"p{p}-csv-zbv-uniform-m3" in ids
+
+
+def test_make_cfg_is_hydras_compose_of_the_same_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid's configs (tests.workers.make_cfg: a copy of the resolved base with the
+    overrides assigned) equal what Hydra composes from the same command line, on a case of
+    each kind; an override an interpolation names (run_dir) takes the slow path and still
+    moves what follows it (checkpoint.dir)."""
+    from omegaconf import OmegaConf
+
+    from splitgraph.config import load_config
+    from tests.workers import GRID, make_cfg
+
+    monkeypatch.setenv("SPLITGRAPH_RUN_DIR", "/nowhere/run")  # run_dir's default, fixed
+    base = load_config(GRID)
+    kinds = (
+        "3-gpipe-manual",
+        "recompute-stage0",
+        "float32",
+        "adam-4steps",
+        "zbv2-params",
+        "auto2-manual",
+        "csv-zbv",
+    )  # a case of each kind, on 2, 3 and 4 ranks
+    picked = [next(c["overrides"] for p, c in ALL if k in c["id"] and p > 1) for k in kinds]
+    picked.append(["run_dir=/elsewhere", "schedule.name=gpipe", "pipeline.microbatches=3"])
+    for ov in picked:
+        got = OmegaConf.to_container(make_cfg(base, ov), resolve=True)
+        assert got == OmegaConf.to_container(load_config([*GRID, *ov]), resolve=True), ov
+    assert make_cfg(base, picked[-1]).checkpoint.dir == "/elsewhere/checkpoints"

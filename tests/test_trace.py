@@ -185,7 +185,7 @@ def test_the_window_reports_span_and_step_predictions_side_by_side(tmp_path: Pat
         (0, "step sum", "SYNC", end + 0.5 * ms, end + 1.0 * ms),
         (0, "OPT", "OPT", end + 1.0 * ms, end + 2.0 * ms),
     ]
-    window = TraceWindow(SimpleNamespace(trace=None, warmup=0, steps=1), tracer, 5)
+    window = TraceWindow(SimpleNamespace(trace=None, warmup=0, steps=1, picture=True), tracer, 5)
     out = window.finish(tmp_path, True, sched, [4, 4], step_times=[9 * ms, 8 * ms])
     assert out is not None and (tmp_path / "timeline.png").stat().st_size > 0
     span = simulate(sched, costs).step_time  # 6 ms
@@ -221,6 +221,6 @@ def test_a_span_records_its_block_only_while_the_window_is_open() -> None:
     with NULL_TRACER.span("OPT", "OPT"):
         pass
     assert NULL_TRACER.events == []
-    window = TraceWindow(SimpleNamespace(warmup=0, steps=1), NULL_TRACER, 3)
+    window = TraceWindow(SimpleNamespace(warmup=0, steps=1, picture=True), NULL_TRACER, 3)
     window.before_step(0)  # no barrier, no reference: the window never opens
     assert window.finish(".", True, build_schedule("1f1b", 1, 1), [1], [0.1]) is None

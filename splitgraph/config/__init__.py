@@ -231,6 +231,9 @@ class TraceConfig:
     enabled: bool = True
     warmup: int = 10  # the first steps run slower (allocator, gloo connections, caches)
     steps: int = 20
+    # timeline.png beside trace.json (matplotlib: ~0.5-1.5 s of CPU at the end of a run);
+    # false keeps trace.json and summary.json's timeline, draws nothing (sweeps, tests)
+    picture: bool = True
 
 
 @dataclass

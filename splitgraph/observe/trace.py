@@ -460,11 +460,13 @@ class TraceWindow:
 
     `before_step(step)` on every rank each step (the window starts with one barrier, so all
     ranks share the reference instant); `finish(...)` once at the end: rank 0 gathers the
-    events, writes trace.json and timeline.png, and returns the summary's `timeline` entry.
+    events, writes trace.json and timeline.png (unless trace.picture=false), and returns the
+    summary's `timeline` entry.
     """
 
     def __init__(self, trace: TraceConfig, tracer: Tracer | None, total_steps: int) -> None:
         self.tracer = tracer
+        self.picture = bool(trace.picture)
         self.first = min(trace.warmup, max(total_steps - 1, 0))
         self.last = self.first + trace.steps  # exclusive
 
@@ -536,18 +538,22 @@ class TraceWindow:
         # closed forms, for reference beside what this run's costs give
         unit = simulate(sched, Costs.uniform(sched.num_stages, 1.0, 2.0)).bubble_fraction
         bubbles = Bubbles(measured.bubble_fraction, sim.bubble_fraction, unit)
-        _draw(out / "timeline.png", gathered, sched, sim, measured, fixed, bubbles)
+        picture = "timeline.png" if self.picture else None
+        if picture:
+            _draw(out / picture, gathered, sched, sim, measured, fixed, bubbles)
         log.info(
-            "timeline: median traced step %.2f ms (schedule span %.2f ms, %s); reconstructed from "
-            "its measured costs %.2f ms (span %.2f ms, %s); timeline.png",
+            "timeline: median traced step %.2f ms (schedule span %.2f ms, %s); reconstructed "
+            "from its measured costs %.2f ms (span %.2f ms, %s); %s",
             step_measured * 1e3,
             measured.span * 1e3,
             bubbles.text(bubbles.measured),
             step_reconstructed * 1e3,
             sim.step_time * 1e3,
             bubbles.text(bubbles.reconstructed),
+            picture or "no picture (trace.picture=false)",
         )
         return _timeline_record(
+            picture,
             [self.first, self.first + len(window) - 1],
             step_measured,
             step_reconstructed,
@@ -559,6 +565,7 @@ class TraceWindow:
 
 
 def _timeline_record(
+    picture: str | None,
     steps_traced: list[int],
     step_measured: float,
     step_reconstructed: float,
@@ -572,7 +579,7 @@ def _timeline_record(
     return {
         "steps_traced": steps_traced,
         "trace": "trace.json",
-        "picture": "timeline.png",
+        "picture": picture,  # None: trace.picture=false
         "measured": {
             "step_time_median_s": step_measured,
             "schedule_span_median_s": measured.span,
