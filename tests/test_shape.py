@@ -23,8 +23,11 @@ WHOLE_TYPES = ("DictConfig", "Config")
 #: at most 2 over 80. main (61a6d17) had 112, 4 over 120 and 14 over 80. What still takes the
 #: whole config: the doors (train/run.py, the tools' entry points, config.typed / as_container /
 #: validate / Workload.of, Hydra's run callbacks) and checkpoint.identity, the keys a resume
-#: must match; the layers below take a Workload or a section.
-MAX_WHOLE_CONFIG = 25
+#: must match; the layers below take a Workload or a section. 25 when issue 16 closed; the fork
+#: launcher (issue 15) added two doors of the same kind: its Hydra callback (Hydra fixes the
+#: signature) and the launch check both splitgraph-check and the launcher run on a composed
+#: config (train/check.py). Its rank body and launch take a callable, not the config.
+MAX_WHOLE_CONFIG = 27
 MAX_OVER_80 = 2
 MAX_OVER_120 = 0
 

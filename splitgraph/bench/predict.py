@@ -547,16 +547,9 @@ def ensure_calibration(
         fit_calibration,
         fixed_costs,
         has_calibration,
-        in_conditions,
         load_calibration,
-        priced_step,
-        sim_with_overhead,
-        span,
-        split_times,
         store_calibration,
     )
-    from splitgraph.cost.costs import link_from_config, model_costs
-    from splitgraph.partition import make_plan
 
     cfg0 = load_config([*CAL_MODEL.overrides(), *shared])
     work0 = Workload.of(cfg0)
@@ -571,25 +564,7 @@ def ensure_calibration(
         if defined(s, p, m, model.layers)
     ]
     load = _load()
-    measured: dict[str, list[float]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
-    priced: dict[str, list[Any]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
-    for pt in points:
-        cfg = point_config(pt, shared)
-        work = Workload.of(cfg)
-        costs = model_costs(work, p * pt.virtual, link=link_from_config(cfg.pipeline, cfg.costs))
-        plan = make_plan(work, p, costs)
-        mc = in_conditions(work, costs, p)
-        sched = costs.schedule(p * pt.virtual)
-        got = measure_point(pt, shared, workdir, timeout)
-        log(
-            f"[calibration p={p}] {pt.describe()}: {got['step_s'] * 1e3:.2f} ms "
-            f"{got['error'] or ''} [{got['wall_s']:.0f} s, load {_load()}]"
-        )
-        if math.isfinite(got["step_s"]):
-            fixed = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0)).fixed_s
-            measured[pt.model.name].append(got["step_s"])
-            split = split_times(work, mc, p) if sched.split_backward else None
-            priced[pt.model.name].append((mc, plan.bounds, sched, fixed, split))
+    measured, priced = _calibration_launches(points, shared, p, workdir, timeout, log)
     light, heavy = priced[CAL_MODEL.name], priced[CAL_HEAVY.name]
     if len(light) < 2 or not heavy:
         raise RuntimeError(
@@ -597,19 +572,11 @@ def ensure_calibration(
             f"{len(heavy)} of the compute-bound one ran (need 2 and 1)"
         )
 
-    def spans(rows: list[Any]) -> Callable[[float, float, float], list[float]]:
-        def of(o: float, t: float, k: float) -> list[float]:
-            return [
-                span(s, sim_with_overhead(mc, b, o, t, sp, k), p)[0] for mc, b, s, _, sp in rows
-            ]
-
-        return of
-
     o, t, c, rms, k, krms = fit_calibration(
-        spans(light),
+        _spans(light, p),
         [f for *_, f, _ in light],
         measured[CAL_MODEL.name],
-        spans(heavy),
+        _spans(heavy, p),
         [f for *_, f, _ in heavy],
         measured[CAL_HEAVY.name],
     )
@@ -631,6 +598,53 @@ def ensure_calibration(
         f"{c * 1e6:.0f} us (rms {rms:.1%}); compute factor {k:.2f} (rms {krms:.1%})"
     )
     return cal
+
+
+def _calibration_launches(
+    points: Sequence[Point],
+    shared: Sequence[str],
+    p: int,
+    workdir: Path,
+    timeout: float,
+    log: Callable[[str], None],
+) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Launch each calibration point: its measured step and what the fit prices it with
+    (costs in the run's conditions, bounds, schedule, fixed costs, zb's I/W split)."""
+    from splitgraph.config import Workload
+    from splitgraph.cost.calibrate import Calibration, in_conditions, priced_step, split_times
+    from splitgraph.cost.costs import link_from_config, model_costs
+    from splitgraph.partition import make_plan
+
+    measured: dict[str, list[float]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
+    priced: dict[str, list[Any]] = {CAL_MODEL.name: [], CAL_HEAVY.name: []}
+    for pt in points:
+        cfg = point_config(pt, shared)
+        work = Workload.of(cfg)
+        costs = model_costs(work, p * pt.virtual, link=link_from_config(cfg.pipeline, cfg.costs))
+        plan = make_plan(work, p, costs)
+        mc = in_conditions(work, costs, p)
+        sched = costs.schedule(p * pt.virtual)
+        got = measure_point(pt, shared, workdir, timeout)
+        log(
+            f"[calibration p={p}] {pt.describe()}: {got['step_s'] * 1e3:.2f} ms "
+            f"{got['error'] or ''} [{got['wall_s']:.0f} s, load {_load()}]"
+        )
+        if math.isfinite(got["step_s"]):
+            fixed = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0)).fixed_s
+            measured[pt.model.name].append(got["step_s"])
+            split = split_times(work, mc, p) if sched.split_backward else None
+            priced[pt.model.name].append((mc, plan.bounds, sched, fixed, split))
+    return measured, priced
+
+
+def _spans(rows: list[Any], p: int) -> Callable[[float, float, float], list[float]]:
+    """The fit's model of each calibration launch's span, given overhead, transfer, factor."""
+    from splitgraph.cost.calibrate import sim_with_overhead, span
+
+    def of(o: float, t: float, k: float) -> list[float]:
+        return [span(s, sim_with_overhead(mc, b, o, t, sp, k), p)[0] for mc, b, s, _, sp in rows]
+
+    return of
 
 
 def same_work(pt: Point) -> str:
@@ -862,6 +876,33 @@ def run(ns: argparse.Namespace) -> int:
     rows = run_points(points, shared, ns.predictor, workdir, ns.timeout, "grid", deadline=deadline)
     phases["grid"] = time.monotonic() - started - sum(phases.values())
 
+    searches = run_searches(models, shared, ns, workdir, noise, end, n_search)
+    result = summarize(rows, noise_rows, noise, searches, ns, load_before, started)
+    result["calibration"] = calibrations
+    phases["searches"] = time.monotonic() - started - sum(phases.values())
+    result["phases_s"] = phases
+    shutil.rmtree(workdir, ignore_errors=True)
+    write(out, result)
+    print(table(result), flush=True)
+    print(
+        f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'scatter.png'} in "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    return 0
+
+
+def run_searches(
+    models: Sequence[Any],
+    shared: Sequence[str],
+    ns: argparse.Namespace,
+    workdir: Path,
+    noise: float,
+    end: float,
+    n_search: int,
+) -> list[dict[str, Any]]:
+    """The searches judged by measurement: each launches its top candidates within its own
+    slice of the budget (ending at `end`), and a hit is a pick within `noise` of the best."""
     searches = []
     memo: dict[str, dict[str, Any]] = {}
     pool = [m for m in (models if ns.quick else models[2:]) if m.layers >= 3][: (n_search + 1) // 2]
@@ -887,20 +928,7 @@ def run(ns: argparse.Namespace) -> int:
             f"{verdict['regret']:.3f}",
             flush=True,
         )
-
-    result = summarize(rows, noise_rows, noise, searches, ns, load_before, started)
-    result["calibration"] = calibrations
-    phases["searches"] = time.monotonic() - started - sum(phases.values())
-    result["phases_s"] = phases
-    shutil.rmtree(workdir, ignore_errors=True)
-    write(out, result)
-    print(table(result), flush=True)
-    print(
-        f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'scatter.png'} in "
-        f"{time.monotonic() - started:.0f} s",
-        flush=True,
-    )
-    return 0
+    return searches
 
 
 def summarize(

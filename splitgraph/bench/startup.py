@@ -122,7 +122,7 @@ def launch(
     return first, total, cpu, cpu_first
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m splitgraph.bench.startup",
         description=__doc__.split("\n")[0],
@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every launch")
-    ns = p.parse_intermixed_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_intermixed_args(argv)
     trees = [ROOT, *[t.resolve() for t in ns.tree]]
     launches = [(n, "") for n in ns.nproc]
     launches += [(n, "fork") for n in ns.nproc if not ns.no_fork and n > 1]
@@ -178,31 +182,42 @@ def main(argv: list[str] | None = None) -> int:
         cells = " | ".join(_stat([x[i] for x in xs]) for i in (0, 3, 1, 2))
         print(f"| {tree} | {how} | {cells} |")
     if ns.json:
-        ns.json.write_text(
-            json.dumps(
-                {
-                    "load_before": load_before,
-                    "load_after": load_after,
-                    "overrides": [*BASE, *ns.overrides],
-                    "runs": [
-                        {
-                            "tree": t,
-                            "launch": how,
-                            "nproc": n,
-                            "first_step_s": a,
-                            "exit_s": b,
-                            "cpu_s": c,
-                            "cpu_first_step_s": d,
-                        }
-                        for (t, how, n), xs in rows.items()
-                        for a, b, c, d in xs
-                    ],
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        _write_json(ns.json, rows, load_before, load_after, ns.overrides)
     return 0
+
+
+def _write_json(
+    path: Path,
+    rows: dict[tuple[str, str, int], list[tuple[float, float, float, float]]],
+    load_before: str,
+    load_after: str,
+    overrides: list[str],
+) -> None:
+    """Every measurement, as the table's rows were made from them."""
+    path.write_text(
+        json.dumps(
+            {
+                "load_before": load_before,
+                "load_after": load_after,
+                "overrides": [*BASE, *overrides],
+                "runs": [
+                    {
+                        "tree": t,
+                        "launch": how,
+                        "nproc": n,
+                        "first_step_s": a,
+                        "exit_s": b,
+                        "cpu_s": c,
+                        "cpu_first_step_s": d,
+                    }
+                    for (t, how, n), xs in rows.items()
+                    for a, b, c, d in xs
+                ],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def _launch_text(nproc: int, way: str) -> str:

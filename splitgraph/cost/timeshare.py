@@ -39,87 +39,112 @@ def simulate_shared(sched: Schedule, costs: Costs, cores: int) -> SharedResult:
     """The step of `sched` with every rank's work sharing `cores` processors (module doc)."""
     if cores < 1:
         raise ValueError(f"cores must be >= 1, got {cores}")
-    acts = sched.actions
-    R = sched.num_ranks
-    pos = [0] * R
-    work: list[float | None] = [None] * R  # work left of the item in progress (full speed)
-    kind: list[str] = [""] * R  # "post" or "compute": what the item in progress is
-    posted = [False] * R  # the post of the current group of transfers is paid
-    busy = [0.0] * R
-    sent: dict[tuple[str, int, int], float] = {}
-    t = 0.0
+    return _Sharing(sched, costs).run(cores)
 
-    def finish(r: int) -> None:
+
+class _Sharing:
+    """The simulation's state: per rank, the next action, the item in progress and its work
+    left (at full speed), whether its group of transfers is posted; the sends so far."""
+
+    def __init__(self, sched: Schedule, costs: Costs) -> None:
+        self.sched, self.costs, self.acts = sched, costs, sched.actions
+        R = sched.num_ranks
+        self.pos = [0] * R
+        self.work: list[float | None] = [None] * R  # work left of the item in progress
+        self.kind: list[str] = [""] * R  # "post" or "compute": what the item in progress is
+        self.posted = [False] * R  # the post of the current group of transfers is paid
+        self.busy = [0.0] * R
+        self.sent: dict[tuple[str, int, int], float] = {}
+        self.t = 0.0
+
+    def run(self, cores: int) -> SharedResult:
+        acts, work = self.acts, self.work
+        R = len(acts)
+        while True:
+            self.settle()
+            running = [r for r in range(R) if work[r] is not None]
+            wakes = self.wakes()
+            if not running and not wakes:
+                break
+            speed = min(1.0, cores / len(running)) if running else 1.0
+            dt = min([work[r] / speed for r in running] + [w - self.t for w in wakes])  # type: ignore[operator]
+            self.t += dt
+            for r in running:
+                left = work[r] - speed * dt  # type: ignore[operator]
+                if left <= _EPS:
+                    self.finish(r)
+                else:
+                    work[r] = left
+        stuck = {r: self.pos[r] for r in range(R) if self.pos[r] < len(acts[r])}
+        if stuck:
+            raise Deadlock(stuck, {r: f"{acts[r][i]} waits for data" for r, i in stuck.items()})
+        return SharedResult(self.t, tuple(self.busy))
+
+    def finish(self, r: int) -> None:
         """Rank r's item in progress is done: a compute moves the rank on, a post lets
         its transfers go out."""
-        if kind[r] == "compute":
-            pos[r] += 1
+        if self.kind[r] == "compute":
+            self.pos[r] += 1
         else:
-            posted[r] = True
-        work[r] = None
+            self.posted[r] = True
+        self.work[r] = None
 
-    def arrival(r: int) -> float | None:
+    def arrival(self, r: int) -> float | None:
         """When the data rank r's next compute reads is there (None: not sent yet)."""
-        a = acts[r][pos[r]]
-        need = _needs(a.stage, a.op, a.mb, sched)
+        a = self.acts[r][self.pos[r]]
+        need = _needs(a.stage, a.op, a.mb, self.sched)
         if need is None:
-            return t
-        if need not in sent:
+            return self.t
+        if need not in self.sent:
             return None
-        return sent[need] + costs.transfer(need)
+        return self.sent[need] + self.costs.transfer(need)
 
-    while True:
-        # everything that takes no time: transfers posted, computes started
+    def settle(self) -> None:
+        """Everything that takes no time: transfers posted, computes started, zero-work
+        items ended where they start."""
+        acts, pos, work, costs = self.acts, self.pos, self.work, self.costs
         moved = True
         while moved:
             moved = False
-            for r in range(R):
+            for r in range(len(acts)):
                 if work[r] is not None or pos[r] >= len(acts[r]):
                     continue
                 a = acts[r][pos[r]]
                 if a.op.is_comm:
                     first = pos[r] == 0 or acts[r][pos[r] - 1].op.is_compute
-                    if costs.post and first and not posted[r]:
-                        work[r], kind[r] = costs.post, "post"
+                    if costs.post and first and not self.posted[r]:
+                        work[r], self.kind[r] = costs.post, "post"
                     else:
                         if a.op.is_send:
-                            sent.setdefault(message(a), t)
+                            self.sent.setdefault(message(a), self.t)
                         pos[r] += 1
-                        posted[r] = False
+                        self.posted[r] = False
                     moved = True
                     continue
-                at = arrival(r)
-                if at is None or at > t + _EPS:
+                at = self.arrival(r)
+                if at is None or at > self.t + _EPS:
                     continue
-                work[r], kind[r] = costs.compute(a.op, a.stage, a.mb), "compute"
-                busy[r] += work[r]  # type: ignore[operator]
+                work[r], self.kind[r] = costs.compute(a.op, a.stage, a.mb), "compute"
+                self.busy[r] += work[r]  # type: ignore[operator]
                 moved = True
-            for r in range(R):  # zero-work items end where they start
-                if work[r] is not None and work[r] <= _EPS:
-                    finish(r)
+            for r in range(len(acts)):
+                if work[r] is not None and work[r] <= _EPS:  # type: ignore[operator]
+                    self.finish(r)
                     moved = True
-        running = [r for r in range(R) if work[r] is not None]
-        wakes = []
-        for r in range(R):
-            if work[r] is None and pos[r] < len(acts[r]) and acts[r][pos[r]].op.is_compute:
-                at = arrival(r)
-                if at is not None and at > t + _EPS:
-                    wakes.append(at)
-        if not running and not wakes:
-            break
-        speed = min(1.0, cores / len(running)) if running else 1.0
-        dt = min([work[r] / speed for r in running] + [w - t for w in wakes])  # type: ignore[operator]
-        t += dt
-        for r in running:
-            left = work[r] - speed * dt  # type: ignore[operator]
-            if left <= _EPS:
-                finish(r)
-            else:
-                work[r] = left
-    stuck = {r: pos[r] for r in range(R) if pos[r] < len(acts[r])}
-    if stuck:
-        raise Deadlock(stuck, {r: f"{acts[r][i]} waits for data" for r, i in stuck.items()})
-    return SharedResult(t, tuple(busy))
+
+    def wakes(self) -> list[float]:
+        """When a rank that waits for data will have it."""
+        out = []
+        for r in range(len(self.acts)):
+            if (
+                self.work[r] is None
+                and self.pos[r] < len(self.acts[r])
+                and self.acts[r][self.pos[r]].op.is_compute
+            ):
+                at = self.arrival(r)
+                if at is not None and at > self.t + _EPS:
+                    out.append(at)
+        return out
 
 
 def shared_tail(works: Sequence[float], cores: int) -> float:

@@ -12,7 +12,7 @@ start-up. This launcher is the one process that has already paid for them:
              dir's lock, writes .hydra/ and train.log, then forks the ranks and waits
     rank r   RANK=r, LOCAL_RANK=r, WORLD_SIZE=LOCAL_WORLD_SIZE=N, a FileStore rendezvous
              (runtime/dist.py: no port, nothing listening); the same entry as a torchrun
-             rank (`train_rank`), on the parent's config; leaves with os._exit
+             rank (`train.run.exit_code` around `run`), on the parent's config; leaves with os._exit
 
 Like torchrun, each rank runs in a session of its own, so a terminal's Ctrl-C reaches the
 launcher only, which forwards every SIGINT/SIGTERM to the ranks (reliability/signals.py: the

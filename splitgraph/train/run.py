@@ -1019,11 +1019,11 @@ def _rank_overrides() -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none"]
 
 
-def train_rank(cfg: DictConfig) -> int:
+def exit_code(body: Callable[[], object]) -> int:
     """One rank's run as a launcher starts it (torchrun's ranks, the fork launcher's): 0, or
     the exit code after the rank's one line (EXIT_STOPPED: rank 0 logged the stop)."""
     try:
-        run(cfg)
+        body()
     except Stopped:  # rank 0 logged the line
         return EXIT_STOPPED
     except OutOfMemory as e:
@@ -1037,16 +1037,15 @@ def train_rank(cfg: DictConfig) -> int:
     return 0
 
 
-def _launch(cfg: DictConfig, nproc: int) -> int:
+def _launch(nproc: int, rank_body: Callable[[], int]) -> int:
     """`splitgraph-train --nproc N`, inside Hydra's run (the config composed and checked once,
     the run dir's lock held, .hydra/ and train.log written as rank 0's): fork the N ranks
-    from this process (train/fork.py), each on this config; the launch's exit code."""
+    from this process (train/fork.py), each running `rank_body` (the same run on this config);
+    the launch's exit code."""
     import tempfile
 
     from splitgraph.runtime.dist import RENDEZVOUS_ENV
     from splitgraph.train import fork
-
-    cfg.run_dir = str(cfg.run_dir)  # resolved once: every rank writes into the same dir
 
     def rank_main(rank: int) -> int:
         os.environ.update(
@@ -1063,7 +1062,7 @@ def _launch(cfg: DictConfig, nproc: int) -> int:
             root = logging.getLogger()
             for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
                 root.removeHandler(h)
-        return train_rank(cfg)
+        return rank_body()
 
     with tempfile.TemporaryDirectory(prefix="splitgraph-rendezvous-") as tmp:
         rendezvous = os.path.join(tmp, "store")
@@ -1085,7 +1084,11 @@ def main(nproc: int | None = None) -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://splitgraph.conf", config_name="config")
     def _main(cfg: DictConfig) -> None:
-        code = train_rank(cfg) if nproc is None else _launch(cfg, nproc)
+        if nproc is None:
+            code = exit_code(lambda: run(cfg))
+        else:
+            cfg.run_dir = str(cfg.run_dir)  # resolved once: every rank writes into one dir
+            code = _launch(nproc, lambda: exit_code(lambda: run(cfg)))
         if code:
             sys.exit(code)
 
