@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args(argv)
     cmd = "python -m splitgraph.bench.schedules " + " ".join(argv or sys.argv[1:])
-    load = os.getloadavg()  # other work on the machine makes these numbers preliminary
+    load = os.getloadavg()  # stated with the numbers: other work makes them preliminary
     with tempfile.TemporaryDirectory(prefix="splitgraph-bench-") as tmp:
         if args.overhead:
             result = overhead(args.nproc, args.repeats, args.steps, args.overrides, Path(tmp))
@@ -485,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
             f"<!-- {cmd} -->\n\nMachine: {machine()}; gloo, OMP_NUM_THREADS=1, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at the start "
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at the end "
-            f"{os.getloadavg()[0]:.2f} (above the bench's own ranks: preliminary).\n\n"
+            f"{os.getloadavg()[0]:.2f} (the 1-minute average counts the bench's own ranks and, "
+            "at the start, the decay of whatever ran just before; other jobs on the machine "
+            "make the numbers preliminary).\n\n"
         )
         args.out.with_suffix(".md").write_text(header + text + "\n")
         args.out.with_suffix(".json").write_text(
