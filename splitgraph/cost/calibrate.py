@@ -126,14 +126,22 @@ def _busy_worker(
     rank: int, world: int, work: Workload, n: int, dtype: str, indices: list[int]
 ) -> Any:
     """Every rank times the same layers in the same order, so each runs while the others do."""
+    dt = getattr(torch, dtype)
+    out = _in_step(
+        indices, lambda i: time_layer(work.model, work.costs, i, n, dt, torch.device("cpu"))
+    )
+    return out if rank == 0 else None
+
+
+def _in_step(indices: list[int], time_one: Any) -> dict[int, Any]:
+    """`time_one(i)` for each layer, every rank starting each one together (a barrier)."""
     import torch.distributed as dist
 
-    dt = getattr(torch, dtype)
     out = {}
     for i in indices:
         dist.barrier()
-        out[i] = time_layer(work.model, work.costs, i, n, dt, torch.device("cpu"))
-    return out if rank == 0 else None
+        out[i] = time_one(i)
+    return out
 
 
 def busy_profile(
@@ -220,13 +228,8 @@ def _split_worker(
     rank: int, world: int, work: Workload, n: int, dtype: str, indices: list[int]
 ) -> Any:
     """As `_busy_worker`, for the split backward: every rank times the same layer at once."""
-    import torch.distributed as dist
-
     dt = getattr(torch, dtype)
-    out = {}
-    for i in indices:
-        dist.barrier()
-        out[i] = time_split(work.model, work.costs, i, n, dt)
+    out = _in_step(indices, lambda i: time_split(work.model, work.costs, i, n, dt))
     return out if rank == 0 else None
 
 
