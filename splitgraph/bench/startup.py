@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue  # a tree from before the fork launcher
                     run_dir = Path(tmp) / f"r{r}-n{nproc}-{way or 'py'}-t{i}"
                     got = launch(tree, nproc, run_dir, ns.overrides, way == "sh", way == "fork")
-                    rows.setdefault((str(tree), how, nproc), []).append(got)
+                    rows.setdefault((_tree_label(tree), how, nproc), []).append(got)
                     print(
                         f"repeat {r + 1}/{ns.repeats}  {tree}  {how}: first step "
                         f"{got[0]:.2f} s (CPU {got[3]:.2f} s), exit {got[1]:.2f} s, CPU "
@@ -218,6 +218,23 @@ def _write_json(
         )
         + "\n"
     )
+
+
+def _tree_label(tree: Path) -> str:
+    """How a tree is named in the table and the json: not its path on this machine, but
+    "this checkout" or the commit checked out there."""
+    if tree == ROOT:
+        return "this checkout"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return tree.name
+    return f"commit {commit}"
 
 
 def _launch_text(nproc: int, way: str) -> str:
