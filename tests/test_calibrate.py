@@ -4,6 +4,7 @@ calibrations; nothing is timed here but one tiny split profile (that it runs and
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,30 @@ def test_the_compute_factor_scales_every_compute_action_not_the_overheads() -> N
     assert sum(got.busy_s) - 4 * 2 * 2 * 1e-4 == pytest.approx(
         1.5 * (sum(one.busy_s) - 4 * 2 * 2 * 1e-4)
     )
+
+
+@pytest.mark.parametrize(("true_factor", "clipped"), [(1.3, False), (5.0, True)])
+def test_a_fit_past_its_grid_is_said(
+    caplog: pytest.LogCaptureFixture, true_factor: float, clipped: bool
+) -> None:
+    """A compute factor the grid cannot reach is fitted at the grid's end, and the log says
+    so (the prices built on it are off); one inside the grid is found and nothing is said."""
+    from splitgraph.cost.calibrate import FACTORS, fit_calibration
+
+    def light(o: float, t: float, k: float) -> list[float]:
+        return [1e-3 * k + 10 * o + 2 * t, 2e-3 * k + 20 * o + 4 * t]
+
+    with caplog.at_level(logging.WARNING, logger="splitgraph"):
+        *_, k, _ = fit_calibration(
+            light,
+            [0.0, 0.0],
+            light(1e-5, 0.0, true_factor),
+            lambda o, t, k: [10e-3 * k],
+            [0.0],
+            [10e-3 * true_factor],
+        )
+    said = [r.getMessage() for r in caplog.records if "edge of its grid" in r.getMessage()]
+    assert (k == FACTORS[-1]) is clipped
+    assert bool(said) is clipped
+    if not clipped:
+        assert k == pytest.approx(true_factor, abs=0.02)

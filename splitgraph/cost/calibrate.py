@@ -34,6 +34,7 @@ cached beside the layer profile (profiler.py's cache), keyed by the machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -49,6 +50,8 @@ from splitgraph.cost.profiler import _Cache, _layer_key, cache_dir, device_name,
 from splitgraph.cost.timeshare import shared_tail, simulate_shared
 from splitgraph.schedule import Costs, Schedule, simulate
 from splitgraph.schedule.simulate import idle_share
+
+log = logging.getLogger("splitgraph")
 
 #: Bumped when what a calibration means changes: older entries are measured again.
 VERSION = 3
@@ -531,6 +534,18 @@ def fit_calibration(
     k, krms = fit_compute_factor(
         lambda k: heavy_spans(o, t, k), [f + c for f in heavy_fixed], heavy_measured
     )
+    clipped = [
+        f"{name} {value:g} (the grid ends at {end:g})"
+        for name, value, end in (
+            ("compute factor", k, FACTORS[0]),
+            ("compute factor", k, FACTORS[-1]),
+            ("per-action overhead", o, GRID[-1]),
+            ("transfer overhead", t, GRID[::2][-1]),
+        )
+        if value == end
+    ]
+    if clipped:  # the best fit lies past the grid: the prices built on it are off by that much
+        log.warning("calibration fit at the edge of its grid: %s", "; ".join(clipped))
     return o, t, c, rms, k, krms
 
 
