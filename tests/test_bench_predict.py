@@ -102,8 +102,10 @@ def test_prediction_is_made_before_the_launch_from_no_run_output(
         assert point.key() not in launched, "predicted after its launch"
         return bp.Predicted(0.01, 0.009, 0.001, 0.1, predictor)
 
-    def fake_measure(point: bp.Point, shared: Any, workdir: Path, timeout: float) -> dict:
-        calls.append(f"measure {point.key()}")
+    def fake_measure(
+        point: bp.Point, shared: Any, workdir: Path, timeout: float, steps: int
+    ) -> dict:
+        calls.append(f"measure {point.key()} {steps} steps")
         launched.append(point.key())
         return {"step_s": 0.011, "wall_s": 0.0, "error": None}
 
@@ -111,13 +113,24 @@ def test_prediction_is_made_before_the_launch_from_no_run_output(
     spec = bp.ModelSpec("t", 32, (32, 32, 32), 10, 64, "balanced")
     pts = [bp.Point(spec, 2, "1f1b", 4), bp.Point(spec, 2, "gpipe", 8)]
     rows = bp.run_points(pts, [], "calibrated", tmp_path, 10.0, "t", measure=fake_measure)
+    n = bp.steps_for(0.01)  # the launch runs as many steps as its own prediction asks
     assert calls == [
         f"predict {pts[0].key()}",
-        f"measure {pts[0].key()}",
+        f"measure {pts[0].key()} {n} steps",
         f"predict {pts[1].key()}",
-        f"measure {pts[1].key()}",
+        f"measure {pts[1].key()} {n} steps",
     ]
     assert rows[0]["rel_error"] == pytest.approx(0.1)
+
+
+def test_a_launch_runs_about_step_seconds_of_steps_within_bounds() -> None:
+    """Fast points run more steps (their median is otherwise of few noisy samples), slow
+    ones no fewer than STEPS, none more than STEPS_MAX; no prediction: STEPS."""
+    assert bp.steps_for(0.01) == math.ceil(bp.STEP_SECONDS / 0.01)
+    assert bp.STEPS < bp.steps_for(0.03) < bp.STEPS_MAX
+    assert bp.steps_for(1e-5) == bp.STEPS_MAX
+    assert bp.steps_for(10.0) == bp.STEPS
+    assert bp.steps_for(float("nan")) == bp.STEPS
 
 
 def test_predict_point_signature_takes_no_run_output() -> None:
@@ -202,8 +215,9 @@ def test_calibration_is_fitted_to_the_calibration_launches_and_stored(
     truth = Calibration(2, GRID[20], GRID[12], transfer_s=GRID[10], compute_factor=1.4)
     launched: list[str] = []
 
-    def fake_measure(pt: bp.Point, sh: Any, workdir: Path, timeout: float) -> dict:
+    def fake_measure(pt: bp.Point, sh: Any, workdir: Path, timeout: float, steps: int) -> dict:
         assert pt.model in (bp.CAL_MODEL, bp.CAL_HEAVY)
+        assert bp.STEPS <= steps <= bp.STEPS_MAX
         launched.append(f"{pt.model.name} {pt.schedule}")
         cfg = Workload.of(bp.point_config(pt, sh))
         costs = model_costs(cfg, 2 * pt.virtual, link=link_from_config(cfg.pipeline, cfg.costs))

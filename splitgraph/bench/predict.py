@@ -18,7 +18,8 @@ What it does, in order:
 3. Then a real launch of `splitgraph.train` (`--nproc N`: the fork launcher, `bench/launch.py`)
    with a deadline;
    the measured number is the run's `step_time_median_s` (every step but the first), as a
-   user's training run reports it, with tracing off. A failed launch is recorded (NaN) and
+   user's training run reports it, with tracing off, over about STEP_SECONDS of steps at
+   the point's predicted step time (`steps_for`: 20 to 150 steps). A failed launch is recorded (NaN) and
    the run goes on.
 4. The noise floor: one configuration launched `--noise` times; its spread (max/min - 1).
 5. `--searches` searches (`planner.search`, with and without a memory cap): the top 5
@@ -58,8 +59,13 @@ BATCHES: tuple[int, ...] = (64, 128, 256, 512, 1024)
 #: FLOPs of one step (forward + backward, ~3x 2 * rows * params) a grid model may take:
 #: ~0.1-0.2 s on one core, so that ~60 launches fit the 15-minute budget.
 STEP_FLOP_BUDGET = 2.5e9
-#: Steps per launch; the median skips the first (summary.json's step_time_median_s).
+#: Steps per launch: about STEP_SECONDS of steps by the point's own prediction (made before
+#: its launch), at least STEPS and at most STEPS_MAX; the median skips the first
+#: (summary.json's step_time_median_s). A launch's start-up is ~5 s whatever its steps, so
+#: a fast configuration measured over 20 steps (0.2 s) had a median of few, noisy samples.
 STEPS = 20
+STEPS_MAX = 150
+STEP_SECONDS = 1.5
 #: Every launch: no checkpoint, no trace, no in-run report (the run's own link measurement).
 COMMON = (
     "train.progress=false",
@@ -357,10 +363,19 @@ def predict_point(point: Point, shared: Sequence[str], predictor: str) -> Predic
 # -- the measurement ------------------------------------------------------------------------
 
 
+def steps_for(predicted_s: float) -> int:
+    """Steps a launch runs: about STEP_SECONDS of them at the predicted step time, within
+    [STEPS, STEPS_MAX]; STEPS where there is no prediction."""
+    if not (math.isfinite(predicted_s) and predicted_s > 0):
+        return STEPS
+    return max(STEPS, min(STEPS_MAX, math.ceil(STEP_SECONDS / predicted_s)))
+
+
 def measure_point(
-    point: Point, shared: Sequence[str], workdir: Path, timeout: float
+    point: Point, shared: Sequence[str], workdir: Path, timeout: float, steps: int = STEPS
 ) -> dict[str, Any]:
-    """One real launch; {"step_s": median step, or NaN and "error" when it failed}."""
+    """One real launch of `steps` steps; {"step_s": median step (the first skipped), or NaN
+    and "error" when it failed}."""
     from splitgraph.bench.launch import RunFailed, run_training
 
     run_dir = workdir / f"run{len(list(workdir.glob('run*'))):04d}"
@@ -368,12 +383,12 @@ def measure_point(
     try:
         summary = run_training(
             point.p,
-            [*point.overrides(), *shared, *COMMON, f"train.steps={STEPS}"],
+            [*point.overrides(), *shared, *COMMON, f"train.steps={steps}"],
             run_dir,
             timeout=timeout,
         )
         step = float(summary["step_time_median_s"])
-        return {"step_s": step, "wall_s": time.monotonic() - t0, "error": None}
+        return {"step_s": step, "wall_s": time.monotonic() - t0, "error": None, "steps": steps}
     except RunFailed as e:
         tail = e.tail.strip().splitlines()
         return {
@@ -498,13 +513,14 @@ def run_points(
         elif perr is None and memo is not None and same_work(pt) in memo:
             got = {**memo[same_work(pt)], "wall_s": 0.0, "reused": True}
         elif perr is None:
-            got = measure(pt, shared, workdir, timeout)
+            got = measure(pt, shared, workdir, timeout, steps_for(prediction["step_s"]))
             if memo is not None and math.isfinite(got["step_s"]):
                 memo[same_work(pt)] = got
         else:
             got = {"step_s": float("nan"), "wall_s": 0.0, "error": perr}
         row["measured_step_s"] = got["step_s"]
         row["launch_s"] = got["wall_s"]
+        row["steps"] = got.get("steps")
         row["error"] = got["error"]
         row["reused"] = bool(got.get("reused"))
         row["rel_error"] = rel_error(got["step_s"], prediction["step_s"])
@@ -624,13 +640,14 @@ def _calibration_launches(
         plan = make_plan(work, p, costs)
         mc = in_conditions(work, costs, p)
         sched = costs.schedule(p * pt.virtual)
-        got = measure_point(pt, shared, workdir, timeout)
+        bare = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0))
+        got = measure_point(pt, shared, workdir, timeout, steps_for(bare.step_s))
         log(
             f"[calibration p={p}] {pt.describe()}: {got['step_s'] * 1e3:.2f} ms "
             f"{got['error'] or ''} [{got['wall_s']:.0f} s, load {_load()}]"
         )
         if math.isfinite(got["step_s"]):
-            fixed = priced_step(work, costs, plan.bounds, sched, p, Calibration(p, 0, 0)).fixed_s
+            fixed = bare.fixed_s
             measured[pt.model.name].append(got["step_s"])
             split = split_times(work, mc, p) if sched.split_backward else None
             priced[pt.model.name].append((mc, plan.bounds, sched, fixed, split))
@@ -860,6 +877,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.filter:
         points = [pt for pt in points if re.search(ns.filter, pt.describe())]
         print(f"--filter {ns.filter!r}: {len(points)} points", flush=True)
+    phases = {"setup and calibration": time.monotonic() - started}
     noise_rows = run_points(
         [noise_point] * noise_n,
         shared,
@@ -869,7 +887,6 @@ def run(ns: argparse.Namespace) -> int:
         "noise",
         deadline=deadline,
     )
-    phases = {"setup and calibration": time.monotonic() - started}
     noise = noise_floor([r["measured_step_s"] for r in noise_rows])
     print(f"noise floor: {noise:.1%}", flush=True)
     phases["noise"] = time.monotonic() - started - sum(phases.values())

@@ -54,7 +54,7 @@ from splitgraph.schedule.simulate import idle_share
 log = logging.getLogger("splitgraph")
 
 #: Bumped when what a calibration means changes: older entries are measured again.
-VERSION = 3
+VERSION = 4
 
 
 def cores() -> int:
