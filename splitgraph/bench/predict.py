@@ -19,8 +19,8 @@ What it does, in order:
    with a deadline;
    the measured number is the run's `step_time_median_s` (every step but the first), as a
    user's training run reports it, with tracing off, over about STEP_SECONDS of steps at
-   the point's predicted step time (`steps_for`: 20 to 150 steps). A failed launch is recorded (NaN) and
-   the run goes on.
+   the point's predicted step time (`steps_for`: 20 to 150 steps). A failed launch is
+   recorded (NaN) and the run goes on.
 4. The noise floor: one configuration launched `--noise` times; its spread (max/min - 1).
 5. `--searches` searches (`planner.search`, with and without a memory cap): the top 5
    candidates each launched; is the predicted best the measured best, or within the noise
