@@ -204,15 +204,15 @@ def test_a_fit_past_its_grid_is_said(
     so (the prices built on it are off); one inside the grid is found and nothing is said."""
     from splitgraph.cost.calibrate import FACTORS, fit_calibration
 
-    def light(o: float, t: float, k: float) -> list[float]:
+    def light(o: float, t: float, k: float, g: float) -> list[float]:
         return [1e-3 * k + 10 * o + 2 * t, 2e-3 * k + 20 * o + 4 * t]
 
     with caplog.at_level(logging.WARNING, logger="splitgraph"):
-        *_, k, _ = fit_calibration(
+        *_, k, _, _ = fit_calibration(
             light,
             [0.0, 0.0],
-            light(1e-5, 0.0, true_factor),
-            lambda o, t, k: [10e-3 * k],
+            light(1e-5, 0.0, true_factor, 1.0),
+            lambda o, t, k, g: [10e-3 * k],
             [0.0],
             [10e-3 * true_factor],
         )
@@ -221,3 +221,31 @@ def test_a_fit_past_its_grid_is_said(
     assert bool(said) is clipped
     if not clipped:
         assert k == pytest.approx(true_factor, abs=0.02)
+
+
+@pytest.mark.parametrize("crowded", [True, False])
+def test_the_fit_tells_the_compute_factor_from_crowding(crowded: bool) -> None:
+    """Where ranks exceed cores, the compute-bound model's naive launch (one rank at work)
+    sees only the factor and its 1F1B launch (all at work) both: the fit recovers each.
+    Where they do not, crowding stays 1."""
+    from splitgraph.cost.calibrate import fit_calibration
+
+    def light(o: float, t: float, k: float, g: float) -> list[float]:
+        return [1e-3 * k + 10 * o + 2 * t, 2e-3 * k * g + 20 * o + 4 * t]
+
+    def heavy(o: float, t: float, k: float, g: float) -> list[float]:
+        return [10e-3 * k, 6e-3 * k * g]
+
+    *_, k, _, g = fit_calibration(
+        light,
+        [0.0, 0.0],
+        light(1e-5, 0.0, 1.3, 1.4),
+        heavy,
+        [0.0, 0.0],
+        heavy(1e-5, 0.0, 1.3, 1.4),
+        crowded=crowded,
+    )
+    if crowded:
+        assert (k, g) == pytest.approx((1.3, 1.4), abs=0.011)
+    else:
+        assert g == 1.0

@@ -64,3 +64,21 @@ def test_shared_tail() -> None:
     # 4 ranks on 2 cores: 1,1,1,3 -> the three short ones at 2/4 then 2/3 speed...
     assert shared_tail([1.0, 1.0, 1.0, 3.0], cores=2) == pytest.approx(2.0 + 2.0)
     assert shared_tail([], cores=2) == 0.0
+
+
+def test_crowding_slows_only_what_runs_past_the_cores() -> None:
+    """crowding > 1 stretches the time more ranks than cores work at once, nothing else:
+    naive (one rank at a time) is unchanged, 1F1B on 4 ranks and 2 cores grows, and four
+    equal tails on 2 cores take crowding times their turns."""
+    chain, costs = build_schedule("naive", 4, 1), _costs(4)
+    assert simulate_shared(chain, costs, 2, crowding=2.0).step_time == pytest.approx(
+        simulate_shared(chain, costs, 2).step_time
+    )
+    busy = build_schedule("1f1b", 4, 8)
+    assert simulate_shared(busy, costs, 2, 1.5).step_time > 1.1 * (
+        simulate_shared(busy, costs, 2).step_time
+    )
+    assert shared_tail([1.0] * 4, cores=2, crowding=1.5) == pytest.approx(3.0)
+    assert shared_tail([1.0] * 2, cores=2, crowding=1.5) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="crowding"):
+        simulate_shared(busy, costs, 2, crowding=0.5)

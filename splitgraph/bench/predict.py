@@ -588,13 +588,14 @@ def ensure_calibration(
             f"{len(heavy)} of the compute-bound one ran (need 2 and 1)"
         )
 
-    o, t, c, rms, k, krms = fit_calibration(
+    o, t, c, rms, k, krms, g = fit_calibration(
         _spans(light, p),
         [f for *_, f, _ in light],
         measured[CAL_MODEL.name],
         _spans(heavy, p),
         [f for *_, f, _ in heavy],
         measured[CAL_HEAVY.name],
+        crowded=p > cores(),
     )
     fixed_costs(work0)  # measured now too, so grid predictions only read the cache
     cal = Calibration(
@@ -607,11 +608,13 @@ def ensure_calibration(
         f"(rms {krms:.1%}), {time.strftime('%Y-%m-%d %H:%M')}, load {load}",
         transfer_s=t,
         compute_factor=k,
+        crowding=g,
     )
     store_calibration(cfg0.costs, cal)
     log(
         f"calibration p={p}: action {o * 1e6:.0f} us, transfers {t * 1e6:.0f} us, step "
-        f"{c * 1e6:.0f} us (rms {rms:.1%}); compute factor {k:.2f} (rms {krms:.1%})"
+        f"{c * 1e6:.0f} us (rms {rms:.1%}); compute factor {k:.2f} (rms {krms:.1%}), crowding "
+        f"{g:.2f}"
     )
     return cal
 
@@ -654,12 +657,13 @@ def _calibration_launches(
     return measured, priced
 
 
-def _spans(rows: list[Any], p: int) -> Callable[[float, float, float], list[float]]:
-    """The fit's model of each calibration launch's span, given overhead, transfer, factor."""
+def _spans(rows: list[Any], p: int) -> Callable[[float, float, float, float], list[float]]:
+    """The fit's model of each calibration launch's span, given overhead, transfer, factor
+    and crowding."""
     from splitgraph.cost.calibrate import sim_with_overhead, span
 
-    def of(o: float, t: float, k: float) -> list[float]:
-        return [span(s, sim_with_overhead(mc, b, o, t, sp, k), p)[0] for mc, b, s, _, sp in rows]
+    def of(o: float, t: float, k: float, g: float) -> list[float]:
+        return [span(s, sim_with_overhead(mc, b, o, t, sp, k), p, g)[0] for mc, b, s, _, sp in rows]
 
     return of
 

@@ -76,6 +76,9 @@ class Calibration:
     #: the layers' time inside a training step over their profiled time (a compute-bound
     #: calibration model's launches): caches and memory shared with the rest of the step
     compute_factor: float = 1.0
+    #: where ranks exceed cores: how much slower each rank's work runs while the cores are
+    #: oversubscribed, beyond taking turns (cost/timeshare.py); 1 where ranks <= cores
+    crowding: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -395,12 +398,15 @@ def sim_with_overhead(
     return Costs(f, b, i_s, w_s, base.comm, base.mb_scale, post=transfer_s)
 
 
-def span(sched: Schedule, costs: Costs, ranks: int) -> tuple[float, tuple[float, ...]]:
+def span(
+    sched: Schedule, costs: Costs, ranks: int, crowding: float = 1.0
+) -> tuple[float, tuple[float, ...]]:
     """(step time, busy per rank) of the schedule: the simulator's, or where `ranks` exceed
-    this machine's cores, the ranks taking turns on them (cost/timeshare.py)."""
+    this machine's cores, the ranks taking turns on them, `crowding` times slower while
+    more of them have work than there are cores (cost/timeshare.py)."""
     n = cores()
     if ranks > n:
-        shared = simulate_shared(sched, costs, n)
+        shared = simulate_shared(sched, costs, n, crowding)
         return shared.step_time, shared.busy
     sim = simulate(sched, costs)
     return sim.step_time, tuple(sim.busy)
@@ -423,6 +429,7 @@ def priced_step(
         sched,
         sim_with_overhead(mc, bounds, cal.action_s, cal.transfer_s, split, cal.compute_factor),
         ranks,
+        cal.crowding,
     )
     per_rank = []
     for r in range(ranks):
@@ -434,7 +441,7 @@ def priced_step(
         per_rank.append(fixed.time(params, tensors))
     n = cores()
     # every rank's weight decay and optimizer at once: they take turns where ranks > cores
-    tail = shared_tail(per_rank, n)
+    tail = shared_tail(per_rank, n, cal.crowding)
     step = step_span + cal.step_s + tail
     return PricedStep(
         step,
@@ -503,37 +510,45 @@ def _near(grid: Sequence[float], x: float, steps: int = 3) -> Sequence[float]:
     return grid[max(i - steps, 0) : i + steps + 1]
 
 
+#: The crowding factors tried where ranks exceed cores: 1 to 3 in steps of 0.05.
+CROWDING: tuple[float, ...] = tuple(round(1.0 + 0.05 * k, 2) for k in range(41))
+
+#: (o, t, k, crowding) -> the simulated spans of a calibration model's launches
+Spans = Callable[[float, float, float, float], list[float]]
+
+
 def fit_calibration(
-    light_spans: Callable[[float, float, float], list[float]],
+    light_spans: Spans,
     light_fixed: Sequence[float],
     light_measured: Sequence[float],
-    heavy_spans: Callable[[float, float, float], list[float]],
+    heavy_spans: Spans,
     heavy_fixed: Sequence[float],
     heavy_measured: Sequence[float],
-) -> tuple[float, float, float, float, float, float]:
-    """(action_s, transfer_s, step_s, rms, compute_factor, its rms) from the two calibration
-    models' launches: the overheads from the overhead-bound model (`light_*`, spans as a
-    function of (o, t, k)), the compute factor from the compute-bound one (`heavy_*`), then
-    the overheads again near the first fit with that factor, and the factor again: the
-    light model's layers are small but not free, so each fit reads the other."""
-    o, t, c, rms = fit_overheads(lambda o, t: light_spans(o, t, 1.0), light_fixed, light_measured)
+    crowded: bool = False,
+) -> tuple[float, float, float, float, float, float, float]:
+    """(action_s, transfer_s, step_s, rms, compute_factor, its rms, crowding) from the two
+    calibration models' launches: the overheads from the overhead-bound model (`light_*`),
+    the compute factor from the compute-bound one (`heavy_*`), then the overheads again near
+    the first fit with that factor, and the factor again: the light model's layers are small
+    but not free, so each fit reads the other. `crowded` (ranks > cores): the compute-bound
+    model's launches also give the crowding (its naive m=1 never has two ranks at work, its
+    1F1B has all of them: the factor and the crowding are told apart by them), fitted in turn
+    with the factor; else crowding is 1."""
+    g = 1.0
+    o, t, c, rms = fit_overheads(
+        lambda o, t: light_spans(o, t, 1.0, g), light_fixed, light_measured
+    )
     k = 1.0
     for _ in range(2):
-        k, krms = fit_compute_factor(
-            lambda k, o=o, t=t: heavy_spans(o, t, k),
-            [f + c for f in heavy_fixed],
-            heavy_measured,
-        )
+        k, g, krms = _fit_heavy(heavy_spans, o, t, c, heavy_fixed, heavy_measured, k, g, crowded)
         o, t, c, rms = fit_overheads(
-            lambda o, t, k=k: light_spans(o, t, k),
+            lambda o, t, k=k, g=g: light_spans(o, t, k, g),
             light_fixed,
             light_measured,
             _near(GRID, o),
             _near(GRID[::2], t),
         )
-    k, krms = fit_compute_factor(
-        lambda k: heavy_spans(o, t, k), [f + c for f in heavy_fixed], heavy_measured
-    )
+    k, g, krms = _fit_heavy(heavy_spans, o, t, c, heavy_fixed, heavy_measured, k, g, crowded)
     clipped = [
         f"{name} {value:g} (the grid ends at {end:g})"
         for name, value, end in (
@@ -541,12 +556,34 @@ def fit_calibration(
             ("compute factor", k, FACTORS[-1]),
             ("per-action overhead", o, GRID[-1]),
             ("transfer overhead", t, GRID[::2][-1]),
+            ("crowding", g, CROWDING[-1]),
         )
         if value == end
     ]
     if clipped:  # the best fit lies past the grid: the prices built on it are off by that much
         log.warning("calibration fit at the edge of its grid: %s", "; ".join(clipped))
-    return o, t, c, rms, k, krms
+    return o, t, c, rms, k, krms, g
+
+
+def _fit_heavy(
+    spans: Spans,
+    o: float,
+    t: float,
+    c: float,
+    fixed: Sequence[float],
+    measured: Sequence[float],
+    k: float,
+    g: float,
+    crowded: bool,
+) -> tuple[float, float, float]:
+    """(compute factor, crowding, rms): the factor, then (`crowded`) the crowding with that
+    factor, then the factor again with that crowding."""
+    rest = [f + c for f in fixed]
+    k, rms = fit_compute_factor(lambda k: spans(o, t, k, g), rest, measured)
+    if crowded:
+        g, rms = fit_compute_factor(lambda g: spans(o, t, k, g), rest, measured, CROWDING)
+        k, rms = fit_compute_factor(lambda k: spans(o, t, k, g), rest, measured)
+    return k, g, rms
 
 
 def pricer(

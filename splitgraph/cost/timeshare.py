@@ -8,6 +8,12 @@ message takes no share, so the others run faster then:
     cores = 2, ranks 0-3 all computing     each at 1/2 speed
     ranks 0, 1 computing, 2, 3 waiting     each at full speed
 
+While more ranks have work than there are cores, every one of them also runs `crowding`
+times slower (>= 1; 1 in the pure model above): the cores switch between them every few
+milliseconds and each switch refills the caches with the other rank's weights and
+activations, and a rank woken by its message waits for a core. `crowding` is measured
+once per machine (cost/calibrate.py), never read from the run predicted.
+
 That is the whole model: the same actions, costs and transfer semantics as the simulator's
 timing mode (`strict=False`: a message arrives `comm` after its send was posted; a group of
 transfers costs `post` of the rank's time before it goes out), events advanced in time
@@ -35,11 +41,22 @@ class SharedResult:
     busy: tuple[float, ...]  # per rank: compute at full speed, as simulate's busy
 
 
-def simulate_shared(sched: Schedule, costs: Costs, cores: int) -> SharedResult:
+def speed(running: int, cores: int, crowding: float = 1.0) -> float:
+    """How fast each of `running` ranks advances on `cores` (module doc)."""
+    if running <= cores:
+        return 1.0
+    return cores / running / crowding
+
+
+def simulate_shared(
+    sched: Schedule, costs: Costs, cores: int, crowding: float = 1.0
+) -> SharedResult:
     """The step of `sched` with every rank's work sharing `cores` processors (module doc)."""
     if cores < 1:
         raise ValueError(f"cores must be >= 1, got {cores}")
-    return _Sharing(sched, costs).run(cores)
+    if crowding < 1.0:
+        raise ValueError(f"crowding must be >= 1, got {crowding}")
+    return _Sharing(sched, costs).run(cores, crowding)
 
 
 class _Sharing:
@@ -57,7 +74,7 @@ class _Sharing:
         self.sent: dict[tuple[str, int, int], float] = {}
         self.t = 0.0
 
-    def run(self, cores: int) -> SharedResult:
+    def run(self, cores: int, crowding: float) -> SharedResult:
         acts, work = self.acts, self.work
         R = len(acts)
         while True:
@@ -66,11 +83,11 @@ class _Sharing:
             wakes = self.wakes()
             if not running and not wakes:
                 break
-            speed = min(1.0, cores / len(running)) if running else 1.0
-            dt = min([work[r] / speed for r in running] + [w - self.t for w in wakes])  # type: ignore[operator]
+            v = speed(len(running), cores, crowding)
+            dt = min([work[r] / v for r in running] + [w - self.t for w in wakes])  # type: ignore[operator]
             self.t += dt
             for r in running:
-                left = work[r] - speed * dt  # type: ignore[operator]
+                left = work[r] - v * dt  # type: ignore[operator]
                 if left <= _EPS:
                     self.finish(r)
                 else:
@@ -147,13 +164,12 @@ class _Sharing:
         return out
 
 
-def shared_tail(works: Sequence[float], cores: int) -> float:
+def shared_tail(works: Sequence[float], cores: int, crowding: float = 1.0) -> float:
     """How long per-rank work that all starts at once takes on `cores` shared processors:
     `max(works)` when there are enough cores, longer when they take turns."""
     t, done = 0.0, 0.0
     ws = sorted(max(w, 0.0) for w in works)
     for i, w in enumerate(ws):
-        speed = min(1.0, cores / (len(ws) - i))
-        t += (w - done) / speed
+        t += (w - done) / speed(len(ws) - i, cores, crowding)
         done = w
     return t
