@@ -249,3 +249,26 @@ def test_the_fit_tells_the_compute_factor_from_crowding(crowded: bool) -> None:
         assert (k, g) == pytest.approx((1.3, 1.4), abs=0.011)
     else:
         assert g == 1.0
+
+
+def test_the_fixed_costs_time_the_guards_end_of_step_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every step ends with the guard's check of every parameter gradient (a read of all of
+    them, per parameter): the fixed-cost microbenchmark times it with weight decay and the
+    optimizer."""
+    from splitgraph.config import Workload, load_config
+    from splitgraph.cost.calibrate import _time_fixed
+    from splitgraph.runtime.guard import FiniteGuard
+
+    seen: list[int] = []
+    real = FiniteGuard.finish
+
+    def finish(self: FiniteGuard) -> int:
+        seen.append(sum(p.numel() for ps in self._params.values() for p in ps))
+        return real(self)
+
+    monkeypatch.setattr(FiniteGuard, "finish", finish)
+    work = Workload.of(load_config([]))
+    _time_fixed(work, (32, 32), 2, repeats=1)
+    assert seen and seen[0] == 2 * (32 * 32 + 32 * int(bool(work.model.bias)))
