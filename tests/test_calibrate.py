@@ -231,7 +231,7 @@ def test_the_fit_tells_the_compute_factor_from_crowding(crowded: bool) -> None:
     from splitgraph.cost.calibrate import fit_calibration
 
     def light(o: float, t: float, k: float, g: float) -> list[float]:
-        return [1e-3 * k + 10 * o + 2 * t, 2e-3 * k * g + 20 * o + 4 * t]
+        return [1e-3 * k + 10 * o + 2 * t, 2e-3 * k + 20 * o + 4 * t]
 
     def heavy(o: float, t: float, k: float, g: float) -> list[float]:
         return [10e-3 * k, 6e-3 * k * g]

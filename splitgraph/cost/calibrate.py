@@ -535,17 +535,19 @@ def fit_calibration(
     calibration models' launches: the overheads from the overhead-bound model (`light_*`),
     the compute factor from the compute-bound one (`heavy_*`), then the overheads again near
     the first fit with that factor, and the factor again: the light model's layers are small
-    but not free, so each fit reads the other. `crowded` (ranks > cores): the compute-bound
-    model's launches also give the crowding (its naive m=1 never has two ranks at work, its
-    1F1B has all of them: the factor and the crowding are told apart by them), fitted in turn
-    with the factor; else crowding is 1."""
+    but not free, so each fit reads the other. `crowded` (ranks > cores): the launches also
+    give the crowding (the compute-bound model's naive m=1 never has two ranks at work, its
+    1F1B and most of the overhead model's launches have all of them: the factor and the
+    crowding are told apart by them), fitted in turn with the factor; else crowding is 1."""
     g = 1.0
+    heavy = (heavy_spans, heavy_fixed, heavy_measured)
+    light = (light_spans, light_fixed, light_measured)
     o, t, c, rms = fit_overheads(
         lambda o, t: light_spans(o, t, 1.0, g), light_fixed, light_measured
     )
     k = 1.0
     for _ in range(2):
-        k, g, krms = _fit_heavy(heavy_spans, o, t, c, heavy_fixed, heavy_measured, k, g, crowded)
+        k, g, krms = _fit_heavy(heavy, light, o, t, c, k, g, crowded)
         o, t, c, rms = fit_overheads(
             lambda o, t, k=k, g=g: light_spans(o, t, k, g),
             light_fixed,
@@ -553,7 +555,7 @@ def fit_calibration(
             _near(GRID, o),
             _near(GRID[::2], t),
         )
-    k, g, krms = _fit_heavy(heavy_spans, o, t, c, heavy_fixed, heavy_measured, k, g, crowded)
+    k, g, krms = _fit_heavy(heavy, light, o, t, c, k, g, crowded)
     clipped = [
         f"{name} {value:g} (the grid ends at {end:g})"
         for name, value, end in (
@@ -571,22 +573,30 @@ def fit_calibration(
 
 
 def _fit_heavy(
-    spans: Spans,
+    heavy: tuple[Spans, Sequence[float], Sequence[float]],
+    light: tuple[Spans, Sequence[float], Sequence[float]],
     o: float,
     t: float,
     c: float,
-    fixed: Sequence[float],
-    measured: Sequence[float],
     k: float,
     g: float,
     crowded: bool,
 ) -> tuple[float, float, float]:
-    """(compute factor, crowding, rms): the factor, then (`crowded`) the crowding with that
-    factor, then the factor again with that crowding."""
+    """(compute factor, crowding, the factor's rms) from (spans, fixed costs, measured) of
+    each model's launches: the factor on the compute-bound model, then (`crowded`) the
+    crowding on every launch of both models (one launch of a time-shared pipeline varies
+    by tens of percent: seven launches outvote one), then the factor again."""
+    spans, fixed, measured = heavy
     rest = [f + c for f in fixed]
     k, rms = fit_compute_factor(lambda k: spans(o, t, k, g), rest, measured)
     if crowded:
-        g, rms = fit_compute_factor(lambda g: spans(o, t, k, g), rest, measured, CROWDING)
+        lspans, lfixed, lmeasured = light
+        g, _ = fit_compute_factor(
+            lambda g: lspans(o, t, k, g) + spans(o, t, k, g),
+            [f + c for f in lfixed] + rest,
+            [*lmeasured, *measured],
+            CROWDING,
+        )
         k, rms = fit_compute_factor(lambda k: spans(o, t, k, g), rest, measured)
     return k, g, rms
 
