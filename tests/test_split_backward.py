@@ -98,7 +98,7 @@ def test_under_bf16_autocast_the_store_records_autograd_edges() -> None:
 
 
 def test_recording_still_drives_the_autograd_path() -> None:
-    """`recording` (what the profiler times) and the hand path agree to rounding."""
+    """`recording` (the fallback under autocast) and the hand path agree to rounding."""
     plain, split, x, y, _ = _problem("tanh", "classification", 0, 2)
     store = WeightGradStore()
     with recording(store):
