@@ -54,6 +54,22 @@ _ACTIVATIONS = {
     Activation.gelu: F.gelu,
 }
 
+#: relu, tanh and sigmoid in place, for a forward by hand: z is not needed after phi
+_ACTIVATIONS_INPLACE = {
+    Activation.relu: torch.relu_,
+    Activation.tanh: torch.tanh_,
+    Activation.sigmoid: torch.sigmoid_,
+}
+
+#: phi' times the incoming gradient, from what phi saved: the kernels autograd runs
+#: (derivatives.yaml: relu, tanh and sigmoid from their output, gelu from its input)
+_PHI_BACKWARD = {
+    Activation.relu: lambda g, h: torch.ops.aten.threshold_backward(g, h, 0),
+    Activation.tanh: torch.ops.aten.tanh_backward,
+    Activation.sigmoid: torch.ops.aten.sigmoid_backward,
+    Activation.gelu: torch.ops.aten.gelu_backward,
+}
+
 
 def _model_cfg(given: Any) -> ModelConfig:
     """The model section; callers may hand a whole config (tests, notebooks) for brevity."""
@@ -69,16 +85,29 @@ def layer_dims(model: ModelConfig) -> list[int]:
 class WeightGradStore:
     """The weight-gradient halves of one backward cut in two (zero-bubble's I and W).
 
-    While the store records (`recording`), each split layer's forward notes its weight,
-    bias, input `x` and the autograd edge of its output `z = W x (+ b)` (an edge names the
-    node, it keeps no tensor alive). `input_grad` (I) then runs autograd towards those
-    edges and the stage input only: every node forms its input gradient, none forms
-    `dJ/dW` (autograd skips what no requested input needs), and the `dz` reaching each
-    edge is kept. `run` (W) does the rest of the chapter's formula, `dJ/dW = dz^T x` (and
-    `dJ/db = sum dz`). Together they are exactly one full backward: nothing is computed
-    twice, and the forward is plain `F.linear` (no autograd.Function on the hot path).
+    Two ways to record a stage's F for them, one result (`forward` picks):
 
-        F:  x -> [z0 = W0 x] -> h1 -> [z1 = W1 h1] -> ...     records (W0, x, edge z0), ...
+    *By hand* (the MLP's own layers, 2-D input, no autocast): F runs each layer under
+    `no_grad` and keeps exactly what autograd would save (each linear's input; relu, tanh
+    and sigmoid's output, gelu's input), counted by the meter as autograd's hooks would
+    count them. I walks the layers back itself, with the kernels autograd would call:
+    `dz = phi'(dh)` (aten's threshold/tanh/sigmoid/gelu backward), `dh_prev = dz W`. On
+    the last stage the loss alone has a graph: F's output is a leaf, and I starts from
+    autograd's dJ/do. No graph nodes, no gradient edges, no saved-tensor hooks per layer:
+    on microbatches of 16-64 rows that per-node work was what made I + W dearer than B.
+
+    *With autograd* (the general fallback: bf16 autocast, other inputs): while the store
+    records (`recording`), each split layer's forward notes its weight, bias, input `x`
+    and the autograd edge of its output `z = W x (+ b)` (an edge names the node, it keeps
+    no tensor alive). `input_grad` (I) then runs autograd towards those edges and the
+    stage input only: every node forms its input gradient, none forms `dJ/dW` (autograd
+    skips what no requested input needs), and the `dz` reaching each edge is kept.
+
+    Either way `run` (W) does the rest of the chapter's formula, `dJ/dW = dz^T x` (and
+    `dJ/db = sum dz`). Together they are exactly one full backward: nothing is computed
+    twice.
+
+        F:  x -> [z0 = W0 x] -> h1 -> [z1 = W1 h1] -> ...     keeps x, h1, ...
         I:  grad -> ... dz1 -> dh1 -> dz0 -> dx              keeps dz1, dz0; no dJ/dW
         W:  dJ/dW1 = dz1^T h1,  dJ/dW0 = dz0^T x
 
@@ -87,12 +116,16 @@ class WeightGradStore:
 
     def __init__(self, meter: Any = None) -> None:
         self.layers: list[tuple[nn.Parameter, nn.Parameter | None, Tensor, Any]] = []
+        #: by hand: per layer (the layer, its input, what its phi' needs or None)
+        self.hand: list[tuple[Layer, Tensor, Tensor | None]] = []
+        #: by hand, last stage: the output leaf the loss's graph starts from
+        self.output: Tensor | None = None
         self.jobs: list[tuple[nn.Parameter, nn.Parameter | None, Tensor, Tensor]] = []
         self.meter = meter
 
     def linear(self, x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None) -> Tensor:
-        """`F.linear`, noted for I and W. Under autocast the input is cast first, as
-        autocast would, so the tensor kept for W is the one autograd keeps."""
+        """`F.linear`, noted for I and W (the autograd path). Under autocast the input is
+        cast first, as autocast would, so the tensor kept for W is the one autograd keeps."""
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
@@ -100,9 +133,42 @@ class WeightGradStore:
         self.layers.append((weight, bias, x, get_gradient_edge(z)))
         return z
 
+    def forward(self, stage: StageModule, x: Tensor) -> Tensor:
+        """The stage's F, recorded for I and W: by hand where it can be, else by autograd."""
+        if x.dim() != 2 or torch.is_autocast_enabled(x.device.type):
+            with recording(self):
+                return stage(x)
+        meter = self.meter
+        with torch.no_grad():
+            for layer in stage.layers.values():
+                z = F.linear(x, layer.weight, layer.bias)
+                act = layer.activation
+                if act is None:
+                    saved, h = None, z
+                elif act == Activation.gelu:  # gelu' needs its input
+                    saved = z
+                    h = F.gelu(z)
+                else:  # relu, tanh, sigmoid: phi' from the output; z is not needed again
+                    saved = h = _ACTIVATIONS_INPLACE[act](z)
+                if meter is not None:
+                    meter.hold(x)
+                    if saved is not None:
+                        meter.hold(saved)
+                self.hand.append((layer, x, saved))
+                x = h
+        if stage.is_last:  # the loss (outside) builds its graph from here
+            self.output = x.requires_grad_(True)
+        return x
+
     def input_grad(self, target: Tensor, grad: Tensor | None, x: Tensor | None) -> Tensor | None:
         """I: backpropagate `grad` from `target` to the stage input `x` (None: the first
         stage, whose input needs no gradient); keep each layer's `dz` for W. Returns dx."""
+        if self.hand:
+            if grad is None:  # the last stage: dJ/do from the loss's own graph
+                assert self.output is not None, "a last stage recorded by hand keeps its output"
+                (grad,) = torch.autograd.grad(target, self.output)
+                self.output = None
+            return self._input_grad_by_hand(grad, x is not None)
         if self.meter is not None:  # autograd releases them as it goes; W still needs them
             for _, _, a, _ in self.layers:
                 self.meter.hold(a)
@@ -116,6 +182,27 @@ class WeightGradStore:
             self.jobs.append((weight, bias, a, dz))
         self.layers.clear()
         return grads[0] if x is not None else None
+
+    @torch.no_grad()
+    def _input_grad_by_hand(self, dh: Tensor, want_dx: bool) -> Tensor | None:
+        """I by hand, last layer first, in the order autograd would run (and the memory
+        model walks): phi's saved tensor is let go, then dz is kept for W."""
+        meter = self.meter
+        for k in range(len(self.hand) - 1, -1, -1):
+            layer, a, saved = self.hand[k]
+            if saved is None:
+                dz = dh
+            else:
+                dz = _PHI_BACKWARD[layer.activation](dh, saved)  # type: ignore[index]
+                if meter is not None:
+                    meter.drop(saved)
+            if meter is not None:
+                meter.hold(dz)
+            self.jobs.append((layer.weight, layer.bias, a, dz))
+            if k > 0 or want_dx:
+                dh = dz.mm(layer.weight)
+        self.hand.clear()
+        return dh if want_dx else None
 
     @torch.no_grad()
     def run(self) -> None:

@@ -51,9 +51,11 @@ def test_split_bench_times_f_i_w_against_f_b(capsys: pytest.CaptureFixture[str])
 
     from splitgraph.bench.split import main, measure
 
-    times = measure(TINY, (0, 2), 8, repeats=3, warmup=1)
-    assert set(times) == {"F", "B", "F_split", "I", "W"}
+    times = measure(TINY, (0, 2), 8, repeats=3, warmup=1, meter=True)
+    split = {"F_split", "I", "W", "F_autograd", "I_autograd", "W_autograd"}
+    assert set(times) == {"F", "B", *split}
     assert all(math.isfinite(v) and v > 0 for v in times.values()), times
-    assert main(["--rows", "8", "--repeats", "2", "--warmup", "1", *TINY]) == 0
+    assert main(["--rows", "8", "--repeats", "2", "--warmup", "1", "--meter", *TINY]) == 0
     out = capsys.readouterr().out
     assert "rows     8:" in out and "(I+W)/B" in out and "layers [0, 1)" in out
+    assert "by hand:" in out and "autograd:" in out and "saved bytes counted" in out

@@ -193,11 +193,11 @@ def time_split(
     model: Any, costs: CostsConfig, index: int, n: int, dtype: torch.dtype
 ) -> dict[str, float]:
     """Median seconds of layer `index`'s backward cut in two, as the executor runs a
-    zero-bubble stage: the forward recording into a `WeightGradStore`, then its I (input
+    zero-bubble stage: the forward by hand into a `WeightGradStore`, then its I (input
     gradient, every dz kept) and its W (dJ/dW = dz^T x). The profile's B does not say how
     the two halves split, nor what the cut adds (bench/split.py: (I + W) / B is 1.2-1.6)."""
     from splitgraph.config import Task
-    from splitgraph.model import WeightGradStore, build_mlp, loss_sum, recording
+    from splitgraph.model import WeightGradStore, build_mlp, loss_sum
 
     module = build_mlp(model, index, index + 1, dtype, torch.device("cpu"))
     last, task = module.is_last, Task(model.task)
@@ -215,10 +215,9 @@ def time_split(
         for p in module.parameters():
             p.grad = None
         store = WeightGradStore()
-        with recording(store):
-            out = module(x)
-            if last:
-                out = loss_sum(out, target, task) / n
+        out = store.forward(module, x)  # by hand, as the executor's split stages run
+        if last:
+            out = loss_sum(out, target, task) / n
         t0 = time.perf_counter()
         store.input_grad(out, grad, x if index > 0 else None)
         t1 = time.perf_counter()

@@ -11,8 +11,9 @@ the gradient to send back, the posted receives and the deferred weight gradients
     SEND_F  isend the output's data                               (waited at step end)
     RECV_B  post irecv into a fresh [mb, out_features] buffer     (waited by B or I)
     B       autograd.backward(output, grad) or loss.backward(); keep x.grad
-    I       autograd towards the stage input only: no dJ/dW formed; each layer's dz kept
-            (its F noted each linear's input and output edge: model.WeightGradStore)
+    I       the input gradient only: no dJ/dW formed; each layer's dz kept. Its F ran the
+            layers by hand, keeping what autograd would (model.WeightGradStore: I walks
+            them back with autograd's own kernels; autograd itself under bf16 autocast)
     W       dJ/dW = dz^T x (and dJ/db) from what I kept
     SEND_B  isend x.grad                                          (waited at step end)
 
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from splitgraph.config import Task
-from splitgraph.model import StageModule, WeightGradStore, loss_sum, recording
+from splitgraph.model import StageModule, WeightGradStore, loss_sum
 from splitgraph.observe.memory import SavedTensorMeter
 from splitgraph.observe.trace import NULL_TRACER, Tracer
 from splitgraph.runtime.comm import P2P, Transfer
@@ -336,8 +337,7 @@ class Executor:
         if (s, mb) not in self._split:
             return self.stages[s](x)
         store = st.deferred[(s, mb)] = WeightGradStore(self.meter)
-        with recording(store):
-            return self.stages[s](x)
+        return store.forward(self.stages[s], x)
 
     def _describe(self, item: object) -> str:
         if isinstance(item, tuple):
