@@ -195,7 +195,8 @@ def time_split(
     """Median seconds of layer `index`'s backward cut in two, as the executor runs a
     zero-bubble stage: the forward by hand into a `WeightGradStore`, then its I (input
     gradient, every dz kept) and its W (dJ/dW = dz^T x). The profile's B does not say how
-    the two halves split, nor what the cut adds (bench/split.py: (I + W) / B is 1.2-1.6)."""
+    the two halves split, nor what the cut costs on its own (`python -m splitgraph.bench.split`
+    times both paths against B)."""
     from splitgraph.config import Task
     from splitgraph.model import WeightGradStore, build_mlp, loss_sum
 
