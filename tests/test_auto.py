@@ -13,7 +13,7 @@ from splitgraph.config import Workload
 from splitgraph.schedule import SCHEDULES, Costs, build_schedule, render_ascii, simulate, validate
 from splitgraph.schedule.auto import AutoInput, plan_auto
 from splitgraph.schedule.cli import main as schedule_main
-from splitgraph.schedule.ir import I, make_schedule, round_robin, v_shape
+from splitgraph.schedule.ir import B, I, W, make_schedule, round_robin, v_shape
 from splitgraph.schedule.listsched import Policy, list_schedule
 from splitgraph.schedule.simulate import peak_activation
 
@@ -239,3 +239,61 @@ def test_auto_under_a_byte_cap_is_never_slower_than_a_fixed_schedule_that_fits()
         assert bool(fitting) == (v == 1), [c.name for c in fitting]
         for c in fitting:
             assert step <= simulate(c.schedule, inp.costs).step_time + 1e-12, c.name
+
+
+def test_one_later_reservation_admits_more_of_the_v_under_a_tight_cap() -> None:
+    """In the V a microbatch's second chunk runs long after its first: reserving it at
+    admission (reserve=True) leaves room for two microbatches per rank under a cap of four
+    chunk-microbatches; keeping room for one later chunk only admits a third and runs
+    faster (89 against 94) within the same cap, and stays valid. `tight` runs a full B
+    where a deferred W would block the next admission: the schedule mixes B with I + W,
+    and only under a cap that binds."""
+    p, m = 4, 8
+    place = v_shape(p, 2 * p)
+    costs = Costs.uniform(2 * p, 1.0, 2.0, w=1.0, comm=0.5)
+    cap = (4.0,) * p
+    steps = {}
+    for reserve in (True, False):
+        rows = list_schedule(place, m, costs, Policy(cap, split=True, reserve=reserve))
+        assert rows is not None
+        sched = make_schedule("list", rows, place, m)
+        validate(sched)
+        assert max(peak_activation(sched)) * 2 * p <= 4.0 + 1e-9  # chunk-microbatches
+        steps[reserve] = simulate(sched, costs).step_time
+    assert steps == {True: 94.0, False: 89.0}
+    ops = {}
+    for k in (3.0, 2.0 * m):
+        rows = list_schedule(place, m, costs, Policy((k,) * p, split=True, tight=True))
+        assert rows is not None
+        sched = make_schedule("list", rows, place, m)
+        validate(sched)
+        assert max(peak_activation(sched)) * 2 * p <= k + 1e-9
+        ops[k] = {a.op for r in rows for a in r}
+    assert {B, I, W} <= ops[3.0]
+    assert B not in ops[2.0 * m]
+
+
+def test_auto_admits_in_bytes_under_a_byte_cap() -> None:
+    """With the exact bytes (ModelCosts.auto_input's `weights`, `static`) the list
+    scheduler admits microbatches against each rank's cap less its static bytes, where
+    whole-microbatch units admit one: under 1F1B's bytes (two chunks, 256 wide) auto is
+    faster than the same search without the byte weights, and still fits."""
+    import dataclasses
+
+    from splitgraph.bench.schedules import onefoneb_bytes
+    from splitgraph.config import load_config
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.partition import make_plan
+
+    extra = ["data.features=256", "partition=params", "model.hidden=[256,256,256,256]"]
+    extra += ["costs.times=flops", "pipeline.bandwidth=1GB", "pipeline.latency=2.5e-4"]
+    _, total = onefoneb_bytes(2, 4, extra)
+    over = ["pipeline.stages=4", "pipeline.microbatches=4", "schedule=auto"]
+    over += ["schedule.virtual_stages=2", f"pipeline.memory_cap={max(total)}"]
+    work = Workload.of(load_config([*extra, *over]))
+    plan = make_plan(work, 2)
+    inp = model_costs(work, plan.num_stages).auto_input(plan.bounds, 2)
+    assert inp.weights is not None and inp.static is not None
+    bytes_, units = plan_auto(inp), plan_auto(dataclasses.replace(inp, weights=None))
+    assert max(bytes_.chosen.peak) <= max(total)
+    assert bytes_.chosen.step_time < units.chosen.step_time * 0.95

@@ -212,11 +212,30 @@ class ModelCosts:
             saved = predict_saved_peak(sched, walk)
             return [saved[r] + sum(static[s] for s in sched.stages_of(r)) for r in range(ranks)]
 
+        def footprint(s: int) -> float:  # the most one microbatch holds from F to W
+            return float(
+                max(
+                    max(sum(walk.saved(s, k).values()), sum(walk.deferred(s, k).values()))
+                    for k in range(len(self.sizes))
+                )
+            )
+
         caps = [self.devices[r].memory if r < len(self.devices) else None for r in range(ranks)]
         cap = None
         if any(c is not None for c in caps):
             cap = [float("inf") if c is None else float(c) for c in caps]
-        return AutoInput(ranks, len(self.sizes), costs, stages // ranks, cap, memory, "bytes")
+        weights = [footprint(s) for s in range(stages)]
+        return AutoInput(
+            ranks,
+            len(self.sizes),
+            costs,
+            stages // ranks,
+            cap,
+            memory,
+            "bytes",
+            weights=weights,
+            static=[float(x) for x in static],
+        )
 
 
 def auto_schedule(work: Workload, ranks: int, bounds: Sequence[int]) -> Schedule:
