@@ -4,6 +4,7 @@ always valid, and honest about why."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -297,3 +298,29 @@ def test_auto_admits_in_bytes_under_a_byte_cap() -> None:
     bytes_, units = plan_auto(inp), plan_auto(dataclasses.replace(inp, weights=None))
     assert max(bytes_.chosen.peak) <= max(total)
     assert bytes_.chosen.step_time < units.chosen.step_time * 0.95
+
+
+def test_the_trainers_auto_prices_transfers_the_same_on_every_rank(tmp_path: Path) -> None:
+    """costs.auto_input_for_run (what every rank builds schedule=auto from) prices a
+    transfer with pipeline.bandwidth if set, else the node's cached link measurement, else
+    an a-priori default; never at zero, and never by measuring (ranks would race)."""
+    from splitgraph.config import load_config
+    from splitgraph.cost import profiler
+    from splitgraph.cost.costs import A_PRIORI_LINK, auto_input_for_run
+
+    over = ["costs.times=flops", f"costs.cache_dir={tmp_path}", "pipeline.stages=2"]
+    over += ["schedule=auto", "model.hidden=[32,32,32]"]
+
+    def first_transfer(*extra: str) -> float:
+        work = Workload.of(load_config([*over, *extra]))
+        return float(auto_input_for_run(work, 2, [0, 2, 4]).costs.comm[0])
+
+    work = Workload.of(load_config(over))
+    message = work.local_batch // int(work.pipeline.microbatches) * 32 * 4  # rows x 32 floats
+    assert first_transfer() == pytest.approx(A_PRIORI_LINK.time(message))
+    with profiler._Cache(tmp_path).locked() as data:  # as measured_link leaves it
+        data[profiler._link_key()] = {"bandwidth": 2e8, "latency": 1e-3}
+    assert first_transfer() == pytest.approx(1e-3 + message / 2e8)
+    assert first_transfer("pipeline.bandwidth=1MB", "pipeline.latency=0") == pytest.approx(
+        message / 1e6
+    )
