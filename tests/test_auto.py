@@ -324,3 +324,36 @@ def test_the_trainers_auto_prices_transfers_the_same_on_every_rank(tmp_path: Pat
     assert first_transfer("pipeline.bandwidth=1MB", "pipeline.latency=0") == pytest.approx(
         message / 1e6
     )
+
+
+def test_two_chunks_per_rank_are_never_slower_than_one_under_1f1bs_bytes() -> None:
+    """schedule.virtual_stages=2 lets auto consider two-chunk schedules *too*: the chunks of
+    a rank back to back (stages 2r and 2r+1 on rank r) run one stage per rank's orders with
+    the same bytes (the boundary between them is one tensor on one rank). Under 1F1B's bytes,
+    where the V and round-robin admit about one microbatch, auto is no slower than 1F1B
+    over the one-chunk plan of the same model (whose cuts, here, are every other one of
+    the two-chunk plan's: layers 0-1 | 2-4 against 0 | 1 | 2 | 3-4)."""
+    from splitgraph.bench.schedules import onefoneb_bytes
+    from splitgraph.config import load_config
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.partition import make_plan
+
+    extra = ["data.features=256", "partition=params", "model.hidden=[256,256,256,256]"]
+    extra += ["costs.times=flops", "pipeline.bandwidth=1GB", "pipeline.latency=2.5e-4"]
+    _, total = onefoneb_bytes(2, 8, extra)
+    steps = {}
+    for v in (1, 2):
+        over = [f"pipeline.stages={2 * v}", "pipeline.microbatches=8", "schedule=auto"]
+        over += [f"schedule.virtual_stages={v}", f"pipeline.memory_cap={max(total)}"]
+        work = Workload.of(load_config([*extra, *over]))
+        plan = make_plan(work, 2)
+        assert plan.bounds == ((0, 2, 5) if v == 1 else (0, 1, 2, 3, 5))
+        inp = model_costs(work, plan.num_stages).auto_input(plan.bounds, 2)
+        result = plan_auto(inp)
+        assert max(result.chosen.peak) <= max(total)
+        steps[v] = result.chosen.step_time
+        if v == 1:
+            assert result.chosen.name == "1f1b"  # zb1 does not fit, nor a list schedule
+        else:
+            assert result.chosen.schedule.stage_to_rank == (0, 0, 1, 1), result.chosen.name
+    assert steps[2] <= steps[1] * (1 + 1e-9)

@@ -171,13 +171,14 @@ V_CASES = {
         _v(2, "vhalf", 5, "params", "gelu", "model.bias=true"),  # 12 rows: uneven
         _v(2, "vmin", 3, "manual", "tanh", "partition.boundaries=[1,3,4]"),
         _v(2, "zbv", 8, "uniform", "sigmoid", "schedule.recompute=true"),
-        _v(2, "auto", 8, "params", "relu", "costs.times=flops"),  # auto: the V here
+        # auto: with transfers nearly free, a V list schedule mixing B with I + W
+        _v(2, "auto", 8, "params", "relu", "costs.times=flops", "pipeline.bandwidth=1TB"),
     ],
     3: [
         _v(3, "zbv", 5, "uniform", "gelu", "model.bias=true"),
         _v(3, "vhalf", 6, "params", "relu"),
         _v(3, "vmin", 8, "uniform", "tanh", "model.task=regression"),
-        _v(3, "auto", 5, "uniform", "gelu", "costs.times=flops"),  # a list schedule
+        _v(3, "auto", 5, "uniform", "gelu", "costs.times=flops"),  # chunks back to back
     ],
 }
 V_ALL = [(p, c) for p, cs in V_CASES.items() for c in cs]

@@ -275,6 +275,8 @@ def _list_candidates(inp: AutoInput, caps: tuple[float, ...] | None) -> list[tup
     placements = [("round-robin" if v > 1 else "1/rank", round_robin(p, S))]
     if v == 2 and p > 1:
         placements.append(("V", v_shape(p, S)))
+    if v > 1 and p > 1:  # a rank's chunks back to back: one stage per rank, in effect
+        placements.append(("contiguous", tuple(s // v for s in range(S))))
     seen: set[tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]] = set()
     out = []
     for where, place in placements:
@@ -289,6 +291,8 @@ def _list_candidates(inp: AutoInput, caps: tuple[float, ...] | None) -> list[tup
                 continue  # one stage per rank: nothing later to reserve, no forward tie to break
             if (tight or not reserve) and _never_binds(place, m, cap, weight):
                 continue  # the same schedule as the plain policy's
+            if where == "contiguous" and not (reserve and late_f):
+                continue  # a rank's chunks run back to back: nothing to reserve or break
             policy = Policy(cap, split, weight, late_b, late_f, reserve, tight)
             rows = list_schedule(place, m, inp.costs, policy)
             if rows is None:
