@@ -6,7 +6,8 @@ A small search, every candidate simulated with the run's costs:
   gpipe, 1f1b, zb1, zb2; with two chunks per rank also interleaved, loopedbfs, zbv, vhalf,
   vmin), built as the trainer would build it;
 * list schedules (listsched.py) with the run's own costs, for each placement the chunks
-  allow (one stage per rank; round-robin; the V with two chunks), with a full, a split or
+  allow (one stage per rank; round-robin; the V with two chunks; a rank's chunks back to
+  back, which runs one-stage-per-rank orders in their bytes), with a full, a split or
   a memory-tight backward (B where a deferred W would block the next admission), under a
   ladder of activation caps (1, 2, p/2, p, 2p-1, 2p and m microbatches admitted per rank,
   and the run's own cap where it is in activation units), both reservations (a
