@@ -221,15 +221,15 @@ class _Run:
         total = self.S * self.m * (3 if self.policy.split else 2)
         count, t = 0, 0.0
         while count < total:
-            moved = False
+            again = False  # another pass at t: only an action that ends at t can enable one
             for r in range(self.R):
                 if self.free[r] > t + _EPS:
                     continue
                 choice = self.choose(r, t)
                 if choice is not None:
                     count += self.start(r, t, *choice)
-                    moved = True
-            if moved:
+                    again = again or self.free[r] <= t + _EPS
+            if again:
                 continue
             later = [f for f in self.free if f > t + _EPS]
             later += [when for q in self.channels.values() for _, when in q if when > t + _EPS]
