@@ -4,6 +4,8 @@ always valid, and honest about why."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +15,7 @@ from splitgraph.config import Workload
 from splitgraph.schedule import SCHEDULES, Costs, build_schedule, render_ascii, simulate, validate
 from splitgraph.schedule.auto import AutoInput, plan_auto
 from splitgraph.schedule.cli import main as schedule_main
-from splitgraph.schedule.ir import I, make_schedule, round_robin, v_shape
+from splitgraph.schedule.ir import B, I, W, make_schedule, round_robin, v_shape
 from splitgraph.schedule.listsched import Policy, list_schedule
 from splitgraph.schedule.simulate import peak_activation
 
@@ -239,3 +241,125 @@ def test_auto_under_a_byte_cap_is_never_slower_than_a_fixed_schedule_that_fits()
         assert bool(fitting) == (v == 1), [c.name for c in fitting]
         for c in fitting:
             assert step <= simulate(c.schedule, inp.costs).step_time + 1e-12, c.name
+
+
+def test_one_later_reservation_admits_more_of_the_v_under_a_tight_cap() -> None:
+    """In the V a microbatch's second chunk runs long after its first: reserving it at
+    admission (reserve=True) leaves room for two microbatches per rank under a cap of four
+    chunk-microbatches; keeping room for one later chunk only admits a third and runs
+    faster (89 against 94) within the same cap, and stays valid. `tight` runs a full B
+    where a deferred W would block the next admission: the schedule mixes B with I + W,
+    and only under a cap that binds."""
+    p, m = 4, 8
+    place = v_shape(p, 2 * p)
+    costs = Costs.uniform(2 * p, 1.0, 2.0, w=1.0, comm=0.5)
+    cap = (4.0,) * p
+    steps = {}
+    for reserve in (True, False):
+        rows = list_schedule(place, m, costs, Policy(cap, split=True, reserve=reserve))
+        assert rows is not None
+        sched = make_schedule("list", rows, place, m)
+        validate(sched)
+        assert max(peak_activation(sched)) * 2 * p <= 4.0 + 1e-9  # chunk-microbatches
+        steps[reserve] = simulate(sched, costs).step_time
+    assert steps == {True: 94.0, False: 89.0}
+    ops = {}
+    for k in (3.0, 2.0 * m):
+        rows = list_schedule(place, m, costs, Policy((k,) * p, split=True, tight=True))
+        assert rows is not None
+        sched = make_schedule("list", rows, place, m)
+        validate(sched)
+        assert max(peak_activation(sched)) * 2 * p <= k + 1e-9
+        ops[k] = {a.op for r in rows for a in r}
+    assert {B, I, W} <= ops[3.0]
+    assert B not in ops[2.0 * m]
+
+
+def test_auto_admits_in_bytes_under_a_byte_cap() -> None:
+    """With the exact bytes (ModelCosts.auto_input's `weights`, `static`) the list
+    scheduler admits microbatches against each rank's cap less its static bytes, where
+    whole-microbatch units admit one: under 1F1B's bytes (two chunks, 256 wide) its V and
+    round-robin schedules are faster than the same search's without the byte weights."""
+    import dataclasses
+
+    from splitgraph.bench.schedules import onefoneb_bytes
+    from splitgraph.config import load_config
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.partition import make_plan
+
+    extra = ["data.features=256", "partition=params", "model.hidden=[256,256,256,256]"]
+    extra += ["costs.times=flops", "pipeline.bandwidth=1GB", "pipeline.latency=2.5e-4"]
+    _, total = onefoneb_bytes(2, 4, extra)
+    over = ["pipeline.stages=4", "pipeline.microbatches=4", "schedule=auto"]
+    over += ["schedule.virtual_stages=2", f"pipeline.memory_cap={max(total)}"]
+    work = Workload.of(load_config([*extra, *over]))
+    plan = make_plan(work, 2)
+    inp = model_costs(work, plan.num_stages).auto_input(plan.bounds, 2)
+    assert inp.weights is not None and inp.static is not None
+    bytes_, units = plan_auto(inp), plan_auto(dataclasses.replace(inp, weights=None))
+    assert max(bytes_.chosen.peak) <= max(total)
+
+    def interleaved(result: Any) -> float:  # the V and round-robin (not chunks back to back)
+        fits = [c for c in result.candidates if c.fits and not c.fixed]
+        return min(c.step_time for c in fits if "contiguous" not in c.name)
+
+    assert interleaved(bytes_) < interleaved(units) * 0.95
+
+
+def test_the_trainers_auto_prices_transfers_the_same_on_every_rank(tmp_path: Path) -> None:
+    """costs.auto_input_for_run (what every rank builds schedule=auto from) prices a
+    transfer with pipeline.bandwidth if set, else the node's cached link measurement, else
+    an a-priori default; never at zero, and never by measuring (ranks would race)."""
+    from splitgraph.config import load_config
+    from splitgraph.cost import profiler
+    from splitgraph.cost.costs import A_PRIORI_LINK, auto_input_for_run
+
+    over = ["costs.times=flops", f"costs.cache_dir={tmp_path}", "pipeline.stages=2"]
+    over += ["schedule=auto", "model.hidden=[32,32,32]"]
+
+    def first_transfer(*extra: str) -> float:
+        work = Workload.of(load_config([*over, *extra]))
+        return float(auto_input_for_run(work, 2, [0, 2, 4]).costs.comm[0])
+
+    work = Workload.of(load_config(over))
+    message = work.local_batch // int(work.pipeline.microbatches) * 32 * 4  # rows x 32 floats
+    assert first_transfer() == pytest.approx(A_PRIORI_LINK.time(message))
+    with profiler._Cache(tmp_path).locked() as data:  # as measured_link leaves it
+        data[profiler._link_key()] = {"bandwidth": 2e8, "latency": 1e-3}
+    assert first_transfer() == pytest.approx(1e-3 + message / 2e8)
+    assert first_transfer("pipeline.bandwidth=1MB", "pipeline.latency=0") == pytest.approx(
+        message / 1e6
+    )
+
+
+def test_two_chunks_per_rank_are_never_slower_than_one_under_1f1bs_bytes() -> None:
+    """schedule.virtual_stages=2 lets auto consider two-chunk schedules *too*: the chunks of
+    a rank back to back (stages 2r and 2r+1 on rank r) run one stage per rank's orders with
+    the same bytes (the boundary between them is one tensor on one rank). Under 1F1B's bytes,
+    where the V and round-robin admit about one microbatch, auto is no slower than 1F1B
+    over the one-chunk plan of the same model (whose cuts, here, are every other one of
+    the two-chunk plan's: layers 0-1 | 2-4 against 0 | 1 | 2 | 3-4)."""
+    from splitgraph.bench.schedules import onefoneb_bytes
+    from splitgraph.config import load_config
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.partition import make_plan
+
+    extra = ["data.features=256", "partition=params", "model.hidden=[256,256,256,256]"]
+    extra += ["costs.times=flops", "pipeline.bandwidth=1GB", "pipeline.latency=2.5e-4"]
+    _, total = onefoneb_bytes(2, 8, extra)
+    steps = {}
+    for v in (1, 2):
+        over = [f"pipeline.stages={2 * v}", "pipeline.microbatches=8", "schedule=auto"]
+        over += [f"schedule.virtual_stages={v}", f"pipeline.memory_cap={max(total)}"]
+        work = Workload.of(load_config([*extra, *over]))
+        plan = make_plan(work, 2)
+        assert plan.bounds == ((0, 2, 5) if v == 1 else (0, 1, 2, 3, 5))
+        inp = model_costs(work, plan.num_stages).auto_input(plan.bounds, 2)
+        result = plan_auto(inp)
+        assert max(result.chosen.peak) <= max(total)
+        steps[v] = result.chosen.step_time
+        if v == 1:
+            assert result.chosen.name == "1f1b"  # zb1 does not fit, nor a list schedule
+        else:
+            assert result.chosen.schedule.stage_to_rank == (0, 0, 1, 1), result.chosen.name
+    assert steps[2] <= steps[1] * (1 + 1e-9)

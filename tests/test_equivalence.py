@@ -189,14 +189,19 @@ def _v_cases(p: int, rotation: Any) -> list[dict[str, Any]]:
 
 def _built_cases(p: int) -> list[dict[str, Any]]:
     """schedule=auto (built from the planner's costs, FLOP-priced here so every rank builds
-    the same order quickly; with two chunks it may choose the V) and schedule=csv (torch's
-    compute-only file of zbv or 1f1b, read, placed from the file and validated)."""
+    the same order quickly; with two chunks and transfers priced at the a-priori link it
+    chooses a rank's chunks back to back; with `manual` transfers are nearly free
+    (pipeline.bandwidth=1TB) and it chooses round-robin list schedules, some mixing B with
+    I + W) and schedule=csv (torch's compute-only file of zbv or 1f1b, read, placed from the
+    file and validated)."""
     cases = []
     common = ["runtime.dtype=float64", "model.bias=true", "optim.weight_decay=0.1"]
     for v, part, m in itertools.product((1, 2), ("params", "manual"), (3, 8)):
         if p * v > LAYERS:
             continue
         ov = _base(p, "auto", v, part, m) + ["costs.times=flops", *common]
+        if v == 2 and part == "manual":
+            ov.append("pipeline.bandwidth=1TB")
         cases.append({"id": f"p{p}-auto{v if v > 1 else ''}-{part}-m{m}", "overrides": ov})
     for name, v in (("zbv", 2), ("1f1b", 1)):
         if p * v > LAYERS or p == 1:

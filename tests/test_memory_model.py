@@ -171,13 +171,14 @@ V_CASES = {
         _v(2, "vhalf", 5, "params", "gelu", "model.bias=true"),  # 12 rows: uneven
         _v(2, "vmin", 3, "manual", "tanh", "partition.boundaries=[1,3,4]"),
         _v(2, "zbv", 8, "uniform", "sigmoid", "schedule.recompute=true"),
-        _v(2, "auto", 8, "params", "relu", "costs.times=flops"),  # auto: the V here
+        # auto: with transfers nearly free, a V list schedule mixing B with I + W
+        _v(2, "auto", 8, "params", "relu", "costs.times=flops", "pipeline.bandwidth=1TB"),
     ],
     3: [
         _v(3, "zbv", 5, "uniform", "gelu", "model.bias=true"),
         _v(3, "vhalf", 6, "params", "relu"),
         _v(3, "vmin", 8, "uniform", "tanh", "model.task=regression"),
-        _v(3, "auto", 5, "uniform", "gelu", "costs.times=flops"),  # a list schedule
+        _v(3, "auto", 5, "uniform", "gelu", "costs.times=flops"),  # chunks back to back
     ],
 }
 V_ALL = [(p, c) for p, cs in V_CASES.items() for c in cs]
@@ -259,3 +260,26 @@ def test_a_tensor_shared_by_two_stages_on_one_rank_counts_once() -> None:
     sched = make_schedule("local", compute, [0, 0], 1)
     peak = predict_saved_peak(sched, plan_walk(shape, [0, 1, 2], [1]))
     assert peak == [(6 + 5 + 4) * 8 + 8 + 8]
+
+
+def test_zbv_saves_nine_tensors_where_1f1b_saves_six() -> None:
+    """docs/schedules.md's accounting ("Bytes, not microbatches"), p = 2, m = 4, the wide
+    bench model (T = 64 rows x 1024 floats): 1F1B's rank 0 holds 2 microbatches of layers
+    0-1 (a0, a1, a2 each: 6T); zbv's rank 0 holds 3 of chunk 0 (a0, a1: 6T) and one pending
+    W of chunk 3 (a3, dz3, a4 and the 10-wide dz4): 9T and a sliver, 2p chunk-microbatches."""
+    from splitgraph.cost.costs import model_costs
+    from splitgraph.cost.memory_model import plan_walk, predict_saved_peak
+    from splitgraph.schedule import build_schedule
+
+    wide = ["data.features=1024", "partition=params", "model.hidden=[1024,1024,1024,1024]"]
+    peaks = {}
+    for name, v in (("1f1b", 1), ("zbv", 2)):
+        over = [*wide, f"pipeline.stages={2 * v}", "pipeline.microbatches=4", f"schedule={name}"]
+        work = Workload.of(load_config(over))
+        plan = make_plan(work, 2)
+        mc = model_costs(work, plan.num_stages, times=False)
+        walk = plan_walk(mc.shape, plan.bounds, mc.sizes)
+        peaks[name] = predict_saved_peak(build_schedule(name, 2, 4, v), walk)
+    T = 64 * 1024 * 4
+    assert peaks["1f1b"][0] == 6 * T
+    assert peaks["zbv"][0] == 9 * T + 64 * 10 * 4  # + dz4, 10 wide

@@ -90,9 +90,9 @@ def onefoneb_bytes(nproc: int, m: int, extra: Sequence[str]) -> tuple[list[int],
 
 def auto_link(extra: Sequence[str]) -> list[str]:
     """pipeline.bandwidth and latency for the auto rows: this host's gloo link as the planner
-    measures it (cached). Without them the trainer's auto prices a transfer at zero
-    (costs.auto_schedule does not measure the link on every rank) and favours schedules
-    with more transfers than this machine can afford."""
+    measures it (cached), measured here, before the launch, if never measured. The
+    trainer's auto reads the same cache entry (costs.auto_link); naming the numbers makes
+    the rows' schedules independent of the cache."""
     from splitgraph.config import load_config
     from splitgraph.cost.profiler import measured_link
 

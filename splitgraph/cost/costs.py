@@ -19,6 +19,7 @@ simulator's `Costs`, and into the memory each rank needs under a schedule.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,6 +41,8 @@ from splitgraph.model import torch_dtype
 from splitgraph.plan import LayerSpec, layer_specs
 from splitgraph.schedule import Costs, Schedule, build_schedule
 from splitgraph.units import parse_bytes
+
+log = logging.getLogger(__name__)
 
 
 def optimizer_slots(optim_cfg: Any) -> int:
@@ -212,23 +215,73 @@ class ModelCosts:
             saved = predict_saved_peak(sched, walk)
             return [saved[r] + sum(static[s] for s in sched.stages_of(r)) for r in range(ranks)]
 
+        def footprint(s: int) -> float:  # the most one microbatch holds from F to W
+            return float(
+                max(
+                    max(sum(walk.saved(s, k).values()), sum(walk.deferred(s, k).values()))
+                    for k in range(len(self.sizes))
+                )
+            )
+
         caps = [self.devices[r].memory if r < len(self.devices) else None for r in range(ranks)]
         cap = None
         if any(c is not None for c in caps):
             cap = [float("inf") if c is None else float(c) for c in caps]
-        return AutoInput(ranks, len(self.sizes), costs, stages // ranks, cap, memory, "bytes")
+        weights = [footprint(s) for s in range(stages)]
+        return AutoInput(
+            ranks,
+            len(self.sizes),
+            costs,
+            stages // ranks,
+            cap,
+            memory,
+            "bytes",
+            weights=weights,
+            static=[float(x) for x in static],
+        )
+
+
+#: What schedule=auto prices a transfer with when pipeline.bandwidth is unset and this host's
+#: link was never measured: the order of gloo over loopback on a 2-core host (measured
+#: here: 1.0 GB/s, 254 us per message). A guess, said so in the log: set pipeline.bandwidth
+#: and pipeline.latency for the real link (NCCL over NVLink is 100x faster).
+A_PRIORI_LINK = Link(1e9, 2.5e-4, "a-priori default (pipeline.bandwidth unset, link not measured)")
+
+
+def auto_link(p: PipelineConfig, costs: CostsConfig) -> Link:
+    """The link schedule=auto prices transfers with, the same on every rank of a node:
+    pipeline.bandwidth/latency if set, else the node's cached measurement (the planner's:
+    `splitgraph-plan`, `bench.schedules`), else `A_PRIORI_LINK`. It measures nothing: every
+    rank reads it before the process group, and a measurement racing the others would
+    give them different numbers (ranks that still differ, on nodes with caches of their
+    own, stop at `same_schedule_everywhere`)."""
+    if p.bandwidth is not None:
+        return link_from_config(p, costs, measure=False)
+    from splitgraph.cost.profiler import cached_link
+
+    link = cached_link(costs) or A_PRIORI_LINK
+    if p.latency is not None:
+        link = Link(link.bandwidth, float(p.latency), link.source + ", configured latency")
+    return link
+
+
+def auto_input_for_run(work: Workload, ranks: int, bounds: Sequence[int]) -> Any:
+    """schedule=auto's input for a training run: the planner's costs of this plan (`bounds`,
+    ranks x schedule.virtual_stages stages) at each replica's microbatch sizes, transfers
+    priced by `auto_link`, each rank's pipeline.memory_cap (exact bytes)."""
+    stages = len(bounds) - 1
+    link = auto_link(work.pipeline, work.costs)
+    log.info("schedule=auto prices transfers with %s", link)
+    return model_costs(work, stages, link=link).auto_input(bounds, ranks)
 
 
 def auto_schedule(work: Workload, ranks: int, bounds: Sequence[int]) -> Schedule:
-    """schedule=auto for a training run: `plan_auto` on the planner's costs of this plan
-    (`bounds`, ranks x schedule.virtual_stages stages) at each replica's microbatch sizes,
-    within each rank's pipeline.memory_cap (exact bytes). Deterministic for equal costs;
-    the layer times come from costs.times (measured: the node's shared profile cache)."""
+    """schedule=auto for a training run: `plan_auto` on `auto_input_for_run`. Deterministic
+    for equal costs; the layer times come from costs.times (measured: the node's shared
+    profile cache), the link from `auto_link`."""
     from splitgraph.schedule.auto import plan_auto
 
-    stages = len(bounds) - 1
-    mc = model_costs(work, stages, link=link_from_config(work.pipeline, work.costs, measure=False))
-    return plan_auto(mc.auto_input(bounds, ranks)).schedule
+    return plan_auto(auto_input_for_run(work, ranks, bounds)).schedule
 
 
 def devices_from_config(p: PipelineConfig, stages: int) -> tuple[Device, ...]:

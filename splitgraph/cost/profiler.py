@@ -230,11 +230,27 @@ def _link_worker(rank: int, world: int) -> dict[str, float] | None:
     return ping_pong(rank, 1 - rank)
 
 
+def _link_key() -> str:
+    return f"link|gloo|{platform.node()}|torch {torch.__version__}"
+
+
+def cached_link(costs: CostsConfig) -> Link | None:
+    """This host's measured gloo link if the cache holds it, else None (measures nothing:
+    what schedule=auto reads on every rank)."""
+    with _Cache(cache_dir(costs)).locked() as data:
+        got = data.get(_link_key())
+    if got is None:
+        return None
+    return Link(
+        float(got["bandwidth"]), float(got["latency"]), "measured (gloo, this host; cached)"
+    )
+
+
 def measured_link(costs: CostsConfig) -> Link:
     """This host's gloo loopback (two spawned processes), measured once and cached."""
     from splitgraph.spawn import run_ranks
 
-    key = f"link|gloo|{platform.node()}|torch {torch.__version__}"
+    key = _link_key()
     with _Cache(cache_dir(costs)).locked() as data:
         if key not in data:
             data[key] = run_ranks(_link_worker, 2, timeout=120)[0]

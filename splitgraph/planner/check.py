@@ -55,8 +55,9 @@ def same_schedule_everywhere(schedule: Any) -> None:
     if differ:
         raise ConfigError(
             f"schedule={schedule.name.split()[0]} built a different schedule on ranks "
-            f"{differ} than on rank 0: their layer costs differ (each node profiles its own). "
-            "Set costs.times=flops, or share costs.cache_dir between the nodes."
+            f"{differ} than on rank 0: their layer costs or link differ (each node profiles "
+            "and caches its own). Set costs.times=flops and pipeline.bandwidth (with "
+            "pipeline.latency), or share costs.cache_dir between the nodes."
         )
 
 

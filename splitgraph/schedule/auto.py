@@ -6,10 +6,15 @@ A small search, every candidate simulated with the run's costs:
   gpipe, 1f1b, zb1, zb2; with two chunks per rank also interleaved, loopedbfs, zbv, vhalf,
   vmin), built as the trainer would build it;
 * list schedules (listsched.py) with the run's own costs, for each placement the chunks
-  allow (one stage per rank; round-robin; the V with two chunks), with a full or a split
-  backward, under a ladder of activation caps (1, 2, p/2, p, 2p-1, 2p and m microbatches
-  admitted per rank, and the run's own cap where it is in activation units) and both
-  tie-breaks.
+  allow (one stage per rank; round-robin; the V with two chunks; a rank's chunks back to
+  back, which runs one-stage-per-rank orders in their bytes), with a full, a split or
+  a memory-tight backward (B where a deferred W would block the next admission), under a
+  ladder of activation caps (1, 2, p/2, p, 2p-1, 2p and m microbatches admitted per rank,
+  and the run's own cap where it is in activation units), both reservations (a
+  microbatch's later chunks, or room for one) and both tie-breaks. Given the exact bytes
+  (`AutoInput.weights`, `static`: ModelCosts.auto_input), the ladder is in bytes and the
+  run's cap less each rank's static bytes is a rung (and 1.25x it: the scheduler's count
+  errs high, and the exact memory model decides what fits).
 
 A candidate fits if `memory(schedule)` is within `cap` on every rank; the winner is the
 fitting candidate with the shortest simulated step (then the smaller peak, then the
@@ -68,7 +73,11 @@ class AutoInput:
     when known (I + W is often slower than B: auto weighs a split backward against a full
     one). `cap`: per rank (or one number for all) in `memory`'s unit; None: no cap.
     `memory`: per-rank peak of a schedule; default `peak_activation` (whole-model
-    microbatches). `unit` names that unit in the tables.
+    microbatches). `unit` names that unit in the tables. `weights` and `static` (per stage,
+    in `memory`'s unit; with a `memory` of exact bytes): what one microbatch of a stage
+    holds at most between its F and its W, and what the stage holds whatever the schedule
+    (parameters, gradients, optimizer state); the list scheduler then admits microbatches
+    against each rank's cap less its static bytes, in bytes.
     """
 
     ranks: int
@@ -78,6 +87,8 @@ class AutoInput:
     cap: float | Sequence[float] | None = None
     memory: Memory | None = None
     unit: str = "model-microbatches"
+    weights: Sequence[float] | None = None
+    static: Sequence[float] | None = None
 
     @property
     def num_stages(self) -> int:
@@ -219,33 +230,83 @@ def plan_auto(inp: AutoInput) -> AutoResult:
     return AutoResult(named, best, out, inp.unit, caps)
 
 
+def _ladder(
+    inp: AutoInput, place: Sequence[int], caps: tuple[float, ...] | None
+) -> list[tuple[str, tuple[float, ...], tuple[float, ...] | None]]:
+    """(label, cap per rank, weight per stage) for the list scheduler on one placement: k
+    microbatches admitted per rank (k = 1, 2, p/2, p, 2p-1, 2p, m), and the run's own cap
+    where it converts (activation units; or bytes less each rank's static bytes, given
+    `weights`)."""
+    p, m, v = inp.ranks, inp.microbatches, inp.virtual
+    admitted = sorted({1, 2, max(1, p // 2), p, 2 * p - 1, 2 * p, m} & set(range(1, m + 1)))
+    if inp.weights is None:
+        ladder = [(f"{k}mb", (float(k * v),) * p, None) for k in admitted]
+        if caps is not None and inp.memory is None:  # the run's cap is in activation units
+            ladder.append(("cap", tuple(float(int(c * inp.num_stages + 1e-9)) for c in caps), None))
+        return ladder
+    weight = tuple(float(x) for x in inp.weights)
+    need = [sum(weight[s] for s, q in enumerate(place) if q == r) for r in range(p)]
+    out: list[tuple[str, tuple[float, ...], tuple[float, ...] | None]] = [
+        (f"{k}mb", tuple(k * n for n in need), weight) for k in admitted
+    ]
+    if caps is not None:
+        static = inp.static or (0.0,) * inp.num_stages
+        room = [
+            c - sum(static[s] for s, q in enumerate(place) if q == r) for r, c in enumerate(caps)
+        ]
+        if all(x > 0 for x in room):  # and a little over: the scheduler's count errs high
+            for over in (1.0, 1.25):
+                out.append((f"cap x{over:g}", tuple(x * over for x in room), weight))
+    return out
+
+
+def _never_binds(
+    place: Sequence[int], m: int, cap: tuple[float, ...], weight: tuple[float, ...] | None
+) -> bool:
+    """Whether every rank can hold all m microbatches under `cap` (no admission refused)."""
+    w = weight or (1.0,) * len(place)
+    need = [sum(w[s] for s, q in enumerate(place) if q == r) for r in range(len(cap))]
+    return all(m * n <= c for n, c in zip(need, cap))
+
+
 def _list_candidates(inp: AutoInput, caps: tuple[float, ...] | None) -> list[tuple[str, Schedule]]:
-    """List schedules for each placement, backward kind, cap and tie-break (deduplicated)."""
+    """List schedules for each placement, backward kind, cap, reservation and tie-break
+    (deduplicated)."""
     p, m, v, S = inp.ranks, inp.microbatches, inp.virtual, inp.num_stages
     placements = [("round-robin" if v > 1 else "1/rank", round_robin(p, S))]
     if v == 2 and p > 1:
         placements.append(("V", v_shape(p, S)))
-    admitted = sorted({1, 2, max(1, p // 2), p, 2 * p - 1, 2 * p, m} & set(range(1, m + 1)))
-    ladder = [(f"{k}mb", (float(k * v),) * p) for k in admitted]
-    if caps is not None and inp.memory is None:  # the run's cap is in activation units
-        ladder.append(("cap", tuple(float(int(c * S + 1e-9)) for c in caps)))
+    if v > 1 and p > 1:  # a rank's chunks back to back: one stage per rank, in effect
+        placements.append(("contiguous", tuple(s // v for s in range(S))))
     seen: set[tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]] = set()
     out = []
-    for (where, place), split, (label, cap), late_b, late_f in itertools.product(
-        placements, (True, False), ladder, (True, False), (True, False)
-    ):
-        if v == 1 and not late_f:
-            continue  # one stage per rank: the forward tie-break has nothing to break
-        policy = Policy(cap=cap, split=split, late_backward=late_b, late_forward=late_f)
-        rows = list_schedule(place, m, inp.costs, policy)
-        if rows is None:
-            continue
-        key = (place, tuple(tuple(map(str, r)) for r in rows))
-        if key in seen:
-            continue
-        seen.add(key)
-        kind = "I+W" if split else "B"
-        ties = ("late" if late_b else "early") + ("" if v == 1 else "/late" if late_f else "/early")
-        sched = make_schedule(f"list {where} {kind} {label}", rows, place, m)
-        out.append((f"list {where} {kind} {label} {ties}", sched))
+    for where, place in placements:
+        for (split, tight), (label, cap, weight), reserve, late_b, late_f in itertools.product(
+            ((True, False), (True, True), (False, False)),
+            _ladder(inp, place, caps),
+            (True, False),
+            (True, False),
+            (True, False),
+        ):
+            if v == 1 and not (late_f and reserve):
+                continue  # one stage per rank: nothing later to reserve, no forward tie to break
+            if (tight or not reserve) and _never_binds(place, m, cap, weight):
+                continue  # the same schedule as the plain policy's
+            if where == "contiguous" and not (reserve and late_f):
+                continue  # a rank's chunks run back to back: nothing to reserve or break
+            policy = Policy(cap, split, weight, late_b, late_f, reserve, tight)
+            rows = list_schedule(place, m, inp.costs, policy)
+            if rows is None:
+                continue
+            key = (place, tuple(tuple(map(str, r)) for r in rows))
+            if key in seen:
+                continue
+            seen.add(key)
+            kind = "I+W/B" if tight else "I+W" if split else "B"
+            ties = ("late" if late_b else "early") + (
+                "" if v == 1 else "/late" if late_f else "/early"
+            )
+            held = "" if reserve else " one-later"
+            sched = make_schedule(f"list {where} {kind} {label}", rows, place, m)
+            out.append((f"list {where} {kind} {label}{held} {ties}", sched))
     return out

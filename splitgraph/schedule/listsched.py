@@ -19,6 +19,18 @@ unfinished microbatch can always move and the scheduler cannot stall. With sever
 boundaries on a channel (round-robin chunks) a refused admission can block a message behind
 it; `list_schedule` then returns None and the caller (auto) drops that candidate.
 
+With several chunks per rank that reservation is cautious: in the V a microbatch's second
+chunk runs long after its first, and reserving it from the start leaves room for few
+microbatches under a tight cap (one, under 1F1B's bytes at p = 2). `Policy(reserve=False)`
+keeps room for one later chunk only: a first-chunk forward runs if
+`held + w + max(later chunk) <= cap`, a later chunk's forward if `held + w <= cap`. Later
+chunks' inputs arrive in microbatch order, so the oldest one's room is there when it
+comes; the rule is a heuristic nonetheless, and a run that stalls returns None.
+
+`weight` prices each stage's microbatch in the cap's unit: in bytes, a stage's footprint is
+the larger of what its F saves and what its I leaves for W (memory_model.py; without
+sharing between stages, so the count errs high and the exact model has the last word).
+
 `zb2` is this scheduler at unit costs with a cap of 2p-1 microbatches per stage; `auto`
 runs it with the run's own costs and memory caps.
 """
@@ -42,7 +54,11 @@ class Policy:
     `cap[r]`: the most activations rank r may hold, in the unit of `weight` (default: one
     stage's activations of one microbatch, so a cap of 3 holds three stage-microbatches).
     `split`: I + W instead of B. `late_backward` / `late_forward`: among ready backwards
-    (forwards) of one rank, prefer the later stage (True) or the earlier one.
+    (forwards) of one rank, prefer the later stage (True) or the earlier one. `reserve`:
+    admitting a microbatch reserves all its later chunks on the rank (True, never stalls
+    on the V) or room for one later chunk (False; see the module docstring). `tight`
+    (with `split`): run a full B instead of I where the W an I defers would leave no room
+    for the rank's next microbatch; B frees at once what a pending W would hold.
     """
 
     cap: tuple[float, ...]
@@ -50,6 +66,8 @@ class Policy:
     weight: tuple[float, ...] | None = None
     late_backward: bool = True
     late_forward: bool = True
+    reserve: bool = True
+    tight: bool = False
 
 
 def list_schedule(
@@ -69,6 +87,8 @@ class _Run:
         self.weight = policy.weight or (1.0,) * S
         self.stages_of = [[s for s in range(S) if place[s] == r] for r in range(R)]
         self.need = [sum(self.weight[s] for s in st) for st in self.stages_of]
+        #: room kept for one later chunk (reserve=False)
+        self.later = [max((self.weight[s] for s in st[1:]), default=0.0) for st in self.stages_of]
         self.next_f, self.next_b = [0] * S, [0] * S
         self.pending_w: list[deque[tuple[int, int]]] = [deque() for _ in range(R)]
         self.done_f: dict[tuple[int, int], float] = {}
@@ -116,9 +136,13 @@ class _Run:
             when = self.arrival(("act", s - 1, k))
         if when is None or when > t + _EPS:
             return False
-        if s != self.stages_of[r][0]:
+        cap = self.policy.cap[r] + _EPS
+        first = s == self.stages_of[r][0]
+        if not self.policy.reserve:
+            return self.held[r] + self.weight[s] + (self.later[r] if first else 0.0) <= cap
+        if not first:
             return True  # reserved when the microbatch was admitted
-        return self.held[r] + self.reserved[r] + self.need[r] <= self.policy.cap[r] + _EPS
+        return self.held[r] + self.reserved[r] + self.need[r] <= cap
 
     def choose(self, r: int, t: float) -> tuple[str, int, int] | None:
         pol = self.policy
@@ -136,7 +160,8 @@ class _Run:
             return ("W", s, k)
         return None
 
-    def start(self, r: int, t: float, kind: str, s: int, k: int) -> None:
+    def start(self, r: int, t: float, kind: str, s: int, k: int) -> int:
+        """Start one action; returns how many of the split actions it counts for."""
         c, place, w = self.costs, self.place, self.weight
         if kind == "F":
             a = Action(s, F, k)
@@ -155,7 +180,7 @@ class _Run:
                 q = self.channels.setdefault(self.channel("act", s), deque())
                 q.append((msg, end + c.transfer(msg)))
         elif kind == "B":
-            op = I if self.policy.split else B
+            op = I if self.policy.split and not self.tight(r, s) else B
             a = Action(s, op, k)
             self.next_b[s] += 1
             end = t + c.compute(op, s, k)
@@ -166,7 +191,7 @@ class _Run:
                 msg = ("grad", s - 1, k)
                 q = self.channels.setdefault(self.channel("grad", s - 1), deque())
                 q.append((msg, end + c.transfer(msg)))
-            if self.policy.split:
+            if op == I:
                 self.pending_w[r].append((s, k))
             else:
                 self.held[r] -= w[s]
@@ -177,21 +202,34 @@ class _Run:
             self.held[r] -= w[s]
         self.rows[r].append(a)
         self.free[r] = end
+        return 2 if a.op == B and self.policy.split else 1  # a B stands for an I and a W
+
+    def tight(self, r: int, s: int) -> bool:
+        """Whether deferring stage s's W would leave rank r no room to admit a microbatch."""
+        if not self.policy.tight:
+            return False
+        first = self.stages_of[r][0]
+        if self.next_f[first] >= self.m:
+            return False  # nothing left to admit: deferring costs no room
+        if self.policy.reserve:
+            room = self.reserved[r] + self.need[r]
+        else:
+            room = self.weight[first] + self.later[r]
+        return self.held[r] + room > self.policy.cap[r] + _EPS
 
     def run(self) -> list[list[Action]] | None:
         total = self.S * self.m * (3 if self.policy.split else 2)
         count, t = 0, 0.0
         while count < total:
-            moved = False
+            again = False  # another pass at t: only an action that ends at t can enable one
             for r in range(self.R):
                 if self.free[r] > t + _EPS:
                     continue
                 choice = self.choose(r, t)
                 if choice is not None:
-                    self.start(r, t, *choice)
-                    count += 1
-                    moved = True
-            if moved:
+                    count += self.start(r, t, *choice)
+                    again = again or self.free[r] <= t + _EPS
+            if again:
                 continue
             later = [f for f in self.free if f > t + _EPS]
             later += [when for q in self.channels.values() for _, when in q if when > t + _EPS]
