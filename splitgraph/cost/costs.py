@@ -189,8 +189,10 @@ class ModelCosts:
         per-stage costs, each rank's memory in bytes (static bytes of the stages the
         schedule puts on it + the exact saved-activation peak) and its cap.
 
-        The profiler measures B, not I and W: each is priced at B/2 x `split_overhead` (the
-        measured I+W over B, 1.17-1.60 on the small default model, results/schedules/).
+        The profiler measures B, not I and W: each is priced at B/2 x `split_overhead`. Not
+        used here: the machine calibration of docs/prediction.md (per-action overhead, compute
+        factor, the split backward timed as the executor runs it), so auto can misjudge a
+        schedule whose action count or I/W split differs (results/schedules/README.md).
         Returns a schedule.auto.AutoInput; `plan_auto(...)` builds the schedule."""
         from splitgraph.cost.memory_model import plan_walk
         from splitgraph.schedule.auto import AutoInput
