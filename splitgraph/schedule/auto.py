@@ -245,15 +245,13 @@ def _ladder(
             ladder.append(("cap", tuple(float(int(c * inp.num_stages + 1e-9)) for c in caps), None))
         return ladder
     weight = tuple(float(x) for x in inp.weights)
-    need = [sum(weight[s] for s, q in enumerate(place) if q == r) for r in range(p)]
+    need = _per_rank(weight, place, p)
     out: list[tuple[str, tuple[float, ...], tuple[float, ...] | None]] = [
         (f"{k}mb", tuple(k * n for n in need), weight) for k in admitted
     ]
     if caps is not None:
-        static = inp.static or (0.0,) * inp.num_stages
-        room = [
-            c - sum(static[s] for s, q in enumerate(place) if q == r) for r, c in enumerate(caps)
-        ]
+        static = _per_rank(inp.static or (0.0,) * inp.num_stages, place, p)
+        room = [c - held for c, held in zip(caps, static)]
         if all(x > 0 for x in room):  # and a little over: the scheduler's count errs high
             for over in (1.0, 1.25):
                 out.append((f"cap x{over:g}", tuple(x * over for x in room), weight))
@@ -264,9 +262,13 @@ def _never_binds(
     place: Sequence[int], m: int, cap: tuple[float, ...], weight: tuple[float, ...] | None
 ) -> bool:
     """Whether every rank can hold all m microbatches under `cap` (no admission refused)."""
-    w = weight or (1.0,) * len(place)
-    need = [sum(w[s] for s, q in enumerate(place) if q == r) for r in range(len(cap))]
+    need = _per_rank(weight or (1.0,) * len(place), place, len(cap))
     return all(m * n <= c for n, c in zip(need, cap))
+
+
+def _per_rank(per_stage: Sequence[float], place: Sequence[int], ranks: int) -> list[float]:
+    """The sum over the stages `place` puts on each rank."""
+    return [sum(x for x, q in zip(per_stage, place) if q == r) for r in range(ranks)]
 
 
 def _list_candidates(inp: AutoInput, caps: tuple[float, ...] | None) -> list[tuple[str, Schedule]]:
